@@ -1,0 +1,272 @@
+"""The baselines users compare against: one-shot magnitude, random, SNIP, GMP and IMP.
+
+Each is a small :class:`~prunelib.methods.base.PruningMethod`; scores come from
+:mod:`prunelib.importance`, exact-count masks from :func:`prunelib.selection.select_masks`,
+timing from :mod:`prunelib.schedules`.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelib.importance import magnitude_scores, random_scores, scored_names, snip_scores
+from prunelib.masks import MaskSet
+from prunelib.methods.base import Phase, PruningMethod, train_then_finetune
+from prunelib.schedules import Cubic, IterativeRounds, OneShot
+from prunelib.selection import select_masks
+
+__all__ = ["MagnitudePruning", "RandomPruning", "SNIP", "GradualMagnitudePruning",
+           "IterativeMagnitudePruning"]
+
+
+def _check_sparsity(value: float) -> float:
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"sparsity must be a fraction in [0, 1), got {value}")
+    return float(value)
+
+
+class _ScoredMethod(PruningMethod):
+    """Shared settings: target sparsity, scope, layer floor and excluded layers."""
+
+    def __init__(self, sparsity: float = 0.8, scope: str = "global", min_density: float = 0.0,
+                 exclude: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__()
+        if scope not in ("global", "layer"):
+            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+        self.sparsity = _check_sparsity(sparsity)
+        self.scope = scope
+        self.min_density = float(min_density)
+        self.exclude = list(exclude)
+
+    def _cut(self, model: nn.Module, scores: dict[str, torch.Tensor], sparsity: float,
+             previous: MaskSet | None = None) -> MaskSet:
+        masks = select_masks(model, scores, sparsity, scope=self.scope,
+                             min_density=self.min_density, previous=previous)
+        masks.metadata.update({"method": self.name, "config": self.config()})
+        masks.apply(model)
+        self.masks = masks
+        return masks
+
+
+class MagnitudePruning(_ScoredMethod):
+    """One-shot magnitude pruning (global or layer-wise), then a fine-tune with masks fixed.
+
+    Plan: train ``epochs`` dense, cut the smallest ``|w|`` to ``sparsity``, fine-tune
+    ``finetune_epochs``. Used data-free, ``finalize`` alone prunes a trained model.
+    """
+
+    name = "magnitude"
+    needs_data = False
+
+    def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
+        return train_then_finetune(epochs, finetune_epochs, prunes=False)
+
+    def setup(self, model: nn.Module, datamodule: Any | None = None) -> None:
+        self._scored = scored_names(model, self.exclude)
+
+    def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:
+        if phase.name == "train":
+            self._cut(model, magnitude_scores(model, self._scored), self.sparsity)
+
+    def finalize(self, model: nn.Module) -> MaskSet:
+        if self.masks is None:  # data-free use, or a plan with no training phase
+            if not hasattr(self, "_scored"):
+                self.setup(model)
+            self._cut(model, magnitude_scores(model, self._scored), self.sparsity)
+        return super().finalize(model)
+
+
+class RandomPruning(_ScoredMethod):
+    """Random pruning to ``sparsity``: at initialisation (default) or after training.
+
+    ``at="init"`` prunes before training and trains the sparse network; ``at="trained"``
+    cuts after training and fine-tunes, like :class:`MagnitudePruning` with random scores.
+    """
+
+    name = "random"
+    needs_data = False
+
+    def __init__(self, sparsity: float = 0.8, scope: str = "layer", at: str = "init",
+                 seed: int = 0, min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(sparsity, scope, min_density, exclude)
+        if at not in ("init", "trained"):
+            raise ValueError(f"at must be 'init' or 'trained', got {at!r}")
+        self.at = at
+        self.seed = int(seed)
+
+    def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
+        if self.at == "init":
+            return [Phase("train", epochs + finetune_epochs, prunes=False)]
+        return MagnitudePruning.plan(self, epochs, finetune_epochs)
+
+    def _cut_random(self, model: nn.Module) -> None:
+        names = scored_names(model, self.exclude)
+        self._cut(model, random_scores(model, names, self.seed), self.sparsity)
+
+    def setup(self, model: nn.Module, datamodule: Any | None = None) -> None:
+        if self.at == "init":
+            self._cut_random(model)
+
+    def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:
+        if self.at == "trained" and phase.name == "train":
+            self._cut_random(model)
+
+    def finalize(self, model: nn.Module) -> MaskSet:
+        if self.masks is None:
+            self._cut_random(model)
+        return super().finalize(model)
+
+
+class SNIP(_ScoredMethod):
+    """SNIP (Lee et al. 2019): prune at initialisation by connection sensitivity.
+
+    ``|w * dL/dw|`` on ``batches`` training mini-batches (1 in the paper; more is a common
+    variant), global top-k, then the sparse network trains for the whole budget.
+    """
+
+    name = "snip"
+    needs_data = True
+
+    def __init__(self, sparsity: float = 0.8, scope: str = "global", batches: int = 1,
+                 min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(sparsity, scope, min_density, exclude)
+        if batches < 1:
+            raise ValueError(f"batches must be >= 1, got {batches}")
+        self.batches = int(batches)
+
+    def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
+        return [Phase("train", epochs + finetune_epochs, prunes=False)]
+
+    def setup(self, model: nn.Module, datamodule: Any | None = None) -> None:
+        super().setup(model, datamodule)
+        device = next(model.parameters()).device
+        gen = torch.Generator().manual_seed(0)
+        batches = []
+        for _ in range(self.batches):
+            x, y = datamodule.sample_batch("train", generator=gen)
+            batches.append((x.to(device), y.to(device)))
+        was_training = model.training
+        model.train()
+        scores = snip_scores(model, batches, scored_names(model, self.exclude))
+        model.train(was_training)
+        self.cost.extra_forward_passes += self.batches
+        self.cost.extra_backward_passes += self.batches
+        self._cut(model, scores, self.sparsity)
+
+
+class GradualMagnitudePruning(_ScoredMethod):
+    """Gradual magnitude pruning (Zhu & Gupta 2017) on the cubic schedule.
+
+    The ramp spans ``start_fraction`` to ``end_fraction`` of the training phase's steps with
+    ``n_updates`` mask updates; masks stay fixed afterwards and during any fine-tune.
+    """
+
+    name = "gmp"
+    needs_data = True
+
+    def __init__(self, sparsity: float = 0.8, scope: str = "layer", start_fraction: float = 0.0,
+                 end_fraction: float = 0.75, n_updates: int = 10, initial_sparsity: float = 0.0,
+                 min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(sparsity, scope, min_density, exclude)
+        if not 0.0 <= start_fraction < end_fraction <= 1.0:
+            raise ValueError("need 0 <= start_fraction < end_fraction <= 1, got "
+                             f"{start_fraction}, {end_fraction}")
+        self.start_fraction = float(start_fraction)
+        self.end_fraction = float(end_fraction)
+        self.n_updates = int(n_updates)
+        self.initial_sparsity = float(initial_sparsity)
+        self.schedule: Cubic | None = None
+
+    def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
+        return train_then_finetune(epochs, finetune_epochs)
+
+    def setup(self, model: nn.Module, datamodule: Any | None = None) -> None:
+        self._scored = scored_names(model, self.exclude)
+
+    def on_phase_start(self, model: nn.Module, phase: Phase, index: int) -> None:
+        if phase.prunes:
+            self.schedule = Cubic.fit_to(self.sparsity, phase.epochs * self.steps_per_epoch,
+                                         self.start_fraction, self.end_fraction, self.n_updates,
+                                         self.initial_sparsity)
+
+    def on_train_batch_end(self, model: nn.Module, batch: Any, step: int) -> None:
+        if self.schedule is None:
+            return
+        target = self.schedule.target_at(step)
+        if target is not None:
+            self._cut(model, magnitude_scores(model, self._scored), target, previous=self.masks)
+
+    def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:
+        if phase.prunes and (self.masks is None or self.masks.sparsity(model) < self.sparsity - 1e-9):
+            # A phase shorter than the ramp (tiny data) still ends at the target.
+            self._cut(model, magnitude_scores(model, self._scored), self.sparsity, previous=self.masks)
+        self.schedule = None
+
+
+class IterativeMagnitudePruning(_ScoredMethod):
+    """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Renda et al. 2020).
+
+    ``rounds`` prune-and-retrain rounds, each removing the same fraction of survivors, then a
+    final training of the sparse network. ``rewind="weights"`` resets survivors to their values
+    at ``rewind_epoch`` (0 = initialisation, the original lottery ticket) and replays the LR
+    schedule from there; ``rewind="lr"`` keeps the trained weights and replays the whole LR
+    schedule (learning-rate rewinding). Cost: ``rounds + 1`` trainings.
+    """
+
+    name = "imp"
+    needs_data = True
+
+    def __init__(self, sparsity: float = 0.8, scope: str = "global", rounds: int = 3,
+                 rewind: str = "weights", rewind_epoch: int = 0, min_density: float = 0.0,
+                 exclude: list[str] | tuple[str, ...] = ()) -> None:
+        super().__init__(sparsity, scope, min_density, exclude)
+        if rewind not in ("weights", "lr"):
+            raise ValueError(f"rewind must be 'weights' or 'lr', got {rewind!r}")
+        if rewind_epoch < 0:
+            raise ValueError(f"rewind_epoch must be >= 0, got {rewind_epoch}")
+        self.rounds = int(rounds)
+        self.rewind = rewind
+        self.rewind_epoch = int(rewind_epoch)
+        self.schedule = IterativeRounds(self.sparsity, self.rounds)
+        self._rewind_state: dict[str, torch.Tensor] | None = None
+        self._k = self.rewind_epoch if self.rewind == "weights" else 0
+
+    def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
+        k = min(self.rewind_epoch, max(epochs - 1, 0)) if self.rewind == "weights" else 0
+        self._k = k  # the rewind point actually used (clamped to the run's length)
+        phases = [Phase("round1", epochs, prunes=False)]
+        for r in range(2, self.rounds + 2):
+            label = f"round{r}" if r <= self.rounds else "final"
+            phases.append(Phase(label, epochs - k, lr_start_epoch=k, lr_total_epochs=epochs,
+                                prunes=False))
+        return phases
+
+    def setup(self, model: nn.Module, datamodule: Any | None = None) -> None:
+        self._scored = scored_names(model, self.exclude)
+        if self.rewind == "weights" and self._k == 0:
+            self._rewind_state = copy.deepcopy(model.state_dict())
+
+    def on_train_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        if (self._rewind_state is None and self.rewind == "weights"
+                and epoch + 1 == self._k):
+            self._rewind_state = copy.deepcopy(model.state_dict())
+
+    def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:
+        round_no = index + 1
+        target = self.schedule.target_at(round_no)
+        if target is None:
+            return  # the final training of the sparse network
+        self._cut(model, magnitude_scores(model, self._scored), target, previous=self.masks)
+
+    def on_phase_start(self, model: nn.Module, phase: Phase, index: int) -> None:
+        if index == 0 or self.rewind == "lr":
+            return
+        if self._rewind_state is None:  # a run shorter than rewind_epoch: rewind to where it got
+            return
+        model.load_state_dict(self._rewind_state)
+        assert self.masks is not None
+        self.masks.apply(model)
