@@ -1,0 +1,1 @@
+"""AutoML orchestrator: Hydra + Ray Tune + Optuna + MLflow search over pruning schedules."""

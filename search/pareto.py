@@ -1,0 +1,436 @@
+"""Pareto fronts, hypervolume and point selection over trial results.
+
+Pure numpy/pandas: importable without MLflow, Ray or Hydra.
+
+A trial result is a flat mapping of metrics (``val_acc`` as a fraction in [0, 1],
+``flops_effective`` as FLOPs per sample for one forward pass with 1 multiply-add = 2 FLOPs,
+...). An objective is a pair ``(metric_name, "max" | "min")``; the default objectives are
+``[("val_acc", "max"), ("flops_effective", "min")]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+Objective = tuple[str, str]
+Objectives = Sequence[Objective]
+
+DEFAULT_OBJECTIVES: list[Objective] = [("val_acc", "max"), ("flops_effective", "min")]
+
+# Trial statuses that count as finished. "ok" is the trial-result convention, "finished" is
+# what MLflow reports for a run that ended normally (see search.tracking.find_trial_runs).
+OK_STATUSES = frozenset({"ok", "finished"})
+
+SELECTOR_GRAMMAR = (
+    "knee | max_acc | min_flops | flops_le:<float>  (e.g. 'flops_le:1.5e5': the most accurate "
+    "front point with at most 1.5e5 FLOPs per sample)"
+)
+
+
+def _check_directions(directions: Sequence[str], ncols: int) -> list[str]:
+    dirs = [str(d).lower() for d in directions]
+    if len(dirs) != ncols:
+        raise ValueError(f"got {len(dirs)} directions for {ncols} objective columns")
+    bad = [d for d in dirs if d not in ("max", "min")]
+    if bad:
+        raise ValueError(f"directions must be 'max' or 'min', got {bad}")
+    return dirs
+
+
+def _as_matrix(values: np.ndarray | Sequence[Sequence[float]], ncols: int | None = None) -> np.ndarray:
+    arr = np.asarray(values, dtype=float)
+    if arr.ndim == 1:
+        # A 1-D array is one point if its length matches the objective count, else a column.
+        arr = arr.reshape(1, -1) if ncols is not None and arr.size == ncols else arr.reshape(-1, 1)
+    if arr.ndim != 2:
+        raise ValueError(f"values must be a 2-D array (points x objectives), got shape {arr.shape}")
+    return arr
+
+
+def _oriented(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Flip "min" columns so that larger is better in every column."""
+    sign = np.array([1.0 if d == "max" else -1.0 for d in directions])
+    return values * sign
+
+
+def non_dominated_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Boolean mask of the Pareto-optimal rows of ``values``.
+
+    Args:
+        values: array of shape (n_points, n_objectives), in each objective's own units.
+        directions: "max" or "min" per column.
+
+    Returns:
+        Boolean array of shape (n_points,). A row is on the front when no other finite row is
+        at least as good in every column and strictly better in one. Exact duplicates do not
+        dominate each other, so both copies are kept. Rows with NaN or +-inf are never on the
+        front (and never dominate anything).
+    """
+    arr = _as_matrix(values, len(directions))
+    dirs = _check_directions(directions, arr.shape[1])
+    n = arr.shape[0]
+    finite = np.isfinite(arr).all(axis=1)
+    mask = np.zeros(n, dtype=bool)
+    if n == 0 or not finite.any():
+        return mask
+    good = _oriented(arr[finite], dirs)
+    keep = np.ones(good.shape[0], dtype=bool)
+    # O(n^2 k) with one vectorised comparison per row: fronts here have at most a few
+    # thousand trials, where this stays well under a second.
+    for i in range(good.shape[0]):
+        geq = (good >= good[i]).all(axis=1)
+        gt = (good > good[i]).any(axis=1)
+        if (geq & gt).any():
+            keep[i] = False
+    mask[np.flatnonzero(finite)] = keep
+    return mask
+
+
+def normalise_objectives(objectives: Objectives | None) -> list[Objective]:
+    """Objectives as a list of ``(name, "max"|"min")``; None gives the defaults."""
+    objs = list(DEFAULT_OBJECTIVES if objectives is None else objectives)
+    if not objs:
+        raise ValueError("at least one objective is needed")
+    out: list[Objective] = []
+    for obj in objs:
+        name, direction = obj
+        direction = str(direction).lower()
+        if direction not in ("max", "min"):
+            raise ValueError(f"objective {name!r}: direction must be 'max' or 'min', got {direction!r}")
+        out.append((str(name), direction))
+    return out
+
+
+def _to_frame(rows: Sequence[Mapping] | pd.DataFrame) -> pd.DataFrame:
+    if isinstance(rows, pd.DataFrame):
+        return rows
+    return pd.DataFrame(list(rows))
+
+
+def finished_rows(rows: Sequence[Mapping] | pd.DataFrame, objectives: Objectives | None = None) -> pd.DataFrame:
+    """Rows that count as finished trials with finite values for every objective.
+
+    A row is kept when its ``status`` (if the column exists) is "ok" or "finished"
+    (case-insensitive) or missing, and every objective column holds a finite number.
+    Raises KeyError when an objective names a column that no row has although some rows
+    are finished: that is almost always a typo in the objective name.
+    """
+    objs = normalise_objectives(objectives)
+    df = _to_frame(rows)
+    if df.empty:
+        return df.copy()
+    if "status" in df.columns:
+        status = df["status"]
+        ok = status.isna() | status.astype(str).str.lower().isin(OK_STATUSES)
+        df = df[ok]
+    if df.empty:
+        return df.copy()
+    missing = [name for name, _ in objs if name not in df.columns]
+    if missing:
+        raise KeyError(
+            f"objective metric(s) {missing} not found in the trial results; "
+            f"available columns: {sorted(map(str, df.columns))}"
+        )
+    names = [name for name, _ in objs]
+    vals = df[names].apply(pd.to_numeric, errors="coerce")
+    finite = np.isfinite(vals.to_numpy(dtype=float)).all(axis=1)
+    out = df[finite].copy()
+    for name in names:
+        out[name] = vals.loc[out.index, name].astype(float)
+    return out
+
+
+def _sort_front(front: pd.DataFrame, objs: list[Objective]) -> pd.DataFrame:
+    if front.empty:
+        return front
+    if len(objs) >= 2:
+        # Ascending in the second objective (FLOPs by default): the front reads left to right
+        # from the cheapest to the most accurate model, as it is plotted.
+        key = objs[1][0]
+        tie_key, tie_dir = objs[0]
+        return front.sort_values(
+            [key, tie_key], ascending=[True, tie_dir == "min"], kind="mergesort"
+        )
+    key, direction = objs[0]
+    return front.sort_values(key, ascending=direction == "min", kind="mergesort")
+
+
+def pareto_front(rows: Sequence[Mapping] | pd.DataFrame, objectives: Objectives | None = None) -> pd.DataFrame:
+    """The Pareto-optimal trials.
+
+    Args:
+        rows: trial results (flat mappings or a DataFrame, one row per trial).
+        objectives: ``[(metric, "max"|"min"), ...]``; defaults to
+            ``[("val_acc", "max"), ("flops_effective", "min")]``.
+
+    Returns:
+        The front rows (all columns, original index labels; for a list input the label is the
+        position in the list). Failed trials (``status`` not "ok"/"finished") and rows with a
+        missing or non-finite objective are ignored. Sorted ascending by the *second*
+        objective's raw value (FLOPs for the defaults, so cheapest first), ties broken by the
+        first objective, better first; with a single objective, best first.
+    """
+    objs = normalise_objectives(objectives)
+    df = finished_rows(rows, objs)
+    if df.empty:
+        return df
+    names = [n for n, _ in objs]
+    mask = non_dominated_mask(df[names].to_numpy(dtype=float), [d for _, d in objs])
+    return _sort_front(df[mask], objs)
+
+
+def _hv_recursive(points: np.ndarray) -> float:
+    """Volume dominated by ``points`` (maximisation, all coordinates > 0) over the origin."""
+    n, k = points.shape
+    if n == 0:
+        return 0.0
+    if k == 1:
+        return float(points[:, 0].max())
+    if k == 2:
+        # Sweep in x descending, keeping the best y seen so far: exact and O(n log n).
+        order = np.argsort(-points[:, 0], kind="mergesort")
+        xs = points[order, 0]
+        best_y = np.maximum.accumulate(points[order, 1])
+        next_x = np.append(xs[1:], 0.0)
+        return float(np.sum((xs - next_x) * best_y))
+    # Slice along the last coordinate: between consecutive distinct levels z_i > z_{i+1}
+    # the cross-section is the (k-1)-D hypervolume of the points whose last coordinate is
+    # at least z_i (HSO). Exponential in k in the worst case, fine for k <= 4 and
+    # fronts of a few hundred points.
+    levels = np.unique(points[:, -1])[::-1]
+    total = 0.0
+    for i, z in enumerate(levels):
+        below = levels[i + 1] if i + 1 < len(levels) else 0.0
+        sub = points[points[:, -1] >= z, :-1]
+        sub = sub[non_dominated_mask(sub, ["max"] * sub.shape[1])]
+        total += (z - below) * _hv_recursive(sub)
+    return float(total)
+
+
+def hypervolume(
+    values: np.ndarray | Sequence[Sequence[float]],
+    directions: Sequence[str],
+    reference: Sequence[float],
+) -> float:
+    """Hypervolume dominated by ``values`` with respect to ``reference``.
+
+    Args:
+        values: (n_points, n_objectives) in each objective's own units; dominated points are
+            allowed (they add nothing).
+        directions: "max" or "min" per objective.
+        reference: for a "max" objective a lower bound, for a "min" objective an upper bound.
+
+    Returns:
+        The volume (product of the objectives' units, e.g. accuracy x FLOPs per sample) of the
+        region that some point dominates and that dominates the reference. Points that are not
+        strictly better than the reference in every objective, or that have NaN/inf, add
+        nothing; an empty set gives 0.0. Exact in any dimension (sweep in 2-D, recursive
+        slicing above).
+    """
+    ref = np.asarray(reference, dtype=float).reshape(-1)
+    arr = _as_matrix(values, ref.size)
+    if arr.shape[0] == 0:
+        return 0.0
+    dirs = _check_directions(directions, arr.shape[1])
+    if ref.size != arr.shape[1]:
+        raise ValueError(f"reference has {ref.size} values for {arr.shape[1]} objectives")
+    # Distance past the reference, positive when better, in every column.
+    gain = _oriented(arr, dirs) - _oriented(ref.reshape(1, -1), dirs)
+    ok = np.isfinite(gain).all(axis=1) & (gain > 0).all(axis=1)
+    pts = gain[ok]
+    if pts.shape[0] == 0:
+        return 0.0
+    pts = pts[non_dominated_mask(pts, ["max"] * pts.shape[1])]
+    return _hv_recursive(pts)
+
+
+def _dense_column(name: str) -> str | None:
+    for prefix in ("flops_", "params_"):
+        if name.startswith(prefix):
+            return prefix + "dense"
+    return None
+
+
+def default_reference(objectives: Objectives | None, rows: Sequence[Mapping] | pd.DataFrame) -> list[float]:
+    """A reference point for :func:`hypervolume`, one value per objective.
+
+    - "max" objectives whose observed values lie in [0, 1] (accuracy-like fractions), or
+      with no observed values: 0.0. Other "max" objectives: 0.0 if all observed values are
+      non-negative, else 1.1 x the smallest observed value.
+    - "min" objectives named ``flops_*`` / ``params_*`` when the rows carry ``flops_dense`` /
+      ``params_dense``: the (largest) dense value, so that hypervolumes of sweeps over the
+      same model are comparable and a point counts only if it is cheaper than the dense
+      model. Otherwise the largest observed value plus 10 % of its magnitude (1.1 x max for
+      positive values; 1.0 if it is 0); NaN when nothing was observed (hypervolume is then 0).
+
+    Only finished rows (see :func:`finished_rows`) are used.
+    """
+    objs = normalise_objectives(objectives)
+    df = _to_frame(rows)
+    if not df.empty and "status" in df.columns:
+        status = df["status"]
+        df = df[status.isna() | status.astype(str).str.lower().isin(OK_STATUSES)]
+
+    def finite(col: str) -> np.ndarray:
+        if df.empty or col not in df.columns:
+            return np.array([], dtype=float)
+        v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        return v[np.isfinite(v)]
+
+    ref: list[float] = []
+    for name, direction in objs:
+        obs = finite(name)
+        if direction == "max":
+            # Accuracy-like fractions in [0, 1] (and any non-negative score) start from 0.
+            if obs.size == 0 or obs.min() >= 0.0:
+                ref.append(0.0)
+            else:
+                ref.append(float(1.1 * obs.min()))
+            continue
+        dense_col = _dense_column(name)
+        dense = finite(dense_col) if dense_col else np.array([])
+        if dense.size:
+            ref.append(float(dense.max()))
+        elif obs.size:
+            top = float(obs.max())
+            ref.append(top + 0.1 * abs(top) if top != 0.0 else 1.0)
+        else:
+            ref.append(math.nan)
+    return ref
+
+
+def _accuracy_objective(objs: list[Objective]) -> Objective:
+    for name, direction in objs:
+        if direction == "max":
+            return name, direction
+    raise ValueError(f"no 'max' (accuracy-like) objective among {objs}")
+
+
+def _flops_objective(objs: list[Objective]) -> Objective:
+    mins = [(n, d) for n, d in objs if d == "min"]
+    for name, direction in mins:
+        if "flops" in name.lower():
+            return name, direction
+    if mins:
+        return mins[0]
+    raise ValueError(f"no 'min' (cost-like) objective among {objs}")
+
+
+def knee_point(front: pd.DataFrame, objectives: Objectives | None = None) -> Hashable:
+    """Index label of the knee of a 2-objective front.
+
+    Each of the first two objectives is rescaled to [0, 1] over the front, oriented so that
+    larger is better; the knee is the point farthest from the straight line through the two
+    extreme points (best in objective 1, best in objective 2). Fronts of 1 or 2 points, or
+    fronts whose points are collinear, give the point with the best first objective (ties:
+    best second objective). Further objectives are ignored.
+    """
+    objs = normalise_objectives(objectives)
+    if front.empty:
+        raise ValueError("knee_point: the front is empty (no finished trials)")
+    names = [n for n, _ in objs[:2]]
+    vals = front[names].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    finite = np.isfinite(vals).all(axis=1)
+    if not finite.any():
+        raise ValueError("knee_point: no front point has finite objective values")
+    labels = front.index[finite]
+    good = _oriented(vals[finite], [d for _, d in objs[:2]])
+
+    # Best first objective, ties broken by the second: lexicographic max.
+    if good.shape[1] == 1:
+        best_first = int(np.argmax(good[:, 0]))
+    else:
+        best_first = int(np.lexsort((-good[:, 1], -good[:, 0]))[0])
+    if good.shape[0] <= 2 or good.shape[1] < 2:
+        return labels[best_first]
+
+    lo, hi = good.min(axis=0), good.max(axis=0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    norm = (good - lo) / span
+    a = norm[best_first]
+    b = norm[int(np.lexsort((-good[:, 0], -good[:, 1]))[0])]
+    d = b - a
+    length = float(np.hypot(d[0], d[1]))
+    if length == 0.0:
+        return labels[best_first]
+    # Perpendicular distance to the line a-b (2-D cross product / |b - a|). Only points on
+    # the "good" side (towards the utopia point (1, 1)) count as knees.
+    rel = norm - a
+    cross = (d[0] * rel[:, 1] - d[1] * rel[:, 0]) / length
+    utopia_side = np.sign(d[0] * (1 - a[1]) - d[1] * (1 - a[0])) or 1.0
+    dist = cross * utopia_side
+    i = int(np.argmax(dist))
+    if dist[i] <= 1e-12:
+        return labels[best_first]
+    return labels[i]
+
+
+def select_point(
+    rows: Sequence[Mapping] | pd.DataFrame,
+    objectives: Objectives | None,
+    selector: str,
+) -> pd.Series:
+    """Pick one trial from the Pareto front of ``rows``.
+
+    Selector grammar:
+        ``knee``: :func:`knee_point` of the front.
+        ``max_acc``: the highest value of the first "max" objective; ties -> fewer FLOPs.
+        ``min_flops``: the lowest value of the FLOPs objective (the first "min" objective whose
+            name contains "flops", else the first "min" objective); ties -> higher accuracy.
+        ``flops_le:<float>``: among front points with FLOPs objective <= the value (FLOPs per
+            sample), the most accurate; ValueError naming the smallest available FLOPs if none.
+
+    Returns:
+        The chosen row as a pd.Series whose ``name`` is its index label in ``rows``.
+    """
+    objs = normalise_objectives(objectives)
+    sel = str(selector).strip()
+    low = sel.lower()
+    front = pareto_front(rows, objs)
+    if low not in ("knee", "max_acc", "min_flops") and not low.startswith("flops_le:"):
+        raise ValueError(f"unknown selector {selector!r}; grammar: {SELECTOR_GRAMMAR}")
+    if front.empty:
+        raise ValueError(f"selector {selector!r}: no finished trial has finite values for {objs}")
+
+    if low == "knee":
+        return front.loc[knee_point(front, objs)]
+
+    if low == "max_acc":
+        acc_name = _accuracy_objective(objs)[0]
+        try:
+            cost_name = _flops_objective(objs)[0]
+        except ValueError:
+            return front.loc[front[acc_name].idxmax()]
+        best = front.sort_values([acc_name, cost_name], ascending=[False, True], kind="mergesort")
+        return best.iloc[0]
+
+    cost, _ = _flops_objective(objs)
+    try:
+        acc: str | None = _accuracy_objective(objs)[0]
+    except ValueError:
+        acc = None
+    if low == "min_flops":
+        keys, asc = ([cost, acc], [True, False]) if acc else ([cost], [True])
+        return front.sort_values(keys, ascending=asc, kind="mergesort").iloc[0]
+
+    raw = sel.split(":", 1)[1].strip()
+    try:
+        limit = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"selector {selector!r}: {raw!r} is not a number; grammar: {SELECTOR_GRAMMAR}"
+        ) from None
+    within = front[front[cost] <= limit]
+    if within.empty:
+        smallest = float(front[cost].min())
+        raise ValueError(
+            f"selector {selector!r}: no Pareto point has {cost} <= {limit:.6g}; "
+            f"the smallest {cost} available is {smallest:.6g}"
+        )
+    if acc is None:
+        return within.sort_values(cost, kind="mergesort").iloc[0]
+    return within.sort_values([acc, cost], ascending=[False, True], kind="mergesort").iloc[0]

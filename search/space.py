@@ -1,0 +1,240 @@
+"""``conf/method/*.yaml`` ``space:`` entries -> Optuna distributions: the one translation.
+
+A method config looks like::
+
+    name: imp
+    settings: {sparsity: 0.8, rewind: weights, ...}     # fixed settings of the method
+    space:                                              # what the search varies
+      sparsity: {type: float, low: 0.3, high: 0.97}
+      rewind: {type: categorical, choices: [weights, lr]}
+      rewind_epoch: {type: int, low: 0, high: 2, when: {rewind: weights}}
+
+Entry types: ``float`` and ``int`` (``low``, ``high``, optional ``log`` and ``step``) and
+``categorical`` (``choices``). ``when`` makes an entry conditional on values sampled earlier
+for the same method. A key ``trial.NAME`` varies a trial setting (``trial.finetune_epochs``).
+
+Optuna parameter names are ``METHOD.KEY`` so two methods never share a distribution; when the
+method is not pinned, a categorical ``method`` parameter comes first.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+__all__ = ["CONF_DIR", "ConfigError", "Dimension", "MethodSpace", "SearchSpace",
+           "load_method_configs", "parse_space", "settings_from_params"]
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_TYPES = ("float", "int", "categorical")
+# Settings that are fractions wherever they appear: checked in fixed settings and bounds.
+_FRACTION_KEYS = ("sparsity", "min_density", "probe_frac", "start_fraction", "end_fraction")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched setting.
+
+    Attributes:
+        key: the setting's name (``"sparsity"``, or ``"trial.finetune_epochs"``).
+        type: ``"float"``, ``"int"`` or ``"categorical"``.
+        low / high: bounds (inclusive) for numeric types.
+        log: sample on a log scale.
+        step: grid step for numeric types (None = continuous / 1 for int).
+        choices: the options of a categorical.
+        when: conditions ``{key: value}`` on earlier entries of the same method.
+    """
+
+    key: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    when: Mapping[str, Any] = field(default_factory=dict)
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """The Optuna distribution of this dimension."""
+        if self.type == "float":
+            return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log,
+                                                        step=int(self.step or 1))
+        return optuna.distributions.CategoricalDistribution(list(self.choices))
+
+    def suggest(self, trial: Any, name: str) -> Any:
+        """Sample this dimension from an Optuna trial (or Ray's wrapper of one) as ``name``."""
+        if self.type == "float":
+            return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log,
+                                     step=int(self.step or 1))
+        return trial.suggest_categorical(name, list(self.choices))
+
+
+def _check_fraction(where: str, key: str, value: Any) -> None:
+    if key.split(".")[-1] in _FRACTION_KEYS:
+        if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0 or math.isnan(value):
+            raise ConfigError(f"{where}.{key}: {value!r} is not a fraction in [0, 1)")
+
+
+def parse_space(method: str, space: Mapping[str, Any] | None) -> list[Dimension]:
+    """Validate and parse one method's ``space:`` mapping; errors name ``method.space.KEY``."""
+    dims: list[Dimension] = []
+    seen: set[str] = set()
+    for key, spec in (space or {}).items():
+        where = f"method[{method}].space.{key}"
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"{where}: expected a mapping with a 'type', got {spec!r}")
+        kind = spec.get("type")
+        if kind not in _TYPES:
+            raise ConfigError(f"{where}.type: {kind!r} is not one of {list(_TYPES)}")
+        unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "when"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
+        when = dict(spec.get("when") or {})
+        for cond in when:
+            if cond not in seen:
+                raise ConfigError(f"{where}.when: {cond!r} must be an earlier entry of this space")
+        if kind == "categorical":
+            choices = tuple(spec.get("choices") or ())
+            if not choices:
+                raise ConfigError(f"{where}.choices: a categorical needs at least one choice")
+            for c in choices:
+                if isinstance(c, (int, float)):
+                    _check_fraction(f"method[{method}].space", key, c)
+            dims.append(Dimension(key, kind, choices=choices, when=when))
+        else:
+            low, high = spec.get("low"), spec.get("high")
+            if not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
+                raise ConfigError(f"{where}: low and high must be numbers, got {low!r}, {high!r}")
+            if low > high:
+                raise ConfigError(f"{where}: low ({low}) is greater than high ({high})")
+            log = bool(spec.get("log", False))
+            if log and low <= 0:
+                raise ConfigError(f"{where}.low: a log scale needs low > 0, got {low}")
+            if key.split(".")[-1] in _FRACTION_KEYS:
+                for bound, value in (("low", low), ("high", high)):
+                    if not 0.0 <= float(value) < 1.0:
+                        raise ConfigError(f"{where}.{bound}: {value!r} is not a fraction in [0, 1)")
+            if kind == "int" and (int(low) != low or int(high) != high):
+                raise ConfigError(f"{where}: int bounds must be integers, got {low}, {high}")
+            dims.append(Dimension(key, kind, float(low) if kind == "float" else int(low),
+                                  float(high) if kind == "float" else int(high), log,
+                                  spec.get("step"), when=when))
+        seen.add(key)
+    return dims
+
+
+@dataclass
+class MethodSpace:
+    """One method's fixed settings and searched dimensions."""
+
+    name: str
+    settings: dict[str, Any]
+    dims: list[Dimension]
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """Sample this method's dimensions; returns ``{KEY: value}`` (unprefixed)."""
+        values: dict[str, Any] = {}
+        for dim in self.dims:
+            if all(values.get(k) == v for k, v in dim.when.items()):
+                values[dim.key] = dim.suggest(trial, f"{self.name}.{dim.key}")
+        return values
+
+
+def load_method_configs(conf_dir: Path | str | None = None) -> dict[str, dict[str, Any]]:
+    """Every ``conf/method/*.yaml`` as a plain dict, keyed by the file's stem."""
+    from omegaconf import OmegaConf
+
+    folder = Path(conf_dir or CONF_DIR) / "method"
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("*.yaml")):
+        cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        assert isinstance(cfg, dict)
+        if cfg.get("name") != path.stem:
+            raise ConfigError(f"{path}: name {cfg.get('name')!r} must equal the file name {path.stem!r}")
+        out[path.stem] = cfg
+    return out
+
+
+def method_space(cfg: Mapping[str, Any]) -> MethodSpace:
+    """Validate one method config (settings and space) into a :class:`MethodSpace`."""
+    name = str(cfg.get("name"))
+    settings = dict(cfg.get("settings") or {})
+    for key, value in settings.items():
+        _check_fraction(f"method[{name}].settings", key, value)
+    return MethodSpace(name, settings, parse_space(name, cfg.get("space")))
+
+
+class SearchSpace:
+    """The define-by-run search space over methods and their settings.
+
+    Args:
+        methods: method configs by name (from ``conf/method``); one entry when pinned.
+        pinned: the method was chosen by the user (``+method=NAME``): it is not searched.
+        search_settings: when False, only the method (if not pinned) is searched and each
+            method runs with its fixed settings.
+    """
+
+    def __init__(self, methods: Mapping[str, Mapping[str, Any]], pinned: bool,
+                 search_settings: bool = True) -> None:
+        if not methods:
+            raise ConfigError("method: no method to search")
+        self.spaces = {name: method_space(cfg) for name, cfg in methods.items()}
+        self.pinned = pinned
+        self.search_settings = search_settings
+
+    @property
+    def method_names(self) -> list[str]:
+        """The methods this space covers, in a stable order."""
+        return list(self.spaces)
+
+    def __call__(self, trial: Any) -> dict[str, Any] | None:
+        """Optuna define-by-run function (what Ray's ``OptunaSearch(space=...)`` calls)."""
+        if self.pinned:
+            name = self.method_names[0]
+            if self.search_settings:
+                self.spaces[name].suggest(trial)
+            return {"method": name}
+        name = trial.suggest_categorical("method", self.method_names)
+        if self.search_settings:
+            self.spaces[name].suggest(trial)
+        return None
+
+    def distributions(self, method: str) -> dict[str, optuna.distributions.BaseDistribution]:
+        """The Optuna distributions of one method, by Optuna parameter name."""
+        return {f"{method}.{d.key}": d.distribution() for d in self.spaces[method].dims}
+
+
+def settings_from_params(space: SearchSpace, params: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Split a sampled config into ``(method, method settings, trial overrides)``.
+
+    ``params`` is what the searcher gave the trial: ``{"method": ..., "METHOD.KEY": value}``.
+    Fixed settings from the config come first; sampled values override them.
+    """
+    method = str(params["method"])
+    if method not in space.spaces:
+        raise ConfigError(f"method: unknown method {method!r}; known: {space.method_names}")
+    settings = dict(space.spaces[method].settings)
+    trial_overrides: dict[str, Any] = {}
+    prefix = f"{method}."
+    for key, value in params.items():
+        if not key.startswith(prefix):
+            continue
+        sub = key[len(prefix):]
+        if sub.startswith("trial."):
+            trial_overrides[sub[len("trial."):]] = value
+        else:
+            settings[sub] = value
+    return method, settings, trial_overrides

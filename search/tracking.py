@@ -1,0 +1,527 @@
+"""MLflow tracking for sweeps: one parent run per sweep, one child run per trial.
+
+Children are linked to their parent with the tag ``mlflow.parentRunId`` (the MLflow UI nests
+them) and carry ``prunesearch.trial_id`` so that logging a trial again (a retried worker, a
+resumed sweep) reuses its run instead of creating a duplicate. Everything goes through an
+explicit ``mlflow.MlflowClient(tracking_uri=...)``: no global active run, so the driver and
+several Ray workers can log at the same time.
+
+Works with MLflow 3's default store, ``sqlite:///<abs path>/mlflow.db``, with a tracking
+server (``http://host:port``) and with the deprecated ``file:`` store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import numbers
+import os
+import posixpath
+import re
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from search import pareto, plots
+
+log = logging.getLogger(__name__)
+
+# MLflow 3 limits (mlflow.utils.validation): param values 6000 chars, keys 250 chars,
+# tag values 8000 chars, 100 params/tags and 1000 metrics per log_batch call.
+MAX_PARAM_VALUE = 6000
+MAX_KEY = 250
+MAX_TAG_VALUE = 8000
+MAX_ERROR_CHARS = 5000
+_BATCH_PARAMS = 100
+_BATCH_METRICS = 1000
+
+TAG_PARENT = "mlflow.parentRunId"
+TAG_TRIAL = "prunesearch.trial_id"
+TAG_ROLE = "prunesearch.role"
+TAG_ERROR = "prunesearch.error"
+# Non-numeric trial results (method name, ...) are stored as tags under this prefix: tags
+# can be overwritten when a trial is logged again, params cannot.
+TAG_INFO = "prunesearch.info."
+CONVENTIONS = (
+    "FLOPs: per sample, forward pass, 1 multiply-add = 2 FLOPs (dense / effective = zeros "
+    "skipped / physical = after surgery); sparsity: fraction of zeroed Conv+Linear weights; "
+    "accuracies: fractions in [0, 1]; selection on the validation split, test split for reporting"
+)
+SERVER_HINT = "mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db"
+
+T = TypeVar("T")
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking store cannot be reached or written."""
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _local_path(uri: str) -> Path | None:
+    """Filesystem path of a ``sqlite:///`` / ``file:`` / plain-path URI, else None."""
+    if uri.startswith("sqlite:///"):
+        # sqlite:///rel/path (relative) and sqlite:////abs/path (absolute), SQLAlchemy style.
+        return Path(uri[len("sqlite:///"):].split("?", 1)[0])
+    if uri.startswith("file:"):
+        parsed = urllib.parse.urlparse(uri)
+        return Path(urllib.request.url2pathname(parsed.path))
+    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
+        return Path(uri)
+    return None
+
+
+def _check_writable_dir(directory: Path, uri: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingUnavailableError(
+            f"MLflow tracking URI {uri!r}: cannot create directory {directory}: {exc}"
+        ) from exc
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise TrackingUnavailableError(f"MLflow tracking URI {uri!r}: directory {directory} is not writable")
+
+
+def check_tracking(uri: str, timeout_s: float = 10) -> None:
+    """Fail fast, with a useful message, when the tracking store is not usable.
+
+    - ``http(s)://``: GET ``<uri>/health`` with a ``timeout_s``-second timeout (seconds).
+    - ``sqlite:///path``: the database's directory is created if missing and must be
+      writable, and an existing database file must be writable.
+    - ``file:`` URIs or plain paths (deprecated file store in MLflow 3, still accepted): the
+      directory is created if missing and must be writable.
+    - Other schemes (postgresql://, mysql://, databricks, ...) are not checked.
+
+    Raises:
+        TrackingUnavailableError: naming the URI and how to start a server or switch stores.
+    """
+    if uri.startswith(("http://", "https://")):
+        url = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (http only)
+                status = resp.status
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri} is not reachable ({reason}). Start one with\n"
+                f"    {SERVER_HINT}\n"
+                f"(it needs ~15 s before it answers {url}), or use the embedded store: "
+                f"tracking=mlflow_sqlite"
+            ) from exc
+        if status != 200:
+            raise TrackingUnavailableError(
+                f"MLflow tracking server {uri}: {url} answered HTTP {status}, expected 200"
+            )
+        return
+    path = _local_path(uri)
+    if path is None:
+        return
+    if uri.startswith("sqlite:///"):
+        if str(path) in ("", ":memory:"):
+            return
+        path = path.expanduser().absolute()
+        _check_writable_dir(path.parent, uri)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise TrackingUnavailableError(f"MLflow tracking URI {uri!r}: database {path} is not writable")
+        return
+    _check_writable_dir(path.expanduser().absolute(), uri)
+
+
+def _retry(fn: Callable[[], T], what: str, attempts: int = 6) -> T:
+    """Call ``fn``, retrying when SQLite reports a lock (several workers writing at once)."""
+    delay = 0.2
+    for i in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # MlflowException or sqlalchemy OperationalError
+            if i == attempts - 1 or "locked" not in str(exc).lower():
+                raise
+            log.debug("MLflow store locked during %s; retrying in %.1f s", what, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _safe_key(key: str) -> str:
+    """A key MLflow accepts for params, metrics and tags.
+
+    MLflow allows only alphanumerics, ``_ - . space /`` (and ``:`` except on Windows, so it
+    is replaced too), no path tricks (``//``, leading ``/``, ``..``) and 250 characters.
+    Other characters become ``_``; long keys keep their start plus a hash of the full key,
+    so they stay unique.
+    """
+    safe = re.sub(r"[^\w.\- /]", "_", key) or "_"
+    norm = posixpath.normpath(safe)
+    if norm != safe or norm == "." or norm.startswith(("..", "/")):
+        safe = safe.replace("/", "_")
+        if safe.strip(".") == "" or safe.startswith(".."):
+            safe = safe.replace(".", "_")
+    if len(safe) <= MAX_KEY and safe == key:
+        return key
+    if len(safe) <= MAX_KEY:
+        return safe
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return safe[: MAX_KEY - 11] + "-" + digest
+
+
+def _truncate(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    marker = f"...[truncated {len(text) - limit} chars]"
+    return text[: limit - len(marker) - 16] + marker
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings into dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}``.
+
+    Lists and other values are kept as they are (they are stringified when logged).
+    """
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _param_value(value: Any) -> str:
+    return _truncate(str(value), MAX_PARAM_VALUE)
+
+
+def _is_number(value: Any) -> bool:
+    # numbers.Real covers int, float, bool and numpy's int/float scalars; np.bool_ is separate.
+    return isinstance(value, (numbers.Real, np.bool_))
+
+
+def _log_batch(client: MlflowClient, run_id: str, metrics: Sequence[Metric] = (),
+               params: Sequence[Param] = (), tags: Sequence[RunTag] = ()) -> None:
+    """log_batch in chunks that respect MLflow's per-request limits."""
+    for i in range(0, len(params), _BATCH_PARAMS):
+        chunk = list(params[i:i + _BATCH_PARAMS])
+        _retry(lambda: client.log_batch(run_id, params=chunk), "log params")
+    for i in range(0, len(tags), _BATCH_PARAMS):
+        chunk_t = list(tags[i:i + _BATCH_PARAMS])
+        _retry(lambda: client.log_batch(run_id, tags=chunk_t), "set tags")
+    for i in range(0, len(metrics), _BATCH_METRICS):
+        chunk_m = list(metrics[i:i + _BATCH_METRICS])
+        _retry(lambda: client.log_batch(run_id, metrics=chunk_m), "log metrics")
+
+
+def _new_params(client: MlflowClient, run_id: str | None, params: Mapping[str, Any]) -> list[Param]:
+    """Params not yet on the run. MLflow params are immutable: re-logging a key with a
+    different value fails, so on a reused run changed values are skipped with a warning."""
+    existing = client.get_run(run_id).data.params if run_id else {}
+    out = []
+    for key, value in flatten(params).items():
+        k, v = _safe_key(str(key)), _param_value(value)
+        if k in existing:
+            if existing[k] != v:
+                log.warning("run %s: param %r already logged as %r; keeping it (new value %r)",
+                            run_id, k, existing[k], v)
+            continue
+        out.append(Param(k, v))
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    return res.stdout.strip() or None
+
+
+def _default_artifact_location(uri: str) -> str | None:
+    """Artifacts next to a sqlite database (``<db dir>/mlartifacts``) rather than MLflow's
+    default ``./mlruns`` in whatever the current directory happens to be."""
+    if uri.startswith("sqlite:///"):
+        path = _local_path(uri)
+        if path is not None and str(path) not in ("", ":memory:"):
+            return (path.expanduser().absolute().parent / "mlartifacts").as_uri()
+    return None
+
+
+def _as_artifact_uri(location: str) -> str:
+    if "://" in location or location.startswith("file:"):
+        return location
+    return Path(location).expanduser().absolute().as_uri()
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, artifact_location: str | None = None) -> str:
+    """Experiment id for ``name``, creating it (or restoring a deleted one) if needed.
+
+    ``artifact_location`` only applies when the experiment is created: MLflow fixes it then.
+    """
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            # Another process created it between our lookup and create.
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    if artifact_location and exp.artifact_location.rstrip("/") != artifact_location.rstrip("/"):
+        log.info("experiment %r keeps its artifact location %s (asked for %s)",
+                 name, exp.artifact_location, artifact_location)
+    return exp.experiment_id
+
+
+class SweepTracker:
+    """The parent run of a sweep, driven from the process that runs the tuner.
+
+    Args:
+        uri: MLflow tracking URI, e.g. ``sqlite:////abs/out/mlflow.db`` or ``http://127.0.0.1:5000``.
+        experiment: experiment name (created if missing).
+        artifact_location: where the experiment's artifacts go when it is created (a path or
+            URI; put it under the sweep's output dir). Default for sqlite stores:
+            ``<db dir>/mlartifacts``; otherwise the store's default.
+    """
+
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        location = _as_artifact_uri(artifact_location) if artifact_location else _default_artifact_location(uri)
+        self.experiment_id: str = _retry(
+            lambda: get_or_create_experiment(self.client, experiment, location), "create experiment"
+        )
+        self.run_id: str | None = None
+        self._reference: list[float] | None = None
+
+    def _require_run(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("SweepTracker: call start_parent() first")
+        return self.run_id
+
+    def start_parent(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any],
+                     resume_run_id: str | None = None) -> str:
+        """Create the sweep's parent run, or re-open ``resume_run_id``; returns the run id.
+
+        ``params`` (the resolved config) is flattened with dotted keys and logged as MLflow
+        params (keys > 250 chars are shortened with a hash, values > 6000 chars truncated).
+        On resume, params already logged are kept (MLflow params are immutable). ``tags`` are
+        set as given, plus ``prunesearch.role=sweep``, the conventions string, and the git
+        commit (``mlflow.source.git.commit``) when this source tree is a git checkout.
+        """
+        all_tags: dict[str, Any] = {TAG_ROLE: "sweep", "prunesearch.conventions": CONVENTIONS}
+        commit = _git_commit()
+        if commit:
+            all_tags["mlflow.source.git.commit"] = commit
+            all_tags["git_commit"] = commit
+        all_tags.update(tags)
+        tag_list = [RunTag(_safe_key(str(k)), _truncate(str(v), MAX_TAG_VALUE)) for k, v in all_tags.items()]
+        if resume_run_id:
+            run = _retry(lambda: self.client.get_run(resume_run_id), "get run")
+            if run.info.experiment_id != self.experiment_id:
+                raise ValueError(
+                    f"run {resume_run_id} belongs to experiment {run.info.experiment_id}, "
+                    f"not {self.experiment_id}"
+                )
+            self.run_id = resume_run_id
+            _retry(lambda: self.client.update_run(resume_run_id, status="RUNNING"), "reopen run")
+        else:
+            run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=run_name), "create run")
+            self.run_id = run.info.run_id
+        _log_batch(self.client, self.run_id, params=_new_params(
+            self.client, self.run_id if resume_run_id else None, params), tags=tag_list)
+        return self.run_id
+
+    def log_front(self, rows: list[dict], objectives: pareto.Objectives | None, step: int,
+                  reference: Sequence[float] | None = None) -> dict:
+        """Recompute the Pareto front of ``rows`` and log it on the parent run.
+
+        Writes ``front.csv``, ``trials.csv``, ``front.png`` and ``front.html`` under the
+        artifact directory ``front/`` (overwriting the previous ones) and logs the metrics
+        ``hypervolume`` and ``front_size`` at ``step`` (pass the number of finished trials).
+        The hypervolume reference is ``reference`` if given, else
+        search.pareto.default_reference (the dense model's FLOPs for FLOPs objectives, so it
+        stays fixed during a sweep); it is recorded in the tag ``prunesearch.hv_reference``.
+
+        Returns:
+            ``{"hypervolume": float, "front_size": int, "reference": list[float]}``.
+        """
+        run_id = self._require_run()
+        objs = pareto.normalise_objectives(objectives)
+        df = pd.DataFrame(list(rows))
+        front = pareto.pareto_front(df, objs)
+        ref = list(reference) if reference is not None else pareto.default_reference(objs, df)
+        hv = pareto.hypervolume(front[[n for n, _ in objs]].to_numpy(dtype=float), [d for _, d in objs], ref) \
+            if len(front) else 0.0
+        title = f"Pareto front: {', '.join(f'{n} ({d})' for n, d in objs)}"
+        with tempfile.TemporaryDirectory(prefix="prunesearch_front_") as tmp:
+            out = Path(tmp)
+            front.to_csv(out / "front.csv", index=False)
+            df.to_csv(out / "trials.csv", index=False)
+            plots.plot_front_png(df, front, objs, out / "front.png", title)
+            plots.plot_front_html(df, front, objs, out / "front.html", title)
+            _retry(lambda: self.client.log_artifacts(run_id, str(out), artifact_path="front"), "log artifacts")
+        ts = _now_ms()
+        _log_batch(self.client, run_id, metrics=[
+            Metric("hypervolume", float(hv), ts, int(step)),
+            Metric("front_size", float(len(front)), ts, int(step)),
+        ], tags=[RunTag("prunesearch.hv_reference", str(ref))])
+        return {"hypervolume": float(hv), "front_size": int(len(front)), "reference": ref}
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the parent run with ``status`` (FINISHED, FAILED or KILLED)."""
+        run_id = self._require_run()
+        _retry(lambda: self.client.set_terminated(run_id, status=status), "terminate run")
+
+
+def _quote(value: str) -> str:
+    # MLflow's filter grammar: single-quoted strings, backslash-escaped quotes.
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str, extra_filter: str = "") -> list:
+    filt = f"tags.`{TAG_PARENT}` = {_quote(parent_run_id)}"
+    if extra_filter:
+        filt += " and " + extra_filter
+    runs, token = [], None
+    while True:
+        page = _retry(lambda: client.search_runs([experiment_id], filter_string=filt, max_results=1000,
+                                                 order_by=["attributes.start_time ASC"], page_token=token),
+                      "search runs")
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def log_trial_run(
+    uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    trial_id: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    artifacts: Mapping[str, str] | None = None,
+    status: str = "FINISHED",
+    error: str | None = None,
+) -> str:
+    """Log one finished (or failed) trial as a child run of ``parent_run_id``; returns its id.
+
+    Safe to call from a Ray worker. Idempotent per ``trial_id``: an existing child of the
+    parent with the tag ``prunesearch.trial_id == trial_id`` is reused (new params are added,
+    metrics are logged again at step 0, status and tags updated). Two processes logging the
+    *same* trial at the same instant may still race; distinct trials never do.
+
+    Args:
+        params: the trial's sampled params (nested dicts flattened with dots).
+        metrics: the trial's results. Real numbers (incl. bools, numpy scalars, NaN) become
+            metrics; anything else (method name, ...) becomes the tag ``prunesearch.info.<key>``.
+        artifacts: artifact sub-directory -> local file (or directory) path.
+        status: MLflow run status, FINISHED or FAILED (or KILLED).
+        error: for a failed trial, the error text, stored (first 5000 chars) in ``prunesearch.error``.
+    """
+    artifacts = dict(artifacts or {})
+    missing = {sub: p for sub, p in artifacts.items() if not Path(p).exists()}
+    if missing:
+        # Checked before anything is written so a bad call leaves no half-logged run.
+        raise FileNotFoundError(f"trial {trial_id}: artifact files not found: {missing}")
+    client = MlflowClient(tracking_uri=uri)
+    existing = _child_runs(client, experiment_id, parent_run_id, f"tags.`{TAG_TRIAL}` = {_quote(str(trial_id))}")
+    if existing:
+        run_id = existing[0].info.run_id
+        if len(existing) > 1:
+            log.warning("trial %s has %d child runs under %s; using %s", trial_id, len(existing),
+                        parent_run_id, run_id)
+        _retry(lambda: client.update_run(run_id, status="RUNNING"), "reopen run")
+    else:
+        run = _retry(lambda: client.create_run(experiment_id, run_name=str(trial_id), tags={
+            TAG_PARENT: parent_run_id, TAG_TRIAL: str(trial_id), TAG_ROLE: "trial"}), "create run")
+        run_id = run.info.run_id
+
+    ts = _now_ms()
+    metric_list: list[Metric] = []
+    tag_list: list[RunTag] = []
+    for key, value in flatten(metrics).items():
+        k = _safe_key(str(key))
+        if _is_number(value):
+            metric_list.append(Metric(k, float(value), ts, 0))
+        elif value is not None:
+            tag_list.append(RunTag(_safe_key(TAG_INFO + str(key)), _truncate(str(value), MAX_TAG_VALUE)))
+    if error is not None:
+        tag_list.append(RunTag(TAG_ERROR, _truncate(str(error), MAX_ERROR_CHARS)))
+    _log_batch(client, run_id, metrics=metric_list,
+               params=_new_params(client, run_id if existing else None, params), tags=tag_list)
+    for sub, local in artifacts.items():
+        p = Path(local)
+        if p.is_dir():
+            _retry(lambda: client.log_artifacts(run_id, str(p), artifact_path=sub or None), "log artifacts")
+        else:
+            _retry(lambda: client.log_artifact(run_id, str(p), artifact_path=sub or None), "log artifact")
+    _retry(lambda: client.set_terminated(run_id, status=status), "terminate run")
+    return run_id
+
+
+def _parse_param(text: str) -> Any:
+    """MLflow stores params as strings; recover ints, floats, bools and None."""
+    if text in ("True", "False"):
+        return text == "True"
+    if text == "None":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if math.isfinite(value) or text.lower() in ("nan", "inf", "-inf") else text
+
+
+_STATUS = {"FINISHED": "ok", "FAILED": "failed", "RUNNING": "running", "KILLED": "killed", "SCHEDULED": "scheduled"}
+
+
+def find_trial_runs(uri: str, parent_run_id: str) -> list[dict]:
+    """The child (trial) runs of a sweep's parent run, oldest first, as flat dicts.
+
+    Each dict holds: the metrics (latest values, under their own names), the non-numeric
+    results (from ``prunesearch.info.*`` tags, under their own names), the params under
+    ``param.<name>`` (parsed back to int/float/bool/None where they look like one; the
+    prefix avoids clashes such as a target ``sparsity`` param vs the measured metric),
+    ``trial_id``, ``run_id``, ``mlflow_status`` (FINISHED/FAILED/...), ``status`` ("ok" for
+    FINISHED, else the lower-cased MLflow status, as search.pareto expects) and ``error``
+    (None unless the trial failed with an error text).
+    """
+    client = MlflowClient(tracking_uri=uri)
+    parent = _retry(lambda: client.get_run(parent_run_id), "get run")
+    out = []
+    for run in _child_runs(client, parent.info.experiment_id, parent_run_id):
+        row: dict[str, Any] = {}
+        for key, value in run.data.tags.items():
+            if key.startswith(TAG_INFO):
+                row[key[len(TAG_INFO):]] = value
+        row.update(run.data.metrics)
+        row.update({f"param.{k}": _parse_param(v) for k, v in run.data.params.items()})
+        row["trial_id"] = run.data.tags.get(TAG_TRIAL, run.info.run_name)
+        row["run_id"] = run.info.run_id
+        row["mlflow_status"] = run.info.status
+        row["status"] = _STATUS.get(run.info.status, str(run.info.status).lower())
+        row["error"] = run.data.tags.get(TAG_ERROR)
+        out.append(row)
+    return out

@@ -1,0 +1,225 @@
+"""Tests for search.pareto (fronts, hypervolume, knee, selectors) and search.plots."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from search.pareto import (
+    default_reference,
+    hypervolume,
+    knee_point,
+    non_dominated_mask,
+    pareto_front,
+    select_point,
+)
+from search.plots import axis_label, plot_front_html, plot_front_png
+
+OBJ = [("val_acc", "max"), ("flops_effective", "min")]
+
+
+def _rows(points, **extra):
+    return [
+        {"val_acc": a, "flops_effective": f, "trial_id": f"t{i}", "method": "m" + str(i % 2), **extra}
+        for i, (a, f) in enumerate(points)
+    ]
+
+
+# --- non_dominated_mask -------------------------------------------------------------------
+
+def test_mask_max_min():
+    v = np.array([[0.5, 10], [0.8, 30], [0.7, 50], [0.9, 60], [0.6, 10]])
+    # (0.5, 10) is dominated by (0.6, 10); (0.7, 50) by (0.8, 30).
+    assert non_dominated_mask(v, ["max", "min"]).tolist() == [False, True, False, True, True]
+
+
+def test_mask_all_directions_flip():
+    v = np.array([[1.0, 1.0], [2.0, 2.0], [1.0, 2.0], [2.0, 1.0]])
+    assert non_dominated_mask(v, ["max", "max"]).tolist() == [False, True, False, False]
+    assert non_dominated_mask(v, ["min", "min"]).tolist() == [True, False, False, False]
+    assert non_dominated_mask(v, ["min", "max"]).tolist() == [False, False, True, False]
+
+
+def test_mask_duplicates_kept():
+    v = np.array([[0.9, 10.0], [0.9, 10.0], [0.8, 10.0]])
+    assert non_dominated_mask(v, ["max", "min"]).tolist() == [True, True, False]
+
+
+def test_mask_nan_inf_never_on_front_and_never_dominate():
+    v = np.array([[np.nan, 1.0], [0.5, 5.0], [np.inf, 0.0], [0.4, -np.inf]])
+    assert non_dominated_mask(v, ["max", "min"]).tolist() == [False, True, False, False]
+    assert non_dominated_mask(np.empty((0, 2)), ["max", "min"]).tolist() == []
+
+
+def test_mask_bad_direction():
+    with pytest.raises(ValueError, match="'max' or 'min'"):
+        non_dominated_mask(np.ones((2, 2)), ["max", "up"])
+
+
+# --- pareto_front -------------------------------------------------------------------------
+
+def test_front_sorted_by_flops_and_filters_failed_and_missing():
+    rows = _rows([(0.9, 60), (0.5, 10), (0.8, 30), (0.7, 50)])
+    rows[0]["status"] = "ok"
+    rows.append({"val_acc": 0.99, "flops_effective": 1.0, "status": "error", "trial_id": "bad"})
+    rows.append({"val_acc": float("nan"), "flops_effective": 1.0, "trial_id": "nan"})
+    rows.append({"flops_effective": 1.0, "trial_id": "nometric"})
+    front = pareto_front(rows, OBJ)
+    assert front["trial_id"].tolist() == ["t1", "t2", "t0"]
+    assert front.index.tolist() == [1, 2, 0]  # labels are positions in the input list
+
+
+def test_front_accepts_mlflow_status_and_dataframe():
+    df = pd.DataFrame(_rows([(0.9, 60), (0.5, 10)]))
+    df["status"] = ["FINISHED", "FAILED"]
+    assert pareto_front(df, OBJ)["trial_id"].tolist() == ["t0"]
+
+
+def test_front_empty_and_typo():
+    assert pareto_front([], OBJ).empty
+    assert pareto_front([{"status": "error"}], OBJ).empty
+    with pytest.raises(KeyError, match="val_accuracy"):
+        pareto_front(_rows([(0.9, 60)]), [("val_accuracy", "max"), ("flops_effective", "min")])
+
+
+# --- hypervolume --------------------------------------------------------------------------
+
+def test_hypervolume_2d_by_hand():
+    # Gains over reference (acc 0, flops 100): (0.5, 90), (0.8, 70), (0.9, 40).
+    # Union of boxes = 0.9*40 + (0.8-0.0)*(70-40) + 0.5*(90-70) = 36 + 24 + 10 = 70.
+    v = [[0.5, 10], [0.8, 30], [0.9, 60], [0.7, 50]]
+    assert hypervolume(v, ["max", "min"], [0.0, 100.0]) == pytest.approx(70.0)
+
+
+def test_hypervolume_points_not_beating_reference_add_nothing():
+    ref = [0.0, 100.0]
+    assert hypervolume([[0.5, 100.0]], ["max", "min"], ref) == 0.0  # equal FLOPs: not strictly better
+    assert hypervolume([[0.0, 10.0]], ["max", "min"], ref) == 0.0
+    assert hypervolume([[0.5, 120.0]], ["max", "min"], ref) == 0.0
+    assert hypervolume([[np.nan, 10.0], [0.5, 50.0]], ["max", "min"], ref) == pytest.approx(25.0)
+    assert hypervolume(np.empty((0, 2)), ["max", "min"], ref) == 0.0
+
+
+def test_hypervolume_duplicates_and_mixed_directions():
+    # min, max: gains over (10, 0): (10-2, 3) and (10-6, 5) -> 8*3 + 4*(5-3) = 32.
+    v = [[2.0, 3.0], [6.0, 5.0], [6.0, 5.0]]
+    assert hypervolume(v, ["min", "max"], [10.0, 0.0]) == pytest.approx(32.0)
+
+
+def _mc_hypervolume(points, ref, n=400_000, seed=0):
+    rng = np.random.default_rng(seed)
+    hi = points.max(axis=0)
+    samples = rng.uniform(ref, hi, size=(n, points.shape[1]))
+    dominated = np.zeros(n, dtype=bool)
+    for p in points:
+        dominated |= (samples <= p).all(axis=1)
+    return dominated.mean() * np.prod(hi - ref)
+
+
+def test_hypervolume_3d_exact_cases_and_vs_monte_carlo():
+    # Two boxes [0,2]x[0,1]x[0,1] and [0,1]x[0,2]x[0,1] overlap in a unit cube: 2 + 2 - 1 = 3.
+    assert hypervolume([[2, 1, 1], [1, 2, 1]], ["max"] * 3, [0, 0, 0]) == pytest.approx(3.0)
+    # Three "axis" boxes of volume 2 overlap pairwise in unit cubes, triple overlap 1: 6 - 3 + 1.
+    pts = [[2, 1, 1], [1, 2, 1], [1, 1, 2]]
+    assert hypervolume(pts, ["max"] * 3, [0, 0, 0]) == pytest.approx(4.0)
+
+    rng = np.random.default_rng(1)
+    pts = rng.uniform(0.1, 1.0, size=(25, 3))
+    exact = hypervolume(pts, ["max", "max", "max"], [0.0, 0.0, 0.0])
+    mc = _mc_hypervolume(pts, np.zeros(3))
+    assert exact == pytest.approx(mc, rel=0.01)
+    # The same set with the last objective flipped to "min" around a mirrored reference.
+    flipped = pts.copy()
+    flipped[:, 2] = 1.0 - pts[:, 2]
+    assert hypervolume(flipped, ["max", "max", "min"], [0.0, 0.0, 1.0]) == pytest.approx(exact)
+
+
+def test_default_reference_dense_and_fallbacks():
+    rows = _rows([(0.9, 60), (0.5, 10)], flops_dense=200.0)
+    assert default_reference(OBJ, rows) == [0.0, 200.0]
+    no_dense = _rows([(0.9, 60), (0.5, 10)])
+    assert default_reference(OBJ, no_dense) == pytest.approx([0.0, 66.0])
+    objs = [("score", "max"), ("latency_ms", "min")]
+    ref = default_reference(objs, [{"score": -2.0, "latency_ms": 5.0}, {"score": 3.0, "latency_ms": 4.0}])
+    assert ref == pytest.approx([-2.2, 5.5])
+    empty = default_reference(OBJ, [])
+    assert empty[0] == 0.0 and math.isnan(empty[1])
+
+
+# --- knee and selectors -------------------------------------------------------------------
+
+CONVEX = [(0.50, 10), (0.85, 20), (0.90, 40), (0.92, 80), (0.93, 160)]
+
+
+def test_knee_on_convex_front_is_elbow():
+    front = pareto_front(_rows(CONVEX), OBJ)
+    assert front.loc[knee_point(front, OBJ), "trial_id"] == "t1"
+
+
+def test_knee_small_fronts_give_best_accuracy():
+    two = pareto_front(_rows([(0.5, 10), (0.9, 50)]), OBJ)
+    assert two.loc[knee_point(two, OBJ), "trial_id"] == "t1"
+    one = pareto_front(_rows([(0.7, 10)]), OBJ)
+    assert one.loc[knee_point(one, OBJ), "trial_id"] == "t0"
+    with pytest.raises(ValueError, match="empty"):
+        knee_point(pareto_front([], OBJ), OBJ)
+
+
+def test_selectors():
+    rows = _rows(CONVEX + [(0.93, 200), (0.6, 100)])  # t5 ties t4 on accuracy but costs more
+    assert select_point(rows, OBJ, "knee")["trial_id"] == "t1"
+    best = select_point(rows, OBJ, "max_acc")
+    assert best["trial_id"] == "t4" and best.name == 4
+    assert select_point(rows, OBJ, "min_flops")["trial_id"] == "t0"
+    assert select_point(rows, OBJ, "flops_le:45")["trial_id"] == "t2"
+    assert select_point(rows, OBJ, " flops_le:4e1 ")["trial_id"] == "t2"
+    assert select_point(rows, OBJ, "flops_le:20")["trial_id"] == "t1"
+
+
+def test_selector_errors():
+    rows = _rows(CONVEX)
+    with pytest.raises(ValueError, match=r"smallest flops_effective available is 10"):
+        select_point(rows, OBJ, "flops_le:5")
+    with pytest.raises(ValueError, match="not a number"):
+        select_point(rows, OBJ, "flops_le:lots")
+    with pytest.raises(ValueError, match=r"knee \| max_acc \| min_flops \| flops_le"):
+        select_point(rows, OBJ, "fastest")
+    with pytest.raises(ValueError, match="no finished trial"):
+        select_point([{"status": "error"}], OBJ, "knee")
+
+
+# --- plots --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [0, 1, 12])
+def test_plots_written_for_0_1_many(tmp_path, n):
+    rng = np.random.default_rng(n)
+    rows = [
+        {"val_acc": float(rng.uniform(0.3, 1.0)), "flops_effective": float(rng.uniform(1e3, 1e5)),
+         "flops_dense": 1e5, "method": ["magnitude", "bingo", "snip"][i % 3], "trial_id": f"t{i:03d}",
+         "param.sparsity": round(float(rng.uniform(0.1, 0.95)), 3), "status": "ok"}
+        for i in range(n)
+    ]
+    rows.append({"trial_id": "failed", "status": "error"})  # a failed trial must not break plotting
+    df = pd.DataFrame(rows)
+    front = pareto_front(df, OBJ)
+    png = plot_front_png(df, front, OBJ, tmp_path / "f.png", "sweep", log_x=True)
+    html_path = plot_front_html(df, front, OBJ, tmp_path / "f.html", "sweep")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    text = html_path.read_text()
+    assert "<script src=\"https://cdn" not in text  # self-contained: no CDN
+    assert "plotly.js" in text.lower() or "Plotly" in text
+    if n:
+        assert "t000" in text and "param.sparsity" in text and "magnitude" in text
+        assert "FLOPs per sample (effective)" in text and "validation accuracy" in text
+    else:
+        assert "no finished trials yet" in text
+
+
+def test_axis_labels():
+    assert axis_label("flops_effective") == "FLOPs per sample (effective)"
+    assert axis_label("params_physical") == "parameters (physical)"
+    assert axis_label("val_acc") == "validation accuracy"
+    assert axis_label("custom") == "custom"
