@@ -13,6 +13,7 @@ from typing import Any
 from prunelib.data import DATASETS
 from prunelib.methods import METHODS
 from prunelib.models import MODELS
+from search.faults import FaultPlan
 from search.space import ConfigError, SearchSpace, load_method_configs, method_space
 
 __all__ = ["ConfigError", "SAMPLERS", "KNOWN_OBJECTIVES", "validate_config", "build_search_space"]
@@ -71,6 +72,10 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     if trial.get("optimizer", "sgd") not in ("sgd", "adam"):
         raise ConfigError(f"trial.optimizer: {trial.get('optimizer')!r} is not one of ['sgd', 'adam']")
     _number("trial.max_retries", trial.get("max_retries", 0), 0, integer=True)
+    try:
+        FaultPlan.from_config(trial.get("faults"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
 
     _number("search.n_trials", search.get("n_trials"), 1, integer=True)
     _number("search.concurrency", search.get("concurrency", 1), 1, integer=True)
@@ -104,3 +109,36 @@ def build_search_space(cfg: Mapping[str, Any]) -> SearchSpace:
     search = cfg.get("search") or {}
     return SearchSpace(method_configs(cfg), pinned=bool(cfg.get("method")),
                        search_settings=bool(search.get("search_settings", True)))
+
+
+def check_data_available(data: Mapping[str, Any]) -> None:
+    """Find and read the configured data set once on the driver, before any trial starts.
+
+    Raises:
+        ConfigError: the files are missing or unreadable (the message says how to get them).
+    """
+    from prunelib.data import DATASETS, DatasetNotFoundError
+
+    try:
+        DATASETS[data["name"]](root=data.get("root"), download=bool(data.get("download", False)))
+    except (DatasetNotFoundError, OSError, ValueError) as exc:
+        raise ConfigError(f"data.root: {exc}") from exc
+
+
+def load_config(overrides: list[str] | None = None) -> dict[str, Any]:
+    """The resolved config ``python -m search <overrides>`` would run, as a plain dict.
+
+    For notebooks and scripts: ``run_sweep(load_config(["+method=magnitude"]), "out")``.
+    Raises ConfigError naming the first bad key (after Hydra's own composition errors).
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from search.space import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides or []))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    validate_config(resolved)
+    return resolved

@@ -22,7 +22,7 @@ from typing import Any
 
 __all__ = ["export_point", "main"]
 
-_USAGE = ("usage: python -m search.export run_id=<parent run id> [select=knee|max_acc|min_flops|"
+_USAGE = ("usage: python -m search.export run_id=<parent run id> [select=knee|max_acc|min_flops|trial:<id>|"
           "flops_le:<value>] [out=masks.safetensors] [tracking.uri=sqlite:///mlflow.db]")
 
 

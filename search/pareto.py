@@ -26,8 +26,9 @@ DEFAULT_OBJECTIVES: list[Objective] = [("val_acc", "max"), ("flops_effective", "
 OK_STATUSES = frozenset({"ok", "finished"})
 
 SELECTOR_GRAMMAR = (
-    "knee | max_acc | min_flops | flops_le:<float>  (e.g. 'flops_le:1.5e5': the most accurate "
-    "front point with at most 1.5e5 FLOPs per sample)"
+    "knee | max_acc | min_flops | flops_le:<float> | trial:<trial id>  (e.g. 'flops_le:1.5e5': "
+    "the most accurate front point with at most 1.5e5 FLOPs per sample; 'trial:ab12cd34': that "
+    "finished trial, on the front or not)"
 )
 
 
@@ -383,6 +384,8 @@ def select_point(
             name contains "flops", else the first "min" objective); ties -> higher accuracy.
         ``flops_le:<float>``: among front points with FLOPs objective <= the value (FLOPs per
             sample), the most accurate; ValueError naming the smallest available FLOPs if none.
+        ``trial:<trial id>``: that finished trial, on the front or not (the dashboard's
+            export command for a clicked point).
 
     Returns:
         The chosen row as a pd.Series whose ``name`` is its index label in ``rows``.
@@ -390,6 +393,16 @@ def select_point(
     objs = normalise_objectives(objectives)
     sel = str(selector).strip()
     low = sel.lower()
+    if low.startswith("trial:"):
+        wanted = sel.split(":", 1)[1].strip()
+        table = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+        if "status" in table:
+            status = table["status"]
+            table = table[status.isna() | status.astype(str).str.lower().isin(["ok", "finished", "early_stopped"])]
+        match = table[table["trial_id"].astype(str) == wanted] if "trial_id" in table else table.iloc[0:0]
+        if match.empty:
+            raise ValueError(f"selector {selector!r}: no finished trial {wanted!r} in this sweep")
+        return match.iloc[0]
     front = pareto_front(rows, objs)
     if low not in ("knee", "max_acc", "min_flops") and not low.startswith("flops_le:"):
         raise ValueError(f"unknown selector {selector!r}; grammar: {SELECTOR_GRAMMAR}")

@@ -55,6 +55,7 @@ TAG_ERROR = "prunesearch.error"
 # Non-numeric trial results (method name, ...) are stored as tags under this prefix: tags
 # can be overwritten when a trial is logged again, params cannot.
 TAG_INFO = "prunesearch.info."
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CONVENTIONS = (
     "FLOPs: per sample, forward pass, 1 multiply-add = 2 FLOPs (dense / effective = zeros "
     "skipped / physical = after surgery); sparsity: fraction of zeroed Conv+Linear weights; "
@@ -275,7 +276,9 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            # MLflow 3's UI opens GenAI (traces) pages unless the experiment says it trains models.
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         except MlflowException:
             # Another process created it between our lookup and create.
             exp = client.get_experiment_by_name(name)

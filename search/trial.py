@@ -25,6 +25,7 @@ from prunelib.flops import model_cost
 from prunelib.methods import build_method
 from prunelib.models import build_model
 from prunelib.training import TrainConfig, run_pruning
+from search.faults import FaultPlan
 from search.space import SearchSpace, settings_from_params
 
 __all__ = ["TrialContext", "TrialFailed", "run_trial", "ray_trainable"]
@@ -140,6 +141,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     start = time.perf_counter()
     method_name, settings, overrides = settings_from_params(ctx.space, params)
     trial_cfg = {**ctx.trial, **overrides}
+    fault_plan = FaultPlan.from_config(trial_cfg.get("faults"))
+    if fault_plan is not None:  # reliability drills only (off by default)
+        trial_cfg = fault_plan.inject(trial_id, trial_cfg)
     seed = int(trial_cfg.get("seed", 0))
     device = _device(trial_cfg)
     t_data = time.perf_counter()
@@ -173,10 +177,14 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     callbacks = []
     if report is not None and ctx.report_every_epoch:
         callbacks.append(_EpochReporter(report, input_shape, method, latency))
-    result = run_pruning(model, datamodule, method, config, seed=seed, callbacks=callbacks,
-                         evaluate_test=bool(trial_cfg.get("evaluate_test", True)))
+    try:
+        result = run_pruning(model, datamodule, method, config, seed=seed, callbacks=callbacks,
+                             evaluate_test=bool(trial_cfg.get("evaluate_test", True)))
+    except torch.OutOfMemoryError as exc:
+        raise TrialFailed(f"trial {trial_id}: out of memory ({str(exc)[:300]}); use a smaller batch or "
+                          "model, or give each trial more of a GPU (trial.gpus)") from exc
     metrics = result.metrics()
-    if math.isnan(metrics["val_loss"]) or math.isnan(metrics["val_acc"]):
+    if not math.isfinite(metrics["val_loss"]) or math.isnan(metrics["val_acc"]):
         raise TrialFailed(f"trial {trial_id}: loss became NaN (lr={config.lr}); the result is unusable")
 
     metrics.update(latency(model))
@@ -198,11 +206,18 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     if ctx.tracking:
         from search.tracking import log_trial_run
 
-        row["mlflow_run_id"] = log_trial_run(
-            ctx.tracking["uri"], ctx.tracking["experiment_id"], ctx.tracking["parent_run_id"],
-            trial_id, params={"method": method_name, **settings, **{f"trial.{k}": v for k, v in overrides.items()}},
-            metrics={**metrics, "method": method_name, "masks_path": str(masks_path)},
-            artifacts={"masks": str(masks_path), "layers": str(out_dir / "layer_sparsity.json")})
+        try:
+            row["mlflow_run_id"] = log_trial_run(
+                ctx.tracking["uri"], ctx.tracking["experiment_id"], ctx.tracking["parent_run_id"],
+                trial_id, params={"method": method_name, **settings, **{f"trial.{k}": v for k, v in overrides.items()}},
+                metrics={**metrics, "method": method_name, "masks_path": str(masks_path)},
+                artifacts={"masks": str(masks_path), "layers": str(out_dir / "layer_sparsity.json")})
+        except Exception as exc:  # a tracking outage must not throw away a finished trial
+            row["mlflow_unlogged"] = f"{type(exc).__name__}: {exc}"[:500]
+            log.warning("trial %s: could not log to MLflow (%s); its result stays in %s", trial_id,
+                        row["mlflow_unlogged"], out_dir)
+    # The result also stays beside the masks, whatever happens to the tracking store.
+    (out_dir / "trial_result.json").write_text(json.dumps(row, indent=1, default=str))
     return row
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import pandas as pd
 
 from search import pareto
-from search.config import build_search_space, validate_config
+from search.config import build_search_space, check_data_available, validate_config
 from search.space import ConfigError
 from search.trial import TrialContext, ray_trainable
 
@@ -387,6 +387,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
     from ray.tune.search.optuna import OptunaSearch
 
     validate_config(cfg)
+    check_data_available(cfg["data"])
     if cfg["trial"].get("gpus") == "auto":
         raise ConfigError("trial.gpus: 'auto' (throughput-probed GPU packing) is not available yet; "
                           "give a number, e.g. trial.gpus=0.25")
@@ -451,6 +452,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
         print(f"tracking: {tracking['uri']} (experiment {tracking['experiment']}, parent run "
               f"{tracking['parent_run_id']})", flush=True)
 
+    callback = None
     if resuming and experiment_path.exists():
         tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=True)
@@ -504,6 +506,13 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
     if failed:
         print(f"{len(failed)} trial(s) failed: " + "; ".join(
             f"{r['trial_id']}: {str(r.get('error', ''))[-160:]}" for r in failed), flush=True)
+    unlogged = [r for r in rows if r.get("mlflow_unlogged")]
+    if unlogged or (callback is not None and callback.unlogged):
+        print(f"MLflow was unreachable for {len(unlogged)} trial(s) and "
+              f"{len(callback.unlogged) if callback is not None else 0} front update(s); those trials' "
+              "results stay beside their masks:\n" + "\n".join(
+                  f"  {r['trial_id']}: {Path(str(r.get('masks_path', ''))).parent / 'trial_result.json'} "
+                  f"({r['mlflow_unlogged'][:120]})" for r in unlogged), flush=True)
     front_dir = output_dir / str((cfg.get("export") or {}).get("front_dir", "front"))
     exported = _export_front(front, rows, front_dir, tracking) if len(front) else []
     print(f"\n{len(rows)} trials in {time.perf_counter() - start:.0f}s; hypervolume {hv:.5g}; "

@@ -223,3 +223,13 @@ def test_axis_labels():
     assert axis_label("params_physical") == "parameters (physical)"
     assert axis_label("val_acc") == "validation accuracy"
     assert axis_label("custom") == "custom"
+
+
+def test_select_a_trial_by_id_on_or_off_the_front():
+    rows = _rows([(0.5, 10), (0.8, 30), (0.7, 50)]) + [{"val_acc": 0.9, "flops_effective": 5.0,
+                                                        "trial_id": "bad", "status": "failed"}]
+    assert select_point(rows, OBJ, "trial:t2")["flops_effective"] == 50  # dominated, still exportable
+    with pytest.raises(ValueError, match="no finished trial 'bad'"):
+        select_point(rows, OBJ, "trial:bad")
+    with pytest.raises(ValueError, match="no finished trial 'zz'"):
+        select_point(rows, OBJ, "trial:zz")

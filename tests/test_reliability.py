@@ -1,0 +1,200 @@
+"""Reliability under bad input and faults: clear errors before work starts, failed trials
+recorded with their reason while the sweep goes on, nothing lost or duplicated."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from prunelib.masks import MaskFileError, MaskMismatchError, MaskSet
+from prunelib.models import build_model
+from search.config import build_search_space
+from search.faults import FaultPlan, InjectedFault
+from search.tracking import find_trial_runs
+from search.trial import TrialContext, run_trial
+from search.tuner import run_sweep
+from tests.conftest import compose
+
+FAST = ["trial.epochs=2", "trial.finetune_epochs=1", "data.limit_train=400"]
+
+
+def _cli(tmp_path: Path, *overrides: str, module: str = "search") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *overrides, f"hydra.run.dir={tmp_path}/run",
+                           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=nonexistent"], "model/nonexistent"),
+    (["+method=magnitude", "data=fashion_mnist", "data.root=/nonexistent/fashion"],
+     "data.root: fashion_mnist: the four IDX files were not found in /nonexistent/fashion"),
+    (["+method=magnitude", "+trial.faults.plan=first:boom", "+trial.faults.state_dir=/tmp/x"],
+     "trial.faults.plan: bad entry 'first:boom'"),
+    (["+method=snip", "method.settings.sparsity=-0.2"], "method[snip].settings.sparsity: -0.2"),
+])
+def test_bad_input_gives_one_message_and_starts_nothing(tmp_path, overrides, message):
+    proc = _cli(tmp_path, *overrides)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode in (1, 2), out[-2000:]  # Hydra composition errors exit 1, our checks 2
+    assert message in out
+    assert "Traceback" not in out  # one clear message, not a stack
+    assert not (tmp_path / "run" / "ray").exists()  # no trial started
+    assert not (tmp_path / "mlflow.db").exists()  # nothing tracked
+
+
+def test_masks_for_another_model_or_corrupt_file_leave_the_model_untouched(tmp_path):
+    lenet = build_model("lenet5", (1, 28, 28), 10)
+    mlp = build_model("mlp", (1, 8, 8), 10)
+    path = MaskSet.ones_like(lenet).save(tmp_path / "lenet.safetensors", lenet, method="magnitude")
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(MaskMismatchError, match="has no match in MLP"):
+        MaskSet.load(path, mlp).apply(mlp)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(MaskFileError, match="corrupt|truncated"):
+        MaskSet.load(corrupt, mlp).apply(mlp)
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+
+
+def test_export_with_a_bad_run_writes_nothing(tmp_path):
+    out = tmp_path / "masks.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "search.export", "run_id=0123456789abcdef", f"out={out}",
+                           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "0123456789abcdef" in proc.stderr + proc.stdout
+    assert not out.exists()
+
+
+def test_same_seed_and_config_give_bit_identical_masks(tmp_path):
+    cfg = compose(["+method=magnitude", *FAST])
+    ctx = TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"],
+                       space=build_search_space(cfg), objectives=[("val_acc", "max"), ("flops_effective", "min")])
+    params = {"method": "magnitude", "magnitude.sparsity": 0.7}
+    rows = [run_trial(params, ctx, trial_id=f"seed{i}", trial_dir=tmp_path / f"t{i}") for i in range(2)]
+    a, b = (Path(r["masks_path"]) for r in rows)
+    masks_a, masks_b = MaskSet.load(a), MaskSet.load(b)
+    assert set(masks_a.masks) == set(masks_b.masks)
+    assert all(torch.equal(masks_a.masks[k], masks_b.masks[k]) for k in masks_a.masks)
+    assert rows[0]["val_acc"] == rows[1]["val_acc"]
+
+
+def test_fault_plan_claims_ordinals_once_per_trial(tmp_path):
+    plan = FaultPlan.from_config({"plan": "2:raise,3:nan", "state_dir": str(tmp_path)})
+    assert plan.claim("a") == (1, 1)
+    assert plan.claim("b") == (2, 1)
+    assert plan.claim("a") == (1, 2)  # a retry keeps its ordinal
+    with pytest.raises(InjectedFault, match="injected fault: trial #2"):
+        plan.inject("b", {})
+    assert plan.inject("c", {"lr": 0.1})["lr"] == 1e30
+
+
+@pytest.mark.slow
+def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, ray_local):
+    from ray.tune.search.optuna import OptunaSearch
+
+    cfg = compose(["+method=magnitude", "search.n_trials=6", "search.concurrency=1", "trial.max_retries=1",
+                   "+trial.faults.plan='2:raise,3:nan,4:oom,5:kill'", f"+trial.faults.state_dir={tmp_path}/faults",
+                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST])
+    result = run_sweep(cfg, tmp_path / "out")
+    by_ordinal = {int(p.name.split("-")[1]): p.read_text() for p in (tmp_path / "faults").glob("ordinal-*")}
+    assert sorted(by_ordinal) == [1, 2, 3, 4, 5, 6]
+    status = {r["trial_id"]: r["status"] for r in result.rows}
+    assert [status[by_ordinal[i]] for i in range(1, 7)] == ["ok", "failed", "failed", "failed", "ok", "ok"]
+    assert (tmp_path / "faults" / f"attempts-{by_ordinal[5]}").read_text() == "xx"  # killed once, retried
+
+    runs = find_trial_runs(cfg["tracking"]["uri"], result.parent_run_id)
+    ids = [r["trial_id"] for r in runs]
+    assert len(ids) == len(set(ids)) == 6, "a trial was logged twice"
+    errors = {r["trial_id"]: r["error"] or "" for r in runs}
+    assert "injected fault: trial #2" in errors[by_ordinal[2]]
+    assert "NaN" in errors[by_ordinal[3]]
+    assert "out of memory" in errors[by_ordinal[4]]
+    assert {r["trial_id"] for r in runs if r["status"] == "ok"} == {by_ordinal[i] for i in (1, 5, 6)}
+    assert set(result.front["trial_id"]) <= {by_ordinal[i] for i in (1, 5, 6)}  # the front ignores failures
+
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(str(next((tmp_path / "out" / "ray").iterdir())))
+    states = [t.state.name for t in searcher._ot_study.trials]
+    assert states.count("FAIL") == 3 and states.count("COMPLETE") == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{tmp}/server.db",
+                             "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("mlflow server did not start")
+
+
+@pytest.mark.slow
+def test_tracking_server_lost_mid_sweep_keeps_results_locally(tmp_path):
+    port = _free_port()
+    server = _start_mlflow_server(tmp_path, port)
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    sweep = subprocess.Popen([sys.executable, "-m", "search", "+method=magnitude", "search.n_trials=5",
+                              "search.concurrency=1", "trial.epochs=6", "trial.finetune_epochs=1",
+                              "data.limit_train=400", "cluster.num_cpus=2", "tracking=mlflow_server",
+                              f"tracking.uri={uri}", f"hydra.run.dir={tmp_path}/run"],
+                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        parent = None
+        while time.time() < deadline:
+            state = tmp_path / "run" / "sweep.json"
+            if parent is None and state.is_file():
+                parent = json.loads(state.read_text())["parent_run_id"]
+            if parent and any(r["status"] == "ok" for r in find_trial_runs(uri, parent)):
+                break
+            assert sweep.poll() is None, sweep.stdout.read()[-3000:]
+            time.sleep(0.5)
+        os.killpg(server.pid, signal.SIGKILL)  # the tracking server goes away mid-sweep
+        server.wait(timeout=30)
+        out, _ = sweep.communicate(timeout=600)
+    finally:
+        for proc in (sweep, server):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert sweep.returncode == 0, out[-3000:]
+    assert "MLflow was unreachable for" in out
+    # Lines "  <trial id>: <path>/trial_result.json (<error>)" name the trials MLflow missed.
+    unlogged = dict(line.strip().split(" (")[0].split(": ", 1) for line in out.splitlines()
+                    if line.strip().endswith(")") and "trial_result.json" in line)
+    assert unlogged, out[-3000:]
+    for trial_id, path in unlogged.items():
+        kept = json.loads(Path(path).read_text())
+        assert kept["trial_id"] == trial_id and kept["mlflow_unlogged"] and Path(kept["masks_path"]).is_file()
+    server = _start_mlflow_server(tmp_path, port)  # back up: what did it get?
+    try:
+        logged = {r["trial_id"] for r in find_trial_runs(uri, parent) if r["status"] == "ok"}
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+    assert logged and not logged & set(unlogged)
+    assert len(logged) + len(unlogged) == 5  # nothing lost
