@@ -359,6 +359,12 @@ def print_front(front: pd.DataFrame, objectives: list[tuple[str, str]]) -> None:
     print(table.to_string(index=False), flush=True)
 
 
+def _last_line(error: Any) -> str:
+    """The exception line of a traceback text (what a person needs first), at most 200 chars."""
+    lines = [line.strip() for line in str(error or "").strip().splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "no reason recorded"
+
+
 def _orphan_rows(tracking: dict[str, str] | None, known_ids: set[str]) -> list[dict[str, Any]]:
     """Finished trials logged in MLflow that the restored Tuner does not know (see BudgetLimiter)."""
     if not tracking:
@@ -505,7 +511,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         print(f"{len(failed)} trial(s) failed: " + "; ".join(
-            f"{r['trial_id']}: {str(r.get('error', ''))[-160:]}" for r in failed), flush=True)
+            f"{r['trial_id']}: {_last_line(r.get('error'))}" for r in failed), flush=True)
     unlogged = [r for r in rows if r.get("mlflow_unlogged")]
     if unlogged or (callback is not None and callback.unlogged):
         print(f"MLflow was unreachable for {len(unlogged)} trial(s) and "
