@@ -9,11 +9,15 @@ element-wise ops, norms and pooling are not counted). Three figures per model:
   of its weight entries that are nonzero (and kept by the masks, when given): what
   unstructured sparsity could give on sparse hardware;
 * **physical**: the dense FLOPs of the model after surgery (physically removed channels);
-  what a GPU actually runs. For a model that was not cut, physical equals dense.
+  what a GPU actually runs. :func:`model_cost` makes that model itself with
+  :func:`prunelib.surgery.surgery` when the masks hold any ``"channel"`` granularity entry
+  (structured pruning), or counts a ``physical_model`` the caller already made. For
+  unstructured masks (nothing to remove) physical equals dense.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +26,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunelib.masks import MaskSet, prunable_modules
+
+log = logging.getLogger("prunelib")
 
 __all__ = ["ModelCost", "count_flops", "layer_flops", "count_params", "model_cost"]
 
@@ -125,16 +131,39 @@ class ModelCost:
         return asdict(self)
 
 
+def _surgered_or_none(model: nn.Module, input_shape: tuple[int, ...], masks: MaskSet,
+                      round_to: int | str | None) -> nn.Module | None:
+    """The surgered copy of ``model`` for structured masks; None if none is needed or possible."""
+    from prunelib.surgery import SurgeryError, has_structured_masks, surgery  # torch-pruning: lazy
+
+    if not has_structured_masks(masks):
+        return None
+    try:
+        return surgery(model, masks, input_shape, round_to=round_to, verify=False).model
+    except SurgeryError as exc:
+        # A cost figure must not end a training run: report dense for what cannot be traced.
+        log.warning("physical FLOPs: surgery failed, reporting dense figures (%s)", exc)
+        return None
+
+
 def model_cost(model: nn.Module, input_shape: tuple[int, ...], masks: MaskSet | None = None,
-               physical_model: nn.Module | None = None) -> ModelCost:
+               physical_model: nn.Module | None = None,
+               round_to: int | str | None = "auto") -> ModelCost:
     """Dense, effective and physical parameter and FLOP counts of a (masked) model.
 
     Args:
         model: the model at its original shapes (possibly with zeroed weights).
         input_shape: one sample's shape, e.g. ``(1, 8, 8)``.
         masks: optional masks to take into account on top of zeros already in the weights.
-        physical_model: the model after surgery, if one was made; otherwise physical = dense.
+        physical_model: the model after surgery, if the caller made one. When None and
+            ``masks`` holds ``"channel"`` entries, surgery is run here on a copy (``model`` is
+            not changed); otherwise physical = dense.
+        round_to: channel rounding of that surgery (see :func:`prunelib.surgery.surgery`:
+            ``"auto"`` = multiples of 8 on a CUDA model, exact counts on CPU), so the physical
+            figure is that of the model an export on the same device would give.
     """
+    if physical_model is None and masks is not None:
+        physical_model = _surgered_or_none(model, input_shape, masks, round_to)
     total, per_layer = layer_flops(model, input_shape)
     modules = prunable_modules(model)
     saved = sum(flops * (1.0 - _weight_density(modules[name], name, masks))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Schedule", "OneShot", "Cubic", "IterativeRounds"]
+__all__ = ["Schedule", "OneShot", "Cubic", "IterativeRounds", "GrowPruneCycles"]
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -137,3 +137,52 @@ class IterativeRounds(Schedule):
     def per_round_fraction(self) -> float:
         """Fraction of surviving weights removed in each round."""
         return 1.0 - (1.0 - self.final_sparsity) ** (1.0 / self.rounds)
+
+
+@dataclass
+class GrowPruneCycles(Schedule):
+    """GaP's cyclic grow-and-prune steps (Ma et al. 2022, C-GaP / the repo's S-GaP).
+
+    The prunable layers are split into ``num_partitions`` groups. ``rounds`` rounds of
+    ``num_partitions`` steps each: at step ``k`` (1-based) group ``grown_partition(k)`` is
+    grown dense and trained for ``epochs_per_step`` epochs while the others stay sparse, and at
+    the step's end that group is pruned back to ``final_sparsity``. ``step`` here means the
+    GaP step number, counted by the method's outer loop (one training phase per step).
+
+    Attributes:
+        final_sparsity: target fraction each group returns to at the end of its step.
+        num_partitions: kappa, groups of layers grown one at a time (cyclic order).
+        rounds: R, passes over all groups.
+        epochs_per_step: T, training epochs of one step.
+    """
+
+    final_sparsity: float
+    num_partitions: int = 3
+    rounds: int = 1
+    epochs_per_step: int = 1
+
+    def __post_init__(self) -> None:
+        _check_fraction("final_sparsity", self.final_sparsity)
+        for name in ("num_partitions", "rounds", "epochs_per_step"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def total_steps(self) -> int:
+        """kappa * R grow-and-prune steps."""
+        return self.num_partitions * self.rounds
+
+    @property
+    def growth_epochs(self) -> int:
+        """Training epochs of all steps together (kappa * R * T), before any fine-tune."""
+        return self.total_steps * self.epochs_per_step
+
+    def grown_partition(self, step: int) -> int:
+        """Index (0-based) of the group grown dense during step ``step`` (1-based)."""
+        if not 1 <= step <= self.total_steps:
+            raise ValueError(f"step must be in [1, {self.total_steps}], got {step}")
+        return (step - 1) % self.num_partitions
+
+    def target_at(self, step: int) -> float | None:
+        """The grown group's sparsity at the end of step ``step``; None outside the steps."""
+        return self.final_sparsity if 1 <= step <= self.total_steps else None

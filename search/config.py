@@ -21,7 +21,7 @@ __all__ = ["ConfigError", "SAMPLERS", "KNOWN_OBJECTIVES", "validate_config", "bu
 SAMPLERS = ("mo_tpe", "nsga2", "random")
 KNOWN_OBJECTIVES = ("val_acc", "val_loss", "flops_effective", "flops_physical", "flops_dense",
                     "params_effective", "params_physical", "params_dense", "sparsity", "wall_s",
-                    "epochs", "latency_ms")
+                    "epochs", "latency_ms", "val_fgsm_acc")
 
 
 def _number(where: str, value: Any, low: float | None = None, integer: bool = False,
@@ -72,6 +72,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     if trial.get("optimizer", "sgd") not in ("sgd", "adam"):
         raise ConfigError(f"trial.optimizer: {trial.get('optimizer')!r} is not one of ['sgd', 'adam']")
     _number("trial.max_retries", trial.get("max_retries", 0), 0, integer=True)
+    if trial.get("fgsm_epsilon") is not None:
+        _number("trial.fgsm_epsilon", trial["fgsm_epsilon"], 0)
     try:
         FaultPlan.from_config(trial.get("faults"))
     except ValueError as exc:

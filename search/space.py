@@ -33,7 +33,8 @@ __all__ = ["CONF_DIR", "ConfigError", "Dimension", "MethodSpace", "SearchSpace",
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _TYPES = ("float", "int", "categorical")
 # Settings that are fractions wherever they appear: checked in fixed settings and bounds.
-_FRACTION_KEYS = ("sparsity", "min_density", "probe_frac", "start_fraction", "end_fraction")
+_FRACTION_KEYS = ("sparsity", "min_density", "probe_frac", "start_fraction", "end_fraction",
+                  "end_protection", "depth_slope")
 
 
 class ConfigError(ValueError):

@@ -24,6 +24,8 @@ from prunelib.data import build_datamodule
 from prunelib.flops import model_cost
 from prunelib.methods import build_method
 from prunelib.models import build_model
+from prunelib.robustness import fgsm_accuracy
+from prunelib.surgery import export_onnx, has_structured_masks, surgery
 from prunelib.training import TrainConfig, run_pruning
 from search.faults import FaultPlan
 from search.space import SearchSpace, settings_from_params
@@ -31,6 +33,9 @@ from search.space import SearchSpace, settings_from_params
 __all__ = ["TrialContext", "TrialFailed", "run_trial", "ray_trainable"]
 
 log = logging.getLogger("search")
+
+# Raw input value range per data set (before normalisation); 8-bit images are 0..255.
+_RAW_INPUT_RANGE = {"digits": (0.0, 16.0)}
 
 # Per-process cache: (data config, device) -> datamodule. Kept across trials on one worker.
 _DATA_CACHE: dict[str, Any] = {}
@@ -155,6 +160,15 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         model_args["target"] = ctx.model["_target_"]
     model = build_model(ctx.model["name"], tuple(datamodule.input_shape), datamodule.num_classes,
                         **model_args).to(device)
+    if method_name == "paoding" and settings.get("input_interval") is None:
+        # PAODING's interval arithmetic needs the box of the (normalised) inputs: derive it from
+        # the data's normalisation rather than reading any sample (else the library default).
+        from prunelib.methods.paoding import normalized_interval
+
+        settings = {k: v for k, v in settings.items() if k != "input_interval"}
+        if datamodule.mean is not None:
+            raw_range = _RAW_INPUT_RANGE.get(ctx.data["name"], (0.0, 255.0))
+            settings["input_interval"] = list(normalized_interval(datamodule.mean, datamodule.std, raw_range))
     method = build_method(method_name, **settings)
     config = TrainConfig(
         epochs=int(trial_cfg["epochs"]), finetune_epochs=int(trial_cfg.get("finetune_epochs", 0)),
@@ -187,10 +201,23 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     if not math.isfinite(metrics["val_loss"]) or math.isnan(metrics["val_acc"]):
         raise TrialFailed(f"trial {trial_id}: loss became NaN (lr={config.lr}); the result is unusable")
 
-    metrics.update(latency(model))
-
     out_dir = Path(trial_dir) if trial_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"prunesearch-{trial_id}"
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Structured masks: the physically smaller model is the one to keep, time and export.
+    deployed, artifacts = model, {}
+    if has_structured_masks(result.masks):
+        smaller = surgery(model, result.masks, input_shape)
+        smaller.save(out_dir / "surgered", model_spec={
+            "name": ctx.model["name"], "input_shape": list(input_shape), "num_classes": datamodule.num_classes,
+            "width": model_args.get("width", 1.0), "kwargs": {k: v for k, v in model_args.items() if k != "width"}}
+            if ctx.model["name"] != "custom" else None)
+        if trial_cfg.get("export_onnx"):
+            export_onnx(smaller.model, out_dir / "surgered" / "model.onnx", input_shape)
+        deployed, artifacts["surgered"] = smaller.model, str(out_dir / "surgered")
+    metrics.update(latency(deployed))
+    if trial_cfg.get("fgsm_epsilon") is not None:
+        robust = fgsm_accuracy(deployed, datamodule.val_dataloader(), epsilon=float(trial_cfg["fgsm_epsilon"]))
+        metrics["val_fgsm_acc"] = robust.attacked_accuracy
     masks_path = result.masks.save(out_dir / "masks.safetensors", model, method=method_name,
                                    config=settings, trial_id=trial_id, data=ctx.data["name"],
                                    model_name=ctx.model["name"], flops=result.cost.as_dict(),
@@ -211,7 +238,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
                 ctx.tracking["uri"], ctx.tracking["experiment_id"], ctx.tracking["parent_run_id"],
                 trial_id, params={"method": method_name, **settings, **{f"trial.{k}": v for k, v in overrides.items()}},
                 metrics={**metrics, "method": method_name, "masks_path": str(masks_path)},
-                artifacts={"masks": str(masks_path), "layers": str(out_dir / "layer_sparsity.json")})
+                artifacts={"masks": str(masks_path), "layers": str(out_dir / "layer_sparsity.json"), **artifacts})
         except Exception as exc:  # a tracking outage must not throw away a finished trial
             row["mlflow_unlogged"] = f"{type(exc).__name__}: {exc}"[:500]
             log.warning("trial %s: could not log to MLflow (%s); its result stays in %s", trial_id,

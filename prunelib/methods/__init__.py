@@ -42,6 +42,14 @@ from prunelib.methods.polarization import PolarizationGates  # noqa: E402
 register_method(BINGO)
 register_method(PolarizationGates)
 
+from prunelib.methods.paoding import PAODING  # noqa: E402
+
+register_method(PAODING)
+
+from prunelib.methods.gap import GrowAndPrune  # noqa: E402
+
+register_method(GrowAndPrune)
+
 
 def build_method(name: str, **settings: Any) -> PruningMethod:
     """Instantiate the registered method ``name`` with its settings.

@@ -17,7 +17,7 @@ from prunelib.importance import magnitude_scores, random_scores, scored_names, s
 from prunelib.masks import MaskSet
 from prunelib.methods.base import Phase, PruningMethod, train_then_finetune
 from prunelib.schedules import Cubic, IterativeRounds, OneShot
-from prunelib.selection import select_masks
+from prunelib.distributions import distribution_from_settings, select_distributed
 
 __all__ = ["MagnitudePruning", "RandomPruning", "SNIP", "GradualMagnitudePruning",
            "IterativeMagnitudePruning"]
@@ -30,10 +30,25 @@ def _check_sparsity(value: float) -> float:
 
 
 class _ScoredMethod(PruningMethod):
-    """Shared settings: target sparsity, scope, layer floor and excluded layers."""
+    """Shared settings: target sparsity, how it is shared among layers, layer floor, exclusions.
+
+    Args:
+        sparsity: global target, fraction of all Conv/Linear weights.
+        scope: legacy spelling of the distribution, used when ``distribution`` is None:
+            ``"global"`` (one ranking) or ``"layer"`` (same sparsity per layer).
+        min_density: fraction of each scored layer always kept.
+        exclude: parameter-name prefixes never pruned (still in the denominator).
+        distribution: None (follow ``scope``) or one of ``global``, ``uniform``,
+            ``protect_ends``, ``depth_increasing`` (see :class:`~prunelib.distributions.LayerDistribution`).
+        end_protection: ``protect_ends`` shape parameter (fraction).
+        depth_slope: ``depth_increasing`` shape parameter (fraction).
+        max_layer_sparsity: no layer is pruned beyond this fraction when ``distribution`` is set.
+    """
 
     def __init__(self, sparsity: float = 0.8, scope: str = "global", min_density: float = 0.0,
-                 exclude: list[str] | tuple[str, ...] = ()) -> None:
+                 exclude: list[str] | tuple[str, ...] = (), distribution: str | None = None,
+                 end_protection: float = 0.5, depth_slope: float = 0.5,
+                 max_layer_sparsity: float = 0.99) -> None:
         super().__init__()
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
@@ -41,11 +56,18 @@ class _ScoredMethod(PruningMethod):
         self.scope = scope
         self.min_density = float(min_density)
         self.exclude = list(exclude)
+        # None keeps the legacy `scope` behaviour; a name picks a LayerDistribution.
+        self.layer_distribution = distribution_from_settings(
+            distribution, scope, end_protection, depth_slope, max_layer_sparsity)
+        self.distribution = distribution
+        self.end_protection = float(end_protection)
+        self.depth_slope = float(depth_slope)
+        self.max_layer_sparsity = float(max_layer_sparsity)
 
     def _cut(self, model: nn.Module, scores: dict[str, torch.Tensor], sparsity: float,
              previous: MaskSet | None = None) -> MaskSet:
-        masks = select_masks(model, scores, sparsity, scope=self.scope,
-                             min_density=self.min_density, previous=previous)
+        masks = select_distributed(model, scores, sparsity, self.layer_distribution, scope=self.scope,
+                                   min_density=self.min_density, previous=previous)
         masks.metadata.update({"method": self.name, "config": self.config()})
         masks.apply(model)
         self.masks = masks
@@ -91,8 +113,12 @@ class RandomPruning(_ScoredMethod):
     needs_data = False
 
     def __init__(self, sparsity: float = 0.8, scope: str = "layer", at: str = "init",
-                 seed: int = 0, min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = ()) -> None:
-        super().__init__(sparsity, scope, min_density, exclude)
+                 seed: int = 0, min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = (),
+                 distribution: str | None = None,
+                 end_protection: float = 0.5, depth_slope: float = 0.5,
+                 max_layer_sparsity: float = 0.99) -> None:
+        super().__init__(sparsity, scope, min_density, exclude, distribution, end_protection,
+                         depth_slope, max_layer_sparsity)
         if at not in ("init", "trained"):
             raise ValueError(f"at must be 'init' or 'trained', got {at!r}")
         self.at = at
@@ -132,8 +158,12 @@ class SNIP(_ScoredMethod):
     needs_data = True
 
     def __init__(self, sparsity: float = 0.8, scope: str = "global", batches: int = 1,
-                 min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = ()) -> None:
-        super().__init__(sparsity, scope, min_density, exclude)
+                 min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = (),
+                 distribution: str | None = None,
+                 end_protection: float = 0.5, depth_slope: float = 0.5,
+                 max_layer_sparsity: float = 0.99) -> None:
+        super().__init__(sparsity, scope, min_density, exclude, distribution, end_protection,
+                         depth_slope, max_layer_sparsity)
         if batches < 1:
             raise ValueError(f"batches must be >= 1, got {batches}")
         self.batches = int(batches)
@@ -170,8 +200,12 @@ class GradualMagnitudePruning(_ScoredMethod):
 
     def __init__(self, sparsity: float = 0.8, scope: str = "layer", start_fraction: float = 0.0,
                  end_fraction: float = 0.75, n_updates: int = 10, initial_sparsity: float = 0.0,
-                 min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = ()) -> None:
-        super().__init__(sparsity, scope, min_density, exclude)
+                 min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = (),
+                 distribution: str | None = None,
+                 end_protection: float = 0.5, depth_slope: float = 0.5,
+                 max_layer_sparsity: float = 0.99) -> None:
+        super().__init__(sparsity, scope, min_density, exclude, distribution, end_protection,
+                         depth_slope, max_layer_sparsity)
         if not 0.0 <= start_fraction < end_fraction <= 1.0:
             raise ValueError("need 0 <= start_fraction < end_fraction <= 1, got "
                              f"{start_fraction}, {end_fraction}")
@@ -222,8 +256,11 @@ class IterativeMagnitudePruning(_ScoredMethod):
 
     def __init__(self, sparsity: float = 0.8, scope: str = "global", rounds: int = 3,
                  rewind: str = "weights", rewind_epoch: int = 0, min_density: float = 0.0,
-                 exclude: list[str] | tuple[str, ...] = ()) -> None:
-        super().__init__(sparsity, scope, min_density, exclude)
+                 exclude: list[str] | tuple[str, ...] = (), distribution: str | None = None,
+                 end_protection: float = 0.5, depth_slope: float = 0.5,
+                 max_layer_sparsity: float = 0.99) -> None:
+        super().__init__(sparsity, scope, min_density, exclude, distribution, end_protection,
+                         depth_slope, max_layer_sparsity)
         if rewind not in ("weights", "lr"):
             raise ValueError(f"rewind must be 'weights' or 'lr', got {rewind!r}")
         if rewind_epoch < 0:

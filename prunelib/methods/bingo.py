@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from prunelib.importance import scored_names
 from prunelib.masks import MaskSet, prunable_parameters
 from prunelib.methods.base import Phase, PruningMethod, train_then_finetune
-from prunelib.selection import select_masks
+from prunelib.distributions import distribution_from_settings, select_distributed
 
 __all__ = ["BINGO", "select_channels"]
 
@@ -136,6 +136,12 @@ class BINGO(PruningMethod):
         exclude: parameter-name prefixes left out of probing and cutting (still counted in the
             sparsity denominator; with ``scope="layer"`` in weight mode the cut layers then
             get ``sparsity`` each, so the global figure falls short by the excluded share).
+        distribution: None (default: follow ``scope``) or a per-layer sparsity distribution of
+            the weight-mode cut, one of ``global``, ``uniform``, ``protect_ends``,
+            ``depth_increasing`` (:class:`~prunelib.distributions.LayerDistribution`). Neuron
+            mode takes only ``global``/``uniform`` (they set ``scope``).
+        end_protection / depth_slope / max_layer_sparsity: the distribution's shape
+            parameters (fractions), used only when ``distribution`` is set.
     """
 
     name = "bingo"
@@ -146,7 +152,9 @@ class BINGO(PruningMethod):
                  layers_per_step: int = 0, probe_batch_size: int = 256,
                  warmup_fraction: float = 0.1, aggregate: str = "mean", ema_decay: float = 0.9,
                  attribution: str = "additive", scope: str = "layer", min_density: float = 0.0, seed: int = 0,
-                 exclude: list[str] | tuple[str, ...] = ()) -> None:
+                 exclude: list[str] | tuple[str, ...] = (), distribution: str | None = None,
+                 end_protection: float = 0.5, depth_slope: float = 0.5,
+                 max_layer_sparsity: float = 0.99) -> None:
         super().__init__()
         for key, value, allowed in (("unit", unit, _UNITS), ("reset_to", reset_to, _RESETS),
                                     ("metric", metric, _METRICS), ("aggregate", aggregate, _AGGREGATES),
@@ -185,6 +193,18 @@ class BINGO(PruningMethod):
         self.min_density = float(min_density)
         self.seed = int(seed)
         self.exclude = list(exclude)
+        if unit == "neuron" and distribution not in (None, "global", "uniform"):
+            raise ValueError(f"distribution {distribution!r} needs unit='weight'; neuron mode "
+                             "takes only 'global' or 'uniform' (or scope)")
+        # None keeps `scope`; a name picks a LayerDistribution for the weight-mode cut.
+        self.layer_distribution = distribution_from_settings(
+            distribution, scope, end_protection, depth_slope, max_layer_sparsity)
+        if unit == "neuron" and distribution is not None:
+            self.scope = "global" if distribution == "global" else "layer"
+        self.distribution = distribution
+        self.end_protection = float(end_protection)
+        self.depth_slope = float(depth_slope)
+        self.max_layer_sparsity = float(max_layer_sparsity)
         self._probing_steps = 0  # probing steps run so far (for logs)
         self._ready = False
         self._active = False
@@ -443,8 +463,8 @@ class BINGO(PruningMethod):
         params = prunable_parameters(model)
         sig = self._tie_broken(self.significance(), params)
         if self.unit == "weight":
-            masks = select_masks(model, sig, self.sparsity, scope=self.scope,
-                                 min_density=self.min_density)
+            masks = select_distributed(model, sig, self.sparsity, self.layer_distribution,
+                                       scope=self.scope, min_density=self.min_density)
         else:
             total = sum(p.numel() for p in params.values())
             target = round(self.sparsity * total)

@@ -1,0 +1,222 @@
+"""PAODING vs Torch-Pruning's L1 magnitude pruner: data-free channel pruning, physically removed.
+
+For each model (default ``vgg_small``, ``resnet20``, plus ``lenet5``, whose two hidden dense
+layers exercise PAODING's neuron merging) on a Fashion-MNIST subset:
+
+1. train the dense model briefly (Adam, ``--epochs``) on the training subset;
+2. at each ratio (fraction of channels removed per layer / coupled group, default 25 % and
+   50 %), prune a copy **without any data** and without fine-tuning:
+   - ``paoding (paper)``: :class:`prunelib.methods.PAODING` with ``fold_bn=False,
+     compensate=False`` (conv: raw filter L1 per weight; dense: impact-ranked pair merging),
+     then :func:`prunelib.surgery.surgery`;
+   - ``paoding +fold_bn``: filters scored with their BatchNorm folded in;
+   - ``paoding +fold_bn +comp``: also the removed conv channels' expected activation folded into
+     their consumers (the library defaults);
+   - ``tp-l1``: Torch-Pruning's ``MagnitudePruner`` with ``MagnitudeImportance(p=1)``, the same
+     per-layer ratio, the classifier's outputs ignored;
+3. report parameter, physical-FLOPs and model-size reduction (bytes of the saved safetensors
+   state dict), test accuracy and FGSM accuracy (``--epsilon`` in normalised input units) and
+   their retention (pruned / dense), and the CPU latency speed-up of the exported ONNX model
+   (onnxruntime, batch ``--latency-batch``) and of the eager PyTorch model.
+
+Usage::
+
+    python benchmarks/paoding_benchmark.py                       # about 10 min, 1 thread
+    python benchmarks/paoding_benchmark.py --models lenet5 --epochs 1 --data-limit 2000   # smoke
+
+Only the test split is used (for the report); no decision reads any data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelib.data import build_datamodule
+from prunelib.flops import count_flops
+from prunelib.methods.paoding import PAODING, normalized_interval
+from prunelib.models import build_model
+from prunelib.robustness import fgsm_accuracy
+from prunelib.surgery import export_onnx, surgery
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["vgg_small", "resnet20", "lenet5"])
+    p.add_argument("--width", type=float, default=0.25, help="channel multiplier of vgg_small/resnet20")
+    p.add_argument("--data-limit", type=int, default=5000, help="training samples used")
+    p.add_argument("--eval-samples", type=int, default=2000, help="test samples for accuracy/FGSM")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--epsilon", type=float, default=0.1, help="FGSM size, normalised input units")
+    p.add_argument("--latency-batch", type=int, default=1024)
+    p.add_argument("--latency-repeats", type=int, default=7, help="timed runs; the median is kept")
+    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    return p.parse_args(argv)
+
+
+def train_dense(model: nn.Module, dm: Any, epochs: int) -> nn.Module:
+    """Plain Adam training (the 'pretrained' model every pruner starts from)."""
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for epoch in range(epochs):
+        model.train()
+        t0 = time.perf_counter()
+        loader = dm.train_dataloader()
+        for x, y in loader:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        print(f"    epoch {epoch + 1}/{epochs} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    return model.eval()
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state dict saved as safetensors (what ships)."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+        return os.path.getsize(path)
+
+
+@torch.no_grad()
+def torch_latency_ms(model: nn.Module, shape: tuple[int, ...], batch: int, repeats: int) -> float:
+    model.eval()
+    x = torch.randn(batch, *shape)
+    model(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def onnx_latency_ms(model: nn.Module, shape: tuple[int, ...], batch: int, repeats: int,
+                    threads: int) -> float:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Path(tmp) / "m.onnx", shape)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = torch.randn(batch, *shape).numpy()
+    name = session.get_inputs()[0].name
+    session.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, {name: x})
+        times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def tp_l1_prune(model: nn.Module, shape: tuple[int, ...], ratio: float) -> nn.Module:
+    """Torch-Pruning's L1 magnitude pruner (MagnitudeImportance p=1), per-layer ratio, no data."""
+    import torch_pruning as tp
+
+    pruned = copy.deepcopy(model).eval()
+    classifier = [m for m in pruned.modules() if isinstance(m, nn.Linear)][-1]
+    pruner = tp.pruner.MagnitudePruner(pruned, torch.zeros(1, *shape),
+                                       importance=tp.importance.MagnitudeImportance(p=1),
+                                       pruning_ratio=ratio, ignored_layers=[classifier])
+    pruner.step()
+    return pruned.eval()
+
+
+def measure(model: nn.Module, shape: tuple[int, ...], test: tuple[torch.Tensor, torch.Tensor],
+            args: argparse.Namespace) -> dict[str, float]:
+    fg = fgsm_accuracy(model, test, epsilon=args.epsilon, batch_size=500)
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": count_flops(model, shape),
+            "bytes": state_bytes(model), "acc": fg.clean_accuracy, "fgsm": fg.attacked_accuracy,
+            "onnx_ms": onnx_latency_ms(model, shape, args.latency_batch, args.latency_repeats, args.threads),
+            "torch_ms": torch_latency_ms(model, shape, args.latency_batch, args.latency_repeats)}
+
+
+def row(model_name: str, method: str, ratio: float, m: dict[str, float], dense: dict[str, float]) -> str:
+    return (f"| {model_name} | {method} | {ratio:.0%} | {1 - m['params'] / dense['params']:.1%} "
+            f"| {1 - m['flops'] / dense['flops']:.1%} | {1 - m['bytes'] / dense['bytes']:.1%} "
+            f"| {m['acc']:.2%} | {m['acc'] / dense['acc']:.3f} | {m['fgsm']:.2%} "
+            f"| {m['fgsm'] / dense['fgsm'] if dense['fgsm'] else float('nan'):.3f} "
+            f"| {dense['onnx_ms'] / m['onnx_ms']:.2f}x | {dense['torch_ms'] / m['torch_ms']:.2f}x |")
+
+
+HEADER = ("| model | method | channels removed | params cut | phys FLOPs cut | size cut | test acc "
+          "| acc retained | FGSM acc | FGSM retained | ONNX speed-up | torch speed-up |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}; "
+          f"no GPU used (CPU latency only)", flush=True)
+    dm = build_datamodule("fashion_mnist", limit_train=args.data_limit, batch_size=128, seed=args.seed)
+    shape = tuple(dm.input_shape)
+    x_test, y_test = dm.split("test")
+    test = (x_test[: args.eval_samples], y_test[: args.eval_samples])
+    interval = normalized_interval(dm.mean, dm.std, (0.0, 255.0))
+    print(f"fashion_mnist: {dm.sizes} (train limited to {args.data_limit}); input box {interval}", flush=True)
+    lines = []
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        width = 1.0 if name == "lenet5" else args.width
+        print(f"[{name}] width {width}: training dense for {args.epochs} epochs", flush=True)
+        dense_model = train_dense(build_model(name, shape, dm.num_classes, width=width), dm, args.epochs)
+        dense = measure(dense_model, shape, test, args)
+        print(f"[{name}] dense: acc {dense['acc']:.4f} fgsm {dense['fgsm']:.4f} params {dense['params']} "
+              f"onnx {dense['onnx_ms']:.1f} ms torch {dense['torch_ms']:.1f} ms", flush=True)
+        lines.append(f"| {name} | dense | 0% | - | - | - | {dense['acc']:.2%} | 1.000 | {dense['fgsm']:.2%} "
+                     f"| 1.000 | 1.00x ({dense['onnx_ms']:.0f} ms) | 1.00x ({dense['torch_ms']:.0f} ms) |")
+        for ratio in args.ratios:
+            variants = (("paoding (paper)", False, False), ("paoding +fold_bn", False, True),
+                        ("paoding +fold_bn +comp", True, True))
+            for label, compensate, fold_bn in variants:
+                t0 = time.perf_counter()
+                pruned = copy.deepcopy(dense_model)
+                method = PAODING(conv_ratio=ratio, dense_ratio=ratio, step=0.05, mode="impact",
+                                 input_interval=interval, input_shape=shape, pretrain=False,
+                                 compensate=compensate, fold_bn=fold_bn)
+                method.setup(pruned, datamodule=None)  # data-free: no data module at all
+                masks = method.finalize(pruned)
+                result = surgery(pruned, masks, shape, round_to=None)
+                prune_s = time.perf_counter() - t0
+                m = measure(result.model, shape, test, args)
+                lines.append(row(name, label, ratio, m, dense))
+                print(f"[{name}] {label} {ratio:.0%} ({prune_s:.1f}s to prune, surgery diff "
+                      f"{result.max_abs_diff:.1e}): {lines[-1]}", flush=True)
+            t0 = time.perf_counter()
+            baseline = tp_l1_prune(dense_model, shape, ratio)
+            prune_s = time.perf_counter() - t0
+            m = measure(baseline, shape, test, args)
+            lines.append(row(name, "tp-l1", ratio, m, dense))
+            print(f"[{name}] tp-l1 {ratio:.0%} ({prune_s:.1f}s to prune): {lines[-1]}", flush=True)
+    table = HEADER + "\n" + "\n".join(lines)
+    print("\n" + table)
+    print(f"\ncommand: {' '.join(shlex.quote(a) for a in [sys.executable.split('/')[-1]] + sys.argv)}")
+    print(f"total {time.perf_counter() - start:.0f}s")
+    if args.out is not None:
+        args.out.write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,599 @@
+"""Channel surgery: a structured :class:`~prunelib.masks.MaskSet` -> a physically smaller model.
+
+Torch-Pruning's ``DependencyGraph`` (DepGraph) finds which tensors are coupled to an output
+channel: the BatchNorm after a convolution, the next layer's input channels, every branch of a
+residual add, the slice of a concatenation, the ``C*H*W`` features a flatten makes of one
+channel. This module decides *which* channels can go and lets DepGraph cut all coupled tensors.
+
+Which channels are removed. A channel (an index in a coupled group) is removed when every layer
+that *produces* it (the Conv/Linear layers whose output channels are in the group) has it
+masked: a ``"channel"`` mask entry that is False, or a ``"weight"`` mask whose whole row is
+False. A residual stream channel therefore goes only when the stem, every block's last
+convolution and every projection writing into it are masked there; a branch alone stays
+(masked, its zeros kept). Channels of the model's output layer are never removed (that would
+change the output's shape); at least one channel of every group is kept.
+
+Exactness. Before cutting, the masks are *completed* (:func:`complete_channel_masks`): every
+removed channel's bias and the affine of the BatchNorm that follows it are masked too, so the
+masked dense model and the surgered model compute the same function. Without that completion a
+masked convolution still feeds ``relu(beta - gamma * mean / std)`` to the next layer through
+its BatchNorm; physical removal drops that constant (as Keras-surgeon and Torch-Pruning do), and
+the completed masks make the masked model drop it too. :func:`surgery` checks the equivalence
+on a random batch and reports the largest absolute difference.
+
+Rounding. ``round_to=k`` keeps a multiple of ``k`` channels per group (masked channels are kept
+back, lowest index first; they stay zero, so outputs do not change): GPU kernels run faster on
+channel counts that are multiples of 8. ``round_to="auto"`` (the default) means 8 when the
+model's parameters are on a CUDA device and no rounding on CPU.
+
+Files. :meth:`SurgeryResult.save` writes the smaller model as a safetensors state dict plus a
+JSON *structure file* (the pruning operations and the kept channel indices per layer);
+:func:`load_surgered` rebuilds the original model from its code (:func:`prunelib.models.build_model`
+or a module you pass), replays the operations, checks every shape and loads the weights.
+:func:`export_onnx` writes an ONNX file with a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from prunelib.masks import MaskSet, prunable_modules
+
+__all__ = [
+    "STRUCTURE_FORMAT",
+    "ChannelGroup",
+    "SurgeryError",
+    "StructureMismatchError",
+    "SurgeryResult",
+    "channel_groups",
+    "complete_channel_masks",
+    "dead_channels",
+    "export_onnx",
+    "has_structured_masks",
+    "load_surgered",
+    "surgery",
+]
+
+log = logging.getLogger("prunelib")
+
+STRUCTURE_FORMAT = "prunesearch-structure"
+STRUCTURE_VERSION = 1
+_PRODUCER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class SurgeryError(ValueError):
+    """The model or masks cannot be cut (untraceable model, masks for another model...)."""
+
+
+class StructureMismatchError(SurgeryError):
+    """A structure file does not fit the model it is applied to (other code, width or shapes)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Dependency groups
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ChannelGroup:
+    """Output channels coupled by the model's graph: they can only be removed together.
+
+    Attributes:
+        root: name of the Conv/Linear module the group was grown from.
+        size: number of channels (the root's output channels).
+        producers: Conv/Linear module name -> LongTensor ``(size,)``: which of that module's
+            output channels is the group's channel ``r`` (identity for a plain layer).
+        norms: BatchNorm module name -> LongTensor ``(size,)``, the same for their channels.
+        consumers: Conv/Linear module name -> ``(root_idx, input_idx)`` LongTensors of equal
+            length: which input channels/features of that module read channel ``root_idx``
+            (several per channel after a flatten).
+        prunable: False when the group holds the model's output layer or a producer that is
+            not a Conv/Linear module (such groups are never cut).
+    """
+
+    root: str
+    size: int
+    producers: dict[str, Tensor] = field(default_factory=dict)
+    norms: dict[str, Tensor] = field(default_factory=dict)
+    consumers: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    prunable: bool = True
+
+
+def _example_inputs(model: nn.Module, input_shape: Sequence[int]) -> Tensor:
+    try:
+        ref = next(model.parameters())
+        device, dtype = ref.device, ref.dtype
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+    return torch.zeros((1, *[int(s) for s in input_shape]), device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _autograd_on() -> Iterator[None]:
+    """Autograd recording on, even when called from ``no_grad``/``inference_mode`` code (a
+    Lightning validation hook): DepGraph traces autograd's graph, and copies made under
+    inference mode would be inference tensors it cannot trace."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _build_graph(model: nn.Module, input_shape: Sequence[int]) -> Any:
+    """A Torch-Pruning DependencyGraph of ``model`` (traced in eval mode: BN stats untouched)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()  # a traced forward in train mode would move the BatchNorm running statistics
+    try:
+        with _autograd_on():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=_example_inputs(model, input_shape), verbose=False)
+    except Exception as exc:  # tracing runs the user's forward: any error can come out
+        raise SurgeryError(
+            f"cannot trace {type(model).__name__} for surgery with input shape "
+            f"{tuple(input_shape)}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(was_training)
+
+
+def _output_layers(graph: Any) -> set[nn.Module]:
+    """Conv/Linear modules whose outputs reach the model output without another Conv/Linear."""
+    out: set[nn.Module] = set()
+    for module, node in graph.module2node.items():
+        if not isinstance(module, _PRODUCER_TYPES):
+            continue
+        stack, seen = list(node.outputs), set()
+        reaches_output = not node.outputs
+        while stack and not reaches_output:
+            nxt = stack.pop()
+            if id(nxt) in seen:
+                continue
+            seen.add(id(nxt))
+            if isinstance(nxt.module, _PRODUCER_TYPES):
+                continue
+            if not nxt.outputs or nxt.type == graph.ops.OPTYPE.OUTPUT:
+                reaches_output = True
+            stack.extend(nxt.outputs)
+        if reaches_output:
+            out.add(module)
+    return out
+
+
+def _groups_from_graph(graph: Any, model: nn.Module) -> list[ChannelGroup]:
+    names = {m: n for n, m in model.named_modules()}
+    outputs = _output_layers(graph)
+    groups: list[ChannelGroup] = []
+    for group in graph.get_all_groups(root_module_types=_PRODUCER_TYPES):
+        root_module = group[0].dep.target.module
+        size = len(group[0].idxs)
+        cg = ChannelGroup(root=names[root_module], size=size)
+        for item in group:
+            module = item.dep.target.module
+            if (graph.is_in_channel_pruning_fn(item.dep.handler) and isinstance(module, _PRODUCER_TYPES)
+                    and module in names):
+                cg.consumers[names[module]] = (torch.tensor([int(r) for r in item.root_idxs], dtype=torch.long),
+                                               torch.tensor([int(i) for i in item.idxs], dtype=torch.long))
+                continue
+            if not graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(module, nn.Module):
+                continue
+            if not isinstance(module, _PRODUCER_TYPES + _NORM_TYPES):
+                continue  # activations, pools, TP's placeholder ops: no parameters to keep in step
+            if module not in names:  # a layer outside the model's module tree: do not cut
+                cg.prunable = False
+                continue
+            if isinstance(module, _PRODUCER_TYPES):
+                target = cg.producers
+                if module in outputs:
+                    cg.prunable = False
+            else:
+                target = cg.norms
+            index = torch.full((size,), -1, dtype=torch.long)
+            for idx, root_idx in zip(item.idxs, item.root_idxs):
+                index[int(root_idx)] = int(idx)
+            if bool((index < 0).any()):  # a producer covering part of the group: do not guess
+                cg.prunable = False
+            target[names[module]] = index
+        groups.append(cg)
+    return groups
+
+
+def channel_groups(model: nn.Module, input_shape: Sequence[int]) -> list[ChannelGroup]:
+    """The coupled output-channel groups of ``model`` (one per independent channel set).
+
+    Args:
+        model: any module DepGraph can trace with one ``(1, *input_shape)`` tensor.
+        input_shape: one sample's shape, e.g. ``(1, 28, 28)``.
+
+    Raises:
+        SurgeryError: the model's forward cannot be traced with that input shape.
+    """
+    return _groups_from_graph(_build_graph(model, input_shape), model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks -> removable channels
+# ---------------------------------------------------------------------------------------------
+def has_structured_masks(masks: MaskSet | None) -> bool:
+    """Whether ``masks`` holds any ``"channel"`` granularity entry (what triggers surgery)."""
+    return masks is not None and any(g == "channel" for g in masks.granularity.values())
+
+
+def dead_channels(model: nn.Module, masks: MaskSet) -> dict[str, Tensor]:
+    """Per Conv/Linear module name, a bool ``(out_channels,)``: True where its output channel
+    is masked whole (a False ``"channel"`` entry, or a ``"weight"`` mask whose row is all False)."""
+    out: dict[str, Tensor] = {}
+    for name, module in prunable_modules(model).items():
+        key = f"{name}.weight" if name else "weight"
+        if key not in masks:
+            continue
+        mask = masks.masks[key].cpu()
+        if masks.granularity[key] == "channel":
+            out[name] = ~mask
+        else:
+            out[name] = ~mask.reshape(mask.shape[0], -1).any(dim=1)
+    return out
+
+
+def _removable(group: ChannelGroup, dead: dict[str, Tensor]) -> Tensor:
+    """Bool ``(size,)``: channels of the group that every producer has masked."""
+    if not group.prunable or not group.producers:
+        return torch.zeros(group.size, dtype=torch.bool)
+    removable = torch.ones(group.size, dtype=torch.bool)
+    for name, index in group.producers.items():
+        if name not in dead:
+            return torch.zeros(group.size, dtype=torch.bool)
+        removable &= dead[name][index]
+    return removable
+
+
+def _apply_rounding(removable: Tensor, round_to: int | None) -> Tensor:
+    """Keep at least one channel, and a multiple of ``round_to`` when given (lowest index first)."""
+    size = removable.numel()
+    keep = size - int(removable.sum())
+    want = max(keep, 1)
+    if round_to:
+        want = min(size, int(math.ceil(want / round_to)) * round_to)
+    if want == keep:
+        return removable
+    out = removable.clone()
+    back = torch.nonzero(out).flatten()[: want - keep]
+    out[back] = False  # kept back: masked (zero) channels, so the function does not change
+    return out
+
+
+def _resolve_round_to(model: nn.Module, round_to: int | str | None) -> int | None:
+    if round_to == "auto":
+        try:
+            on_gpu = next(model.parameters()).is_cuda
+        except StopIteration:
+            on_gpu = False
+        return 8 if on_gpu else None
+    if round_to is None:
+        return None
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive int, None or 'auto', got {round_to!r}")
+    return round_to
+
+
+def complete_channel_masks(model: nn.Module, masks: MaskSet, input_shape: Sequence[int],
+                           groups: list[ChannelGroup] | None = None) -> MaskSet:
+    """``masks`` plus what makes removable channels contribute exactly zero.
+
+    For every channel that :func:`surgery` would remove, the producers' biases (their
+    ``"channel"`` masks already zero them; a ``"weight"``-granularity producer gets a bias mask)
+    and the affine of every BatchNorm coupled to it are masked. Applying the returned masks to
+    the dense model gives the function the surgered model computes.
+
+    Args:
+        model: the model the masks belong to (original shapes).
+        masks: structured and/or unstructured masks; left unchanged.
+        input_shape: one sample's shape, for tracing.
+        groups: precomputed :func:`channel_groups` of ``model`` (saves a trace).
+    """
+    masks.check_compatible(model)
+    groups = channel_groups(model, input_shape) if groups is None else groups
+    dead = dead_channels(model, masks)
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    out = masks.clone()
+    for group in groups:
+        removable = _removable(group, dead)
+        if not bool(removable.any()):
+            continue
+        for name, index in group.producers.items():
+            key, bias_key = f"{name}.weight", f"{name}.bias"
+            if out.granularity.get(key) == "channel" or bias_key not in params:
+                continue  # channel masks zero the bias with the filter
+            keep = out.masks[bias_key].clone() if bias_key in out else torch.ones_like(
+                params[bias_key], dtype=torch.bool)
+            keep[index[removable].to(keep.device)] = False
+            out.set(bias_key, keep, "weight")
+        for name, index in group.norms.items():
+            bn = modules[name]
+            if getattr(bn, "weight", None) is None:
+                log.warning("surgery: %s has no affine; removing its channels drops a nonzero "
+                            "constant (-mean/std), the surgered model will differ", name)
+                continue
+            key = f"{name}.weight"
+            keep = out.masks[key].clone() if key in out else torch.ones(
+                bn.weight.shape[0], dtype=torch.bool, device=bn.weight.device)
+            keep[index[removable].to(keep.device)] = False
+            out.set(key, keep, "channel")  # a channel mask on BN weight zeroes its bias too
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Surgery
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SurgeryResult:
+    """The physically smaller model and how it was made.
+
+    Attributes:
+        model: the surgered model (a new module; the input model is left as it was).
+        structure: JSON-ready description that rebuilds ``model`` from the original code
+            (see :meth:`save` and :func:`load_surgered`).
+        removed: group root name -> removed channel indices (in the root's numbering).
+        masks: the completed masks whose application to the dense model equals ``model``.
+        max_abs_diff: largest |output difference| between the masked dense model and ``model``
+            on a random batch (None when not verified).
+    """
+
+    model: nn.Module
+    structure: dict[str, Any]
+    removed: dict[str, list[int]]
+    masks: MaskSet
+    max_abs_diff: float | None = None
+
+    @property
+    def kept_channels(self) -> dict[str, int]:
+        """Output channels per Conv/Linear module of the surgered model."""
+        return dict(self.structure["out_channels"])
+
+    def save(self, directory: str | os.PathLike, model_spec: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors`` (state dict) and ``structure.json`` into ``directory``.
+
+        Args:
+            directory: created if missing; returned.
+            model_spec: how to build the original model with :func:`prunelib.models.build_model`:
+                ``{"name": "vgg_small", "input_shape": [1, 28, 28], "num_classes": 10,
+                "width": 0.25, "kwargs": {}}``. Without it, :func:`load_surgered` needs the
+                original (unpruned) model passed as ``base_model``.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        structure = dict(self.structure)
+        if model_spec is not None:
+            structure["model_spec"] = json.loads(json.dumps(model_spec))
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(directory / "model.safetensors"))
+        (directory / "structure.json").write_text(json.dumps(structure, indent=1))
+        return directory
+
+
+def _param_shapes(model: nn.Module) -> dict[str, list[int]]:
+    return {n: list(t.shape) for n, t in model.state_dict().items()}
+
+
+def _channel_counts(model: nn.Module) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, m in prunable_modules(model).items():
+        out[name] = int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
+    return out
+
+
+@torch.no_grad()
+def _max_diff(a: nn.Module, b: nn.Module, input_shape: Sequence[int]) -> float:
+    was_a, was_b = a.training, b.training
+    a.eval()
+    b.eval()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((4, *input_shape), generator=gen).to(_example_inputs(a, input_shape))
+        return float((a(x) - b(x)).abs().max())
+    finally:
+        a.train(was_a)
+        b.train(was_b)
+
+
+def surgery(model: nn.Module, masks: MaskSet, input_shape: Sequence[int],
+            round_to: int | str | None = "auto", verify: bool = True) -> SurgeryResult:
+    """Remove the channels ``masks`` prune whole; return the physically smaller model.
+
+    Args:
+        model: the model at its original shapes (masks applied or not; it is not modified).
+        masks: a :class:`MaskSet` of this model. Only whole output channels are removed (see the
+            module doc); other zeros stay as zeros in the smaller model.
+        input_shape: one sample's shape, e.g. ``(1, 28, 28)`` (used to trace the graph).
+        round_to: keep a multiple of this many channels per group; ``"auto"``: 8 on a CUDA
+            model, None (exact counts) on CPU.
+        verify: compare the surgered model with the masked dense model on a random batch and
+            warn if they differ (the result carries the difference).
+
+    Raises:
+        MaskMismatchError: the masks name parameters the model lacks or have other shapes.
+        SurgeryError: the model's graph cannot be traced.
+    """
+    masks.check_compatible(model)
+    step = _resolve_round_to(model, round_to)
+    with _autograd_on():
+        return _surgery(model, masks, input_shape, step, verify)
+
+
+def _surgery(model: nn.Module, masks: MaskSet, input_shape: Sequence[int], step: int | None,
+             verify: bool) -> SurgeryResult:
+    work = copy.deepcopy(model)
+    graph = _build_graph(work, input_shape)
+    groups = _groups_from_graph(graph, work)
+    completed = complete_channel_masks(work, masks, input_shape, groups=groups)
+    completed.apply(work)  # the smaller model computes what the (completed) masked model does
+    reference = copy.deepcopy(work) if verify else None
+    dead = dead_channels(work, completed)
+    named = dict(work.named_modules())
+    removed: dict[str, list[int]] = {}
+    kept: dict[str, list[int]] = {}
+    for group in groups:
+        remove = _apply_rounding(_removable(group, dead), step)
+        if bool(remove.any()):
+            removed[group.root] = torch.nonzero(remove).flatten().tolist()
+            kept[group.root] = torch.nonzero(~remove).flatten().tolist()
+    for root, idxs in removed.items():
+        module = named[root]
+        pruner = graph.get_pruner_of_module(module)
+        graph.get_pruning_group(module, pruner.prune_out_channels, idxs).prune()
+    structure = {
+        "format": STRUCTURE_FORMAT,
+        "version": STRUCTURE_VERSION,
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "input_shape": [int(s) for s in input_shape],
+        "round_to": step,
+        # Torch-Pruning's history: (module name, is-output-channel pruning, indices), replayed
+        # in order on a freshly built original model by load_surgered.
+        "pruning_history": [[n, bool(o), [int(i) for i in idx]] for n, o, idx in graph.pruning_history()],
+        "kept_indices": kept,
+        "out_channels": _channel_counts(work),
+        "param_shapes": _param_shapes(work),
+    }
+    result = SurgeryResult(model=work, structure=structure, removed=removed, masks=completed)
+    if reference is not None:
+        result.max_abs_diff = _max_diff(reference, work, input_shape)
+        scale = max(1.0, _max_abs_output(reference, input_shape))
+        if result.max_abs_diff > 1e-4 * scale:
+            log.warning("surgery: the smaller model differs from the masked model by %.3g "
+                        "(largest output %.3g); a removed channel still contributed", result.max_abs_diff, scale)
+    return result
+
+
+@torch.no_grad()
+def _max_abs_output(model: nn.Module, input_shape: Sequence[int]) -> float:
+    was = model.training
+    model.eval()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((4, *input_shape), generator=gen).to(_example_inputs(model, input_shape))
+        return float(model(x).abs().max())
+    finally:
+        model.train(was)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+def load_surgered(directory: str | os.PathLike, base_model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a surgered model saved with :meth:`SurgeryResult.save`.
+
+    Args:
+        directory: holds ``structure.json`` and ``model.safetensors``.
+        base_model: the *original* (unpruned) model; default: built from the structure's
+            ``model_spec`` with :func:`prunelib.models.build_model`. It is cut in place.
+
+    Raises:
+        SurgeryError: missing or foreign files, or no way to build the base model.
+        StructureMismatchError: the structure does not fit the base model (other width/code).
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    spath, wpath = directory / "structure.json", directory / "model.safetensors"
+    if not spath.is_file() or not wpath.is_file():
+        raise SurgeryError(f"{str(directory)!r} lacks structure.json or model.safetensors")
+    try:
+        structure = json.loads(spath.read_text())
+    except json.JSONDecodeError as exc:
+        raise SurgeryError(f"{str(spath)!r} is not valid JSON: {exc}") from exc
+    if structure.get("format") != STRUCTURE_FORMAT:
+        raise SurgeryError(f"{str(spath)!r} is not a prunesearch structure file")
+    if int(structure.get("version", 0)) > STRUCTURE_VERSION:
+        raise SurgeryError(f"{str(spath)!r} has structure version {structure['version']}, newer "
+                           f"than this prunelib ({STRUCTURE_VERSION})")
+    if base_model is None:
+        spec = structure.get("model_spec")
+        if spec is None:
+            raise SurgeryError(f"{str(spath)!r} has no model_spec: pass the original model as base_model")
+        from prunelib.models import build_model
+
+        base_model = build_model(spec["name"], tuple(spec["input_shape"]), int(spec["num_classes"]),
+                                 width=float(spec.get("width", 1.0)), **dict(spec.get("kwargs") or {}))
+    apply_structure(base_model, structure)
+    state = load_file(str(wpath))
+    base_model.load_state_dict(state, strict=True)
+    return base_model
+
+
+def apply_structure(model: nn.Module, structure: dict[str, Any]) -> nn.Module:
+    """Cut the original ``model`` in place to the shapes a structure describes; returns it.
+
+    Raises:
+        StructureMismatchError: a named module is missing, or the resulting parameter shapes
+            differ from the structure's (the model was built with other code or settings).
+    """
+    expected = {k: list(v) for k, v in structure["param_shapes"].items()}
+    before = _param_shapes(model)
+    missing = sorted(set(expected) - set(before))
+    if missing:
+        raise StructureMismatchError(
+            f"the structure names tensors {missing[:3]} that {type(model).__name__} does not have; "
+            f"was it saved from another model?")
+    named = dict(model.named_modules())
+    for name, _is_out, _idx in structure["pruning_history"]:
+        if name not in named:
+            raise StructureMismatchError(f"the structure prunes module {name!r}, which "
+                                         f"{type(model).__name__} does not have")
+    graph = _build_graph(model, structure["input_shape"])
+    try:
+        with _autograd_on():
+            graph.load_pruning_history([tuple(h) for h in structure["pruning_history"]])
+    except (IndexError, RuntimeError) as exc:
+        raise StructureMismatchError(f"replaying the structure failed ({exc}); the model was "
+                                     f"built with other widths than the saved one") from exc
+    after = _param_shapes(model)
+    for key, shape in expected.items():
+        if after.get(key) != shape:
+            raise StructureMismatchError(
+                f"after replaying the structure, {key!r} has shape {after.get(key)} but the saved "
+                f"model has {shape}; the model was built with other settings than the saved one")
+    return model
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, input_shape: Sequence[int],
+                dynamic_batch: bool = True, dynamo: bool = True) -> Path:
+    """Export ``model`` (e.g. :attr:`SurgeryResult.model`) to ONNX, in eval mode.
+
+    Args:
+        model: the module to export (left in its training mode afterwards).
+        path: output ``.onnx`` file.
+        input_shape: one sample's shape; the exported input is ``(batch, *input_shape)``.
+        dynamic_batch: make the batch dimension symbolic.
+        dynamo: use ``torch.export`` (the default exporter; needs ``onnxscript``) rather than the
+            legacy TorchScript exporter.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was = model.training
+    model.eval()
+    x = torch.zeros((2, *input_shape), dtype=_example_inputs(model, input_shape).dtype,
+                    device=_example_inputs(model, input_shape).device)
+    try:
+        if dynamo:
+            shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["input"],
+                              output_names=["output"], dynamic_shapes=shapes, verbose=False)
+        else:
+            axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+            torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"],
+                              output_names=["output"], dynamic_axes=axes)
+    finally:
+        model.train(was)
+    return path

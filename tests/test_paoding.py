@@ -1,0 +1,248 @@
+"""PAODING (data-free pruning) and the FGSM robustness metric."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from prunelib.methods import METHODS, build_method
+from prunelib.methods.paoding import PAODING, merge_neurons, normalized_interval, output_impact, pair_saliency
+from prunelib.models import build_model
+from prunelib.robustness import fgsm_accuracy
+from prunelib.surgery import surgery
+
+SHAPE = (1, 8, 8)
+CONF = Path(__file__).resolve().parent.parent / "conf" / "method" / "paoding.yaml"
+
+
+def _mlp_with_duplicate(keep: int = 3, dup: int = 7) -> nn.Module:
+    """An MLP whose first hidden layer has neurons ``keep`` and ``dup`` identical (w and b)."""
+    torch.manual_seed(0)
+    model = build_model("mlp", SHAPE, 10, hidden=(16, 8)).eval()
+    layer = model.net[1]
+    with torch.no_grad():
+        layer.bias.uniform_(-0.2, 0.2)
+        layer.weight[dup] = layer.weight[keep]
+        layer.bias[dup] = layer.bias[keep]
+    return model
+
+
+@pytest.mark.parametrize("mode", ["impact", "baseline"])
+def test_merging_duplicate_neurons_is_exact(mode):
+    model = _mlp_with_duplicate()
+    reference = copy.deepcopy(model)
+    # One pair in the first hidden layer (ceil(0.05 * 16) = 1), the second layer left alone.
+    method = PAODING(conv_ratio=0.0, dense_ratio=0.05, step=0.05, mode=mode, input_shape=SHAPE,
+                     exclude=["net.3"])
+    method.setup(model, None)
+    masks = method.finalize(model)
+    kept = masks.masks["net.1.weight"]
+    assert int((~kept).sum()) == 1 and not bool(kept[3] & kept[7])  # the duplicate pair went
+    x = torch.randn(32, *SHAPE)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    small = surgery(model, masks, SHAPE, round_to=None).model
+    assert small.net[1].out_features == 15 and small.net[3].in_features == 15
+    torch.testing.assert_close(small(x), reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_adds_outgoing_weights_and_zeroes_the_removed_column():
+    consumer = nn.Linear(4, 3)
+    before = consumer.weight.detach().clone()
+    merge_neurons(consumer, keep=1, remove=2)
+    torch.testing.assert_close(consumer.weight[:, 1], before[:, 1] + before[:, 2])
+    assert torch.all(consumer.weight[:, 2] == 0)
+
+
+def test_pair_saliency_is_zero_for_duplicates_and_bounded_when_biases_cancel():
+    w = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, -1.0]])
+    b = torch.tensor([0.5, 0.5, -0.5])  # b_0 + b_2 = 0: the paper's term would divide by zero
+    a = torch.ones(3, 3)
+    s = pair_saliency(w, b, a)
+    assert s[0, 1] == 0 and s[1, 0] == 0
+    assert torch.isinf(s.diagonal()).all()
+    assert torch.isfinite(s[0, 2]) and s[0, 2] > s[0, 1]
+
+
+def test_output_impact_grows_with_the_change():
+    head = nn.Linear(4, 3)
+    small = output_impact(torch.full((4,), -0.01), torch.full((4,), 0.01), [(nn.ReLU(), head)], 1.0, 0.0)
+    large = output_impact(torch.full((4,), -1.0), torch.full((4,), 1.0), [(nn.ReLU(), head)], 1.0, 0.0)
+    assert small < large
+
+
+def test_runs_without_any_data_module():
+    """Data-free: no data module, no samples; only the input shape and the input box."""
+    torch.manual_seed(0)
+    model = build_model("lenet5", SHAPE, 10).eval()
+    method = build_method("paoding", conv_ratio=0.5, dense_ratio=0.5, step=0.25, input_shape=SHAPE)
+    assert method.needs_data is False
+    assert method.plan(0, 0) == []  # nothing to train when the model comes pretrained
+    method.setup(model, datamodule=None)
+    masks = method.finalize(model)
+    # Convolutions: half of each layer's filters; dense: half of each hidden layer's neurons.
+    assert int((~masks.masks["features.0.weight"]).sum()) == 3
+    assert int((~masks.masks["features.3.weight"]).sum()) == 8
+    assert int((~masks.masks["classifier.0.weight"]).sum()) == 60
+    assert int((~masks.masks["classifier.2.weight"]).sum()) == 42
+    result = surgery(model, masks, SHAPE, round_to=None)
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    assert sum(p.numel() for p in result.model.parameters()) < 0.4 * sum(p.numel() for p in model.parameters())
+    assert method.report["dense_neurons_merged"]["classifier.0"]["merged"] == 60
+    # Without a data module the input shape is required.
+    with pytest.raises(ValueError, match="input_shape"):
+        PAODING().setup(model, None)
+
+
+def test_convolution_sampling_drops_the_lowest_l1_filters_per_coupled_group():
+    torch.manual_seed(0)
+    model = build_model("resnet20", SHAPE, 10, width=0.5).eval()
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[[1, 4]] *= 1e-3  # two obviously weak filters
+    method = PAODING(conv_ratio=0.25, dense_ratio=0.0, input_shape=SHAPE)
+    method.setup(model, None)
+    masks = method.finalize(model)
+    dropped = torch.nonzero(~masks.masks["layer1.0.conv1.weight"]).flatten().tolist()
+    assert {1, 4} <= set(dropped) and len(dropped) == 2  # ceil(0.25 * 8)
+    # Residual stream: every writer of the stream loses the same channels.
+    stream = [masks.masks[f"{n}.weight"] for n in ("conv1", "layer1.0.conv2", "layer1.2.conv2")]
+    assert all(torch.equal(stream[0], s) for s in stream[1:]) and not bool(stream[0].all())
+    small = surgery(model, masks, SHAPE, round_to=None).model
+    assert small.conv1.out_channels == model.conv1.out_channels - 2
+
+
+class ConvHead(nn.Module):
+    """conv -> BN -> ReLU -> global pool -> linear: the removed channel's constant reaches a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.flat(self.pool(self.relu(self.bn(self.conv(x))))))
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_a_removed_constant_channel_is_compensated_exactly(compensate):
+    torch.manual_seed(0)
+    model = ConvHead().eval()
+    with torch.no_grad():
+        model.conv.weight[2] *= 1e-4  # the lowest-L1 filter, removed at ratio 0.25
+        model.bn.weight[2] = 0.0  # its BatchNorm output is the constant beta = 0.7
+        model.bn.bias[2] = 0.7
+    reference = copy.deepcopy(model)
+    method = PAODING(conv_ratio=0.25, dense_ratio=0.0, input_shape=SHAPE, compensate=compensate)
+    method.setup(model, None)
+    masks = method.finalize(model)
+    assert not bool(masks.masks["conv.weight"][2]) and int(masks.masks["conv.weight"].sum()) == 3
+    x = torch.randn(16, *SHAPE)
+    small = surgery(model, masks, SHAPE, round_to=None).model
+    torch.testing.assert_close(small(x), model(x), rtol=1e-5, atol=1e-5)
+    if compensate:
+        torch.testing.assert_close(small(x), reference(x), rtol=1e-4, atol=1e-4)
+        assert method.report["conv_channels_compensated"] == 1
+    else:
+        assert not torch.allclose(small(x), reference(x), atol=1e-2)
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_fold_bn_scores_the_filter_the_network_applies(fold_bn):
+    torch.manual_seed(0)
+    model = ConvHead().eval()
+    with torch.no_grad():
+        model.conv.weight[1] *= 10.0  # the largest raw filter ...
+        model.bn.weight[1] = 1e-3  # ... silenced by its BatchNorm
+    method = PAODING(conv_ratio=0.25, dense_ratio=0.0, input_shape=SHAPE, fold_bn=fold_bn)
+    method.setup(model, None)
+    removed = torch.nonzero(~method.finalize(model).masks["conv.weight"]).flatten().tolist()
+    assert (removed == [1]) is fold_bn
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="conv_ratio"):
+        PAODING(conv_ratio=1.5)
+    with pytest.raises(ValueError, match="mode"):
+        PAODING(mode="stochastic")
+    with pytest.raises(ValueError, match="input_interval"):
+        PAODING(input_interval=(1.0, -1.0))
+    with pytest.raises(ValueError, match="step"):
+        PAODING(step=0.0)
+
+
+def test_yaml_matches_the_constructor_and_is_registered():
+    assert METHODS["paoding"] is PAODING
+    conf = yaml.safe_load(CONF.read_text())
+    method = build_method("paoding", **conf["settings"])
+    assert set(conf["space"]) <= set(method.config())
+    assert normalized_interval([127.5], [127.5]) == (-1.0, 1.0)
+
+
+def test_pretrain_phase_then_data_free_pruning_through_the_runner():
+    from prunelib.data import build_datamodule
+    from prunelib.training import TrainConfig, run_pruning
+
+    dm = build_datamodule("digits", limit_train=256, batch_size=64)
+    model = build_model("lenet5", dm.input_shape, dm.num_classes)
+    method = build_method("paoding", conv_ratio=0.25, dense_ratio=0.25, step=0.25)
+    result = run_pruning(model, dm, method, TrainConfig(epochs=1, finetune_epochs=0, progress=False))
+    assert [h["phase"] for h in result.history] == ["pretrain"]
+    assert result.cost.params_physical < result.cost.params_dense
+    assert result.cost.flops_physical < result.cost.flops_dense
+
+
+# ---------------------------------------------------------------------------------------------
+# FGSM
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_digits():
+    from prunelib.data import build_datamodule
+
+    torch.manual_seed(0)
+    dm = build_datamodule("digits", limit_train=512, batch_size=64)
+    model = build_model("mlp", dm.input_shape, dm.num_classes, width=0.2)
+    x, y = dm.split("train")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval(), dm.split("val")
+
+
+def test_fgsm_accuracy_is_clean_at_zero_and_lower_under_attack(trained_digits):
+    model, (x, y) = trained_digits
+    clean = fgsm_accuracy(model, (x, y), epsilon=0.0, batch_size=50)
+    assert clean.attacked_accuracy == clean.clean_accuracy > 0.7
+    assert clean.robust_fraction == 1.0 and clean.samples == x.shape[0]
+    attacked = fgsm_accuracy(model, (x, y), epsilon=0.5, batch_size=50)
+    assert attacked.clean_accuracy == clean.clean_accuracy
+    assert attacked.attacked_accuracy < clean.clean_accuracy
+    assert 0.0 <= attacked.robust_fraction < 1.0
+    # A data loader gives the same figures as the tensors; no parameter gradient is left.
+    loader = [(x[i:i + 40], y[i:i + 40]) for i in range(0, x.shape[0], 40)]
+    assert fgsm_accuracy(model, loader, epsilon=0.5).attacked_accuracy == pytest.approx(attacked.attacked_accuracy)
+    assert all(p.grad is None for p in model.parameters())
+    predicted = fgsm_accuracy(model, (x, y), epsilon=0.5, label="predicted", max_samples=50)
+    assert predicted.samples == 50
+
+
+def test_fgsm_bad_inputs(trained_digits):
+    model, (x, y) = trained_digits
+    with pytest.raises(ValueError, match="label"):
+        fgsm_accuracy(model, (x, y), 0.1, label="target")
+    with pytest.raises(ValueError, match="epsilon"):
+        fgsm_accuracy(model, (x, y), -0.1)
+    with pytest.raises(ValueError, match="length"):
+        fgsm_accuracy(model, (x, y[:-1]), 0.1)
+    with pytest.raises(ValueError, match="no samples"):
+        fgsm_accuracy(model, [], 0.1)

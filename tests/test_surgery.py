@@ -1,0 +1,260 @@
+"""Channel surgery: structured masks -> a physically smaller model with the same outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from prunelib.flops import count_flops, model_cost
+from prunelib.masks import MaskMismatchError, MaskSet
+from prunelib.models import build_model
+from prunelib.surgery import (
+    StructureMismatchError,
+    SurgeryError,
+    channel_groups,
+    complete_channel_masks,
+    export_onnx,
+    load_surgered,
+    surgery,
+)
+
+SHAPE = (1, 16, 16)
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine, so a removed channel's BN shift matters."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
+    return model.eval()
+
+
+def _random_channel_masks(model: nn.Module, fraction: float, seed: int = 0,
+                          skip_last: bool = True) -> MaskSet:
+    masks = MaskSet.ones_like(model, granularity="channel")
+    names = masks.names()[:-1] if skip_last else masks.names()
+    gen = torch.Generator().manual_seed(seed)
+    for n in names:
+        m = masks.masks[n]
+        m[torch.randperm(m.numel(), generator=gen)[: int(fraction * m.numel())]] = False
+    for n in set(masks.names()) - set(names):
+        del masks.masks[n], masks.granularity[n]
+    return masks
+
+
+def _masked_reference(model: nn.Module, masks: MaskSet) -> nn.Module:
+    ref = copy.deepcopy(model)
+    complete_channel_masks(ref, masks, SHAPE).apply(ref)
+    return ref.eval()
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["mlp", "lenet5", "vgg_small"])
+def test_surgered_model_computes_what_the_masked_model_computes(name):
+    torch.manual_seed(0)
+    model = _randomise_bn(build_model(name, SHAPE, 10, width=0.5))
+    before = copy.deepcopy(model.state_dict())
+    masks = _random_channel_masks(model, 0.5)
+    result = surgery(model, masks, SHAPE, round_to=None)
+    x = torch.randn(8, *SHAPE)
+    torch.testing.assert_close(result.model.eval()(x), _masked_reference(model, masks)(x),
+                               rtol=1e-4, atol=1e-5)
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-4
+    # Every masked output channel of a non-output layer is gone, and only those.
+    for key, mask in masks.masks.items():
+        module = key[: -len(".weight")]
+        assert result.kept_channels[module] == int(mask.sum()), key
+    assert _n_params(result.model) < 0.6 * _n_params(model)
+    # The input model is untouched (surgery works on a copy).
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_without_completion_the_bn_shift_of_a_removed_channel_would_leak():
+    """Why masks are completed: masking only the conv leaves relu(BN shift) flowing downstream."""
+    model = _randomise_bn(build_model("vgg_small", SHAPE, 10, width=0.25))
+    masks = _random_channel_masks(model, 0.5)
+    naive = copy.deepcopy(model)
+    masks.apply(naive)  # conv filters zeroed, BatchNorm after them left as is
+    result = surgery(model, masks, SHAPE, round_to=None)
+    x = torch.randn(4, *SHAPE)
+    assert not torch.allclose(naive.eval()(x), result.model.eval()(x), atol=1e-4)
+    completed = result.masks
+    bn_keys = [k for k in completed.names() if k.startswith("features.1.")]
+    assert bn_keys and completed.granularity[bn_keys[0]] == "channel"
+
+
+def test_resnet20_residual_stream_goes_only_when_every_writer_is_masked():
+    model = _randomise_bn(build_model("resnet20", SHAPE, 10, width=0.5))
+    groups = channel_groups(model, SHAPE)
+    stream = next(g for g in groups if "conv1" in g.producers and "layer1.0.conv2" in g.producers)
+    assert {"layer1.1.conv2", "layer1.2.conv2"} <= set(stream.producers)
+    assert "bn1" in stream.norms
+    masks = MaskSet.ones_like(model, granularity="channel")
+    del masks.masks["fc.weight"], masks.granularity["fc.weight"]
+    for producer in stream.producers:  # stream channels 0 and 1: every writer masked
+        masks.masks[f"{producer}.weight"][[0, 1]] = False
+    masks.masks["layer1.1.conv2.weight"][5] = False  # one branch only: the stream keeps channel 5
+    masks.masks["layer2.0.conv1.weight"][:3] = False  # inside a block: removable
+    result = surgery(model, masks, SHAPE, round_to=None)
+    small = result.model
+    width = model.conv1.out_channels
+    assert small.conv1.out_channels == width - 2
+    assert small.layer1[1].conv2.out_channels == width - 2
+    assert small.layer2[0].conv1.out_channels == model.layer2[0].conv1.out_channels - 3
+    assert small.layer2[0].shortcut[0].in_channels == width - 2
+    x = torch.randn(4, *SHAPE)
+    torch.testing.assert_close(small.eval()(x), _masked_reference(model, masks)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_flatten_between_conv_and_linear_removes_the_matching_features():
+    model = build_model("lenet5", (1, 28, 28), 10).eval()
+    masks = MaskSet()
+    keep = torch.ones(16, dtype=torch.bool)
+    keep[[2, 9, 15]] = False
+    masks.set("features.3.weight", keep, "channel")
+    result = surgery(model, masks, (1, 28, 28), round_to=None)
+    assert result.model.features[3].out_channels == 13
+    assert result.model.classifier[0].in_features == 13 * 5 * 5
+    x = torch.randn(3, 1, 28, 28)
+    ref = copy.deepcopy(model)
+    complete_channel_masks(ref, masks, (1, 28, 28)).apply(ref)
+    torch.testing.assert_close(result.model(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+class TwoBranchConcat(nn.Module):
+    """Two convolution branches concatenated along channels, then a consumer convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 6, 3, padding=1)
+        self.b = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.merge = nn.Conv2d(10, 5, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(torch.cat([self.a(x), self.b(x)], dim=1))
+        return self.head(self.pool(self.merge(y)).flatten(1))
+
+
+def test_concatenation_cuts_the_right_slice_of_the_consumer():
+    torch.manual_seed(0)
+    model = TwoBranchConcat().eval()
+    masks = MaskSet()
+    keep_a = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
+    keep_b = torch.tensor([0, 1, 1, 0], dtype=torch.bool)
+    masks.set("a.weight", keep_a, "channel")
+    masks.set("b.weight", keep_b, "channel")
+    result = surgery(model, masks, (1, 8, 8), round_to=None)
+    assert result.model.merge.in_channels == 6
+    kept = torch.cat([keep_a, keep_b])
+    torch.testing.assert_close(result.model.merge.weight, model.merge.weight[:, kept])
+    ref = copy.deepcopy(model)
+    masks.apply(ref)
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(result.model(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_round_to_keeps_multiples_and_the_function():
+    model = _randomise_bn(build_model("vgg_small", SHAPE, 10, width=0.5))
+    masks = _random_channel_masks(model, 0.6, seed=3)
+    result = surgery(model, masks, SHAPE, round_to=8)
+    for name, count in result.kept_channels.items():
+        if name != "classifier":
+            assert count % 8 == 0, (name, count)
+    x = torch.randn(4, *SHAPE)
+    torch.testing.assert_close(result.model(x), _masked_reference(model, masks)(x), rtol=1e-4, atol=1e-5)
+    # "auto" on a CPU model means exact counts.
+    exact = surgery(model, masks, SHAPE)
+    assert exact.structure["round_to"] is None
+    assert any(v % 8 for k, v in exact.kept_channels.items() if k != "classifier")
+
+
+def test_a_fully_masked_layer_keeps_one_channel_and_output_layers_are_kept():
+    model = build_model("mlp", SHAPE, 10, width=0.1).eval()
+    masks = MaskSet.ones_like(model, granularity="channel")
+    masks.masks["net.1.weight"][:] = False
+    masks.masks["net.5.weight"][:2] = False  # classifier outputs: never removed
+    result = surgery(model, masks, SHAPE, round_to=None)
+    assert result.model.net[1].out_features == 1
+    assert result.model.net[5].out_features == 10
+
+
+def test_structure_file_rebuilds_the_model_from_code(tmp_path):
+    spec = {"name": "resnet20", "input_shape": list(SHAPE), "num_classes": 10, "width": 0.5}
+    model = _randomise_bn(build_model("resnet20", SHAPE, 10, width=0.5))
+    masks = _random_channel_masks(model, 0.4, seed=1)
+    result = surgery(model, masks, SHAPE, round_to=None)
+    out = result.save(tmp_path / "small", model_spec=spec)
+    structure = json.loads((out / "structure.json").read_text())
+    assert structure["format"] == "prunesearch-structure"
+    assert structure["out_channels"]["layer1.0.conv1"] == result.model.layer1[0].conv1.out_channels
+    assert structure["kept_indices"]
+    rebuilt = load_surgered(out).eval()
+    x = torch.randn(4, *SHAPE)
+    torch.testing.assert_close(rebuilt(x), result.model.eval()(x), rtol=0, atol=0)
+    # Without a model spec, the caller passes the original model.
+    result.save(tmp_path / "nospec")
+    with pytest.raises(SurgeryError, match="base_model"):
+        load_surgered(tmp_path / "nospec")
+    rebuilt2 = load_surgered(tmp_path / "nospec", base_model=build_model("resnet20", SHAPE, 10, width=0.5))
+    torch.testing.assert_close(rebuilt2.eval()(x), result.model(x), rtol=0, atol=0)
+    # The wrong original (other width) is refused with a clear error.
+    with pytest.raises(StructureMismatchError):
+        load_surgered(tmp_path / "nospec", base_model=build_model("resnet20", SHAPE, 10, width=1.0))
+    with pytest.raises(StructureMismatchError):
+        load_surgered(tmp_path / "nospec", base_model=build_model("vgg_small", SHAPE, 10, width=0.5))
+    with pytest.raises(SurgeryError, match="lacks"):
+        load_surgered(tmp_path / "missing")
+
+
+def test_bad_inputs_give_clear_errors():
+    model = build_model("lenet5", SHAPE, 10)
+    other = build_model("mlp", SHAPE, 10)
+    with pytest.raises(MaskMismatchError, match="no match"):
+        surgery(model, _random_channel_masks(other, 0.5), SHAPE)
+    wrong_shape = MaskSet()
+    wrong_shape.set("features.0.weight", torch.ones(7, dtype=torch.bool), "channel")
+    with pytest.raises(MaskMismatchError, match="shape"):
+        surgery(model, wrong_shape, SHAPE)
+    with pytest.raises(SurgeryError, match="cannot trace"):
+        surgery(build_model("mlp", SHAPE, 10), MaskSet(), (3, 5, 5))
+    with pytest.raises(ValueError, match="round_to"):
+        surgery(model, MaskSet(), SHAPE, round_to=0)
+
+
+def test_physical_cost_uses_the_surgered_model_for_structured_masks():
+    model = _randomise_bn(build_model("vgg_small", SHAPE, 10, width=0.25))
+    masks = _random_channel_masks(model, 0.5)
+    small = surgery(model, masks, SHAPE, round_to=None).model
+    with torch.inference_mode():  # as in a Lightning validation hook
+        cost = model_cost(model, SHAPE, masks, round_to=None)
+    assert cost.flops_physical == count_flops(small, SHAPE) < 0.5 * cost.flops_dense
+    assert cost.params_physical == _n_params(small)
+    unstructured = MaskSet.ones_like(model)  # weight granularity: nothing to remove
+    assert model_cost(model, SHAPE, unstructured).flops_physical == cost.flops_dense
+
+
+def test_onnx_export_runs_with_the_same_outputs(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = _randomise_bn(build_model("lenet5", SHAPE, 10))
+    result = surgery(model, _random_channel_masks(model, 0.5), SHAPE, round_to=None)
+    path = export_onnx(result.model, tmp_path / "small.onnx", SHAPE)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, *SHAPE)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), result.model(x).detach(), rtol=1e-4, atol=1e-5)

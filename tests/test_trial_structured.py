@@ -1,0 +1,26 @@
+"""A trial with a structured method keeps, times and exports the physically smaller model."""
+
+from __future__ import annotations
+
+import torch
+
+from prunelib.surgery import load_surgered
+from search.config import build_search_space
+from search.trial import TrialContext, run_trial
+from tests.conftest import compose
+
+
+def test_paoding_trial_reports_physical_flops_fgsm_and_exports_the_smaller_model(tmp_path):
+    cfg = compose(["+method=paoding", "trial.epochs=2", "data.limit_train=400", "trial.fgsm_epsilon=0.1",
+                   "trial.export_onnx=true"])
+    ctx = TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"], space=build_search_space(cfg),
+                       objectives=[("val_acc", "max"), ("flops_physical", "min")])
+    row = run_trial({"method": "paoding", "paoding.dense_ratio": 0.5}, ctx, trial_id="pao", trial_dir=tmp_path)
+    assert row["flops_physical"] < 0.75 * row["flops_dense"]  # half the hidden neurons merged away
+    assert 0.0 <= row["val_fgsm_acc"] <= row["val_acc"]
+    assert row["epochs"] == 2  # the dense pre-training only: PAODING itself reads no data
+    smaller = load_surgered(tmp_path / "surgered")
+    assert (tmp_path / "surgered" / "model.onnx").stat().st_size > 1000
+    n_params = sum(p.numel() for p in smaller.parameters())
+    assert n_params == row["params_physical"] < row["params_dense"]
+    assert smaller(torch.randn(3, 1, 8, 8)).shape == (3, 10)
