@@ -11,7 +11,7 @@ fi
 # torch first, pinned: the CPU wheel of this version is what the machines carry; an open
 # range here would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev,hf]"
 if [ "${1:-}" != "--install-only" ]; then
   .venv/bin/python -m search +method=magnitude
 fi

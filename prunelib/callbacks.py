@@ -57,6 +57,9 @@ class PruningCallback(L.Callback):
             extra = getattr(pl_module, "extra_losses", None)
             if isinstance(extra, list):  # modules built on ClassifierModule take the regulariser
                 extra.append(lambda: self.method.regularization(model))
+            batch_terms = getattr(pl_module, "batch_losses", None)
+            if isinstance(batch_terms, list):  # and the batch-dependent term (distillation)
+                batch_terms.append(lambda inputs, logits: self.method.distillation_loss(model, inputs, logits))
         self.method.after_optimizer_step(model)  # masks set before training hold from step 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,

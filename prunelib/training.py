@@ -78,7 +78,8 @@ class ClassifierModule(L.LightningModule):
     """Cross-entropy classification around any ``nn.Module`` held at ``self.model``.
 
     ``extra_losses`` are callables returning scalar tensors added to the training loss
-    (regularisers a method attaches, e.g. gate polarisation).
+    (regularisers a method attaches, e.g. gate polarisation). ``batch_losses`` are callables
+    ``(inputs, logits) -> Tensor | None`` for terms that need the batch (knowledge distillation).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig | None = None, lr_start_epoch: int = 0,
@@ -90,15 +91,21 @@ class ClassifierModule(L.LightningModule):
         self.lr_total_epochs = lr_total_epochs
         self.lr = lr  # overrides config.lr for the current phase (fine-tuning)
         self.extra_losses: list[Any] = []
+        self.batch_losses: list[Any] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.cross_entropy(self.model(x), y)
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
         for extra in self.extra_losses:
             term = extra()
+            if term is not None:
+                loss = loss + term
+        for batch_term in self.batch_losses:
+            term = batch_term(x, logits)
             if term is not None:
                 loss = loss + term
         return loss
@@ -249,6 +256,7 @@ def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
     method.setup(model, datamodule)
     module = ClassifierModule(model, config)
     module.extra_losses.append(lambda: method.regularization(model))
+    module.batch_losses.append(lambda inputs, logits: method.distillation_loss(model, inputs, logits))
     history: list[dict[str, Any]] = []
     epochs_done = 0
     for index, phase in enumerate(phases):

@@ -21,7 +21,9 @@ __all__ = ["ConfigError", "SAMPLERS", "KNOWN_OBJECTIVES", "validate_config", "bu
 SAMPLERS = ("mo_tpe", "nsga2", "random")
 KNOWN_OBJECTIVES = ("val_acc", "val_loss", "flops_effective", "flops_physical", "flops_dense",
                     "params_effective", "params_physical", "params_dense", "sparsity", "wall_s",
-                    "epochs", "latency_ms", "val_fgsm_acc")
+                    "epochs", "latency_ms", "val_fgsm_acc",
+                    # KEN only (other methods do not report them): fraction reset to pretrained, delta file size
+                    "reverted_fraction", "kept_finetuned_params", "ken_file_bytes")
 
 
 def _number(where: str, value: Any, low: float | None = None, integer: bool = False,

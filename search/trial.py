@@ -170,6 +170,12 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
             raw_range = _RAW_INPUT_RANGE.get(ctx.data["name"], (0.0, 255.0))
             settings["input_interval"] = list(normalized_interval(datamodule.mean, datamodule.std, raw_range))
     method = build_method(method_name, **settings)
+    if getattr(method, "needs_pair", False):
+        # KEN: no training here; a (pretrained, fine-tuned) pair made once per config (or given).
+        from search.pair import run_ken_trial
+
+        return run_ken_trial(method, settings, overrides, ctx, datamodule, model, model_args, trial_cfg, device,
+                             trial_id=trial_id, trial_dir=trial_dir, start=start, data_s=data_s)
     config = TrainConfig(
         epochs=int(trial_cfg["epochs"]), finetune_epochs=int(trial_cfg.get("finetune_epochs", 0)),
         optimizer=trial_cfg.get("optimizer", "sgd"), lr=float(trial_cfg.get("lr", 0.05)),
@@ -214,6 +220,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         if trial_cfg.get("export_onnx"):
             export_onnx(smaller.model, out_dir / "surgered" / "model.onnx", input_shape)
         deployed, artifacts["surgered"] = smaller.model, str(out_dir / "surgered")
+    if hasattr(method, "write_artifacts") and method.write_artifacts(out_dir / "rl_pruner"):
+        artifacts["rl_pruner"] = str(out_dir / "rl_pruner")  # the learned layer distribution (JSON, PNG)
     metrics.update(latency(deployed))
     if trial_cfg.get("fgsm_epsilon") is not None:
         robust = fgsm_accuracy(deployed, datamodule.val_dataloader(), epsilon=float(trial_cfg["fgsm_epsilon"]))

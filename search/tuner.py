@@ -104,7 +104,10 @@ def _fmt_flops(value: Any) -> str:
 
 def _settings_text(row: dict[str, Any], limit: int = 3) -> str:
     items = [(k[len("param."):], v) for k, v in row.items() if k.startswith("param.")]
-    keep = [kv for kv in items if kv[0] in ("sparsity", "scope", "rounds", "rewind", "at")][:limit]
+    # The settings that say most about a trial first; other searched settings fill the rest.
+    first = ("sparsity", "target", "k", "k_fraction", "conv_ratio", "dense_ratio", "layers", "distribution",
+             "scope", "rounds", "num_partitions", "rewind", "at")
+    keep = sorted(items, key=lambda kv: first.index(kv[0]) if kv[0] in first else len(first))[:limit]
     return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in keep)
 
 

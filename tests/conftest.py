@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import pytest
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Cached (pretrained, fine-tuned) pairs of KEN trials: per test session, never the user's cache.
+os.environ.setdefault("PRUNESEARCH_CACHE", tempfile.mkdtemp(prefix="prunesearch-test-cache-"))
 
 REPO = Path(__file__).resolve().parent.parent
 

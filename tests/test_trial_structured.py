@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from prunelib.surgery import load_surgered
@@ -24,3 +26,15 @@ def test_paoding_trial_reports_physical_flops_fgsm_and_exports_the_smaller_model
     n_params = sum(p.numel() for p in smaller.parameters())
     assert n_params == row["params_physical"] < row["params_dense"]
     assert smaller(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_rl_pruner_trial_writes_its_learned_distribution_and_a_smaller_model(tmp_path):
+    cfg = compose(["+method=rl_pruner", "trial.epochs=2", "trial.finetune_epochs=1", "data.limit_train=400"])
+    ctx = TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"], space=build_search_space(cfg),
+                       objectives=[("val_acc", "max"), ("flops_physical", "min")])
+    row = run_trial({"method": "rl_pruner"}, ctx, trial_id="rl", trial_dir=tmp_path)
+    assert row["flops_physical"] < row["flops_dense"]
+    assert (tmp_path / "rl_pruner" / "rl_pruner_distribution.png").stat().st_size > 5000
+    history = json.loads((tmp_path / "rl_pruner" / "rl_pruner_distribution.json").read_text())
+    assert history  # the per-step distributions the method learned
+    assert (tmp_path / "surgered" / "structure.json").is_file()

@@ -42,6 +42,10 @@ from prunelib.methods.polarization import PolarizationGates  # noqa: E402
 register_method(BINGO)
 register_method(PolarizationGates)
 
+from prunelib.methods.ken import KEN  # noqa: E402
+
+register_method(KEN)
+
 from prunelib.methods.paoding import PAODING  # noqa: E402
 
 register_method(PAODING)
@@ -49,6 +53,10 @@ register_method(PAODING)
 from prunelib.methods.gap import GrowAndPrune  # noqa: E402
 
 register_method(GrowAndPrune)
+
+from prunelib.methods.rl_pruner import RLPruner  # noqa: E402
+
+register_method(RLPruner)
 
 
 def build_method(name: str, **settings: Any) -> PruningMethod:

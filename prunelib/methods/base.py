@@ -122,6 +122,13 @@ class PruningMethod:
         """
         return None
 
+    def distillation_loss(self, model: nn.Module, inputs: Tensor, logits: Tensor) -> Tensor | None:
+        """An extra loss term that needs the training batch: ``inputs`` and the model's
+        ``logits`` on them (None = nothing). Knowledge distillation (RL-Pruner) compares the
+        logits with a teacher's on the same inputs; the runner adds the term to the loss.
+        """
+        return None
+
     def after_optimizer_step(self, model: nn.Module) -> None:
         """Keep pruned weights at zero after the optimizer moved them."""
         if self.masks is not None:
