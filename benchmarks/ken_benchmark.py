@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import math
 import os
 import platform
 import sys
@@ -127,7 +126,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
             rmasks = random_rows_masks(ft, names, counts, args.seed)
             apply_ken(control, pre, rmasks)
             reverted = sum(int((~m).sum()) for m in rmasks.values()) / sum(p.numel() for p in ft.parameters())
-            record(f"  control: random, same k/row", control, reverted, None, None)
+            record("  control: random, same k/row", control, reverted, None, None)
     return rows
 
 

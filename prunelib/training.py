@@ -25,7 +25,7 @@ from torch import nn
 from prunelib.callbacks import PruningCallback
 from prunelib.flops import ModelCost, model_cost
 from prunelib.masks import MaskSet
-from prunelib.methods.base import Phase, PruningMethod
+from prunelib.methods.base import PruningMethod
 
 __all__ = ["ClassifierModule", "TrainConfig", "PruningResult", "evaluate", "run_pruning"]
 

@@ -10,17 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from search.tracking import find_trial_runs
 from search.tuner import run_sweep
-from tests.conftest import REPO, compose
+from tests.conftest import REPO, compose, free_port, serve
 
 pytestmark = pytest.mark.slow
 
@@ -33,27 +30,6 @@ QUIET_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev
                "--disable-default-apps", "--disable-extensions", "--no-first-run", "--metrics-recording-only",
                "--disable-domain-reliability", "--disable-client-side-phishing-detection",
                "--disable-features=OptimizationHints,MediaRouter,Translate", "--window-size=1400,1000"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(cmd: list[str], port: int, cwd: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        assert proc.poll() is None, f"{cmd[:4]} exited with {proc.returncode}"
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"{cmd[:4]} did not start listening on {port}")
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +70,8 @@ def test_dashboard_shows_the_front_and_a_clicked_trial(finished_sweep, browser):
     from selenium.webdriver.common.by import By
 
     tmp, uri, result = finished_sweep
-    port = _free_port()
-    server = _serve([sys.executable, "-m", "dashboards", "--tracking-uri", uri, "--port", str(port)], port, tmp)
+    port = free_port()
+    server = serve([sys.executable, "-m", "dashboards", "--tracking-uri", uri, "--port", str(port)], port, tmp)
     try:
         browser.get(f"http://127.0.0.1:{port}/")
         _wait(browser, lambda d: d.find_element(By.ID, "summary").get_attribute("data-trials") == "4",
@@ -129,8 +105,8 @@ def test_mlflow_ui_shows_the_sweep_and_its_trials(finished_sweep, browser):
     tmp, uri, result = finished_sweep
     children = find_trial_runs(uri, result.parent_run_id)
     experiment_id = _experiment_id(uri, result.parent_run_id)
-    port = _free_port()
-    server = _serve([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+    port = free_port()
+    server = serve([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                      "--port", str(port), "--workers", "1"], port, tmp)
     try:
         browser.get(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs")

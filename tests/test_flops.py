@@ -1,6 +1,5 @@
 """FLOPs and parameter counts against hand counts (1 multiply-add = 2 FLOPs, per sample)."""
 
-import pytest
 import torch
 from torch import nn
 

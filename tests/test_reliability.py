@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from mlflow import MlflowClient
 
 from prunelib.masks import MaskFileError, MaskMismatchError, MaskSet
 from prunelib.models import build_model
@@ -24,7 +21,7 @@ from search.faults import FaultPlan, InjectedFault
 from search.tracking import find_trial_runs
 from search.trial import TrialContext, run_trial
 from search.tuner import run_sweep
-from tests.conftest import compose
+from tests.conftest import compose, free_port, serve
 
 FAST = ["trial.epochs=2", "trial.finetune_epochs=1", "data.limit_train=400"]
 
@@ -130,31 +127,15 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, ray_local):
     assert states.count("FAIL") == 3 and states.count("COMPLETE") == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{tmp}/server.db",
-                             "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError("mlflow server did not start")
+    return serve([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{tmp}/server.db",
+                  "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"], port)
 
 
 @pytest.mark.slow
 def test_tracking_server_lost_mid_sweep_keeps_results_locally(tmp_path):
-    port = _free_port()
+    port = free_port()
     server = _start_mlflow_server(tmp_path, port)
     uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from search.tracking import find_trial_runs
-from tests.conftest import REPO, compose
+from tests.conftest import compose
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from prunelib.data import build_datamodule
 from prunelib.flops import model_cost

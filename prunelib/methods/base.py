@@ -16,7 +16,7 @@ Data-free methods implement only ``finalize`` (and ``plan`` returning no phases)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import Tensor, nn

@@ -16,7 +16,7 @@ from torch import nn
 from prunelib.importance import magnitude_scores, random_scores, scored_names, snip_scores
 from prunelib.masks import MaskSet
 from prunelib.methods.base import Phase, PruningMethod, train_then_finetune
-from prunelib.schedules import Cubic, IterativeRounds, OneShot
+from prunelib.schedules import Cubic, IterativeRounds
 from prunelib.distributions import distribution_from_settings, select_distributed
 
 __all__ = ["MagnitudePruning", "RandomPruning", "SNIP", "GradualMagnitudePruning",
