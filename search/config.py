@@ -85,14 +85,16 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _number("search.concurrency", search.get("concurrency", 1), 1, integer=True)
     if search.get("sampler") not in SAMPLERS:
         raise ConfigError(f"search.sampler: {search.get('sampler')!r} is not one of {list(SAMPLERS)}")
-    objectives = search.get("objectives") or []
+    pinned_objectives = (cfg.get("method") or {}).get("objectives")
+    where = "method.objectives" if pinned_objectives else "search.objectives"
+    objectives = pinned_objectives or search.get("objectives") or []
     if not objectives:
-        raise ConfigError("search.objectives: at least one objective is needed")
+        raise ConfigError(f"{where}: at least one objective is needed")
     for i, obj in enumerate(objectives):
         if obj.get("metric") not in KNOWN_OBJECTIVES:
-            raise ConfigError(f"search.objectives[{i}].metric: {obj.get('metric')!r} is not one of {list(KNOWN_OBJECTIVES)}")
+            raise ConfigError(f"{where}[{i}].metric: {obj.get('metric')!r} is not one of {list(KNOWN_OBJECTIVES)}")
         if obj.get("mode") not in ("max", "min"):
-            raise ConfigError(f"search.objectives[{i}].mode: {obj.get('mode')!r} must be 'max' or 'min'")
+            raise ConfigError(f"{where}[{i}].mode: {obj.get('mode')!r} must be 'max' or 'min'")
     if search.get("population_size") is not None:
         _number("search.population_size", search["population_size"], 2, integer=True)
 

@@ -66,8 +66,10 @@ class SweepResult:
 
 
 def objectives_of(cfg: dict[str, Any]) -> list[tuple[str, str]]:
-    """``[(metric, mode), ...]`` from ``search.objectives``."""
-    return [(o["metric"], o["mode"]) for o in cfg["search"]["objectives"]]
+    """``[(metric, mode), ...]``: a pinned method's own ``objectives`` (KEN: FLOPs do not move,
+    so it trades accuracy against the reverted fraction), else ``search.objectives``."""
+    objectives = (cfg.get("method") or {}).get("objectives") or cfg["search"]["objectives"]
+    return [(o["metric"], o["mode"]) for o in objectives]
 
 
 def make_sampler(search: dict[str, Any]) -> Any:
@@ -99,13 +101,13 @@ def _fmt_flops(value: Any) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(v) >= scale:
             return f"{v / scale:.2f}{unit}"
-    return f"{v:.0f}"
+    return f"{v:.0f}" if v == int(v) else f"{v:.4g}"  # fractions (reverted_fraction) stay readable
 
 
 def _settings_text(row: dict[str, Any], limit: int = 3) -> str:
     items = [(k[len("param."):], v) for k, v in row.items() if k.startswith("param.")]
     # The settings that say most about a trial first; other searched settings fill the rest.
-    first = ("sparsity", "target", "k", "k_fraction", "conv_ratio", "dense_ratio", "layers", "distribution",
+    first = ("sparsity", "target", "keep_fraction", "conv_ratio", "dense_ratio", "layers", "distribution",
              "scope", "rounds", "num_partitions", "rewind", "at")
     keep = sorted(items, key=lambda kv: first.index(kv[0]) if kv[0] in first else len(first))[:limit]
     return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in keep)

@@ -84,3 +84,15 @@ def test_bad_space_entries_name_the_key(space, fragment):
     with pytest.raises(ConfigError) as err:
         parse_space("m", space)
     assert fragment in str(err.value)
+
+
+def test_a_pinned_method_can_bring_its_own_objectives():
+    from search.config import validate_config
+    from search.tuner import objectives_of
+    from tests.conftest import compose
+
+    assert objectives_of(compose(["+method=ken"])) == [("val_acc", "max"), ("reverted_fraction", "max")]
+    assert objectives_of(compose(["+method=magnitude"])) == [("val_acc", "max"), ("flops_effective", "min")]
+    bad = compose(["+method=ken", "method.objectives.1.metric=nonsense"])
+    with pytest.raises(ConfigError, match=r"method.objectives\[1\].metric: 'nonsense'"):
+        validate_config(bad)
