@@ -308,6 +308,28 @@ def _init_ray(cluster: dict[str, Any]) -> None:
         ray.init(**kwargs)
 
 
+def _auto_gpu_fraction(cfg: dict[str, Any]) -> float:
+    """``trial.gpus=auto``: probe the model on one GPU of the cluster (see search.packing)."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        print("trial.gpus=auto: no GPU in the Ray cluster; trials run on CPU", flush=True)
+        return 0.0
+    from search.packing import probe_gpu_fraction
+
+    probe = ray.remote(num_gpus=1)(probe_gpu_fraction)
+    report = ray.get(probe.remote(cfg["data"], cfg["model"], cfg["trial"]))
+    times = ", ".join(f"x{m}: {1000 * t:.2f} ms" for m, t in report["step_seconds"].items())
+    print(f"trial.gpus=auto on {report['gpu']}: step time by batch multiple {times}; peak "
+          f"{report['peak_bytes'] / 2**20:.0f} MiB of {report['total_bytes'] / 2**30:.0f} GiB -> "
+          f"{report['trials_per_gpu']} trials per GPU (trial.gpus={report['fraction']:.4g})", flush=True)
+    total_gpus = int(ray.cluster_resources().get("GPU", 0))
+    wanted = report["trials_per_gpu"] * total_gpus
+    if int(cfg["search"].get("concurrency", 1)) < wanted:
+        print(f"hint: search.concurrency={wanted} would keep all {total_gpus} GPU(s) packed", flush=True)
+    return float(report["fraction"])
+
+
 def _tracking_uri(tracking: dict[str, Any]) -> str:
     uri = tracking.get("uri")
     if not uri:
@@ -399,9 +421,6 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
 
     validate_config(cfg)
     check_data_available(cfg["data"])
-    if cfg["trial"].get("gpus") == "auto":
-        raise ConfigError("trial.gpus: 'auto' (throughput-probed GPU packing) is not available yet; "
-                          "give a number, e.g. trial.gpus=0.25")
     space = build_search_space(cfg)
     objectives = objectives_of(cfg)
     search = cfg["search"]
@@ -447,6 +466,8 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
     state_path.write_text(json.dumps(state, indent=1))
 
     _init_ray(cfg.get("cluster") or {})
+    if cfg["trial"].get("gpus") == "auto":
+        cfg = {**cfg, "trial": {**cfg["trial"], "gpus": _auto_gpu_fraction(cfg)}}
     asha = search.get("asha") or {}
     ctx = TrialContext(data=dict(cfg["data"]), model=dict(cfg["model"]), trial=dict(cfg["trial"]),
                        space=space, objectives=objectives, tracking=tracking,
