@@ -315,7 +315,7 @@ def run_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str, An
     from prunelib.flops import model_cost
     from prunelib.ken_storage import save_ken_delta
     from prunelib.ken_viz import ken_pictures
-    from search.trial import TrialFailed
+    from search.trial import TrialFailed, measure_latency_ms, record_trial, trial_output_dir, wants_latency
 
     plan = method.pair_plan()
     if plan.pretrained is not None and plan.finetuned is not None:
@@ -357,14 +357,11 @@ def run_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str, An
         "extra_forward_passes": 0, "extra_backward_passes": 0, "extra_params": 0, **cost.as_dict()}
     if bool(trial_cfg.get("evaluate_test", True)):
         metrics["test_acc"] = evaluate(ft, datamodule.test_dataloader())["acc"]
-    if any(m == "latency_ms" for m, _ in ctx.objectives) or bool(trial_cfg.get("measure_latency")):
-        from search.trial import measure_latency_ms
-
+    if wants_latency(ctx, trial_cfg):
         metrics["latency_ms"] = measure_latency_ms(ft, input_shape, int(trial_cfg.get("latency_batch_size", 256)),
                                                    device=device)
 
-    out_dir = Path(trial_dir) if trial_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"prunesearch-{trial_id}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = trial_output_dir(trial_dir, trial_id)
     delta = save_ken_delta(out_dir / "ken_delta.safetensors", pre, ft, masks.masks, finetuned=finetuned_state,
                            method="ken", config=settings, trial_id=trial_id, data=ctx.data["name"],
                            model_name=ctx.model["name"], model_args=model_args)
@@ -376,19 +373,8 @@ def run_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str, An
     pictures = out_dir / "ken_viz"
     ken_pictures(masks.masks, finetuned_state, pictures)
     metrics["wall_s"] = time.perf_counter() - start
-    row: dict[str, Any] = {
-        **metrics, "method": "ken", "trial_id": trial_id, "masks_path": str(masks_path),
-        "ken_delta_path": str(delta.path), "data_load_s": data_s, "trial_wall_s": time.perf_counter() - start,
-        **{f"param.{k}": v for k, v in settings.items()},
-        **{f"trial.{k}": v for k, v in overrides.items()},
-    }
-    if ctx.tracking:
-        from search.tracking import log_trial_run
-
-        row["mlflow_run_id"] = log_trial_run(
-            ctx.tracking["uri"], ctx.tracking["experiment_id"], ctx.tracking["parent_run_id"], trial_id,
-            params={"method": "ken", **settings, **{f"trial.{k}": v for k, v in overrides.items()}},
-            metrics={**metrics, "method": "ken", "masks_path": str(masks_path)},
-            artifacts={"masks": str(masks_path), "ken": str(delta.path), "ken_viz": str(pictures),
-                       "layers": str(out_dir / "layer_kept_fraction.json")})
-    return row
+    return record_trial(ctx, trial_id, "ken", settings, overrides, metrics, out_dir,
+                        extra={"masks_path": str(masks_path), "ken_delta_path": str(delta.path),
+                               "data_load_s": data_s, "trial_wall_s": time.perf_counter() - start},
+                        artifacts={"masks": str(masks_path), "ken": str(delta.path), "ken_viz": str(pictures),
+                                   "layers": str(out_dir / "layer_kept_fraction.json")})

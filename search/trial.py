@@ -34,9 +34,6 @@ __all__ = ["TrialContext", "TrialFailed", "run_trial", "ray_trainable"]
 
 log = logging.getLogger("search")
 
-# Raw input value range per data set (before normalisation); 8-bit images are 0..255.
-_RAW_INPUT_RANGE = {"digits": (0.0, 16.0)}
-
 # Per-process cache: (data config, device) -> datamodule. Kept across trials on one worker.
 _DATA_CACHE: dict[str, Any] = {}
 
@@ -160,15 +157,6 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         model_args["target"] = ctx.model["_target_"]
     model = build_model(ctx.model["name"], tuple(datamodule.input_shape), datamodule.num_classes,
                         **model_args).to(device)
-    if method_name == "paoding" and settings.get("input_interval") is None:
-        # PAODING's interval arithmetic needs the box of the (normalised) inputs: derive it from
-        # the data's normalisation rather than reading any sample (else the library default).
-        from prunelib.methods.paoding import normalized_interval
-
-        settings = {k: v for k, v in settings.items() if k != "input_interval"}
-        if datamodule.mean is not None:
-            raw_range = _RAW_INPUT_RANGE.get(ctx.data["name"], (0.0, 255.0))
-            settings["input_interval"] = list(normalized_interval(datamodule.mean, datamodule.std, raw_range))
     method = build_method(method_name, **settings)
     if getattr(method, "needs_pair", False):
         # KEN: no training here; a (pretrained, fine-tuned) pair made once per config (or given).
@@ -186,7 +174,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         precision=str(trial_cfg.get("precision", "32-true")), progress=False,
         # Per-epoch validation only when ASHA needs the intermediate results.
         val_every_n_epochs=1 if (report is not None and ctx.report_every_epoch) else 0)
-    want_latency = any(m == "latency_ms" for m, _ in ctx.objectives) or bool(trial_cfg.get("measure_latency"))
+    want_latency = wants_latency(ctx, trial_cfg)
     input_shape = tuple(datamodule.input_shape)
     latency_batch = int(trial_cfg.get("latency_batch_size", 256))
 
@@ -207,8 +195,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     if not math.isfinite(metrics["val_loss"]) or math.isnan(metrics["val_acc"]):
         raise TrialFailed(f"trial {trial_id}: loss became NaN (lr={config.lr}); the result is unusable")
 
-    out_dir = Path(trial_dir) if trial_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"prunesearch-{trial_id}"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = trial_output_dir(trial_dir, trial_id)
     # Structured masks: the physically smaller model is the one to keep, time and export.
     deployed, artifacts = model, {}
     if has_structured_masks(result.masks):
@@ -220,8 +207,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         if trial_cfg.get("export_onnx"):
             export_onnx(smaller.model, out_dir / "surgered" / "model.onnx", input_shape)
         deployed, artifacts["surgered"] = smaller.model, str(out_dir / "surgered")
-    if hasattr(method, "write_artifacts") and method.write_artifacts(out_dir / "rl_pruner"):
-        artifacts["rl_pruner"] = str(out_dir / "rl_pruner")  # the learned layer distribution (JSON, PNG)
+    if method.write_artifacts(out_dir / method_name):  # e.g. RL-Pruner's learned layer distribution
+        artifacts[method_name] = str(out_dir / method_name)
     metrics.update(latency(deployed))
     if trial_cfg.get("fgsm_epsilon") is not None:
         robust = fgsm_accuracy(deployed, datamodule.val_dataloader(), epsilon=float(trial_cfg["fgsm_epsilon"]))
@@ -232,11 +219,38 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
                                    model_args=model_args)
     layer_sparsity = result.masks.layer_sparsity(model)
     (out_dir / "layer_sparsity.json").write_text(json.dumps(layer_sparsity, indent=1))
+    return record_trial(ctx, trial_id, method_name, settings, overrides, metrics, out_dir,
+                        extra={"masks_path": str(masks_path), "data_load_s": data_s,
+                               "trial_wall_s": time.perf_counter() - start},
+                        artifacts={"masks": str(masks_path), "layers": str(out_dir / "layer_sparsity.json"),
+                                   **artifacts})
+
+
+def trial_output_dir(trial_dir: str | os.PathLike | None, trial_id: str) -> Path:
+    """Where a trial writes its files: ``trial_dir`` (Ray's) or a temporary directory, created."""
+    out_dir = Path(trial_dir) if trial_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"prunesearch-{trial_id}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def wants_latency(ctx: TrialContext, trial_cfg: dict[str, Any]) -> bool:
+    """Whether the trial measures forward latency (an objective needs it, or it was asked for)."""
+    return any(m == "latency_ms" for m, _ in ctx.objectives) or bool(trial_cfg.get("measure_latency"))
+
+
+def record_trial(ctx: TrialContext, trial_id: str, method_name: str, settings: dict[str, Any],
+                 overrides: dict[str, Any], metrics: dict[str, Any], out_dir: Path, *,
+                 extra: dict[str, Any], artifacts: dict[str, str]) -> dict[str, Any]:
+    """Build a finished trial's row, log it to MLflow and keep it beside its files; returns the row.
+
+    ``extra`` holds non-metric results (``masks_path`` required, paths, timings); ``artifacts``
+    maps MLflow artifact folders to local files or directories. A tracking outage does not
+    lose the trial: the row records ``mlflow_unlogged`` and ``trial_result.json`` is written anyway.
+    """
+    trial_params = {f"trial.{k}": v for k, v in overrides.items()}
     row: dict[str, Any] = {
-        **metrics, "method": method_name, "trial_id": trial_id, "masks_path": str(masks_path),
-        "data_load_s": data_s, "trial_wall_s": time.perf_counter() - start,
-        **{f"param.{k}": v for k, v in settings.items()},
-        **{f"trial.{k}": v for k, v in overrides.items()},
+        **metrics, "method": method_name, "trial_id": trial_id, **extra,
+        **{f"param.{k}": v for k, v in settings.items()}, **trial_params,
     }
     if ctx.tracking:
         from search.tracking import log_trial_run
@@ -244,9 +258,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         try:
             row["mlflow_run_id"] = log_trial_run(
                 ctx.tracking["uri"], ctx.tracking["experiment_id"], ctx.tracking["parent_run_id"],
-                trial_id, params={"method": method_name, **settings, **{f"trial.{k}": v for k, v in overrides.items()}},
-                metrics={**metrics, "method": method_name, "masks_path": str(masks_path)},
-                artifacts={"masks": str(masks_path), "layers": str(out_dir / "layer_sparsity.json"), **artifacts})
+                trial_id, params={"method": method_name, **settings, **trial_params},
+                metrics={**metrics, "method": method_name, "masks_path": extra["masks_path"]},
+                artifacts=artifacts)
         except Exception as exc:  # a tracking outage must not throw away a finished trial
             row["mlflow_unlogged"] = f"{type(exc).__name__}: {exc}"[:500]
             log.warning("trial %s: could not log to MLflow (%s); its result stays in %s", trial_id,

@@ -11,6 +11,8 @@ stratified, by ``seed``; the test split is the data set's own (digits: a fixed 2
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
@@ -27,6 +29,7 @@ __all__ = [
     "RawDataset",
     "ResidentBatches",
     "build_datamodule",
+    "normalized_interval",
     "read_idx",
     "write_idx",
 ]
@@ -46,6 +49,19 @@ def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
         # Stratification needs >= 2 samples per class and room for every class (tiny sets).
         keep, held = train_test_split(idx, test_size=fraction, random_state=seed)
     return np.asarray(keep), np.asarray(held)
+
+
+def normalized_interval(mean: Sequence[float], std: Sequence[float],
+                        raw_range: tuple[float, float] = (0.0, 255.0)) -> tuple[float, float]:
+    """The input box, in normalised units, of data normalised as ``(raw - mean) / std``.
+
+    Args:
+        mean, std: per-channel statistics in raw units (e.g. a data module's ``mean``/``std``).
+        raw_range: the raw value range (0..255 for 8-bit images, 0..16 for scikit-learn digits).
+    """
+    lows = [(raw_range[0] - m) / s for m, s in zip(mean, std)]
+    highs = [(raw_range[1] - m) / s for m, s in zip(mean, std)]
+    return float(min(lows)), float(max(highs))
 
 
 def build_datamodule(
@@ -126,4 +142,5 @@ def build_datamodule(
         device=device,
     )
     dm.mean, dm.std = [float(m) for m in mean], [float(s) for s in std]
+    dm.input_range = normalized_interval(dm.mean, dm.std, (float(x_train.min()), float(x_train.max())))
     return dm

@@ -129,6 +129,9 @@ class ArrayDataModule(lightning.LightningDataModule):
         self.input_shape: tuple[int, int, int] = (shape[0], shape[1], shape[2])
         self.mean: list[float] | None = None
         self.std: list[float] | None = None
+        # (lo, hi) of the normalised inputs, from the training split's raw range (set by
+        # build_datamodule): data-free methods bound activations with it (PAODING).
+        self.input_range: tuple[float, float] | None = None
         self.to(device)
 
     # -- tensors --------------------------------------------------------------------------

@@ -16,7 +16,9 @@ Data-free methods implement only ``finalize`` (and ``plan`` returning no phases)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -136,6 +138,11 @@ class PruningMethod:
 
     def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:
         """Called after each phase (one-shot cuts at the end of training happen here)."""
+
+    def write_artifacts(self, directory: str | os.PathLike) -> list[Path]:
+        """Write what the method learned besides masks (pictures, logs) into ``directory``;
+        returns the files written. Nothing by default (RL-Pruner writes its distribution)."""
+        return []
 
     def finalize(self, model: nn.Module) -> MaskSet:
         """The final masks (applied to ``model``); the method's result."""

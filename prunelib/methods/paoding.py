@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelib.data import normalized_interval  # noqa: F401  (public here too: PAODING's input box)
 from prunelib.masks import MaskSet, sparsity_report
 from prunelib.methods.base import Phase, PruningMethod
 from prunelib.surgery import ChannelGroup, channel_groups, complete_channel_masks
@@ -85,19 +86,6 @@ _LIPSCHITZ = {nn.Sigmoid: 0.25}
 
 
 DEFAULT_INPUT_INTERVAL = (-3.0, 3.0)
-
-
-def normalized_interval(mean: Sequence[float], std: Sequence[float],
-                        raw_range: tuple[float, float] = (0.0, 255.0)) -> tuple[float, float]:
-    """The input box, in normalised units, of data normalised as ``(raw - mean) / std``.
-
-    Args:
-        mean, std: per-channel statistics in raw units (e.g. a data module's ``mean``/``std``).
-        raw_range: the raw value range (0..255 for 8-bit images, 0..16 for scikit-learn digits).
-    """
-    lows = [(raw_range[0] - m) / s for m, s in zip(mean, std)]
-    highs = [(raw_range[1] - m) / s for m, s in zip(mean, std)]
-    return float(min(lows)), float(max(highs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +272,7 @@ class PAODING(PruningMethod):
         bias_aware: include the bias term in the pair saliency.
         input_interval: ``(lo, hi)`` box of the model's inputs in the units it receives
             (normalised): e.g. :func:`normalized_interval` of the data module's statistics.
+            None: the data module's ``input_range`` at :meth:`setup` (else (-3, 3)).
             Default (-3, 3): three standard deviations around the mean.
         input_shape: one sample's shape ``(C, H, W)``; taken from the data module when one is
             given to :meth:`setup`, needed here otherwise.
@@ -322,10 +311,8 @@ class PAODING(PruningMethod):
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         if int(pooling_multiplier) < 1:
             raise ValueError(f"pooling_multiplier must be >= 1, got {pooling_multiplier}")
-        # None = not known from the data: three standard deviations around a normalised mean.
-        interval = tuple(float(v) for v in (input_interval if input_interval is not None
-                                            else DEFAULT_INPUT_INTERVAL))
-        if len(interval) != 2 or not interval[0] < interval[1]:
+        interval = None if input_interval is None else tuple(float(v) for v in input_interval)
+        if interval is not None and (len(interval) != 2 or not interval[0] < interval[1]):
             raise ValueError(f"input_interval must be (lo, hi) with lo < hi, got {input_interval}")
         if int(min_channels) < 1:
             raise ValueError(f"min_channels must be >= 1, got {min_channels}")
@@ -337,7 +324,7 @@ class PAODING(PruningMethod):
         self.beta = float(beta)
         self.pooling_multiplier = int(pooling_multiplier)
         self.bias_aware = bool(bias_aware)
-        self.input_interval = list(interval)
+        self.input_interval = None if interval is None else list(interval)
         self.input_shape = None if input_shape is None else [int(s) for s in input_shape]
         self.pretrain = bool(pretrain)
         self.finetune = bool(finetune)
@@ -357,6 +344,10 @@ class PAODING(PruningMethod):
     def setup(self, model: nn.Module, datamodule: Any | None = None) -> None:
         """Record the input shape (from ``datamodule.input_shape`` if given: no sample is read)."""
         super().setup(model, datamodule)
+        if self.input_interval is None:
+            # From the data module's statistics (no sample is read), else the library default.
+            box = getattr(datamodule, "input_range", None) if datamodule is not None else None
+            self.input_interval = list(box if box is not None else DEFAULT_INPUT_INTERVAL)
         shape = getattr(datamodule, "input_shape", None) if datamodule is not None else None
         if shape:
             self.input_shape = [int(s) for s in shape]
@@ -529,8 +520,9 @@ class PAODING(PruningMethod):
                          shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor] | None:
         """Interval box of the chain's first Linear input, propagated from ``input_interval``
         through the modules before it (None when they are not a plain chain of supported ops)."""
-        lo = torch.full((1, *shape), self.input_interval[0], device=device, dtype=torch.float64)
-        hi = torch.full((1, *shape), self.input_interval[1], device=device, dtype=torch.float64)
+        box_lo, box_hi = self.input_interval or DEFAULT_INPUT_INTERVAL  # None when setup() was skipped
+        lo = torch.full((1, *shape), box_lo, device=device, dtype=torch.float64)
+        hi = torch.full((1, *shape), box_hi, device=device, dtype=torch.float64)
         last = x_id
         for call in calls[: chain.start]:
             if call.inp != last:
