@@ -251,17 +251,7 @@ def _make_budget_limiter_class() -> type:
             self.orphan_ids = None  # recount against the store after every restore
 
         def _count_orphans(self) -> list[str]:
-            if not self.tracking:
-                return []
-            from search.tracking import find_trial_runs
-
-            try:
-                logged = {r["trial_id"] for r in find_trial_runs(self.tracking["uri"],
-                                                                 self.tracking["parent_run_id"])}
-            except Exception as exc:  # an unreachable store must not stop the sweep
-                log.warning("could not count the trials already in MLflow: %s", exc)
-                return []
-            return sorted(logged - self.suggested_ids)
+            return sorted({r["trial_id"] for r in _logged_trials(self.tracking)} - self.suggested_ids)
 
         def suggest(self, trial_id: str) -> dict | str | None:
             if self.orphan_ids is None:
@@ -392,18 +382,22 @@ def _last_line(error: Any) -> str:
     return lines[-1][:200] if lines else "no reason recorded"
 
 
-def _orphan_rows(tracking: dict[str, str] | None, known_ids: set[str]) -> list[dict[str, Any]]:
-    """Finished trials logged in MLflow that the restored Tuner does not know (see BudgetLimiter)."""
+def _logged_trials(tracking: dict[str, str] | None) -> list[dict[str, Any]]:
+    """The sweep's trials already in MLflow ([] without tracking, or when the store is unreachable)."""
     if not tracking:
         return []
     from search.tracking import find_trial_runs
 
     try:
-        runs = find_trial_runs(tracking["uri"], tracking["parent_run_id"])
-    except Exception as exc:
+        return find_trial_runs(tracking["uri"], tracking["parent_run_id"])
+    except Exception as exc:  # an unreachable store must not stop the sweep
         log.warning("could not read the trials already in MLflow: %s", exc)
         return []
-    return [{**r, "final_result": True} for r in runs
+
+
+def _orphan_rows(tracking: dict[str, str] | None, known_ids: set[str]) -> list[dict[str, Any]]:
+    """Finished trials logged in MLflow that the restored Tuner does not know (see BudgetLimiter)."""
+    return [{**r, "final_result": True} for r in _logged_trials(tracking)
             if r["status"] == "ok" and str(r["trial_id"]) not in known_ids]
 
 

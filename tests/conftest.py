@@ -81,3 +81,19 @@ def serve(cmd: list[str], port: int, cwd: Path | None = None, timeout: float = 9
             time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGKILL)
     raise AssertionError(f"{cmd[:4]} did not start listening on {port}")
+
+
+def sampled_settings(space: Any, method: str, n: int = 5, seed: int = 0) -> list[dict[str, Any]]:
+    """Method settings for ``n`` random draws from a pinned search space (as a trial gets them)."""
+    import optuna
+
+    from search.space import settings_from_params
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        space(trial)
+        out.append(settings_from_params(space, {"method": method, **trial.params})[1])
+        study.tell(trial, [0.5, 1.0])
+    return out

@@ -371,10 +371,9 @@ def test_bad_settings_name_the_key():
 
 
 def test_bingo_yaml_loads_into_the_search_space_and_matches_the_constructor():
-    import optuna
-
     from search.config import _check_method_settings
-    from search.space import SearchSpace, load_method_configs, settings_from_params
+    from search.space import SearchSpace, load_method_configs
+    from tests.conftest import sampled_settings
 
     cfg = load_method_configs()["bingo"]
     accepted = inspect.signature(BINGO.__init__).parameters
@@ -389,11 +388,5 @@ def test_bingo_yaml_loads_into_the_search_space_and_matches_the_constructor():
     space = SearchSpace({"bingo": cfg}, pinned=True)
     dists = space.distributions("bingo")
     assert dists["bingo.probe_frac"].log and dists["bingo.sparsity"].high == 0.97
-    study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=optuna.samplers.RandomSampler(0))
-    for _ in range(5):
-        trial = study.ask()
-        space(trial)
-        _, settings, _ = settings_from_params(space, {"method": "bingo", **trial.params})
+    for settings in sampled_settings(space, "bingo"):
         BINGO(**settings)
-        study.tell(trial, [0.5, 1.0])

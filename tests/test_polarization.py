@@ -34,14 +34,6 @@ LIMIT = 512  # 8 optimizer steps per epoch
 EPOCHS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def dm():
     return build_datamodule("digits", limit_train=LIMIT, batch_size=BATCH)
@@ -269,10 +261,9 @@ def test_standalone_callback_trains_the_gates_and_removes_them(dm):
 # Config
 # ------------------------------------------------------------------------------------------
 def test_polarization_yaml_matches_the_constructor_and_loads_into_the_search_space():
-    import optuna
-
     from search.config import _check_method_settings
-    from search.space import SearchSpace, load_method_configs, settings_from_params
+    from search.space import SearchSpace, load_method_configs
+    from tests.conftest import sampled_settings
 
     cfg = load_method_configs()["polarization"]
     accepted = inspect.signature(PolarizationGates.__init__).parameters
@@ -288,13 +279,7 @@ def test_polarization_yaml_matches_the_constructor_and_loads_into_the_search_spa
     dists = space.distributions("polarization")
     assert dists["polarization.lambda_s"].log and dists["polarization.lambda_p"].log
     assert dists["polarization.sparsity"].low == 0.3 and dists["polarization.sparsity"].high == 0.9
-    study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=optuna.samplers.RandomSampler(0))
-    for _ in range(5):
-        trial = study.ask()
-        space(trial)
-        _, settings, _ = settings_from_params(space, {"method": "polarization", **trial.params})
+    for settings in sampled_settings(space, "polarization"):
         PolarizationGates(**settings)
-        study.tell(trial, [0.5, 1.0])
     with pytest.raises(ValueError, match="polarization"):
         PolarizationGates(polarization="l1")
