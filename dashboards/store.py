@@ -14,6 +14,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 from search import pareto
+from search.commands import export_command
 from search.tracking import TAG_ROLE, find_trial_runs
 
 __all__ = ["list_sweeps", "sweep_detail", "trial_detail", "artifact_file"]
@@ -118,6 +119,5 @@ def trial_detail(client: MlflowClient, run_id: str, parent_run_id: str, uri: str
         "error": run.data.tags.get("prunesearch.error"),
         "layer_sparsity": layers,
         "images": [p for p in paths if p.lower().endswith(_IMAGE_SUFFIXES)],
-        "export_command": (f"python -m search.export run_id={parent_run_id} select=trial:{trial_id} "
-                           f"out=masks-{trial_id}.safetensors tracking.uri={uri}"),
+        "export_command": export_command(parent_run_id, f"trial:{trial_id}", f"masks-{trial_id}.safetensors", uri),
     }

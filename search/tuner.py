@@ -32,6 +32,7 @@ from typing import Any
 import pandas as pd
 
 from search import pareto
+from search.commands import export_command, shell_command
 from search.config import build_search_space, check_data_available, validate_config
 from search.space import ConfigError
 from search.trial import TrialContext, ray_trainable
@@ -548,10 +549,10 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
             tracker.client.log_artifacts(tracker.run_id, str(front_dir), artifact_path="front_export")
             tracker.client.log_metric(tracker.run_id, "final_hypervolume", float(hv))
             tracker.finish("FINISHED")
-            print(f"MLflow: mlflow ui --backend-store-uri {tracking['uri']}  (parent run "
+            print(f"MLflow: {shell_command(['mlflow', 'ui', '--backend-store-uri', tracking['uri']])}  (parent run "
                   f"{tracking['parent_run_id']})", flush=True)
-            print(f"export one point: python -m search.export run_id={tracking['parent_run_id']} "
-                  f"select=knee out=masks.safetensors tracking.uri={tracking['uri']}", flush=True)
+            print("export one point: " + export_command(tracking["parent_run_id"], "knee", "masks.safetensors",
+                                                         tracking["uri"]), flush=True)
         except Exception as exc:
             print(f"warning: could not log the final front to MLflow ({exc}); it is in {front_dir}",
                   file=sys.stderr, flush=True)
