@@ -930,6 +930,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if suite.pool is not None:
             suite.pool.close()
+    # The GPU machine has none of these: the suite must not need them.
+    report["absent_on_gpu_machine_but_loaded"] = sorted(
+        m for m in ("ray", "optuna", "mlflow", "hydra", "omegaconf") if m in sys.modules)
+    (out / "suite.json").write_text(json.dumps(report, indent=1, default=str))
     say(f"gpu_suite finished in {time.monotonic() - budget.start:.0f}s")
     for part in PARTS:
         path = out / TABLES[part][0]

@@ -67,6 +67,7 @@ def test_smoke_run_writes_every_table_with_its_columns(tmp_path):
     assert "ignored" in settings["cuda_graphs"][9]  # no CUDA graphs on a CPU, said so
     report = json.loads((tmp_path / "suite.json").read_text())
     assert set(report["parts"]) == set(suite.PARTS) and report["environment"]["device"] == "cpu"
+    assert report["absent_on_gpu_machine_but_loaded"] == []  # no Ray, Optuna, MLflow or Hydra needed
 
 
 def test_budget_skips_work_that_would_overrun():
