@@ -258,6 +258,18 @@ class Budget:
         return self.left() >= estimate_s
 
 
+@contextlib.contextmanager
+def unit(table: Table, label: str) -> Iterator[None]:
+    """One measurement of a part: if it fails, note it (one line; the traceback goes to the log)
+    and let the part go on with the next one."""
+    try:
+        yield
+    except Exception as exc:
+        traceback.print_exc()
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        table.note(f"failed: {label}: {type(exc).__name__}: {first}"[:400])
+
+
 # --------------------------------------------------------------------------------------------
 # Data, timing helpers
 # --------------------------------------------------------------------------------------------
@@ -548,6 +560,34 @@ class Suite:
                 "device": self.device, "root": self.root, "sizes": self.sizes, **extra}
 
 
+def _throughput_row(s: Suite, table: Table, dm: ArrayDataModule, warm: ArrayDataModule, name: str,
+                    width: float, epochs: int, precision: str) -> None:
+    """One row of (a): warm up, then alternate plain loop and runner ``a_repeats`` times."""
+    t0 = time.monotonic()
+    torch.manual_seed(0)
+    plain_loop(build_model(name, dm.input_shape, dm.num_classes, width=width).to(s.device), warm, 1,
+               precision, s.device)
+    run_timed_trial(s.spec(name, width, 1, precision, train_samples=s.sizes.warmup_samples), s.cache)
+    plains, runners = [], []
+    for _ in range(s.sizes.a_repeats):
+        torch.manual_seed(0)
+        model = build_model(name, dm.input_shape, dm.num_classes, width=width).to(s.device)
+        plains.append(plain_loop(model, dm, epochs, precision, s.device))
+        runners.append(run_timed_trial(s.spec(name, width, epochs, precision), s.cache))
+    plain = max(plains, key=lambda r: r["steady"])
+    runner = max(runners, key=lambda r: r["steady"])
+    plain_trial = min(r["wall_s"] for r in plains)
+    runner_trial = min(r["wall_s"] for r in runners)
+    cells = {"model": f"{name} (width {width:g})", "precision": precision, "epochs": epochs,
+             "batch": s.sizes.batch_size, "steps": runner["steps"], "plain samples/s": plain["steady"],
+             "runner samples/s": runner["steady"], "steady ratio": runner["steady"] / plain["steady"],
+             "plain trial s": plain_trial, "runner trial s": runner_trial,
+             "trial ratio": (runner["samples"] / runner_trial) / (plain["samples"] / plain_trial),
+             "runner first step s": runner["first_step_s"]}
+    table.add(cells, {**cells, "plain_runs": plains, "runner_runs": runners, "_seconds": time.monotonic() - t0})
+    say(f"(a) {name} {precision}: steady ratio {cells['steady ratio']:.3f}, trial ratio {cells['trial ratio']:.3f}")
+
+
 def part_a(s: Suite, table: Table) -> None:
     dm = s.data()
     table.setup = (f"Fashion-MNIST ({dm.sizes['train']:,} training samples resident on {s.device}), batch "
@@ -562,29 +602,8 @@ def part_a(s: Suite, table: Table) -> None:
             if not s.budget.fits(est):
                 table.note(f"skipped (time budget): {name} {precision} and after")
                 return
-            t0 = time.monotonic()
-            torch.manual_seed(0)
-            plain_loop(build_model(name, dm.input_shape, dm.num_classes, width=width).to(s.device), warm, 1,
-                       precision, s.device)
-            run_timed_trial(s.spec(name, width, 1, precision, train_samples=s.sizes.warmup_samples), s.cache)
-            plains, runners = [], []
-            for _ in range(s.sizes.a_repeats):
-                torch.manual_seed(0)
-                model = build_model(name, dm.input_shape, dm.num_classes, width=width).to(s.device)
-                plains.append(plain_loop(model, dm, epochs, precision, s.device))
-                runners.append(run_timed_trial(s.spec(name, width, epochs, precision), s.cache))
-            plain = max(plains, key=lambda r: r["steady"])
-            runner = max(runners, key=lambda r: r["steady"])
-            plain_trial = min(r["wall_s"] for r in plains)
-            runner_trial = min(r["wall_s"] for r in runners)
-            cells = {"model": f"{name} (width {width:g})", "precision": precision, "epochs": epochs,
-                     "batch": s.sizes.batch_size, "steps": runner["steps"], "plain samples/s": plain["steady"],
-                     "runner samples/s": runner["steady"], "steady ratio": runner["steady"] / plain["steady"],
-                     "plain trial s": plain_trial, "runner trial s": runner_trial,
-                     "trial ratio": (runner["samples"] / runner_trial) / (plain["samples"] / plain_trial),
-                     "runner first step s": runner["first_step_s"]}
-            table.add(cells, {**cells, "plain_runs": plains, "runner_runs": runners, "_seconds": time.monotonic() - t0})
-            say(f"(a) {name} {precision}: steady ratio {cells['steady ratio']:.3f}, trial ratio {cells['trial ratio']:.3f}")
+            with unit(table, f"{name} {precision}"):
+                _throughput_row(s, table, dm, warm, name, width, epochs, precision)
     table.note("target: steady ratio >= 0.9 (the runner's per-step overhead is small next to the step)")
 
 
@@ -683,10 +702,71 @@ def _method_settings(method: str, fraction: float, sizes: Sizes) -> dict[str, An
     raise ValueError(f"unknown method {method!r}")
 
 
+def _pruned(s: Suite, dense: nn.Module, dm: ArrayDataModule, method: str, fraction: float) -> dict[int | None, nn.Module]:
+    """The physically smaller models of ``method`` at ``fraction``, one per ``round_to`` of the sizes."""
+    sz, shape = s.sizes, tuple(dm.input_shape)
+    if method == "tp_l1":
+        return {r: tp_l1_prune(dense, shape, fraction, round_to=r) for r in sz.d_round_to}
+    work = copy.deepcopy(dense).train()
+    epochs = sz.d_epochs if method in ("polarization", "bingo") else 0
+    config = TrainConfig(epochs=epochs, finetune_epochs=0, accelerator=accelerator(s.device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. BINGO's "beyond what neuron pruning can reach"
+        result = run_pruning(work, dm, build_method(method, **_method_settings(method, fraction, sz)), config, seed=0)
+    return {r: surgery(work, result.masks, shape, round_to=r).model for r in sz.d_round_to}
+
+
+def _speed_rows(s: Suite, table: Table, net: nn.Module, shape: tuple[int, ...], dense_ms: dict[int, float], dense_flops: int,
+                dense_ch: int, tp_speedup: dict[tuple[int | None, int], float], model_label: str, method: str,
+                fraction: float, round_to: int | None) -> None:
+    """Rows of (d) for one pruned model: its latency at each batch size against dense and TP L1."""
+    sz = s.sizes
+    removed = 1 - sum(hidden_channels(net).values()) / dense_ch
+    flops = count_flops(net, shape) / dense_flops
+    for b in sz.d_batches:
+        ms = forward_ms(net, shape, b, s.device, sz.d_repeats, getattr(torch, sz.d_dtype))
+        speedup = dense_ms[b] / ms
+        if method == "tp_l1":
+            tp_speedup[(round_to, b)] = speedup
+        ref = tp_speedup.get((round_to, b))
+        table.add({"model": model_label, "method": method, "target": f"{fraction:.0%}",
+                   "round_to": round_to if round_to else "none", "channels removed": removed,
+                   "physical FLOPs": flops, "batch": b, "latency ms": ms, "speed-up": speedup,
+                   "TP L1 speed-up": ref, "vs TP L1": speedup / ref if ref else None})
+
+
+def _model_rows(s: Suite, table: Table, dm: ArrayDataModule, name: str, width: float) -> None:
+    """Rows of (d) for one architecture: train the dense model, then every method at every fraction."""
+    sz, shape = s.sizes, tuple(dm.input_shape)
+    torch.manual_seed(0)
+    dense = build_model(name, shape, dm.num_classes, width=width).to(s.device)
+    plain_loop(dense, dm, sz.d_epochs, "bf16-mixed", s.device)
+    dense.eval()
+    dense_flops = count_flops(dense, shape)
+    dense_ch = sum(hidden_channels(dense).values())
+    dtype = getattr(torch, sz.d_dtype)
+    dense_ms = {b: forward_ms(dense, shape, b, s.device, sz.d_repeats, dtype) for b in sz.d_batches}
+    table.notes.append(f"{name} dense: " + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in dense_ms.items()))
+    unit_s: list[float] = []
+    for fraction in sz.d_fractions:
+        tp_speedup: dict[tuple[int | None, int], float] = {}
+        for method in ("tp_l1", *sz.d_methods):
+            est = 1.5 * max(unit_s) if unit_s else 10.0
+            if not s.budget.fits(est):
+                table.note(f"skipped (time budget): {name} at {fraction:.0%} from {method} on")
+                break
+            t0 = time.monotonic()
+            with unit(table, f"{name} {method} {fraction:.0%}"):
+                for r, net in _pruned(s, dense, dm, method, fraction).items():
+                    _speed_rows(s, table, net, shape, dense_ms, dense_flops, dense_ch, tp_speedup,
+                                f"{name} (width {width:g})", method, fraction, r)
+            unit_s.append(time.monotonic() - t0)
+            say(f"(d) {name} {method} {fraction:.0%}: {unit_s[-1]:.1f}s")
+
+
 def part_d(s: Suite, table: Table) -> None:
     sz = s.sizes
     dm = subset(s.data(), sz.d_train_samples)
-    shape = tuple(dm.input_shape)
     table.setup = (f"Dense models trained {sz.d_epochs} epoch(s) on {dm.sizes['train']:,} Fashion-MNIST samples; "
                    f"each method prunes a copy (PAODING data-free, RL-Pruner's search "
                    f"({', '.join(f'{k}={v}' for k, v in sz.d_rl_search) or 'default settings'}) without its fine-tune, "
@@ -700,53 +780,8 @@ def part_d(s: Suite, table: Table) -> None:
         if not s.budget.fits(20.0):
             table.note(f"skipped (time budget): {name} and after")
             return
-        torch.manual_seed(0)
-        dense = build_model(name, shape, dm.num_classes, width=width).to(s.device)
-        plain_loop(dense, dm, sz.d_epochs, "bf16-mixed", s.device)
-        dense.eval()
-        dense_flops = count_flops(dense, shape)
-        dense_ch = sum(hidden_channels(dense).values())
-        dtype = getattr(torch, sz.d_dtype)
-        dense_ms = {b: forward_ms(dense, shape, b, s.device, sz.d_repeats, dtype) for b in sz.d_batches}
-        table.notes.append(f"{name} dense: " + ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in dense_ms.items()))
-        unit_s: list[float] = []
-        for fraction in sz.d_fractions:
-            tp_speedup: dict[tuple[int | None, int], float] = {}
-            for method in ("tp_l1", *sz.d_methods):
-                est = 1.5 * max(unit_s) if unit_s else 10.0
-                if not s.budget.fits(est):
-                    table.note(f"skipped (time budget): {name} at {fraction:.0%} from {method} on")
-                    break
-                t0 = time.monotonic()
-                pruned: dict[int | None, nn.Module] = {}
-                if method == "tp_l1":
-                    for r in sz.d_round_to:
-                        pruned[r] = tp_l1_prune(dense, shape, fraction, round_to=r)
-                else:
-                    work = copy.deepcopy(dense).train()
-                    epochs = sz.d_epochs if method in ("polarization", "bingo") else 0
-                    config = TrainConfig(epochs=epochs, finetune_epochs=0, accelerator=accelerator(s.device))
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")  # e.g. BINGO's "beyond what neuron pruning can reach"
-                        result = run_pruning(work, dm, build_method(method, **_method_settings(method, fraction, sz)),
-                                             config, seed=0)
-                    for r in sz.d_round_to:
-                        pruned[r] = surgery(work, result.masks, shape, round_to=r).model
-                for r, net in pruned.items():
-                    removed = 1 - sum(hidden_channels(net).values()) / dense_ch
-                    flops = count_flops(net, shape) / dense_flops
-                    for b in sz.d_batches:
-                        ms = forward_ms(net, shape, b, s.device, sz.d_repeats, dtype)
-                        speedup = dense_ms[b] / ms
-                        if method == "tp_l1":
-                            tp_speedup[(r, b)] = speedup
-                        ref = tp_speedup.get((r, b))
-                        table.add({"model": f"{name} (width {width:g})", "method": method, "target": f"{fraction:.0%}",
-                                   "round_to": r if r else "none", "channels removed": removed,
-                                   "physical FLOPs": flops, "batch": b, "latency ms": ms, "speed-up": speedup,
-                                   "TP L1 speed-up": ref, "vs TP L1": speedup / ref if ref else None})
-                unit_s.append(time.monotonic() - t0)
-                say(f"(d) {name} {method} {fraction:.0%}: {unit_s[-1]:.1f}s")
+        with unit(table, f"{name}"):
+            _model_rows(s, table, dm, name, width)
     table.note("physical FLOPs: of the dense model's, per sample (prunelib.flops)")
 
 
@@ -773,32 +808,32 @@ def part_e(s: Suite, table: Table) -> None:
             if not s.budget.fits(est):
                 table.note(f"skipped (time budget, needs about {est:.0f} s): {dtype_name} k={k}")
                 continue
-            dtype = getattr(torch, dtype_name)
-            per_width, kept, equal, checked = {}, 0, 0, 0
-            for w, rows in data.items():
-                sync(s.device)
-                t0 = time.monotonic()
-                mask = kde_select_rows(rows, k, kde_dtype=dtype)
-                sync(s.device)
-                per_width[w] = time.monotonic() - t0
-                if not bool((mask.sum(dim=1) == k).all()):
-                    raise AssertionError(f"kde_select_rows kept other than {k} per row (width {w})")
-                kept += int(mask.sum())
-                pick = torch.randperm(rows.shape[0], generator=check_gen)[: sz.e_check_rows].to(rows.device)
-                cpu = kde_select_rows(rows[pick].cpu(), k, kde_dtype=dtype)
-                equal += int((cpu == mask[pick].cpu()).all(dim=1).sum())
-                checked += int(pick.numel())
-            total_s = sum(per_width.values())
-            cells = {"kde dtype": dtype_name, "k": k, "rows": sum(t.shape[0] for t in data.values()),
-                     "values": values, "seconds": total_s, "768-wide s": per_width.get(768),
-                     "3072-wide s": per_width.get(3072), "kept": kept / values, "rows equal to CPU": f"{equal}/{checked}"}
-            table.add(cells, {**cells, "per_width": per_width})
-            say(f"(e) {dtype_name} k={k}: {total_s:.2f}s")
+            with unit(table, f"{dtype_name} k={k}"):
+                dtype = getattr(torch, dtype_name)
+                per_width, kept, equal, checked = {}, 0, 0, 0
+                for w, rows in data.items():
+                    sync(s.device)
+                    t0 = time.monotonic()
+                    mask = kde_select_rows(rows, k, kde_dtype=dtype)
+                    sync(s.device)
+                    per_width[w] = time.monotonic() - t0
+                    if not bool((mask.sum(dim=1) == k).all()):
+                        raise AssertionError(f"kde_select_rows kept other than {k} per row (width {w})")
+                    kept += int(mask.sum())
+                    pick = torch.randperm(rows.shape[0], generator=check_gen)[: sz.e_check_rows].to(rows.device)
+                    cpu = kde_select_rows(rows[pick].cpu(), k, kde_dtype=dtype)
+                    equal += int((cpu == mask[pick].cpu()).all(dim=1).sum())
+                    checked += int(pick.numel())
+                total_s = sum(per_width.values())
+                cells = {"kde dtype": dtype_name, "k": k, "rows": sum(t.shape[0] for t in data.values()),
+                         "values": values, "seconds": total_s, "768-wide s": per_width.get(768),
+                         "3072-wide s": per_width.get(3072), "kept": kept / values, "rows equal to CPU": f"{equal}/{checked}"}
+                table.add(cells, {**cells, "per_width": per_width})
+                say(f"(e) {dtype_name} k={k}: {total_s:.2f}s")
 
 
 def part_f(s: Suite, table: Table) -> None:
     sz = s.sizes
-    dm = s.data()
     table.setup = (f"`TrainConfig` speed settings on the runner of (a) (same data, batch {sz.batch_size}, "
                    f"seed 0), {sz.f_precision}; compile backend {sz.compile_backend}. First step s includes the "
                    f"compile time; steady samples/s is after the first step. `cuda_graphs` alone: torch.compile's "
@@ -813,33 +848,37 @@ def part_f(s: Suite, table: Table) -> None:
     if sz.compile_backend != "inductor":  # reduce-overhead is inductor's mode
         variants = [v for v in variants if v[0] != "compile + cuda_graphs"]
     compile_walls: list[float] = []
-    for name, width, epochs in sz.f_models:
-        base = None
-        for label, speed in variants:
-            compiling = bool(speed.get("compile") or (speed.get("cuda_graphs") and s.device.startswith("cuda")))
-            plain_s = base["wall_s"] if base else 10.0
-            est = (1.5 * max(compile_walls) if compile_walls else 60.0) if compiling else 1.5 * plain_s
+    base: dict[str, dict[str, Any]] = {}  # model -> its plain-runner record
+    # Variant by variant over the models: the cheap settings run for every model before any compile.
+    for label, speed in variants:
+        for name, width, epochs in sz.f_models:
+            if label != variants[0][0] and name not in base:
+                continue  # no plain-runner row to compare with
+            inductor = bool(speed.get("compile")) and sz.compile_backend == "inductor"
+            plain_s = base[name]["wall_s"] if name in base else 10.0
+            est = (1.5 * max(compile_walls) if compile_walls else 60.0) if inductor else 3.0 * plain_s
             if not s.budget.fits(est):
                 table.note(f"skipped (time budget, needs about {est:.0f} s): {name} {label}")
                 continue
-            skips_before = _cudagraph_skips()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                rec = run_timed_trial(s.spec(name, width, epochs, sz.f_precision, speed=speed), s.cache)
-            torch._dynamo.reset()  # each variant compiles afresh (no graph reuse across settings)
-            notes = sorted({str(w.message).split(" (")[0] for w in caught if "cuda_graphs" in str(w.message)})
-            skips = _cudagraph_skips() - skips_before
-            if skips:
-                notes.append(f"{skips} cudagraph skip(s)")
-            base = base or rec
-            if compiling:
-                compile_walls.append(rec["wall_s"])
-            table.add({"model": f"{name} (width {width:g})", "precision": sz.f_precision, "setting": label,
-                       "first step s": rec["first_step_s"], "steady samples/s": rec["steady"],
-                       "vs runner": rec["steady"] / base["steady"], "trial s": rec["wall_s"], "val acc": rec["val_acc"],
-                       "val acc change": rec["val_acc"] - base["val_acc"], "note": "; ".join(notes) or "-"},
-                      {**rec, "setting": label, "model": name})
-            say(f"(f) {name} {label}: {rec['steady']:,.0f} samples/s, first step {rec['first_step_s']:.1f}s")
+            with unit(table, f"{name} {label}"):
+                skips_before = _cudagraph_skips()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    rec = run_timed_trial(s.spec(name, width, epochs, sz.f_precision, speed=speed), s.cache)
+                torch._dynamo.reset()  # each variant compiles afresh (no graph reuse across settings)
+                notes = sorted({str(w.message).split(" (")[0] for w in caught if "cuda_graphs" in str(w.message)})
+                skips = _cudagraph_skips() - skips_before
+                if skips:
+                    notes.append(f"{skips} cudagraph skip(s)")
+                ref = base.setdefault(name, rec)
+                if inductor:
+                    compile_walls.append(rec["wall_s"])
+                table.add({"model": f"{name} (width {width:g})", "precision": sz.f_precision, "setting": label,
+                           "first step s": rec["first_step_s"], "steady samples/s": rec["steady"],
+                           "vs runner": rec["steady"] / ref["steady"], "trial s": rec["wall_s"],
+                           "val acc": rec["val_acc"], "val acc change": rec["val_acc"] - ref["val_acc"],
+                           "note": "; ".join(notes) or "-"}, {**rec, "setting": label, "model": name})
+                say(f"(f) {name} {label}: {rec['steady']:,.0f} samples/s, first step {rec['first_step_s']:.1f}s")
 
 
 def _cudagraph_skips() -> int:
