@@ -94,3 +94,16 @@ def test_cells_are_formatted_for_reading():
     fmt = _load_suite().fmt
     assert [fmt(54321.7), fmt(0.91234), fmt(12.345), fmt(None), fmt(123456), fmt("8")] == \
         ["54,322", "0.912", "12.3", "-", "123,456", "8"]
+
+
+def test_a_failing_measurement_is_noted_and_the_part_goes_on(tmp_path):
+    suite = _load_suite()
+    table = suite.Table("e", tmp_path / "e.md")
+    done = []
+    for k in (1, 2):
+        with suite.unit(table, f"k={k}"):
+            if k == 1:
+                raise ValueError("boom\nsecond line")
+            done.append(k)
+    assert done == [2]
+    assert _table(tmp_path / "e.md")[2] == ["failed: k=1: ValueError: boom"]
