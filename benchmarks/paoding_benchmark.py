@@ -128,15 +128,19 @@ def onnx_latency_ms(model: nn.Module, shape: tuple[int, ...], batch: int, repeat
     return 1000 * sorted(times)[len(times) // 2]
 
 
-def tp_l1_prune(model: nn.Module, shape: tuple[int, ...], ratio: float) -> nn.Module:
-    """Torch-Pruning's L1 magnitude pruner (MagnitudeImportance p=1), per-layer ratio, no data."""
+def tp_l1_prune(model: nn.Module, shape: tuple[int, ...], ratio: float, round_to: int | None = None) -> nn.Module:
+    """Torch-Pruning's L1 magnitude pruner (MagnitudeImportance p=1), per-layer ratio, no data.
+
+    ``round_to``: keep a multiple of this many channels per layer (Torch-Pruning's own option).
+    """
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model).eval()
     classifier = [m for m in pruned.modules() if isinstance(m, nn.Linear)][-1]
-    pruner = tp.pruner.MagnitudePruner(pruned, torch.zeros(1, *shape),
+    example = torch.zeros(1, *shape, device=next(pruned.parameters()).device)
+    pruner = tp.pruner.MagnitudePruner(pruned, example,
                                        importance=tp.importance.MagnitudeImportance(p=1),
-                                       pruning_ratio=ratio, ignored_layers=[classifier])
+                                       pruning_ratio=ratio, ignored_layers=[classifier], round_to=round_to)
     pruner.step()
     return pruned.eval()
 

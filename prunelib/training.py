@@ -9,6 +9,7 @@ final report). The method never owns a trainer; the runner does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -27,7 +28,7 @@ from prunelib.flops import ModelCost, model_cost
 from prunelib.masks import MaskSet
 from prunelib.methods.base import PruningMethod
 
-__all__ = ["ClassifierModule", "TrainConfig", "PruningResult", "evaluate", "run_pruning"]
+__all__ = ["ClassifierModule", "TrainConfig", "PruningResult", "SPEED_SETTINGS", "evaluate", "run_pruning"]
 
 log = logging.getLogger("prunelib")
 
@@ -51,6 +52,20 @@ class TrainConfig:
         val_every_n_epochs: validation frequency inside phases, 0 = none (the default: on small
             training sets a full validation pass per epoch costs a large share of the run;
             validation after each phase and at the end is always measured).
+        channels_last: train with 4-D weights in channels-last (NHWC) memory layout, which GPU
+            convolution kernels (tensor cores) run faster; the same function up to float
+            rounding. Inputs are left as they come (1-channel images are NHWC already); the
+            model is handed back in the default layout.
+        compile: train through ``torch.compile`` of the model's forward pass (training and
+            in-fit validation steps; the first steps pay the compile time); the same function up
+            to float rounding. Off by default.
+        compile_backend: the ``torch.compile`` backend when ``compile`` is on (``"inductor"``
+            generates kernels; ``"aot_eager"`` traces without generating any, for debugging).
+        cuda_graphs: replay each training step's forward and backward as CUDA graphs, which
+            removes the per-kernel launch cost that dominates small models' steps. With
+            ``compile``: inductor's ``"reduce-overhead"`` mode; without: ``torch.compile``'s
+            ``"cudagraphs"`` backend (no kernel generation). CUDA only: on a CPU run it is
+            ignored with a warning. Off by default.
     """
 
     epochs: int = 10
@@ -64,6 +79,10 @@ class TrainConfig:
     precision: str = "32-true"
     progress: bool = False
     val_every_n_epochs: int = 0
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.finetune_epochs < 0:
@@ -72,6 +91,19 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        for key in ("channels_last", "compile", "cuda_graphs"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            raise ValueError(f"compile_backend must be a torch.compile backend name, got {self.compile_backend!r}")
+        if self.compile and self.cuda_graphs and self.compile_backend != "inductor":
+            raise ValueError(f"cuda_graphs with compile needs compile_backend 'inductor' (its reduce-overhead "
+                             f"mode), got {self.compile_backend!r}")
+
+
+#: The :class:`TrainConfig` fields that change how fast a trial trains, not what it trains
+#: (``trial.<name>`` in the sweep config).
+SPEED_SETTINGS = ("channels_last", "compile", "compile_backend", "cuda_graphs")
 
 
 class ClassifierModule(L.LightningModule):
@@ -219,6 +251,57 @@ def _quiet_lightning(quiet: bool) -> Iterator[None]:
             lg.setLevel(level)
 
 
+def _uses_cuda(config: TrainConfig) -> bool:
+    """Whether Lightning will put this run on a CUDA device."""
+    return config.accelerator in ("gpu", "cuda") or (config.accelerator == "auto" and torch.cuda.is_available())
+
+
+def _class_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The module class's own forward: what a compiled instance-level forward wraps."""
+    return type(module).forward(module, *args, **kwargs)
+
+
+class _CudaGraphSteps(L.Callback):
+    """Marks each step's start for CUDA-graph trees, so a replay never overwrites outputs in use."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        torch.compiler.cudagraph_mark_step_begin()
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+@contextlib.contextmanager
+def _speed_settings(model: nn.Module, config: TrainConfig) -> Iterator[list[L.Callback]]:
+    """Apply ``config``'s speed settings to ``model`` for one fit and undo them afterwards.
+
+    Yields the callbacks the settings need in that fit. Undoing keeps the trained model the
+    user gets (and what surgery, saving and export see) a plain module in the default layout.
+    """
+    graphs = config.cuda_graphs and _uses_cuda(config)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if config.compile or graphs:
+        if config.compile:
+            options: dict[str, Any] = {"backend": config.compile_backend}
+            if graphs:
+                options["mode"] = "reduce-overhead"
+        else:
+            options = {"backend": "cudagraphs"}
+        # An instance attribute shadows the class's forward. A partial that holds the module (not
+        # a bound method) keeps a deepcopy taken during training calling its own forward.
+        model.forward = functools.partial(torch.compile(_class_forward, **options), model)
+    try:
+        yield [_CudaGraphSteps()] if graphs else []
+    finally:
+        if "forward" in vars(model):
+            del model.forward
+        if config.channels_last:
+            model.to(memory_format=torch.contiguous_format)
+
+
 def _make_trainer(config: TrainConfig, epochs: int, callbacks: Sequence[L.Callback]) -> L.Trainer:
     return L.Trainer(
         max_epochs=epochs, accelerator=config.accelerator, devices=1, precision=config.precision,
@@ -249,6 +332,9 @@ def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
         input_shape: one sample's shape for FLOPs; defaults to ``datamodule.input_shape``.
     """
     config = config or TrainConfig()
+    if config.cuda_graphs and not _uses_cuda(config):
+        warnings.warn("cuda_graphs: ignored, this run trains on the CPU (CUDA graphs need a CUDA device)",
+                      stacklevel=2)
     if seed is not None:
         torch.manual_seed(seed)
     start = time.perf_counter()
@@ -272,8 +358,9 @@ def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
         module.lr_total_epochs = phase.lr_total_epochs or phase.epochs + phase.lr_start_epoch
         module.lr = (config.finetune_lr or config.lr / 10) if phase.name == "finetune" else None
         callback = PruningCallback(method, phase, index, setup_method=False)
-        with warnings.catch_warnings(), _quiet_lightning(not config.progress):
-            trainer = _make_trainer(config, phase.epochs, [callback, *callbacks])
+        with warnings.catch_warnings(), _quiet_lightning(not config.progress), \
+                _speed_settings(model, config) as speed_callbacks:
+            trainer = _make_trainer(config, phase.epochs, [callback, *speed_callbacks, *callbacks])
             # Small data sets give few batches; Lightning's worker/log-interval hints are noise here.
             warnings.filterwarnings("ignore", message=".*(num_workers|log_every_n_steps|does not have many workers|LeafSpec).*")
             trainer.fit(module, datamodule=datamodule)

@@ -13,6 +13,7 @@ from typing import Any
 from prunelib.data import DATASETS
 from prunelib.methods import METHODS
 from prunelib.models import MODELS
+from prunelib.training import SPEED_SETTINGS, TrainConfig
 from search.faults import FaultPlan
 from search.space import ConfigError, SearchSpace, load_method_configs, method_space
 
@@ -74,6 +75,10 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     if trial.get("optimizer", "sgd") not in ("sgd", "adam"):
         raise ConfigError(f"trial.optimizer: {trial.get('optimizer')!r} is not one of ['sgd', 'adam']")
     _number("trial.max_retries", trial.get("max_retries", 0), 0, integer=True)
+    try:  # the speed settings' own checks, named as trial keys
+        TrainConfig(**{key: trial[key] for key in SPEED_SETTINGS if key in trial})
+    except ValueError as exc:
+        raise ConfigError(f"trial.{exc}") from exc
     if trial.get("fgsm_epsilon") is not None:
         _number("trial.fgsm_epsilon", trial["fgsm_epsilon"], 0)
     try:

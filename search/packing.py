@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["CUDA_CONTEXT_BYTES", "choose_gpu_fraction", "probe_gpu_fraction"]
+__all__ = ["CUDA_CONTEXT_BYTES", "choose_gpu_fraction", "probe_gpu_fraction", "probe_step_seconds"]
 
 #: Memory a CUDA context takes per process beyond tensors (about 300-600 MiB on recent GPUs).
 CUDA_CONTEXT_BYTES = 512 * 2**20
@@ -52,6 +52,52 @@ def choose_gpu_fraction(step_seconds: Mapping[int, float], peak_bytes: int, tota
     return 1.0 / best
 
 
+def probe_step_seconds(model: Any, input_shape: tuple[int, ...], num_classes: int, batch_size: int,
+                       steps: int = 20, device: str = "cuda") -> tuple[dict[int, float], int]:
+    """Seconds per training step (plain SGD, random data) at ``m x batch_size`` for each multiplier.
+
+    Needs only torch (no Ray, no Optuna), so benchmarks can run the probe on their own.
+    Multipliers stop at the first that runs out of memory.
+
+    Returns:
+        ``(step_seconds, peak_bytes)``: seconds per step keyed by ``m``, and the peak GPU memory
+        (bytes) of the ``m = 1`` steps (0 on a CPU ``device``).
+    """
+    import torch
+
+    on_cuda = torch.device(device).type == "cuda"
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    step_seconds: dict[int, float] = {}
+    peak = 0
+    for m in MULTIPLIERS:
+        x = torch.randn((batch_size * m, *input_shape), device=device)
+        y = torch.randint(0, num_classes, (batch_size * m,), device=device)
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        try:
+            for _ in range(3):  # warm-up: cuDNN autotuning, allocator
+                step()
+            if on_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if on_cuda:
+                torch.cuda.synchronize()
+        except torch.OutOfMemoryError:
+            break
+        step_seconds[m] = (time.perf_counter() - start) / steps
+        if m == 1 and on_cuda:
+            peak = int(torch.cuda.max_memory_allocated())
+    return step_seconds, peak
+
+
 def probe_gpu_fraction(data_cfg: dict[str, Any], model_cfg: dict[str, Any], trial_cfg: dict[str, Any],
                        steps: int = 20) -> dict[str, Any]:
     """Time training steps of the sweep's model on this process's GPU; returns the choice.
@@ -72,34 +118,8 @@ def probe_gpu_fraction(data_cfg: dict[str, Any], model_cfg: dict[str, Any], tria
     if "_target_" in model_cfg:
         model_args["target"] = model_cfg["_target_"]
     model = build_model(model_cfg["name"], tuple(data.input_shape), data.num_classes, **model_args).cuda()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    batch = int(data_cfg.get("batch_size", 128))
-    shape = tuple(data.input_shape)
-    step_seconds: dict[int, float] = {}
-    peak = 0
-    for m in MULTIPLIERS:
-        x = torch.randn((batch * m, *shape), device="cuda")
-        y = torch.randint(0, data.num_classes, (batch * m,), device="cuda")
-        torch.cuda.reset_peak_memory_stats()
-
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-
-        try:
-            for _ in range(3):  # warm-up: cuDNN autotuning, allocator
-                step()
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(steps):
-                step()
-            torch.cuda.synchronize()
-        except torch.OutOfMemoryError:
-            break
-        step_seconds[m] = (time.perf_counter() - start) / steps
-        if m == 1:
-            peak = int(torch.cuda.max_memory_allocated())
+    step_seconds, peak = probe_step_seconds(model, tuple(data.input_shape), data.num_classes,
+                                            int(data_cfg.get("batch_size", 128)), steps)
     total = int(torch.cuda.get_device_properties(0).total_memory)
     fraction = choose_gpu_fraction(step_seconds, peak, total)
     return {"fraction": fraction, "trials_per_gpu": int(round(1 / fraction)), "step_seconds": step_seconds,

@@ -26,7 +26,7 @@ from prunelib.methods import build_method
 from prunelib.models import build_model
 from prunelib.robustness import fgsm_accuracy
 from prunelib.surgery import export_onnx, has_structured_masks, surgery
-from prunelib.training import TrainConfig, run_pruning
+from prunelib.training import SPEED_SETTINGS, TrainConfig, run_pruning
 from search.faults import FaultPlan
 from search.space import SearchSpace, settings_from_params
 
@@ -173,7 +173,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         accelerator="gpu" if device == "cuda" else "cpu",
         precision=str(trial_cfg.get("precision", "32-true")), progress=False,
         # Per-epoch validation only when ASHA needs the intermediate results.
-        val_every_n_epochs=1 if (report is not None and ctx.report_every_epoch) else 0)
+        val_every_n_epochs=1 if (report is not None and ctx.report_every_epoch) else 0,
+        **{key: trial_cfg[key] for key in SPEED_SETTINGS if key in trial_cfg})
     want_latency = wants_latency(ctx, trial_cfg)
     input_shape = tuple(datamodule.input_shape)
     latency_batch = int(trial_cfg.get("latency_batch_size", 256))
