@@ -434,7 +434,8 @@ def layer_sparsity_figure(
     labels: Mapping[str, str] | None = None,
 ) -> go.Figure:
     """The plotly figure of :func:`plot_layer_sparsity_html`: two bar traces (trial A, trial
-    B) over the layers, and one menu per trace listing every trial."""
+    B) over the layers, and one menu per trace listing every trial (a label's text up to its
+    first " · " names the trial in the menus; the whole label is the legend)."""
     names = _layer_names(layers)
     ids = list(layers)
     labels = dict(labels or {})
@@ -445,30 +446,28 @@ def layer_sparsity_figure(
     def label(tid: str) -> str:
         return html.escape(labels.get(tid, tid))
 
+    def short(tid: str) -> str:
+        return html.escape(labels.get(tid, tid).split(" · ", 1)[0])
+
     fig = go.Figure()
     for slot, tid in enumerate(ids[:2]):
         fig.add_trace(go.Bar(x=names, y=ys(tid), name=label(tid), marker={"color": METHOD_PALETTE[slot]}))
     if not ids:
         fig.add_annotation(text="no per-layer sparsity logged yet", showarrow=False, xref="paper",
                            yref="paper", x=0.5, y=0.5, font={"color": "grey"})
-    menus, notes = [], []
-    for slot in range(min(2, len(ids))):
-        x = 0.0 if slot == 0 else 0.5
-        menus.append({
-            "buttons": [{"label": label(tid), "method": "restyle",
-                         "args": [{"y": [ys(tid)], "name": label(tid)}, [slot]]} for tid in ids],
-            "active": slot, "direction": "down", "showactive": True,
-            "x": x, "xanchor": "left", "y": 1.12, "yanchor": "bottom",
-        })
-        notes.append({"text": f"trial {'AB'[slot]}", "showarrow": False, "xref": "paper", "yref": "paper",
-                      "x": x, "y": 1.25, "xanchor": "left", "yanchor": "bottom"})
+    menus = [{
+        "buttons": [{"label": f"trial {'AB'[slot]}: {short(tid)}", "method": "restyle",
+                     "args": [{"y": [ys(tid)], "name": label(tid)}, [slot]]} for tid in ids],
+        "active": slot, "direction": "down", "showactive": True,
+        "x": 0.45 * slot, "xanchor": "left", "y": 1.04, "yanchor": "bottom",
+    } for slot in range(min(2, len(ids)))]
     fig.update_layout(
-        title={"text": html.escape(title), "y": 0.98}, barmode="group", template="plotly_white",
-        xaxis_title="layer", yaxis={"title": {"text": "sparsity (fraction of weights zeroed)"}, "range": [0, 1]},
-        updatemenus=menus, margin={"t": 150}, legend={"orientation": "h", "y": -0.3},
+        title={"text": html.escape(title)}, barmode="group", template="plotly_white",
+        xaxis={"automargin": True}, yaxis={"title": {"text": "sparsity (fraction of weights zeroed)"}, "range": [0, 1]},
+        updatemenus=menus, margin={"t": 110},
+        # At the figure's bottom edge, under the (rotated, long) layer names whatever their length.
+        legend={"orientation": "h", "x": 0, "y": 0, "yref": "container", "yanchor": "bottom"},
     )
-    for note in notes:
-        fig.add_annotation(**note)
     return fig
 
 
@@ -525,9 +524,9 @@ def plot_layer_sparsity_png(
 
 
 def _trial_label(row: Mapping[str, Any], y_name: str, x_name: str | None) -> str:
-    parts = [str(row.get("trial_id")), str(row.get("method", ""))]
-    parts += [f"{m} {format_metric(m, row[m])}" for m in (y_name, x_name) if m and not _missing(row.get(m))]
-    return " ".join(p for p in parts if p)
+    head = " ".join(str(p) for p in (row.get("trial_id"), row.get("method")) if not _missing(p))
+    parts = [head] + [f"{m} {format_metric(m, row[m])}" for m in (y_name, x_name) if m and not _missing(row.get(m))]
+    return " · ".join(parts)
 
 
 def write_sweep_plots(

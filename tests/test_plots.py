@@ -75,6 +75,7 @@ def test_layer_sparsity_figure_picks_any_two_trials(tmp_path):
     menu_a, menu_b = fig.layout.updatemenus
     assert len(menu_a.buttons) == len(menu_b.buttons) == 5
     pick = menu_b.buttons[4]  # trial B := t4
+    assert pick.label == "trial B: t4" and menu_a.buttons[0].label == "trial A: t0 magnitude"
     assert list(pick.args[1]) == [1] and list(pick.args[0]["y"][0]) == [0.8, pytest.approx(0.2)]
 
 

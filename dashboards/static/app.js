@@ -111,21 +111,27 @@ function hover(d, t) {
 function baseLayout(xTitle, yTitle, extra) {
   return Object.assign({
     margin: { t: 10, r: 10, b: 50, l: 60 }, hovermode: "closest", uirevision: "keep",
-    xaxis: { title: { text: xTitle }, exponentformat: "SI", automargin: true },
+    xaxis: { title: { text: xTitle }, exponentformat: "SI", automargin: true, zeroline: false },
     yaxis: { title: { text: yTitle }, automargin: true },
     legend: { orientation: "h", x: 0, y: 1.02, xanchor: "left", yanchor: "bottom" },
   }, extra || {});
 }
+
+// Finished trials with the plotted objectives; with one objective, x is a trial's position here.
+function plotted(d) {
+  const num = (v) => typeof v === "number";
+  return d.trials.filter((t) => t.status === "ok" && num(t[d.axes.y]) && (!d.axes.x || num(t[d.axes.x])));
+}
+const frontX = (d, t) => (d.axes.x ? t[d.axes.x] : plotted(d).indexOf(t));
 
 function frontTraces(colours, multi) {
   const traces = [];
   const showAll = el("allpoints").checked;
   selectedDetails().forEach((d, si) => {
     const prefix = multi ? d.name + " · " : "";
-    const xName = d.axes.x, yName = d.axes.y;
-    const ok = d.trials.filter((t) => t.status === "ok" && t[yName] !== undefined && t[yName] !== null
-      && (!xName || (t[xName] !== undefined && t[xName] !== null)));
-    const xOf = (t) => (xName ? t[xName] : ok.indexOf(t));
+    const yName = d.axes.y;
+    const ok = plotted(d);
+    const xOf = (t) => frontX(d, t);
     for (const [method, ids] of Object.entries(d.fronts)) {
       const mine = ok.filter((t) => String(t.method) === method);
       const front = ids.map((id) => mine.find((t) => String(t.trial_id) === id)).filter(Boolean)
@@ -183,7 +189,7 @@ function sparsityTraces(colours, multi) {
         .filter(Boolean).sort((a, b) => a.sparsity - b.sparsity);
       const colour = colours[method];
       traces.push({
-        type: "scatter", mode: "markers", name: esc(prefix + method), legendgroup: prefix + method,
+        type: "scatter", mode: "markers", name: esc(prefix + method), legendgroup: prefix + method, showlegend: false,
         x: mine.map((t) => t.sparsity), y: mine.map((t) => t[yName]), opacity: 0.45,
         marker: { size: 7, color: colour, symbol: SYMBOLS[si % SYMBOLS.length] },
         customdata: mine.map((t) => [d.run_id, t.run_id]), text: mine.map((t) => hover(d, t)), hoverinfo: "text",
@@ -191,8 +197,7 @@ function sparsityTraces(colours, multi) {
       });
       // The best accuracy at a sparsity or more: a step from each sparser trial.
       traces.push({
-        type: "scatter", mode: "lines+markers", name: esc(prefix + method + " (best)"), showlegend: false,
-        legendgroup: prefix + method, x: best.map((t) => t.sparsity), y: best.map((t) => t[yName]),
+        type: "scatter", mode: "lines+markers", name: esc(prefix + method), legendgroup: prefix + method, x: best.map((t) => t.sparsity), y: best.map((t) => t[yName]),
         line: { shape: "vh", color: colour, dash: DASHES[si % 4] }, marker: { size: 9, color: colour },
         customdata: best.map((t) => [d.run_id, t.run_id]), text: best.map((t) => hover(d, t)), hoverinfo: "text",
         meta: { kind: "sparsity-front", method, sweep: d.run_id },
@@ -201,6 +206,18 @@ function sparsityTraces(colours, multi) {
     if (d.dense && d.dense.sparsity_point) traces.push(denseTrace(d, d.dense.sparsity_point, prefix, "sparsity 0"));
   });
   return traces;
+}
+
+// A ring around the trial whose details are open, in both plots.
+function selectedTrace(xOf) {
+  const d = state.trial && state.details[state.trialSweep];
+  const t = d && state.selected.has(d.run_id) && d.trials.find((o) => o.run_id === state.trial.run_id);
+  const x = t ? xOf(d, t) : null, y = t ? t[d.axes.y] : null;
+  if (typeof x !== "number" || typeof y !== "number") return [];
+  return [{
+    type: "scatter", mode: "markers", name: "selected", showlegend: false, hoverinfo: "skip", x: [x], y: [y],
+    marker: { size: 18, symbol: "circle-open", color: "#000000", line: { width: 2 } }, meta: { kind: "selected" },
+  }];
 }
 
 function draw() {
@@ -224,14 +241,14 @@ function draw() {
     x_label: "FLOPs per sample (effective)", y_label: "validation accuracy", sparsity_label: "sparsity" };
   el("front-title").textContent = `Pareto front: ${axes.y_label} against ${axes.x_label}`;
   el("sparsity-title").textContent = `${axes.y_label} against sparsity, per method`;
-  Plotly.react("front-plot", frontTraces(colours, multi), baseLayout(axes.x_label, axes.y_label, {
+  Plotly.react("front-plot", frontTraces(colours, multi).concat(selectedTrace(frontX)), baseLayout(axes.x_label, axes.y_label, {
     shapes: denseLines("front_point"),
     xaxis: { title: { text: axes.x_label }, exponentformat: "SI", automargin: true,
              type: el("logx").checked ? "log" : "linear" },
   }), PLOT_CONFIG);
-  Plotly.react("sparsity-plot", sparsityTraces(colours, multi), baseLayout(axes.sparsity_label, axes.y_label, {
+  Plotly.react("sparsity-plot", sparsityTraces(colours, multi).concat(selectedTrace((d, t) => t.sparsity)), baseLayout(axes.sparsity_label, axes.y_label, {
     shapes: denseLines("sparsity_point"),
-    xaxis: { title: { text: axes.sparsity_label }, range: [-0.03, 1.03], automargin: true },
+    xaxis: { title: { text: axes.sparsity_label }, range: [-0.03, 1.03], automargin: true, zeroline: false },
   }), PLOT_CONFIG);
   for (const id of ["front-plot", "sparsity-plot"]) {
     const plot = el(id);
@@ -266,8 +283,8 @@ function drawCurves(t) {
   }));
   Plotly.react("curve-plot", traces, baseLayout("epoch", "loss", {
     yaxis2: { title: { text: "fraction (accuracy, sparsity)" }, overlaying: "y", side: "right", range: [0, 1.02],
-              automargin: true },
-    xaxis: { title: { text: "epoch" }, dtick: 1, automargin: true },
+              tickmode: "auto", showgrid: false, zeroline: false, automargin: true },
+    xaxis: { title: { text: "epoch" }, dtick: 1, automargin: true, zeroline: false },
   }), PLOT_CONFIG);
 }
 
@@ -346,6 +363,7 @@ async function showTrial(sweepId, runId, keepCompare) {
   }
   el("detail-error").hidden = !t.error;
   el("detail-error").textContent = t.error || "";
+  draw();
 }
 
 async function compareWith(runId) {
