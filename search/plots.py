@@ -451,7 +451,9 @@ def layer_sparsity_figure(
 
     fig = go.Figure()
     for slot, tid in enumerate(ids[:2]):
-        fig.add_trace(go.Bar(x=names, y=ys(tid), name=label(tid), marker={"color": METHOD_PALETTE[slot]}))
+        # Category names are drawn as plotly's HTML subset: escaped like every other label.
+        fig.add_trace(go.Bar(x=[html.escape(n) for n in names], y=ys(tid), name=label(tid),
+                             marker={"color": METHOD_PALETTE[slot]}))
     if not ids:
         fig.add_annotation(text="no per-layer sparsity logged yet", showarrow=False, xref="paper",
                            yref="paper", x=0.5, y=0.5, font={"color": "grey"})

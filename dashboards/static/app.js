@@ -295,7 +295,7 @@ function drawLayers() {
   el("layer-plot").hidden = !names.length;
   if (!names.length) { Plotly.purge("layer-plot"); return; }
   const bars = [t, other].filter(Boolean).map((trial, i) => ({
-    type: "bar", name: esc(`trial ${trial.trial_id} (${trial.info.method || ""})`), x: names,
+    type: "bar", name: esc(`trial ${trial.trial_id} (${trial.info.method || ""})`), x: names.map(esc),
     y: names.map((n) => (n in trial.layer_sparsity ? trial.layer_sparsity[n] : null)),
     marker: { color: state.palette[i % state.palette.length] }, meta: { trial: trial.trial_id },
   }));
