@@ -1,9 +1,12 @@
 """A Pareto explorer over the MLflow store: ``python -m dashboards [--tracking-uri URI]``.
 
 Pick sweeps, overlay their Pareto fronts by method (accuracy against FLOPs per sample, log
-axis on demand), click a point for its settings, per-layer sparsity, pictures (KEN_viz,
-RL-Pruner distributions) and the command that exports its masks. Reads the embedded SQLite
-store (``sqlite:///mlflow.db`` in the working directory) by default, or a server by URI.
+axis on demand; accuracy against sparsity), with the dense model as a reference star; click a
+point for its settings, metrics (written as the console writes them), training curves,
+per-layer sparsity beside any other trial's, pictures (KEN_viz, RL-Pruner distributions) and
+the command that exports its masks. Running sweeps refresh by themselves. Reads the embedded
+SQLite store (``sqlite:///mlflow.db`` in the working directory) by default, or a server by URI.
+Binds 127.0.0.1 and answers only requests addressed to it (``--allow-host`` for more).
 """
 
 from dashboards.app import create_app

@@ -355,8 +355,10 @@ class SweepTracker:
                   reference: Sequence[float] | None = None) -> dict:
         """Recompute the Pareto front of ``rows`` and log it on the parent run.
 
-        Writes ``front.csv``, ``trials.csv``, ``front.png`` and ``front.html`` under the
-        artifact directory ``front/`` (overwriting the previous ones) and logs the metrics
+        Writes ``front.csv``, ``trials.csv`` and the figures of search.plots.write_sweep_plots
+        (``front.png``, ``front.html``, ``accuracy_vs_sparsity.png``, ``layer_sparsity.html/png``;
+        the dense model from the parent's ``dense_*`` metrics) under the artifact directory
+        ``front/`` (overwriting the previous ones) and logs the metrics
         ``hypervolume`` and ``front_size`` at ``step`` (pass the number of finished trials).
         The hypervolume reference is ``reference`` if given, else
         search.pareto.default_reference (the dense model's FLOPs for FLOPs objectives, so it
@@ -373,12 +375,12 @@ class SweepTracker:
         hv = pareto.hypervolume(front[[n for n, _ in objs]].to_numpy(dtype=float), [d for _, d in objs], ref) \
             if len(front) else 0.0
         title = f"Pareto front: {', '.join(f'{n} ({d})' for n, d in objs)}"
+        dense = plots.DenseReference.from_metrics(_retry(lambda: self.client.get_run(run_id), "get run").data.metrics)
         with tempfile.TemporaryDirectory(prefix="prunesearch_front_") as tmp:
             out = Path(tmp)
             front.to_csv(out / "front.csv", index=False)
             df.to_csv(out / "trials.csv", index=False)
-            plots.plot_front_png(df, front, objs, out / "front.png", title)
-            plots.plot_front_html(df, front, objs, out / "front.html", title)
+            plots.write_sweep_plots(df, front, objs, out, title, dense=dense)
             _retry(lambda: self.client.log_artifacts(run_id, str(out), artifact_path="front"), "log artifacts")
         ts = _now_ms()
         _log_batch(self.client, run_id, metrics=[

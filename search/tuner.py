@@ -34,6 +34,7 @@ import pandas as pd
 from search import pareto
 from search.commands import export_command, shell_command
 from search.config import build_search_space, check_data_available, validate_config
+from search.formatting import format_count as _fmt_flops
 from search.space import ConfigError
 from search.trial import TrialContext, ray_trainable
 
@@ -92,17 +93,6 @@ def make_sampler(search: dict[str, Any]) -> Any:
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ConfigError(f"search.sampler: {kind!r} is not one of ['mo_tpe', 'nsga2', 'random']")
-
-
-def _fmt_flops(value: Any) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "?"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= scale:
-            return f"{v / scale:.2f}{unit}"
-    return f"{v:.0f}" if v == int(v) else f"{v:.4g}"  # fractions (reverted_fraction) stay readable
 
 
 def _settings_text(row: dict[str, Any], limit: int = 3) -> str:

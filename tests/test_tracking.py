@@ -126,7 +126,7 @@ def test_log_front_artifacts_and_hypervolume_history(sweep):
     sizes = sorted((m.step, m.value) for m in client.get_metric_history(sweep["parent"], "front_size"))
     assert sizes == [(1, 1.0), (3, 2.0)]
     files = {Path(f.path).name: f.file_size for f in client.list_artifacts(sweep["parent"], "front")}
-    assert set(files) == {"front.csv", "trials.csv", "front.png", "front.html"}
+    assert set(files) == {"front.csv", "trials.csv", "front.png", "front.html", "accuracy_vs_sparsity.png"}
     assert all(size and size > 0 for size in files.values())
     front_csv = Path(client.download_artifacts(sweep["parent"], "front/front.csv", str(sweep["root"])))
     assert front_csv.read_text().count("\n") == 3  # header + 2 front rows: overwritten, not the first

@@ -1,0 +1,61 @@
+"""How numbers are written for people: one place for the console and the dashboard.
+
+FLOPs and parameter counts are written with a unit (``100.40k``, ``3.21M``), fractions and
+other floats with four decimals, hypervolumes with four significant digits, exactly as the
+sweep's console lines and front table print them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+__all__ = ["format_count", "format_metric"]
+
+_COUNT_PREFIXES = ("flops", "params", "dense_flops", "dense_params")
+
+
+def format_count(value: Any) -> str:
+    """A count (FLOPs per sample, parameters) with a k/M/G unit: ``100400 -> "100.40k"``.
+
+    Values below 1000 are written as integers when they are whole and with four significant
+    digits otherwise (fractions such as ``reverted_fraction`` stay readable); anything that is
+    not a number is ``"?"``.
+    """
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "?"
+    if not math.isfinite(v):
+        return str(v)
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.2f}{unit}"
+    return f"{v:.0f}" if v == int(v) else f"{v:.4g}"
+
+
+def format_metric(name: str, value: Any) -> str:
+    """``value`` of the metric or setting ``name`` as the console writes it.
+
+    ``flops*`` / ``params*`` (and the parent run's ``dense_flops`` / ``dense_params``) go
+    through :func:`format_count`; ``*hypervolume`` gets four significant digits; other floats
+    four decimals (whole floats of 2 or more, such as epochs, as integers); None is ``""``;
+    anything else its ``str``.
+    """
+    if value is None:
+        return ""
+    key = name.split(".")[-1] if name.startswith("param.") else name
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float)):
+        v = float(value)
+        if math.isnan(v):
+            return "nan"
+        if key.startswith(_COUNT_PREFIXES):
+            return format_count(v)
+        if key.endswith("hypervolume"):
+            return f"{v:.4g}"
+        if isinstance(value, int) or (math.isfinite(v) and v == int(v) and abs(v) >= 2):
+            return str(int(v))
+        return f"{v:.4f}"
+    return str(value)
