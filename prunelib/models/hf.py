@@ -46,6 +46,7 @@ def _transformers() -> Any:
     except ImportError as exc:  # pragma: no cover - the hf extra is installed in CI
         raise ImportError("Hugging Face models need transformers: pip install 'prunesearch[hf]'") from exc
     transformers.logging.set_verbosity_error()  # config warnings of tiny test models are noise
+    transformers.logging.disable_progress_bar()  # one bar per load or save: noise in sweeps
     return transformers
 
 
@@ -93,7 +94,8 @@ def load_tokenizer(path: str | os.PathLike, key: str = "model.path") -> Any:
 
 
 def load_hf_model(path: str | os.PathLike, task: str = "auto", num_labels: int | None = None,
-                  hf_class: str | None = None, dtype: str | None = None, key: str = "model.path") -> nn.Module:
+                  hf_class: str | None = None, dtype: str | None = None, key: str = "model.path",
+                  loading_info: bool = False) -> Any:
     """A local checkpoint as a sequence classifier or a causal LM (eval mode, on the CPU).
 
     Args:
@@ -104,6 +106,8 @@ def load_hf_model(path: str | os.PathLike, task: str = "auto", num_labels: int |
             gets a new, randomly initialised head).
         hf_class: an exact transformers class name (overrides ``task``).
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (None = as saved).
+        loading_info: also return the names of the parameters the checkpoint did not hold
+            (randomly initialised): ``(model, missing)``.
 
     Raises:
         HFModelError: not a model directory, unknown task or class.
@@ -135,10 +139,14 @@ def load_hf_model(path: str | os.PathLike, task: str = "auto", num_labels: int |
                                f"set model.task=classification or model.task=causal_lm")
         cls = getattr(tf, archs[0])
     try:
-        model = cls.from_pretrained(str(p), **kwargs)
+        model, info = cls.from_pretrained(str(p), output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         raise HFModelError(f"{key}: cannot load {p} as {getattr(cls, '__name__', cls)}: {str(exc)[:400]}") from exc
-    return model.eval()
+    model.eval()
+    if loading_info:
+        params = {n for n, _ in model.named_parameters()}
+        return model, sorted(set(info.get("missing_keys") or ()) & params)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +324,7 @@ def train_text_model(model: nn.Module, datamodule: Any, epochs: float = 1.0, lr:
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            last = float(out.loss)
+            last = float(out.loss.detach())
             if progress and (step % log_every == 0 or step == total):
                 progress(f"  step {step}/{total} loss {last:.4f} ({time.perf_counter() - start:.0f}s)")
             if step >= total or (max_seconds is not None and time.perf_counter() - start > max_seconds):
