@@ -55,7 +55,7 @@ def _check_method_settings(name: str, cfg: Mapping[str, Any]) -> None:
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Check a resolved config (plain dict) and raise ConfigError naming the first bad key."""
     data, model, trial, search = (cfg.get(k) or {} for k in ("data", "model", "trial", "search"))
-    from search.llm_trial import is_text_config, validate_text_config
+    from search.llm_trial import TEXT_OBJECTIVES, is_text_config, validate_text_config
 
     text = is_text_config(data, model)
     if text:  # model=hf / data=text: their own keys (search/llm_trial.py)
@@ -100,6 +100,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     for i, obj in enumerate(objectives):
         if obj.get("metric") not in KNOWN_OBJECTIVES:
             raise ConfigError(f"{where}[{i}].metric: {obj.get('metric')!r} is not one of {list(KNOWN_OBJECTIVES)}")
+        if not text and obj.get("metric") in TEXT_OBJECTIVES:
+            raise ConfigError(f"{where}[{i}].metric: {obj['metric']!r} is reported by text trials only (model=hf data=text)")
         if obj.get("mode") not in ("max", "min"):
             raise ConfigError(f"{where}[{i}].mode: {obj.get('mode')!r} must be 'max' or 'min'")
     if search.get("population_size") is not None:

@@ -131,9 +131,16 @@ def check_text_data(cfg: Mapping[str, Any]) -> None:
     """Read the text file and load the tokenizer once on the driver, before any trial starts."""
     data, model = cfg["data"], cfg["model"]
     method = cfg.get("method") or {}
+    objectives = (method.get("objectives") or (cfg.get("search") or {}).get("objectives") or [])
     try:
-        read_text_records(_launch_path(str(data["path"])), data.get("text_column", "text"),
-                          data.get("label_column", "label"))
+        records = read_text_records(_launch_path(str(data["path"])), data.get("text_column", "text"),
+                                    data.get("label_column", "label"))
+        classification = data.get("task", "auto") == "classification" or (
+            data.get("task", "auto") == "auto" and records.labels is not None)
+        for i, obj in enumerate(objectives):
+            if classification and obj.get("metric") in ("val_ppl", "test_ppl"):
+                raise ConfigError(f"search.objectives[{i}].metric: {obj['metric']} needs language-modelling "
+                                  f"text; {data['path']} is a classification table (use val_acc)")
         if data.get("test_path"):
             read_text_records(_launch_path(str(data["test_path"])), data.get("text_column", "text"),
                               data.get("label_column", "label"))

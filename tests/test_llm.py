@@ -435,8 +435,9 @@ def test_ken_trial_on_a_hugging_face_pair_rebuilds_with_transformers(bert_pair, 
     assert differs > 0.3 * sum(p.numel() for p in ft.parameters())  # reverted entries hold pretrained values
 
 
-def test_text_sweep_config_errors_name_the_key(lm_dirs):
+def test_text_sweep_config_errors_name_the_key(lm_dirs, corpus):
     from search.config import validate_config
+    from search.llm_trial import check_text_data
     from search.space import ConfigError
 
     dirs, txt = lm_dirs
@@ -450,6 +451,12 @@ def test_text_sweep_config_errors_name_the_key(lm_dirs):
                            ([*good, "+method=wanda", "method.settings.pattern=3:2"], "method[wanda].settings")):
         with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
             validate_config(compose(overrides))
+    with pytest.raises(ConfigError, match="text trials only"):
+        validate_config(compose(["search.objectives=[{metric: val_ppl, mode: min}]"]))
+    with pytest.raises(ConfigError, match=r"search.objectives\[0\].metric: val_ppl needs language-modelling"):
+        check_text_data(compose(["model=hf", f"model.path={dirs['gpt2']}", "data=text", f"data.path={corpus['jsonl']}",
+                                 "search.objectives=[{metric: val_ppl, mode: min}]"]))
+    check_text_data(compose(good))
     from search.config import method_configs
 
     assert set(method_configs(compose(good))) == {"llm_magnitude", "wanda", "sparsegpt"}
