@@ -477,3 +477,20 @@ def test_two_trial_sweep_over_sparsegpt_on_a_tiny_lm(lm_dirs, tmp_path, ray_loca
     assert all(r["val_ppl"] > 1 and r["flops_effective"] < r["flops_dense"] for r in result.rows)
     assert len(result.front) >= 1 and (tmp_path / "out" / "front" / "front.csv").is_file()
     assert Path(result.rows[0]["masks_path"]).is_file()
+
+
+def test_ken_trial_on_a_causal_lm_pair_reports_perplexity(lm_dirs, tmp_path):
+    from search.trial import run_trial
+
+    dirs, txt = lm_dirs
+    tuned = load_hf_model(dirs["gpt2"])
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    save_hf_model(tuned, load_tokenizer(dirs["gpt2"]), tmp_path / "tuned")
+    ctx = _ctx(["model=hf", "data=text", f"data.path={txt}", "data.max_length=32", "data.limit_eval=16",
+                "+method=ken", f"pair.pretrained={dirs['gpt2']}", f"pair.finetuned={tmp_path / 'tuned'}"])
+    row = run_trial({"method": "ken", "ken.keep_fraction": 0.5, "ken.layers": "no_head"}, ctx, trial_id="g",
+                    trial_dir=tmp_path / "g")
+    assert row["val_ppl"] > 1 and row["finetuned_val_ppl"] > 1 and row["pretrained_val_ppl"] > 1
+    assert 0.3 < row["reverted_fraction"] < 0.6 and row["ken_file_bytes"] < row["finetuned_bytes"]
