@@ -29,7 +29,8 @@ from prunelib.data.corpora import write_fortunes_corpus
 from prunelib.data.text import build_text_datamodule
 from prunelib.llm import evaluate_text
 from prunelib.methods import build_method
-from prunelib.models.hf import build_small_model, load_hf_model, save_hf_model, train_text_model, train_tokenizer
+from prunelib.models.hf import (build_small_model, load_hf_model, load_tokenizer, save_hf_model, train_text_model,
+                                train_tokenizer)
 
 METHODS = ("llm_magnitude", "wanda", "sparsegpt")
 PATTERNS = ("unstructured", "2:4", "4:8")
@@ -47,6 +48,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS))
+    parser.add_argument("--distributions", nargs="+", default=["uniform"], help="uniform and/or owl (unstructured only)")
+    parser.add_argument("--owl-lambda", type=float, default=0.08)
+    parser.add_argument("--reuse", action="store_true", help="load the models a previous run saved instead of training")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="/tmp/prunesearch-llm-bench")
     parser.add_argument("--model-dir", default="/tmp/prunesearch-llm-bench/model-seed0")
@@ -57,55 +62,68 @@ def main() -> None:
     corpus = write_fortunes_corpus(work / "corpus")
     docs = corpus["txt"].read_text().split("\n\n")
     print(f"corpus: {len(docs)} fortunes, {corpus['txt'].stat().st_size / 1e6:.1f} MB", flush=True)
-    tok = train_tokenizer(docs, "bpe", args.vocab)
+    tok = None if args.reuse else train_tokenizer(docs, "bpe", args.vocab)
     results: list[dict] = []
     for seed in args.seeds:
+        model_dir = Path(args.model_dir) if seed == 0 else work / f"model-seed{seed}"
+        if args.reuse:
+            tok = load_tokenizer(model_dir)  # the tokenizer the model was trained with
         dm = build_text_datamodule(corpus["txt"], tok, max_length=args.seq_len, batch_size=16, seed=seed)
         if seed == args.seeds[0]:
             print(f"data: {dm.sizes} sequences of {args.seq_len} tokens, {dm.tokens} tokens", flush=True)
-        model = build_small_model("llama", "causal_lm", tok, layers=args.layers, hidden=args.hidden,
-                                  heads=args.heads, intermediate=args.intermediate,
-                                  max_positions=args.seq_len, seed=seed)
-        params = sum(p.numel() for p in model.parameters())
-        print(f"seed {seed}: training a {params / 1e6:.2f}M-parameter Llama-style LM for {args.epochs} epochs", flush=True)
-        train = train_text_model(model, dm, epochs=args.epochs, lr=3e-3, seed=seed, log_every=200)
-        model_dir = Path(args.model_dir) if seed == args.seeds[0] else work / f"model-seed{seed}"
-        save_hf_model(model, tok, model_dir)
+        if args.reuse:
+            model = load_hf_model(model_dir)
+            train = {"seconds": 0.0}
+            params = sum(p.numel() for p in model.parameters())
+        else:
+            model = build_small_model("llama", "causal_lm", tok, layers=args.layers, hidden=args.hidden,
+                                      heads=args.heads, intermediate=args.intermediate,
+                                      max_positions=args.seq_len, seed=seed)
+            params = sum(p.numel() for p in model.parameters())
+            print(f"seed {seed}: training a {params / 1e6:.2f}M-parameter Llama-style LM for {args.epochs} epochs",
+                  flush=True)
+            train = train_text_model(model, dm, epochs=args.epochs, lr=3e-3, seed=seed, log_every=200)
+            save_hf_model(model, tok, model_dir)
         dense = evaluate_text(model, dm, "test")
         print(f"seed {seed}: dense test ppl {dense['ppl']:.2f} ({train['seconds']:.0f}s training)", flush=True)
         results.append({"seed": seed, "method": "dense", "pattern": "-", "test_ppl": dense["ppl"],
                         "val_ppl": evaluate_text(model, dm, "val")["ppl"], "train_s": train["seconds"],
                         "params": params})
-        for method in METHODS:
-            for pattern in PATTERNS:
-                pruned = load_hf_model(model_dir)
-                pruner = build_method(method, sparsity=args.sparsity, pattern=pattern,
-                                      calib_samples=args.calib_samples, calib_seed=seed)
-                t0 = time.perf_counter()
-                pruner.setup(pruned, dm)
-                pruner.finalize(pruned)
-                seconds = time.perf_counter() - t0
-                test = evaluate_text(pruned, dm, "test")
-                val = evaluate_text(pruned, dm, "val")
-                row = {"seed": seed, "method": method, "pattern": pattern, "test_ppl": test["ppl"],
-                       "val_ppl": val["ppl"], "test_acc": test["acc"], "prune_s": seconds,
-                       "block_sparsity": pruner.result.pruned_sparsity}
-                results.append(row)
-                print(f"seed {seed}: {method:<13} {pattern:<12} test ppl {test['ppl']:9.2f}  "
-                      f"(sparsity {row['block_sparsity']:.3f}, {seconds:.1f}s)", flush=True)
+        configs = [(m, p, d) for m in METHODS for p in args.patterns for d in args.distributions
+                   if d == "uniform" or p == "unstructured"]
+        for method, pattern, dist in configs:
+            pruned = load_hf_model(model_dir)
+            pruner = build_method(method, sparsity=args.sparsity, pattern=pattern, distribution=dist,
+                                  owl_lambda=args.owl_lambda, calib_samples=args.calib_samples, calib_seed=seed)
+            t0 = time.perf_counter()
+            pruner.setup(pruned, dm)
+            pruner.finalize(pruned)
+            seconds = time.perf_counter() - t0
+            test = evaluate_text(pruned, dm, "test")
+            val = evaluate_text(pruned, dm, "val")
+            row = {"seed": seed, "method": method, "pattern": pattern, "distribution": dist, "test_ppl": test["ppl"],
+                   "val_ppl": val["ppl"], "test_acc": test["acc"], "prune_s": seconds,
+                   "block_sparsity": pruner.result.pruned_sparsity, "block_targets": pruner.result.block_sparsity}
+            results.append(row)
+            print(f"seed {seed}: {method:<13} {pattern:<12} {dist:<8} test ppl {test['ppl']:9.2f}  "
+                  f"(sparsity {row['block_sparsity']:.3f}, {seconds:.1f}s)", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": results}, indent=1))
 
-    def cell(method: str, pattern: str) -> str:
-        values = [r["test_ppl"] for r in results if r["method"] == method and r["pattern"] == pattern]
+    def cell(method: str, column: str) -> str:
+        values = [r["test_ppl"] for r in results if r["method"] == method and
+                  (column == "-" and r["pattern"] == "-" or f"{r['pattern']} {r.get('distribution')}" == column)]
+        if not values:
+            return ""
         if len(values) > 1:
             return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
         return f"{values[0]:.2f}"
 
-    print("\n| method | " + " | ".join(PATTERNS) + " |\n|---|" + "---|" * len(PATTERNS))
-    print(f"| dense | {cell('dense', '-')} | | |")
+    columns = [f"{p} {d}" for p in args.patterns for d in args.distributions if d == "uniform" or p == "unstructured"]
+    print("\n| method | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
+    print(f"| dense | {cell('dense', '-')} |" + " |" * (len(columns) - 1))
     for method in METHODS:
-        print(f"| {method} | " + " | ".join(cell(method, p) for p in PATTERNS) + " |")
+        print(f"| {method} | " + " | ".join(cell(method, c) for c in columns) + " |")
 
 
 if __name__ == "__main__":
