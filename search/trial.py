@@ -140,9 +140,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     Raises:
         TrialFailed: the run produced NaN loss or accuracy.
     """
-    if ctx.model.get("name") == "hf" or ctx.data.get("name") == "text":
-        from search.llm_trial import run_llm_trial  # Hugging Face text models: search/llm_trial.py
+    from search.llm_trial import is_text_config, run_llm_trial  # Hugging Face text models
 
+    if is_text_config(ctx.data, ctx.model):
         return run_llm_trial(params, ctx, trial_id=trial_id, trial_dir=trial_dir, report=report)
     start = time.perf_counter()
     method_name, settings, overrides = settings_from_params(ctx.space, params)
