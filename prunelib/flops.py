@@ -41,13 +41,28 @@ def _example_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tens
     return torch.zeros((1, *input_shape), device=device, dtype=dtype)
 
 
+def _run(model: nn.Module, input_shape: tuple[int, ...] | None, example_input: Any) -> None:
+    if example_input is None:
+        if input_shape is None:
+            raise ValueError("FLOP counting needs input_shape or example_input")
+        model(_example_input(model, input_shape))
+    elif isinstance(example_input, dict):
+        model(**example_input)  # keyword inputs: a Hugging Face model's input_ids, attention_mask
+    else:
+        model(example_input)
+
+
 @torch.no_grad()
-def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, dict[str, int]]:
+def layer_flops(model: nn.Module, input_shape: tuple[int, ...] | None,
+                example_input: Any = None) -> tuple[int, dict[str, int]]:
     """Dense FLOPs per sample of the whole model and of each Conv/Linear layer.
 
     Args:
         model: any module taking one tensor of shape ``(N, *input_shape)``.
         input_shape: one sample's shape, e.g. ``(1, 28, 28)``.
+        example_input: one sample to run instead of zeros of ``input_shape`` (a tensor, or a
+            dict of keyword inputs such as a text model's ``input_ids`` of one sequence: FLOPs
+            per sequence).
 
     Returns:
         ``(total, {module_name: flops})``; FLOPs per sample, 1 multiply-add = 2 FLOPs.
@@ -71,7 +86,7 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, di
     model.eval()  # batch of one: BatchNorm in train mode would fail or move its statistics
     try:
         with counter:
-            model(_example_input(model, input_shape))
+            _run(model, input_shape, example_input)
     finally:
         model.train(was_training)
         for h in handles:
@@ -82,9 +97,9 @@ def layer_flops(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, di
     return int(counter.get_total_flops()), per_layer
 
 
-def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+def count_flops(model: nn.Module, input_shape: tuple[int, ...] | None, example_input: Any = None) -> int:
     """Dense FLOPs per sample (forward, 1 multiply-add = 2 FLOPs) of ``model``."""
-    return layer_flops(model, input_shape)[0]
+    return layer_flops(model, input_shape, example_input)[0]
 
 
 def _weight_density(module: nn.Module, name: str, masks: MaskSet | None) -> float:
@@ -146,9 +161,9 @@ def _surgered_or_none(model: nn.Module, input_shape: tuple[int, ...], masks: Mas
         return None
 
 
-def model_cost(model: nn.Module, input_shape: tuple[int, ...], masks: MaskSet | None = None,
+def model_cost(model: nn.Module, input_shape: tuple[int, ...] | None, masks: MaskSet | None = None,
                physical_model: nn.Module | None = None,
-               round_to: int | str | None = "auto") -> ModelCost:
+               round_to: int | str | None = "auto", example_input: Any = None) -> ModelCost:
     """Dense, effective and physical parameter and FLOP counts of a (masked) model.
 
     Args:
@@ -161,16 +176,18 @@ def model_cost(model: nn.Module, input_shape: tuple[int, ...], masks: MaskSet | 
         round_to: channel rounding of that surgery (see :func:`prunelib.surgery.surgery`:
             ``"auto"`` = multiples of 8 on a CUDA model, exact counts on CPU), so the physical
             figure is that of the model an export on the same device would give.
+        example_input: one sample to count with instead of zeros of ``input_shape`` (see
+            :func:`layer_flops`); surgery is not run for it (text models have no channel masks).
     """
-    if physical_model is None and masks is not None:
+    if physical_model is None and masks is not None and example_input is None:
         physical_model = _surgered_or_none(model, input_shape, masks, round_to)
-    total, per_layer = layer_flops(model, input_shape)
+    total, per_layer = layer_flops(model, input_shape, example_input)
     modules = prunable_modules(model)
     saved = sum(flops * (1.0 - _weight_density(modules[name], name, masks))
                 for name, flops in per_layer.items())
     params_dense, params_effective = count_params(model, masks)
     if physical_model is not None:
-        flops_physical = count_flops(physical_model, input_shape)
+        flops_physical = count_flops(physical_model, input_shape, example_input)
         params_physical = sum(p.numel() for p in physical_model.parameters())
     else:
         flops_physical, params_physical = total, params_dense

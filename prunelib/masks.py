@@ -35,6 +35,7 @@ __all__ = [
     "MaskFileError",
     "MaskMismatchError",
     "MaskSet",
+    "is_hf_conv1d",
     "prunable_modules",
     "prunable_parameters",
     "sparsity_report",
@@ -54,9 +55,17 @@ class MaskMismatchError(ValueError):
     """A mask set does not fit a model (missing parameter names or wrong shapes)."""
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D`` (GPT-2's linear layers, weight stored
+    ``[in, out]``); by duck type, so prunelib does not import transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and isinstance(
+        getattr(module, "weight", None), Tensor)
+
+
 def prunable_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Conv and Linear modules by qualified name: the layers whose weights count in sparsity."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, _PRUNABLE_TYPES)}
+    """Conv and Linear modules by qualified name: the layers whose weights count in sparsity
+    (Hugging Face's ``Conv1D``, a linear layer, included)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _PRUNABLE_TYPES) or is_hf_conv1d(m)}
 
 
 def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

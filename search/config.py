@@ -24,7 +24,9 @@ KNOWN_OBJECTIVES = ("val_acc", "val_loss", "flops_effective", "flops_physical", 
                     "params_effective", "params_physical", "params_dense", "sparsity", "wall_s",
                     "epochs", "latency_ms", "val_fgsm_acc",
                     # KEN only (other methods do not report them): fraction reset to pretrained, delta file size
-                    "reverted_fraction", "kept_finetuned_params", "ken_file_bytes")
+                    "reverted_fraction", "kept_finetuned_params", "ken_file_bytes",
+                    # Hugging Face text trials only (search/llm_trial.py)
+                    "val_ppl", "test_ppl", "sparse_bytes", "block_sparsity")
 
 
 def _number(where: str, value: Any, low: float | None = None, integer: bool = False,
@@ -54,7 +56,12 @@ def _check_method_settings(name: str, cfg: Mapping[str, Any]) -> None:
 def validate_config(cfg: Mapping[str, Any]) -> None:
     """Check a resolved config (plain dict) and raise ConfigError naming the first bad key."""
     data, model, trial, search = (cfg.get(k) or {} for k in ("data", "model", "trial", "search"))
-    if data.get("name") not in DATASETS:
+    from search.llm_trial import TEXT_OBJECTIVES, is_text_config, validate_text_config
+
+    text = is_text_config(data, model)
+    if text:  # model=hf / data=text: their own keys (search/llm_trial.py)
+        validate_text_config(cfg)
+    elif data.get("name") not in DATASETS:
         raise ConfigError(f"data.name: unknown data set {data.get('name')!r}; known: {sorted(DATASETS)}")
     if data.get("limit_train") is not None:
         _number("data.limit_train", data["limit_train"], 1, integer=True)
@@ -62,7 +69,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     _number("data.val_fraction", data.get("val_fraction", 0.1), 0, strict_low=True)
     if data.get("val_fraction", 0.1) >= 1:
         raise ConfigError(f"data.val_fraction: {data['val_fraction']!r} must be below 1")
-    if model.get("name") not in MODELS and model.get("name") != "custom":
+    if not text and model.get("name") not in MODELS and model.get("name") != "custom":
         raise ConfigError(f"model.name: unknown model {model.get('name')!r}; known: {sorted(MODELS)} or custom")
     _number("model.width", model.get("width", 1.0), 0, strict_low=True)
 
@@ -98,6 +105,8 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     for i, obj in enumerate(objectives):
         if obj.get("metric") not in KNOWN_OBJECTIVES:
             raise ConfigError(f"{where}[{i}].metric: {obj.get('metric')!r} is not one of {list(KNOWN_OBJECTIVES)}")
+        if not text and obj.get("metric") in TEXT_OBJECTIVES:
+            raise ConfigError(f"{where}[{i}].metric: {obj['metric']!r} is reported by text trials only (model=hf data=text)")
         if obj.get("mode") not in ("max", "min"):
             raise ConfigError(f"{where}[{i}].mode: {obj.get('mode')!r} must be 'max' or 'min'")
     if search.get("population_size") is not None:
@@ -112,7 +121,9 @@ def method_configs(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     if cfg.get("method"):
         method = dict(cfg["method"])
         return {str(method.get("name")): method}
-    return load_method_configs()
+    from search.llm_trial import methods_for_model
+
+    return methods_for_model(load_method_configs(), cfg.get("model") or {})  # LLM pruners only for model=hf
 
 
 def build_search_space(cfg: Mapping[str, Any]) -> SearchSpace:

@@ -41,9 +41,10 @@ from prunelib.data import ArrayDataModule
 from prunelib.masks import MaskSet, sparsity_report
 from prunelib.methods.base import Phase, PruningMethod
 from prunelib.methods.ken import KEN, KENError, PairPlan
+from prunelib.models.hf import is_hf_dir
 from prunelib.training import TrainConfig, evaluate, run_pruning
 
-__all__ = ["PAIR_FORMAT_VERSION", "PairError", "class_subset", "default_cache_dir", "get_pair",
+__all__ = ["PAIR_FORMAT_VERSION", "PairError", "class_subset", "default_cache_dir", "finish_ken_trial", "get_pair",
            "load_checkpoint", "load_checkpoint_pair", "pair_key", "run_ken_trial"]
 
 log = logging.getLogger("search")
@@ -89,10 +90,6 @@ def default_cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "prunesearch") / "ken_pairs"
 
 
-def _is_hf_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
-
-
 def _read_state_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -124,21 +121,13 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module | None = None,
     p = _resolve(path)
     if not p.exists():
         raise PairError(f"checkpoint {str(path)!r} does not exist (resolved to {p})")
-    if _is_hf_dir(p):
+    if is_hf_dir(p):
+        from prunelib.models.hf import HFModelError, load_hf_model
+
         try:
-            import transformers
-        except ImportError as exc:
-            raise ImportError(f"{p} is a Hugging Face model directory; loading it needs transformers: "
-                              f"pip install 'prunesearch[hf]'") from exc
-        config = transformers.AutoConfig.from_pretrained(str(p), local_files_only=True)
-        name = hf_class or ((config.architectures or ["AutoModel"])[0])
-        cls = getattr(transformers, name, None)
-        if cls is None:
-            raise PairError(f"{p}: transformers has no class {name!r}")
-        kwargs: dict[str, Any] = {"local_files_only": True}
-        if num_labels is not None:
-            kwargs["num_labels"] = int(num_labels)
-        return cls.from_pretrained(str(p), **kwargs)
+            return load_hf_model(p, num_labels=num_labels, hf_class=hf_class, key="checkpoint")
+        except HFModelError as exc:
+            raise PairError(str(exc)) from exc
     if not p.is_file() or p.suffix not in _STATE_SUFFIXES:
         raise PairError(f"checkpoint {p}: expected a Hugging Face directory (with config.json) or a "
                         f"state-dict file ending in one of {list(_STATE_SUFFIXES)}")
@@ -164,8 +153,8 @@ def load_checkpoint_pair(pretrained: str | os.PathLike, finetuned: str | os.Path
     loaded into two copies of ``model``.
     """
     p_pre, p_ft = _resolve(pretrained), _resolve(finetuned)
-    if _is_hf_dir(p_ft) or _is_hf_dir(p_pre):
-        if not (_is_hf_dir(p_ft) and _is_hf_dir(p_pre)):
+    if is_hf_dir(p_ft) or is_hf_dir(p_pre):
+        if not (is_hf_dir(p_ft) and is_hf_dir(p_pre)):
             raise PairError(f"one checkpoint is a Hugging Face directory and the other is not: {p_pre}, {p_ft}")
         ft = load_checkpoint(p_ft)
         arch = type(ft).__name__
@@ -301,37 +290,72 @@ def run_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str, An
                   datamodule: ArrayDataModule, model: nn.Module, model_args: dict[str, Any],
                   trial_cfg: dict[str, Any], device: str, *, trial_id: str, trial_dir: str | os.PathLike | None,
                   start: float, data_s: float) -> dict[str, Any]:
-    """One KEN trial: get the pair, apply KEN, measure, write and log; returns the trial's row.
+    """One KEN trial on the configured (image) model: get the pair, then :func:`finish_ken_trial`.
 
-    Metrics (besides the usual ``val_acc``, ``val_loss``, ``test_acc``, FLOPs and params, all
-    dense: KEN zeroes nothing): ``reverted_fraction`` (entries reset to pretrained / all
-    parameters), ``reverted_fraction_selected`` (/ entries of the processed tensors),
-    ``kept_finetuned_params``, ``finetuned_val_acc`` and ``pretrained_val_acc`` (the two
-    baselines), ``ken_file_bytes``, ``finetuned_bytes`` and ``ken_file_ratio`` (the compact
-    delta against the full fine-tuned state dict), ``select_s`` (selection seconds),
-    ``pair_epochs`` and ``pair_cached`` (the shared pair's cost, paid once per config).
-    ``sparsity`` is the fraction of weights that are actually zero (about 0).
+    Hugging Face pairs of text models go through :func:`search.llm_trial.run_hf_ken_trial`.
     """
     from prunelib.flops import model_cost
-    from prunelib.ken_storage import save_ken_delta
-    from prunelib.ken_viz import ken_pictures
-    from search.trial import TrialFailed, measure_latency_ms, record_trial, trial_output_dir, wants_latency
+    from search.trial import measure_latency_ms, wants_latency
 
     plan = method.pair_plan()
     if plan.pretrained is not None and plan.finetuned is not None:
         pre, ft = load_checkpoint_pair(plan.pretrained, plan.finetuned, model)
         if not isinstance(pre, type(model)):
             raise PairError(f"the checkpoints are {type(pre).__name__} models; a trial evaluates "
-                            f"{type(model).__name__} on {ctx.data['name']}. Apply KEN to Hugging Face "
-                            f"models in Python (load_checkpoint_pair + prunelib.methods.ken.KEN)")
+                            f"{type(model).__name__} on {ctx.data['name']}. For Hugging Face text models use "
+                            f"model=hf data=text pair.pretrained=DIR pair.finetuned=DIR")
         pre, ft = pre.to(device), ft.to(device)
         pair_info: dict[str, Any] = {"cached": True, "pretrain_epochs": 0, "finetune_epochs": 0,
                                      "path": f"{plan.pretrained} + {plan.finetuned}"}
     else:
         pre, ft, pair_info = get_pair(model, datamodule, plan, ctx.data, ctx.model, trial_cfg, device)
-    val_batches = datamodule.val_dataloader()
-    pre_val = evaluate(pre, val_batches)["acc"]
-    ft_val = evaluate(ft, val_batches)["acc"]
+    input_shape = tuple(datamodule.input_shape)
+
+    def score(net: nn.Module, split: str) -> dict[str, float]:
+        batches = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+        return evaluate(net, batches)
+
+    def extra(net: nn.Module) -> dict[str, float]:
+        if not wants_latency(ctx, trial_cfg):
+            return {}
+        return {"latency_ms": measure_latency_ms(net, input_shape, int(trial_cfg.get("latency_batch_size", 256)),
+                                                 device=device)}
+
+    return finish_ken_trial(method, settings, overrides, ctx, pre, ft, pair_info, score,
+                            lambda net: model_cost(net, input_shape, None), trial_cfg, trial_id=trial_id,
+                            trial_dir=trial_dir, start=start, data_s=data_s, model_args=model_args, extra=extra)
+
+
+def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str, Any], ctx: Any,
+                     pre: nn.Module, ft: nn.Module, pair_info: dict[str, Any],
+                     score: Any, cost: Any, trial_cfg: dict[str, Any], *, trial_id: str,
+                     trial_dir: str | os.PathLike | None, start: float, data_s: float,
+                     model_args: dict[str, Any], extra: Any = None,
+                     delta_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply KEN to a loaded pair, measure, write and log; returns the trial's row.
+
+    Args:
+        pre / ft: the pair (``ft`` becomes the KEN model).
+        score: ``score(model, "val"|"test") -> {"acc", "loss", ...}``; every key is reported
+            with the split's prefix (``val_acc``, ``val_ppl``...).
+        cost: ``cost(model) -> ModelCost`` (dense: KEN zeroes nothing).
+        extra: ``extra(model) -> dict`` of more metrics (latency), or None.
+        delta_metadata: more facts for the delta file's header (a Hugging Face class name).
+
+    Metrics (besides the score's, FLOPs and params, all dense): ``reverted_fraction`` (entries
+    reset to pretrained / all parameters), ``reverted_fraction_selected`` (/ entries of the
+    processed tensors), ``kept_finetuned_params``, ``finetuned_val_*`` and ``pretrained_val_*``
+    (the two baselines), ``ken_file_bytes``, ``finetuned_bytes`` and ``ken_file_ratio`` (the
+    compact delta against the full fine-tuned state dict), ``select_s`` (selection seconds),
+    ``pair_epochs`` and ``pair_cached`` (the shared pair's cost, paid once per config).
+    ``sparsity`` is the fraction of weights that are actually zero (about 0).
+    """
+    from prunelib.ken_storage import save_ken_delta
+    from prunelib.ken_viz import ken_pictures
+    from search.trial import TrialFailed, record_trial, trial_output_dir
+
+    pre_val = score(pre, "val")
+    ft_val = score(ft, "val")
     finetuned_state = {k: v.detach().clone() for k, v in ft.state_dict().items()}
     method.set_pretrained(pre)
     t0 = time.perf_counter()
@@ -340,34 +364,34 @@ def run_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str, An
     except KENError as exc:
         raise TrialFailed(f"trial {trial_id}: KEN: {exc}") from exc
     select_s = time.perf_counter() - t0
-    val = evaluate(ft, val_batches)
+    val = score(ft, "val")
     if math.isnan(val["loss"]) or math.isnan(val["acc"]):
         raise TrialFailed(f"trial {trial_id}: the KEN model's loss is NaN; the result is unusable")
     report = method.report
-    input_shape = tuple(datamodule.input_shape)
-    cost = model_cost(ft, input_shape, None)  # dense: reverted entries hold pretrained values, not zeros
+    dense_cost = cost(ft)  # dense: reverted entries hold pretrained values, not zeros
     metrics: dict[str, Any] = {
-        "val_acc": val["acc"], "val_loss": val["loss"], "finetuned_val_acc": ft_val, "pretrained_val_acc": pre_val,
+        **{f"val_{k}": v for k, v in val.items()},
+        **{f"finetuned_val_{k}": v for k, v in ft_val.items() if k in ("acc", "ppl")},
+        **{f"pretrained_val_{k}": v for k, v in pre_val.items() if k in ("acc", "ppl")},
         "reverted_fraction": report["reverted_fraction"],
         "reverted_fraction_selected": report["reverted_fraction_selected"],
         "kept_finetuned_params": report["kept_finetuned_params"],
         "sparsity": sparsity_report(ft)["global"]["sparsity"], "epochs": 0,
         "pair_epochs": int(pair_info.get("pretrain_epochs", 0)) + int(pair_info.get("finetune_epochs", 0)),
         "pair_cached": bool(pair_info.get("cached")), "select_s": select_s,
-        "extra_forward_passes": 0, "extra_backward_passes": 0, "extra_params": 0, **cost.as_dict()}
+        "extra_forward_passes": 0, "extra_backward_passes": 0, "extra_params": 0, **dense_cost.as_dict()}
     if bool(trial_cfg.get("evaluate_test", True)):
-        metrics["test_acc"] = evaluate(ft, datamodule.test_dataloader())["acc"]
-    if wants_latency(ctx, trial_cfg):
-        metrics["latency_ms"] = measure_latency_ms(ft, input_shape, int(trial_cfg.get("latency_batch_size", 256)),
-                                                   device=device)
+        metrics.update({f"test_{k}": v for k, v in score(ft, "test").items() if k in ("acc", "loss", "ppl")})
+    if extra is not None:
+        metrics.update(extra(ft))
 
     out_dir = trial_output_dir(trial_dir, trial_id)
     delta = save_ken_delta(out_dir / "ken_delta.safetensors", pre, ft, masks.masks, finetuned=finetuned_state,
                            method="ken", config=settings, trial_id=trial_id, data=ctx.data["name"],
-                           model_name=ctx.model["name"], model_args=model_args)
+                           model_name=ctx.model["name"], model_args=model_args, **(delta_metadata or {}))
     metrics.update(delta.as_dict())
     masks_path = masks.save(out_dir / "masks.safetensors", None, method="ken", config=settings, trial_id=trial_id,
-                            data=ctx.data["name"], model_name=ctx.model["name"], flops=cost.as_dict(),
+                            data=ctx.data["name"], model_name=ctx.model["name"], flops=dense_cost.as_dict(),
                             model_args=model_args, ken_delta=str(delta.path), pair=pair_info.get("path"))
     (out_dir / "layer_kept_fraction.json").write_text(json.dumps(report["layers"], indent=1))
     pictures = out_dir / "ken_viz"

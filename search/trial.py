@@ -140,6 +140,10 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     Raises:
         TrialFailed: the run produced NaN loss or accuracy.
     """
+    from search.llm_trial import is_text_config, run_llm_trial  # Hugging Face text models
+
+    if is_text_config(ctx.data, ctx.model):
+        return run_llm_trial(params, ctx, trial_id=trial_id, trial_dir=trial_dir, report=report)
     start = time.perf_counter()
     method_name, settings, overrides = settings_from_params(ctx.space, params)
     trial_cfg = {**ctx.trial, **overrides}

@@ -405,7 +405,12 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
     from ray.tune.search.optuna import OptunaSearch
 
     validate_config(cfg)
-    check_data_available(cfg["data"])
+    from search.llm_trial import check_text_data, is_text_config
+
+    if is_text_config(cfg["data"], cfg["model"]):
+        check_text_data(cfg)  # the text file and the model's tokenizer
+    else:
+        check_data_available(cfg["data"])
     space = build_search_space(cfg)
     objectives = objectives_of(cfg)
     search = cfg["search"]

@@ -58,6 +58,12 @@ from prunelib.methods.rl_pruner import RLPruner  # noqa: E402
 
 register_method(RLPruner)
 
+# One-shot LLM pruners (model=hf); prunelib.llm imports no transformers.
+from prunelib.llm.methods import LLM_METHODS  # noqa: E402
+
+for _cls in LLM_METHODS:
+    register_method(_cls)
+
 
 def build_method(name: str, **settings: Any) -> PruningMethod:
     """Instantiate the registered method ``name`` with its settings.

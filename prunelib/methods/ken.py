@@ -531,6 +531,7 @@ class KEN(PruningMethod):
         self.pair_cache_dir = pair_cache_dir
         self._pretrained_state: dict[str, Tensor] | None = None
         self.report: dict[str, Any] = {}
+        self._untrained: set[str] = set()
 
     def pair_plan(self) -> PairPlan:
         """Where the (pretrained, fine-tuned) pair comes from (run by the orchestrator)."""
@@ -540,6 +541,12 @@ class KEN(PruningMethod):
     def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
         """No training phase: KEN works on a finished pair."""
         return []
+
+    def set_untrained(self, names: Iterable[str]) -> None:
+        """Parameters the pretrained checkpoint does not hold (a Hugging Face base checkpoint
+        loaded into a task class initialises them randomly, e.g. BERT's pooler after masked-LM
+        pretraining): they keep their fine-tuned values whole, like the head."""
+        self._untrained = set(names)
 
     def set_pretrained(self, pretrained: nn.Module | Mapping[str, Tensor]) -> None:
         """Give KEN the pretrained weights (a model or a parameter state dict); copied."""
@@ -555,7 +562,7 @@ class KEN(PruningMethod):
         """Select, revert the non-kept entries of ``model`` to pretrained, return the keep masks."""
         self.setup(model)
         assert self._pretrained_state is not None
-        names = selected_parameter_names(model, self.layers, self.head)
+        names = [n for n in selected_parameter_names(model, self.layers, self.head) if n not in self._untrained]
         if not names:
             raise KENError(f"layers={self.layers!r} selects no parameter of {type(model).__name__}"
                            + (" (it has no attention modules)" if self.layers == "attention" else ""))
