@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from search.space import ConfigError, SearchSpace, discover_method_configs, load_method_configs, method_space
+from search.space import ConfigError, SearchSpace, load_method_configs, method_class, method_space
 
 __all__ = ["CheckFn", "PreflightResult", "SAMPLERS", "TRIAL_KINDS", "TrialKind", "check_cluster_resources",
            "method_pool", "preflight", "register_trial_kind", "reported_metrics", "validate_schema"]
@@ -288,7 +288,7 @@ EXPORT_KEYS: dict[str, CheckFn] = {"front_dir": text}
 TOP_LEVEL_KEYS = ("data", "model", "module", "search", "trial", "tracking", "cluster", "method", "method_pool",
                   "sweep_name", "export")
 
-METHOD_TOP_KEYS = ("name", "settings", "space", "objectives")
+METHOD_TOP_KEYS = ("name", "_target_", "settings", "space", "objectives")
 
 
 def _train_config_keys() -> dict[str, CheckFn]:
@@ -441,34 +441,31 @@ def method_pool(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return pool
 
 
-def _accepted_settings(name: str) -> set[str]:
-    from prunelib.methods import METHODS
+def _method_class(name: str, cfg: Mapping[str, Any] | None) -> type:
+    return method_class(name, (cfg or {}).get("_target_"))
+
+
+def _accepted_settings(cls: type) -> set[str]:
     from prunelib.targets import accepted_parameters
 
-    cls = METHODS[name]
     named, _ = accepted_parameters(cls)
     if dataclasses.is_dataclass(cls):
         named |= {f.name for f in dataclasses.fields(cls)}
     return named
 
 
-def _construct(name: str, settings: Mapping[str, Any], where: str) -> None:
-    from prunelib.methods import METHODS
-
+def _construct(cls: type, settings: Mapping[str, Any], where: str) -> None:
     try:
-        METHODS[name](**settings)
+        cls(**settings)
     except (ValueError, TypeError, KeyError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
 def check_method(name: str, cfg: Mapping[str, Any], *, pinned: bool, search_settings: bool, n_trials: int) -> None:
     """Schema and semantic checks of one method config; errors name ``method[NAME]...``."""
-    from prunelib.methods import METHODS
-
-    if name not in METHODS:
-        raise ConfigError(f"method: unknown method {name!r}; registered: {sorted(METHODS)}")
     mapping(f"method[{name}]", cfg)
-    accepted = _accepted_settings(name)
+    cls = _method_class(name, cfg)
+    accepted = _accepted_settings(cls)
     for key in cfg:
         if key not in METHOD_TOP_KEYS and key not in accepted:
             raise ConfigError(f"method[{name}].{key}: unknown key; a method config takes {list(METHOD_TOP_KEYS)}")
@@ -489,7 +486,7 @@ def check_method(name: str, cfg: Mapping[str, Any], *, pinned: bool, search_sett
             continue
         if dim.key not in accepted:
             raise ConfigError(f"{where}: not a setting of {name}; it takes {sorted(accepted)}")
-    _construct(name, space.settings, f"method[{name}].settings")
+    _construct(cls, space.settings, f"method[{name}].settings")
     # Every value the space can give must be one the method accepts (with the conditions that
     # make the entry live): a typo in a choice fails here, not in a trial.
     for dim in space.dims:
@@ -497,7 +494,7 @@ def check_method(name: str, cfg: Mapping[str, Any], *, pinned: bool, search_sett
             continue
         values = list(dim.choices) if dim.type == "categorical" else [dim.low, dim.high]
         for value in values:
-            _construct(name, {**space.settings, **dim.when, dim.key: value},
+            _construct(cls, {**space.settings, **dim.when, dim.key: value},
                        f"method[{name}].space.{dim.key}: value {value!r}")
     if pinned and search_settings and not space.dims and n_trials > 1:
         raise ConfigError(f"method[{name}].space: empty, so all {n_trials} trials would run the same settings; "
@@ -564,11 +561,10 @@ def register_trial_kind(kind: TrialKind) -> None:
     TRIAL_KINDS[:] = [kind] + [k for k in TRIAL_KINDS if k.name != kind.name]
 
 
-def reported_metrics(cfg: Mapping[str, Any], method: str, logged: set[str] | None = None) -> set[str]:
+def reported_metrics(cfg: Mapping[str, Any], method: str, logged: set[str] | None = None,
+                     method_cfg: Mapping[str, Any] | None = None) -> set[str]:
     """The metrics a trial of ``method`` reports under this config (see the module docstring)."""
-    from prunelib.methods import METHODS
-
-    cls = METHODS[method]
+    cls = _method_class(method, method_cfg)
     kind = next(k for k in TRIAL_KINDS if k.applies(cls))
     return kind.reports(cfg, logged) | set(getattr(cls, "reported_metrics", ()) or ())
 
@@ -583,8 +579,8 @@ def _check_objectives(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: s
     where, objectives = _objectives_of(cfg)
     _objectives(where, [{"metric": m, "mode": d} for m, d in objectives])
     for i, (metric, _) in enumerate(objectives):
-        for name in pool:
-            reports = reported_metrics(cfg, name, logged)
+        for name, mcfg in pool.items():
+            reports = reported_metrics(cfg, name, logged, mcfg)
             if metric in reports:
                 continue
             hint = ""
@@ -825,9 +821,7 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
     notes: list[str] = []
     user_module = bool((cfg.get("module") or {}).get("_target_"))
     if user_module:
-        from prunelib.methods import METHODS
-
-        pair_methods = [m for m in pool if getattr(METHODS[m], "needs_pair", False)]
+        pair_methods = [m for m, c in pool.items() if getattr(_method_class(m, c), "needs_pair", False)]
         if pair_methods and (pinned or search.get("methods")):
             raise ConfigError(f"module._target_: {pair_methods} trials evaluate a (pretrained, fine-tuned) pair "
                               "without a training step; leave module unset for them")

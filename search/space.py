@@ -27,7 +27,7 @@ from typing import Any
 
 import optuna
 
-__all__ = ["CONF_DIR", "ConfigError", "Dimension", "MethodSpace", "SearchSpace", "conf_dir",
+__all__ = ["CONF_DIR", "ConfigError", "Dimension", "MethodSpace", "SearchSpace", "conf_dir", "method_class",
            "discover_method_configs", "load_method_configs", "parse_space", "settings_from_params"]
 
 
@@ -194,11 +194,24 @@ def parse_space(method: str, space: Mapping[str, Any] | None) -> list[Dimension]
 
 @dataclass
 class MethodSpace:
-    """One method's fixed settings and searched dimensions."""
+    """One method's fixed settings and searched dimensions.
+
+    ``target``: the dotted path of the method's class when the config names one (``_target_``,
+    a user's own :class:`~prunelib.methods.base.PruningMethod`); None = ``prunelib.methods.METHODS[name]``.
+    """
 
     name: str
     settings: dict[str, Any]
     dims: list[Dimension]
+    target: str | None = None
+
+    def method_class(self) -> type:
+        """The method's class."""
+        return method_class(self.name, self.target)
+
+    def build(self, settings: Mapping[str, Any]) -> Any:
+        """An instance of the method with ``settings``."""
+        return self.method_class()(**settings)
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Sample this method's dimensions; returns ``{KEY: value}`` (unprefixed)."""
@@ -261,13 +274,42 @@ def discover_method_configs(sources: list[tuple[str, str]] | None = None) -> dic
     return out
 
 
+def method_class(name: str, target: str | None = None) -> type:
+    """The class of method ``name``: ``target`` (a dotted path to a PruningMethod subclass) or the
+    registered ``prunelib.methods.METHODS[name]``.
+
+    Raises:
+        ConfigError: unknown name, or a target that does not import or is not a PruningMethod.
+    """
+    from prunelib.methods import METHODS
+    from prunelib.methods.base import PruningMethod
+
+    if target is None:
+        if name not in METHODS:
+            raise ConfigError(f"method: unknown method {name!r}; registered: {sorted(METHODS)}, or give the "
+                              "config a _target_ naming your PruningMethod class")
+        return METHODS[name]
+    from prunelib.targets import TargetError, resolve_target
+
+    try:
+        cls = resolve_target(target, f"method[{name}]._target_")
+    except TargetError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not (isinstance(cls, type) and issubclass(cls, PruningMethod)):
+        raise ConfigError(f"method[{name}]._target_={target}: not a prunelib PruningMethod subclass")
+    return cls
+
+
 def method_space(cfg: Mapping[str, Any]) -> MethodSpace:
     """Validate one method config (settings and space) into a :class:`MethodSpace`."""
     name = str(cfg.get("name"))
+    if cfg.get("settings") is not None and not isinstance(cfg.get("settings"), Mapping):
+        raise ConfigError(f"method[{name}].settings: expected a mapping, got {cfg.get('settings')!r}")
     settings = dict(cfg.get("settings") or {})
     for key, value in settings.items():
         _check_fraction(f"method[{name}].settings", key, value)
-    return MethodSpace(name, settings, parse_space(name, cfg.get("space")))
+    target = cfg.get("_target_")
+    return MethodSpace(name, settings, parse_space(name, cfg.get("space")), str(target) if target else None)
 
 
 class SearchSpace:

@@ -33,7 +33,6 @@ import torch
 
 from prunelib.data import datamodule_from_config
 from prunelib.flops import model_cost
-from prunelib.methods import build_method
 from prunelib.models import model_from_config
 from prunelib.robustness import fgsm_accuracy
 from prunelib.surgery import export_onnx, has_structured_masks, surgery
@@ -242,7 +241,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         model = network_of(module)
         module.to(device)
     model = model.to(device)
-    method = build_method(method_name, **settings)
+    method = ctx.space.spaces[method_name].build(settings)
     if getattr(method, "needs_pair", False):
         # KEN: no training here; a (pretrained, fine-tuned) pair made once per config (or given).
         from search.pair import run_ken_trial
