@@ -228,20 +228,12 @@ def racing_stores(out: Path) -> dict:
 
 
 def exports(out: Path) -> dict:
-    from search.tracking import SweepTracker, log_trial_run
     from tests.conftest import free_port
+    from tests.test_reliability import make_store_with_a_corrupt_masks_file
 
     case = out / "export"
     case.mkdir()
-    uri = f"sqlite:///{case}/mlflow.db"
-    tracker = SweepTracker(uri, "export-drill")
-    parent = tracker.start_parent("sweep", params={}, tags={
-        "prunesearch.objectives": json.dumps([["val_acc", "max"], ["flops_effective", "min"]])})
-    junk = case / "art" / "masks.safetensors"
-    junk.parent.mkdir()
-    junk.write_bytes(b"\x00corrupt" * 64)
-    log_trial_run(uri, tracker.experiment_id, parent, "t0", params={}, metrics={"val_acc": 0.9,
-                  "flops_effective": 1.0}, artifacts={"masks": str(junk)})
+    uri, parent = make_store_with_a_corrupt_masks_file(case)
     target = case / "keep" / "masks.safetensors"
     target.parent.mkdir()
     target.write_bytes(b"earlier")

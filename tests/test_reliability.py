@@ -80,21 +80,26 @@ def test_export_checks_the_store_first_and_never_creates_one(tmp_path):
     assert time.monotonic() - t0 < 60  # seconds (interpreter start included), not minutes of retries
 
 
-@pytest.fixture()
-def store_with_a_bad_artifact(tmp_path):
-    """A sweep store whose one finished trial has a corrupt masks artifact."""
+def make_store_with_a_corrupt_masks_file(root: Path) -> tuple[str, str]:
+    """A sweep store under ``root`` whose one finished trial has a corrupt masks artifact;
+    returns ``(tracking uri, parent run id)`` (the reliability drill uses it too)."""
     from search.tracking import SweepTracker, log_trial_run
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = f"sqlite:///{root}/mlflow.db"
     tracker = SweepTracker(uri, "export-test")
     parent = tracker.start_parent("sweep", params={}, tags={
         "prunesearch.objectives": json.dumps([["val_acc", "max"], ["flops_effective", "min"]])})
-    junk = tmp_path / "art" / "masks.safetensors"
-    junk.parent.mkdir()
+    junk = root / "art" / "masks.safetensors"
+    junk.parent.mkdir(parents=True)
     junk.write_bytes(b"\x00not a safetensors file" * 10)
     log_trial_run(uri, tracker.experiment_id, parent, "t0", params={"method": "magnitude"},
                   metrics={"val_acc": 0.9, "flops_effective": 100.0}, artifacts={"masks": str(junk)})
     return uri, parent
+
+
+@pytest.fixture()
+def store_with_a_bad_artifact(tmp_path):
+    return make_store_with_a_corrupt_masks_file(tmp_path)
 
 
 def test_export_writes_atomically_and_refuses_an_unwritable_out(tmp_path, store_with_a_bad_artifact):
@@ -161,7 +166,7 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, ray_local):
     assert set(result.front["trial_id"]) <= {by_ordinal[i] for i in (1, 5, 6)}  # the front ignores failures
 
     searcher = OptunaSearch()
-    searcher.restore_from_dir(str(next((tmp_path / "out" / "ray").iterdir())))
+    searcher.restore_from_dir(str(tmp_path / "out" / "ray"))
     states = [t.state.name for t in searcher._ot_study.trials]
     assert states.count("FAIL") == 3 and states.count("COMPLETE") == 3
 
