@@ -355,8 +355,9 @@ def validate_schema(cfg: Mapping[str, Any]) -> None:
         text("sweep_name", cfg["sweep_name"])
     _check_data_schema(cfg.get("data") or {})
     _check_model_schema(cfg.get("model") or {})
-    _check_section("module", cfg.get("module"), MODULE_KEYS,
-                   allowed=set(cfg.get("module") or {}) if (cfg.get("module") or {}).get("_target_") else MODULE_KEYS)
+    module = cfg.get("module") or {}
+    # A user's module takes its own keys (checked against its signature when it is built).
+    _check_section("module", module, MODULE_KEYS, allowed=set(module) if module.get("_target_") else None)
     if cfg.get("method") is not None:
         mapping("method", cfg["method"])
 

@@ -608,10 +608,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
 
 def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objectives: list[tuple[str, str]],
                 output_dir: Path, state: dict[str, Any], resuming: bool) -> SweepResult:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
+    """Ray, the parent run and the Optuna store; then the tuner. Holds the sweep's lock."""
     search = cfg["search"]
     if resuming:
         print(f"resuming the sweep in {output_dir}", flush=True)
@@ -659,8 +656,7 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
              "started": state.get("started", datetime.now().isoformat(timespec="seconds"))}
     _write_state(output_dir / STATE_FILE, state)
     try:
-        return _tune(cfg, pre, space, objectives, output_dir, state, resuming, storage, tracker, tracking,
-                     str(abort_file), tune, ASHAScheduler, OptunaSearch)
+        return _tune(cfg, space, objectives, output_dir, state, resuming, storage, tracker, tracking, str(abort_file))
     except SweepInterrupted as exc:
         if tracker is not None:
             _end_parent(tracker, "KILLED", f"interrupted: {exc}; resume with search.resume=true "
@@ -680,10 +676,14 @@ def _end_parent(tracker: Any, status: str, reason: str) -> None:
         print(f"warning: could not mark the MLflow parent run {status} ({exc})", file=sys.stderr, flush=True)
 
 
-def _tune(cfg: dict[str, Any], pre: PreflightResult, space: Any, objectives: list[tuple[str, str]], output_dir: Path,
+def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], output_dir: Path,
           state: dict[str, Any], resuming: bool, storage: SweepStorage, tracker: Any,
-          tracking: dict[str, str] | None, abort_file: str, tune: Any, ASHAScheduler: Any,
-          OptunaSearch: Any) -> SweepResult:
+          tracking: dict[str, str] | None, abort_file: str) -> SweepResult:
+    """Run (or restore) the Tuner, then collect, print and export the front."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
     search = cfg["search"]
     name = state["name"]
     if cfg["trial"].get("gpus") == "auto":

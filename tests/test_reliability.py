@@ -320,3 +320,24 @@ def test_an_error_after_the_parent_run_starts_ends_it_failed(tmp_path, ray_local
     parent = MlflowClient(cfg["tracking"]["uri"]).get_run(parent_id)
     assert parent.info.status == "FAILED"
     assert parent.data.tags["prunesearch.error"] == "RuntimeError: the sampler could not be built"
+
+
+@pytest.mark.slow
+def test_an_objective_the_module_stops_logging_stops_the_sweep_as_a_config_error(tmp_path, ray_local):
+    from mlflow import MlflowClient
+
+    from search.space import ConfigError
+
+    cfg = compose(["+method=magnitude", "search.n_trials=3", "search.concurrency=1", "model=custom",
+                   "model._target_=tests.user_code.PlainNet", "+model.width=8",
+                   "module._target_=tests.user_code.ForgetfulModule", f"+module.marker={tmp_path}/validated-once",
+                   "trial.lr=0.003", "trial.max_retries=0",
+                   "search.objectives=[{metric: val_f1, mode: max}, {metric: flops_effective, mode: min}]",
+                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST])
+    with pytest.raises(ConfigError, match=r"search.objectives: \['val_f1'\] never reported by "
+                                          r"module._target_=tests.user_code.ForgetfulModule"):
+        run_sweep(cfg, tmp_path / "out")
+    parent_id = json.loads((tmp_path / "out" / "sweep.json").read_text())["parent_run_id"]
+    runs = find_trial_runs(cfg["tracking"]["uri"], parent_id)
+    assert len(runs) < 3  # stopped at the first such trial, not after the whole budget
+    assert MlflowClient(cfg["tracking"]["uri"]).get_run(parent_id).info.status == "FAILED"

@@ -47,11 +47,17 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float = 300, what: str = "
 
 
 def _workers(pid: int) -> list[psutil.Process]:
+    """The driver's Ray workers (trial actors, idle workers): not Ray's per-node agents, which
+    idle until their process group is cleaned up and train nothing."""
+    found = []
     try:
-        return [p for p in psutil.Process(pid).children(recursive=True) if "ray::" in p.name() or
-                any("default_worker" in part for part in p.cmdline())]
+        for p in psutil.Process(pid).children(recursive=True):
+            title = " ".join(p.cmdline()) or p.name()  # Ray workers retitle themselves ray::ImplicitFunc, ...
+            if title.startswith("ray::") and "Agent" not in title:
+                found.append(p)
     except psutil.Error:
-        return []
+        pass
+    return found
 
 
 def _kill_driver(proc: subprocess.Popen) -> list[psutil.Process]:

@@ -4,7 +4,6 @@ written last and atomically, finished trials found again for resume."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
