@@ -718,7 +718,7 @@ def _check_optuna_storage(url: str) -> None:
                               "postgresql:// or mysql:// URLs")
         return
     try:
-        check_sqlite_file(Path(url[len("sqlite:///"):]), url)
+        check_sqlite_file(Path(url[len("sqlite:///"):]), url, mlflow_store=False)
     except TrackingUnavailableError as exc:
         raise ConfigError(f"search.optuna_storage: {exc}") from exc
 
