@@ -168,3 +168,7 @@ def test_a_good_config_passes_and_reads_the_data(tmp_path):
     assert result.input_shape == (1, 8, 8) and result.num_classes == 10
     assert result.optuna_storage == f"sqlite:///{tmp_path}/optuna.db"  # beside the MLflow store
     assert not (tmp_path / "mlflow.db").exists()  # checked, not created
+    import optuna
+
+    optuna.storages.RDBStorage(result.optuna_storage)  # an existing Optuna store is accepted again
+    preflight(compose(["+method=magnitude", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]), tmp_path, build=False)
