@@ -100,8 +100,10 @@ def test_wheel_installs_and_runs_the_readme_example_from_an_empty_directory(tmp_
     # entry: its own .pth files, such as this checkout's editable install, are not processed);
     # prunesearch itself only from the wheel.
     (Path(site) / "_heavy_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # --ignore-installed: this environment's own (editable) prunesearch is visible through the .pth.
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-                              "--no-index", "-q", str(wheel)], capture_output=True, text=True, timeout=300)
+                              "--no-index", "--ignore-installed", "-q", str(wheel)], capture_output=True, text=True,
+                             timeout=300)
     assert install.returncode == 0, install.stderr[-3000:]
     user = tmp_path / "user"
     user.mkdir()
