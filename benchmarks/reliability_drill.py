@@ -155,7 +155,7 @@ def killed_driver(out: Path) -> dict:
 
     case = out / "killed"
     case.mkdir()
-    cmd = _sweep(case, "+trial.faults.plan='999:raise'", f"+trial.faults.state_dir={case}/faults", epochs=30)
+    cmd = _sweep(case, "+trial.faults.plan='999:raise'", f"+trial.faults.state_dir={case}/faults", epochs=120)
     resume = ("search.resume=true", f"search.resume_dir={case}/run")
     popen = dict(cwd=case, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     notes, tried, recovered = [], 0, 0
@@ -169,15 +169,16 @@ def killed_driver(out: Path) -> dict:
         _cleanup(first)
     second = subprocess.Popen(cmd + list(resume), **popen)
     try:
-        _wait(lambda: len(_counts(case, "completions")) >= 3, second, what="three finished trials")
+        _wait(lambda: len(_counts(case, "completions")) >= 2, second, what="a trial of the resumed sweep")
         rival = subprocess.run(cmd + list(resume), cwd=case, env=ENV, capture_output=True, text=True, timeout=300)
         tried += 1
         if rival.returncode == 2 and "another driver" in rival.stderr:
             recovered += 1
         else:
             notes.append(f"rival driver exit {rival.returncode}")
-        _wait(lambda: set(_counts(case, "attempts")) - set(_counts(case, "completions")), second,
-              what="a trial in progress")
+        _wait(lambda: len(_counts(case, "completions")) >= 3 and
+              set(_counts(case, "attempts")) - set(_counts(case, "completions")), second,
+              what="a trial in progress after three finished")
         workers = _kill_driver(second)
         tried += 1
         _assert_gone(workers)

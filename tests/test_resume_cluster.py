@@ -89,8 +89,9 @@ def test_killed_twice_then_resumed_runs_every_trial_exactly_once(tmp_path):
     popen = dict(cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                  start_new_session=True)
     resume = ("search.resume=true", f"search.resume_dir={tmp_path}/run")
+    cmd = _sweep_cmd(tmp_path, epochs=120)  # a few seconds per trial: the kills land inside the sweep
     # Kill point 1: the moment a trial has written its result (before Tune's checkpoint can know).
-    first = subprocess.Popen(_sweep_cmd(tmp_path), **popen)
+    first = subprocess.Popen(cmd, **popen)
     try:
         _wait(lambda: len(_counts(tmp_path, "completions")) >= 1, first, what="a finished trial")
         workers = _kill_driver(first)
@@ -98,22 +99,21 @@ def test_killed_twice_then_resumed_runs_every_trial_exactly_once(tmp_path):
     finally:
         _cleanup(first)
     # Kill point 2: mid-trial, after more trials finished. A second driver is refused meanwhile.
-    second = subprocess.Popen(_sweep_cmd(tmp_path, *resume), **popen)
+    second = subprocess.Popen(cmd + list(resume), **popen)
     try:
-        _wait(lambda: len(_counts(tmp_path, "completions")) >= 3, second, what="three finished trials")
-        rival = subprocess.run(_sweep_cmd(tmp_path, *resume), cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=300)
+        _wait(lambda: len(_counts(tmp_path, "completions")) >= 2, second, what="a trial of the resumed sweep")
+        rival = subprocess.run(cmd + list(resume), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert rival.returncode == 2 and "another driver (pid" in rival.stderr, rival.stderr[-2000:]
-        _wait(lambda: set(_counts(tmp_path, "attempts")) - set(_counts(tmp_path, "completions")), second,
-              what="a trial in progress")
+        _wait(lambda: len(_counts(tmp_path, "completions")) >= 3 and
+              set(_counts(tmp_path, "attempts")) - set(_counts(tmp_path, "completions")), second,
+              what="a trial in progress after three finished")
         workers = _kill_driver(second)
         _assert_gone(workers)
     finally:
         _cleanup(second)
     state = json.loads((tmp_path / "run" / "sweep.json").read_text())
     assert not state["finished"]
-    third = subprocess.run(_sweep_cmd(tmp_path, *resume), cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=600)
+    third = subprocess.run(cmd + list(resume), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert "resuming the sweep" in third.stdout
 
