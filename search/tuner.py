@@ -753,10 +753,9 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
     rows = [r for r in rows if r["status"] == "failed" or "final_result" in r]
     orphans = _orphan_rows(tracking, storage.root, {str(r["trial_id"]) for r in rows}) if resuming else []
     rows += orphans
-    # Tune counts trials that ended (finished, stopped early or failed); fewer than asked for
-    # means Ctrl-C stopped the sweep.
-    ended_count = results.num_terminated + results.num_errors + len(orphans)
-    interrupted = ended_count < n_trials
+    # Trials that ended (finished, stopped early or failed, orphans included); fewer than asked
+    # for means Ctrl-C stopped the sweep (a trial Tune stopped mid-run has no final result).
+    interrupted = len(rows) < n_trials
     ended = rows
     ok_rows = [r for r in rows if r["status"] in ("ok", "early_stopped")]
     front = pareto.pareto_front(ok_rows, objectives) if ok_rows else pd.DataFrame()
