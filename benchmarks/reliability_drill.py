@@ -1,17 +1,32 @@
-"""Reliability drill: inject faults into a real sweep and count what happened to every trial.
+"""Reliability drill: bad inputs, faults, killed drivers, rival drivers, racing stores, bad exports.
 
     python benchmarks/reliability_drill.py --trials 12 --out benchmarks/out/reliability
 
-Part 1 runs ``python -m search`` with ``trial.faults`` (raise, NaN, out of memory, worker
-killed) and reads the outcome of each faulty trial back from MLflow and from Optuna's study.
-Part 2 feeds bad inputs to the CLI and checks each stops before any trial with one message.
-Prints a Markdown table for benchmarks/RESULTS.md.
+Each case is tried against the real code and classified:
+
+- **refused before Ray**: a bad input stopped in the pre-flight with one line naming the key
+  (exit 2 on the command line), nothing tracked, no Ray started, no trial files;
+- **recovered**: a fault happened and the sweep still produced every trial's result exactly
+  once (a retried dead worker, a resumed sweep after ``kill -9``, a refused rival driver that
+  left the running sweep intact, a store created by racing sweeps, an export refused cleanly
+  with ``out=`` intact, failures recorded with their reason);
+- **lost**: a trial result that neither MLflow nor its ``trial_result.json`` holds, a trial
+  run to the end twice, a half-written file, a parent run left RUNNING, or a bad input that
+  got past the pre-flight. Target: 0.
+
+Parts: (1) every bad input of ``tests/test_preflight.py``'s table, in-process, plus three
+through the CLI; (2) a sweep with injected faults (raise, NaN, out of memory, worker killed);
+(3) ``kill -9`` of the driver just after a trial finished and again mid-trial, a rival driver
+meanwhile, then resume; (4) every trial failing; (5) three sweeps starting at once on one
+fresh store; (6) exports against a dead server, a wrong SQLite path, a corrupt artifact and an
+unwritable ``out=``. Prints the Markdown table for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -22,101 +37,226 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-BAD_INPUTS = {
-    "unknown method": ["+method=nonexistent"],
-    "unknown model": ["model=nonexistent"],
-    "sparsity 1.5": ["+method=magnitude", "method.settings.sparsity=1.5"],
-    "negative epochs": ["trial.epochs=-1"],
-    "missing data set": ["data=fashion_mnist", "data.root=/nonexistent/fashion"],
-    "bad fault plan": ["+trial.faults.plan=x:boom", "+trial.faults.state_dir=/tmp/x"],
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+FAST = ["trial.epochs=3", "trial.finetune_epochs=1", "data.limit_train=600"]
+CLI_BAD = {
+    "model target does not import": ["model=custom", "model._target_=no_such_pkg_xyz.Net"],
+    "objective not reported": ["+method=magnitude", "search.objectives=[{metric: val_fgsm_acc, mode: max}]"],
+    "unknown trial key": ["+trial.epoch=3"],
 }
-
-
-def _plan(n_trials: int) -> dict[int, str]:
-    kinds = ["raise", "nan", "oom", "kill"]
-    # Every other trial from the 2nd gets a fault, cycling through the kinds.
-    return {ordinal: kinds[i % len(kinds)] for i, ordinal in enumerate(range(2, n_trials + 1, 2))}
 
 
 def _reason(error: str | None) -> str:
     """``pkg.mod.SomeError: trial ab12 (..): message`` -> ``SomeError: message`` (groupable)."""
     if not error:
         return "none"
-    last = error.strip().splitlines()[-1]
+    last = [line for line in error.strip().splitlines() if line.strip() and not set(line.strip()) <= set("^~ ")][-1]
     cls, _, message = last.partition(": ")
     message = re.sub(r"trial (#\d+ )?(\(\w+\)|\w+):? ?", "", message)
     return f"{cls.rsplit('.', 1)[-1]}: {message[:60]}"
 
 
-def fault_drill(out: Path, n_trials: int) -> list[dict]:
-    from ray.tune.search.optuna import OptunaSearch
+def _sweep(out: Path, *extra: str, n_trials: int = 6, epochs: int = 3) -> list[str]:
+    return [sys.executable, "-m", "search", "+method=magnitude", f"search.n_trials={n_trials}", "search.concurrency=1",
+            f"trial.epochs={epochs}", "trial.finetune_epochs=1", "data.limit_train=600", "cluster.num_cpus=2",
+            f"hydra.run.dir={out}/run", f"tracking.uri=sqlite:///{out}/mlflow.db", *extra]
 
+
+def bad_inputs(out: Path) -> dict:
+    """Every case of the pre-flight table, in-process, and three through the CLI."""
+    import ray
+
+    from search.space import ConfigError
+    from search.tuner import run_sweep
+    from tests.conftest import compose
+    from tests.test_preflight import CASES
+
+    refused, lost, examples = 0, [], []
+    for name, overrides, mutations, fragment in CASES:
+        case = out / "bad" / re.sub(r"\W+", "_", name)
+        case.mkdir(parents=True)
+        cfg = compose([*overrides, f"tracking.uri=sqlite:///{case}/mlflow.db"])
+        for mutate in mutations:
+            mutate(cfg, case)
+        try:
+            run_sweep(cfg, case / "out")
+            lost.append(f"{name}: not refused")
+        except ConfigError as exc:
+            clean = "\n" not in str(exc) and fragment in str(exc) and not ray.is_initialized() and \
+                not (case / "mlflow.db").exists() and not (case / "out" / "ray").exists()
+            refused += clean
+            if not clean:
+                lost.append(f"{name}: refused, but {str(exc)[:80]!r}")
+            examples.append((name, str(exc)))
+        if ray.is_initialized():
+            ray.shutdown()
+    for name, overrides in CLI_BAD.items():
+        case = out / "bad_cli" / re.sub(r"\W+", "_", name)
+        case.mkdir(parents=True)
+        proc = subprocess.run([sys.executable, "-m", "search", *overrides, f"hydra.run.dir={case}/run",
+                               f"tracking.uri=sqlite:///{case}/mlflow.db"], cwd=REPO, env=ENV, capture_output=True,
+                              text=True, timeout=300)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
+        clean = proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr + proc.stdout and \
+            not (case / "mlflow.db").exists() and not (case / "run" / "ray").exists()
+        refused += clean
+        if not clean:
+            lost.append(f"CLI {name}: exit {proc.returncode}")
+    return {"case": "bad inputs (pre-flight table + 3 via the CLI)", "tried": len(CASES) + len(CLI_BAD),
+            "refused": refused, "recovered": 0, "lost": len(lost), "notes": lost, "examples": examples}
+
+
+def faults(out: Path, n_trials: int) -> dict:
+    """Injected raise / NaN / OOM / worker kill: failures recorded with their reason, the kill retried."""
     from search.tracking import find_trial_runs
 
-    plan = _plan(n_trials)
-    plan_text = ",".join(f"{o}:{k}" for o, k in plan.items())
-    uri = f"sqlite:///{out}/mlflow.db"
-    cmd = [sys.executable, "-m", "search", "+method=magnitude", f"search.n_trials={n_trials}",
-           "search.concurrency=2", "trial.max_retries=1", "trial.epochs=3", "trial.finetune_epochs=1",
-           f"+trial.faults.plan='{plan_text}'", f"+trial.faults.state_dir={out}/faults",
-           f"hydra.run.dir={out}/run", f"tracking.uri={uri}"]
-    print("running:", " ".join(cmd), flush=True)
+    kinds = ["raise", "nan", "oom", "kill"]
+    plan = {o: kinds[i % len(kinds)] for i, o in enumerate(range(2, n_trials + 1, 2))}
+    case = out / "faults"
+    case.mkdir()
+    cmd = _sweep(case, "search.concurrency=2", "trial.max_retries=1", f"+trial.faults.state_dir={case}/faults",
+                 "+trial.faults.plan='" + ",".join(f"{o}:{k}" for o, k in plan.items()) + "'", n_trials=n_trials)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=out, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=case, env=ENV, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    print(proc.stdout[-2500:], flush=True)
+    state = json.loads((case / "run" / "sweep.json").read_text())
+    runs = {r["trial_id"]: r for r in find_trial_runs(f"sqlite:///{case}/mlflow.db", state["parent_run_id"])}
+    ordinals = {int(p.name.split("-")[1]): p.read_text() for p in (case / "faults").glob("ordinal-*")}
+    outcomes: Counter = Counter()
+    lost = []
+    for ordinal, trial_id in sorted(ordinals.items()):
+        kind = plan.get(ordinal, "none")
+        run = runs.get(trial_id)
+        kept = (case / "run" / "trials" / trial_id / "trial_result.json").is_file()
+        if run is None and not kept:
+            lost.append(f"trial {trial_id} ({kind}) in neither MLflow nor trials/")
+        elif run is not None and run["status"] == "ok":
+            attempts = len((case / "faults" / f"attempts-{trial_id}").read_text())
+            outcomes[f"{kind}: finished after {attempts} attempt(s)"] += 1
+        else:
+            outcomes[f"{kind}: FAILED, reason recorded: {_reason(run and run['error'])}"] += 1
+    completions = [len(p.read_text()) for p in (case / "faults").glob("completions-*")]
+    lost += [f"a trial ran to the end {n} times" for n in completions if n > 1]
     if proc.returncode != 0:
-        raise SystemExit(f"the sweep itself failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
-    state = json.loads((out / "run" / "sweep.json").read_text())
-    runs = find_trial_runs(uri, state["parent_run_id"])
-    by_trial = {r["trial_id"]: r for r in runs}
-    ordinals = {int(p.name.split("-")[1]): p.read_text() for p in (out / "faults").glob("ordinal-*")}
-    searcher = OptunaSearch()
-    searcher.restore_from_dir(str(next((out / "run" / "ray").iterdir())))
-    optuna_states = Counter(t.state.name for t in searcher._ot_study.trials)
-
-    rows = []
-    for kind in ("raise", "nan", "oom", "kill"):
-        targets = [ordinals[o] for o, k in plan.items() if k == kind and o in ordinals]
-        outcomes = Counter()
-        for tid in targets:
-            run = by_trial.get(tid)
-            attempts = len((out / "faults" / f"attempts-{tid}").read_text())
-            if run is None:
-                outcomes["missing from MLflow"] += 1
-            elif run["status"] == "ok":
-                outcomes[f"finished after {attempts} attempts"] += 1
-            else:
-                outcomes[f"FAILED, reason recorded: {_reason(run['error'])}"] += 1
-        rows.append({"fault": kind, "injected": len(targets), "outcomes": dict(outcomes)})
-    clean = [ordinals[o] for o in ordinals if o not in plan]
-    rows.append({"fault": "none", "injected": len(clean),
-                 "outcomes": dict(Counter("finished" if by_trial.get(t, {}).get("status") == "ok" else "LOST"
-                                          for t in clean))})
-    ids = [r["trial_id"] for r in runs]
-    summary = {"trials": n_trials, "child_runs": len(runs), "duplicates": len(ids) - len(set(ids)),
-               "optuna": dict(optuna_states), "wall_s": round(wall, 1),
-               "front": len(list((out / "run" / "front").glob("*.safetensors")))}
-    return rows, summary
+        lost.append(f"sweep exit {proc.returncode}")
+    injected = len(plan)
+    return {"case": f"injected faults ({', '.join(f'{k}' for k in kinds)}) in a {n_trials}-trial sweep",
+            "tried": injected, "refused": 0, "recovered": injected - len(lost), "lost": len(lost), "notes": lost,
+            "outcomes": dict(outcomes), "wall_s": round(wall, 1)}
 
 
-def bad_input_drill(out: Path) -> list[dict]:
-    rows = []
-    for name, overrides in BAD_INPUTS.items():
-        case = out / "bad" / name.replace(" ", "_")
-        case.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "search", *overrides, f"hydra.run.dir={case}/run",
-                               f"tracking.uri=sqlite:///{case}/mlflow.db"], cwd=case, capture_output=True,
-                              text=True, timeout=300)
-        text = (proc.stdout + proc.stderr).strip()
-        message = next((line for line in text.splitlines() if "error" in line.lower() or "Could not" in line),
-                       text.splitlines()[0] if text else "")
-        rows.append({"input": name, "exit": proc.returncode, "traceback": "Traceback" in text,
-                     "trial_started": (case / "run" / "ray").exists(),
-                     "tracked": (case / "mlflow.db").exists(), "message": message[:110]})
-        print(rows[-1], flush=True)
-    return rows
+def killed_driver(out: Path) -> dict:
+    """kill -9 just after a trial finished, a rival driver, kill -9 mid-trial, then resume."""
+    from search.tracking import find_trial_runs
+    from tests.test_resume_cluster import _assert_gone, _cleanup, _counts, _kill_driver, _wait
+
+    case = out / "killed"
+    case.mkdir()
+    cmd = _sweep(case, "+trial.faults.plan='999:raise'", f"+trial.faults.state_dir={case}/faults", epochs=120)
+    resume = ("search.resume=true", f"search.resume_dir={case}/run")
+    popen = dict(cwd=case, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    notes, tried, recovered = [], 0, 0
+    first = subprocess.Popen(cmd, **popen)
+    try:
+        _wait(lambda: len(_counts(case, "completions")) >= 1, first, what="a finished trial")
+        workers = _kill_driver(first)
+        tried += 1
+        _assert_gone(workers)
+    finally:
+        _cleanup(first)
+    second = subprocess.Popen(cmd + list(resume), **popen)
+    try:
+        _wait(lambda: len(_counts(case, "completions")) >= 2, second, what="a trial of the resumed sweep")
+        rival = subprocess.run(cmd + list(resume), cwd=case, env=ENV, capture_output=True, text=True, timeout=300)
+        tried += 1
+        if rival.returncode == 2 and "another driver" in rival.stderr:
+            recovered += 1
+        else:
+            notes.append(f"rival driver exit {rival.returncode}")
+        _wait(lambda: len(_counts(case, "completions")) >= 3 and
+              set(_counts(case, "attempts")) - set(_counts(case, "completions")), second,
+              what="a trial in progress after three finished")
+        workers = _kill_driver(second)
+        tried += 1
+        _assert_gone(workers)
+    finally:
+        _cleanup(second)
+    third = subprocess.run(cmd + list(resume), cwd=case, env=ENV, capture_output=True, text=True, timeout=900)
+    state = json.loads((case / "run" / "sweep.json").read_text())
+    runs = find_trial_runs(f"sqlite:///{case}/mlflow.db", state["parent_run_id"])
+    ok = {r["trial_id"] for r in runs if r["status"] == "ok"}
+    completions = _counts(case, "completions")
+    twice = [t for t, n in completions.items() if n > 1]
+    if third.returncode == 0 and len(ok) == 6 and not twice and state.get("finished"):
+        recovered += 2  # both kills
+    else:
+        notes.append(f"resume exit {third.returncode}, {len(ok)} of 6 ok, ran twice: {twice}")
+    return {"case": "driver kill -9 after a trial finished and mid-trial; a rival driver; resume", "tried": tried,
+            "refused": 0, "recovered": recovered, "lost": tried - recovered, "notes": notes,
+            "executions": dict(Counter(completions.values()))}
+
+
+def all_fail(out: Path) -> dict:
+    from mlflow import MlflowClient
+
+    case = out / "all_fail"
+    case.mkdir()
+    proc = subprocess.run(_sweep(case, "+trial.faults.plan='1:raise,2:raise'", f"+trial.faults.state_dir={case}/f",
+                                 n_trials=2), cwd=case, env=ENV, capture_output=True, text=True, timeout=900)
+    state = json.loads((case / "run" / "sweep.json").read_text())
+    parent = MlflowClient(f"sqlite:///{case}/mlflow.db").get_run(state["parent_run_id"])
+    good = proc.returncode == 1 and parent.info.status == "FAILED" and "^^^" not in proc.stdout and \
+        proc.stdout.count("InjectedFault: injected fault") >= 2
+    return {"case": "every trial fails: exit 1, parent FAILED with the reason, exception lines shown",
+            "tried": 1, "refused": 0, "recovered": int(good), "lost": int(not good),
+            "notes": [] if good else [f"exit {proc.returncode}, parent {parent.info.status}"]}
+
+
+def racing_stores(out: Path) -> dict:
+    case = out / "race"
+    uri = f"sqlite:///{case}/fresh/mlflow.db"
+    code = ("import sys; from search.tracking import SweepTracker; "
+            f"t = SweepTracker({uri!r}, 'sweeps'); print(t.start_parent('s' + sys.argv[1], {{'a': 1}}, {{}}))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    codes = [p.wait(timeout=300) for p in procs]
+    bad = sum(c != 0 for c in codes)
+    return {"case": "three sweeps start at once on one fresh SQLite store", "tried": 3, "refused": 0,
+            "recovered": 3 - bad, "lost": bad, "notes": [f"exit codes {codes}"] if bad else []}
+
+
+def exports(out: Path) -> dict:
+    from tests.conftest import free_port
+    from tests.test_reliability import make_store_with_a_corrupt_masks_file
+
+    case = out / "export"
+    case.mkdir()
+    uri, parent = make_store_with_a_corrupt_masks_file(case)
+    target = case / "keep" / "masks.safetensors"
+    target.parent.mkdir()
+    target.write_bytes(b"earlier")
+    tries = {
+        "dead server": [f"run_id={parent}", f"out={target}", f"tracking.uri=http://127.0.0.1:{free_port()}"],
+        "wrong sqlite path": [f"run_id={parent}", f"out={target}", f"tracking.uri=sqlite:///{case}/nope/mlflow.db"],
+        "corrupt artifact": [f"run_id={parent}", f"out={target}", f"tracking.uri={uri}"],
+        "unwritable out": [f"run_id={parent}", "out=/proc/prunesearch/m.safetensors", f"tracking.uri={uri}"],
+    }
+    notes, clean = [], 0
+    for name, args in tries.items():
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "search.export", *args], env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        seconds = time.perf_counter() - t0
+        ok = proc.returncode == 2 and proc.stderr.startswith("export: ") and "Traceback" not in proc.stderr and \
+            target.read_bytes() == b"earlier" and not (case / "nope" / "mlflow.db").exists() and seconds < 60
+        clean += ok
+        if not ok:
+            notes.append(f"{name}: exit {proc.returncode} in {seconds:.0f}s: {proc.stderr[-200:]}")
+    return {"case": "export: dead server, wrong SQLite path, corrupt artifact, unwritable out=", "tried": len(tries),
+            "refused": 0, "recovered": clean, "lost": len(tries) - clean, "notes": notes}
 
 
 def main() -> None:
@@ -127,20 +267,29 @@ def main() -> None:
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    faults, summary = fault_drill(out, args.trials)
-    bad = bad_input_drill(out)
-
-    print("\n| fault injected | trials | outcome |\n|---|---|---|")
-    for row in faults:
-        print(f"| {row['fault']} | {row['injected']} | "
-              + "; ".join(f"{n}x {o}" for o, n in row["outcomes"].items()) + " |")
-    print(f"\nsweep: {summary['trials']} trials, {summary['child_runs']} MLflow child runs, "
-          f"{summary['duplicates']} duplicated, Optuna states {summary['optuna']}, "
-          f"{summary['front']} front points exported, {summary['wall_s']} s")
-    print("\n| bad input | exit | trial started | tracked | traceback | message |\n|---|---|---|---|---|---|")
-    for row in bad:
-        print(f"| {row['input']} | {row['exit']} | {row['trial_started']} | {row['tracked']} | "
-              f"{row['traceback']} | `{row['message']}` |")
+    start = time.perf_counter()
+    rows = []
+    for part in (bad_inputs, lambda o: faults(o, args.trials), killed_driver, all_fail, racing_stores, exports):
+        t0 = time.perf_counter()
+        row = part(out)
+        row["seconds"] = round(time.perf_counter() - t0)
+        print(json.dumps({k: v for k, v in row.items() if k != "examples"}, default=str), flush=True)
+        rows.append(row)
+    print("\n| case | tried | refused before Ray | recovered | lost |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['tried']} | {r['refused']} | {r['recovered']} | {r['lost']} |")
+    total = {k: sum(r[k] for r in rows) for k in ("tried", "refused", "recovered", "lost")}
+    print(f"| **total** | {total['tried']} | {total['refused']} | {total['recovered']} | **{total['lost']}** |")
+    faults_row = rows[1]
+    print("\nInjected faults: " + "; ".join(f"{n}x {o}" for o, n in faults_row["outcomes"].items()))
+    print(f"Driver kills: trials run to the end once each: {rows[2].get('executions')}")
+    print("\nBad-input messages (first 8):")
+    for name, message in rows[0]["examples"][:8]:
+        print(f"- {name}: `config error: {message[:150]}`")
+    print(f"\ndrill wall time {time.perf_counter() - start:.0f} s")
+    for r in rows:
+        for note in r["notes"]:
+            print(f"LOST/UNCLEAN: {r['case']}: {note}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Torch-Pruning's split of importance from pruner.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -40,18 +40,20 @@ def random_scores(model: nn.Module, names: Iterable[str] | None = None, seed: in
 
 
 def snip_scores(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
-                names: Iterable[str] | None = None) -> dict[str, Tensor]:
+                names: Iterable[str] | None = None,
+                loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
     """SNIP connection sensitivity ``|w * dL/dw|`` summed over ``batches`` (Lee et al. 2019).
 
-    The model stays in train mode (as in the paper's scoring pass); gradients are cleared
-    afterwards so the first optimizer step is not polluted.
+    ``loss_fn(model, x, y)`` is the task loss (default: cross-entropy of the logits). The model
+    stays in train mode (as in the paper's scoring pass); gradients are cleared afterwards so
+    the first optimizer step is not polluted.
     """
     params = prunable_parameters(model)
     names = list(names) if names is not None else list(params)
     grads = {n: torch.zeros_like(params[n]) for n in names}
     model.zero_grad(set_to_none=True)
     for x, y in batches:
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model, x, y) if loss_fn is not None else F.cross_entropy(model(x), y)
         loss.backward()
         for n in names:
             if params[n].grad is not None:

@@ -28,7 +28,8 @@ from prunelib.flops import ModelCost, model_cost
 from prunelib.masks import MaskSet
 from prunelib.methods.base import PruningMethod
 
-__all__ = ["ClassifierModule", "TrainConfig", "PruningResult", "SPEED_SETTINGS", "evaluate", "run_pruning"]
+__all__ = ["ClassifierModule", "TrainConfig", "PruningResult", "SPEED_SETTINGS", "evaluate", "module_loss",
+           "network_of", "run_pruning", "validate_module"]
 
 log = logging.getLogger("prunelib")
 
@@ -203,6 +204,9 @@ class PruningResult:
         extra_params: parameters the method trained besides the model's (gates), removed at the end.
         wall_s: seconds for the whole run.
         history: one dict per phase (name, epochs, val_acc, sparsity, seconds).
+        logged: with a user's LightningModule, what it logged in the final validation (and test)
+            passes, by the names it logged them under (``val_loss``, ``val_f1``...); ``val_acc``
+            and ``val_loss`` above are NaN unless it logged them.
     """
 
     masks: MaskSet
@@ -218,15 +222,16 @@ class PruningResult:
     wall_s: float
     extra_params: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    logged: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Flat numeric metrics (the names used by search, MLflow and the benchmarks)."""
-        out: dict[str, float] = {"val_acc": self.val_acc, "val_loss": self.val_loss,
-                                 "sparsity": self.sparsity, "epochs": self.epochs,
+        out: dict[str, float] = {**self.logged} if self.logged else {"val_acc": self.val_acc, "val_loss": self.val_loss}
+        out.update({"sparsity": self.sparsity, "epochs": self.epochs,
                                  "extra_forward_passes": self.extra_forward_passes,
                                  "extra_backward_passes": self.extra_backward_passes,
                                  "extra_params": self.extra_params,
-                                 "wall_s": self.wall_s, **self.cost.as_dict()}
+                                 "wall_s": self.wall_s, **self.cost.as_dict()})
         if self.test_acc is not None:
             out["test_acc"] = self.test_acc
         return out
@@ -302,22 +307,95 @@ def _speed_settings(model: nn.Module, config: TrainConfig) -> Iterator[list[L.Ca
             model.to(memory_format=torch.contiguous_format)
 
 
-def _make_trainer(config: TrainConfig, epochs: int, callbacks: Sequence[L.Callback]) -> L.Trainer:
+def _make_trainer(config: TrainConfig, epochs: int, callbacks: Sequence[L.Callback],
+                  validate: bool | None = None) -> L.Trainer:
+    validate = config.val_every_n_epochs > 0 if validate is None else validate
     return L.Trainer(
         max_epochs=epochs, accelerator=config.accelerator, devices=1, precision=config.precision,
         logger=False, enable_checkpointing=False, enable_model_summary=False,
         enable_progress_bar=config.progress, num_sanity_val_steps=0,
         check_val_every_n_epoch=max(1, config.val_every_n_epochs),
-        limit_val_batches=1.0 if config.val_every_n_epochs > 0 else 0,
+        limit_val_batches=1.0 if validate else 0,
         callbacks=list(callbacks),
         deterministic=False,
     )
 
 
+def network_of(module: L.LightningModule) -> nn.Module:
+    """The network a LightningModule trains: its ``model`` attribute, else the module itself
+    (the convention :class:`~prunelib.callbacks.PruningCallback` follows)."""
+    net = getattr(module, "model", None)
+    return net if isinstance(net, nn.Module) else module
+
+
+@contextlib.contextmanager
+def _no_logging(module: L.LightningModule) -> Iterator[None]:
+    """Calls of ``module.log``/``log_dict`` do nothing inside (a step run outside Lightning's loop
+    must not add to the module's logged metrics). The module's class is not touched."""
+    module.log, module.log_dict = (lambda *a, **k: None), (lambda *a, **k: None)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict
+
+
+def module_loss(module: L.LightningModule) -> Any:
+    """The training loss of a user's LightningModule as ``loss(model, (x, y)) -> Tensor``.
+
+    It runs the module's own ``training_step`` on the batch (its logging switched off), so
+    methods that need a loss or gradients (SNIP, BINGO) score what the module optimises.
+    ``model`` must be the module's own network (the one being pruned).
+    """
+    def loss(model: nn.Module, batch: Any) -> torch.Tensor:
+        if model is not network_of(module):
+            raise ValueError("module_loss: the loss of a LightningModule is defined on its own network only")
+        with _no_logging(module):
+            out = module.training_step(batch, 0)
+        if isinstance(out, dict):
+            out = out.get("loss")
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"{type(module).__name__}.training_step must return the loss (a tensor or "
+                            f"{{'loss': tensor}}), got {type(out).__name__}")
+        return out
+
+    return loss
+
+
+def _float_metrics(metrics: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in dict(metrics or {}).items():
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def validate_module(module: L.LightningModule, datamodule: Any, config: TrainConfig,
+                    test: bool = False, limit_batches: int | float = 1.0) -> dict[str, float]:
+    """What a LightningModule logs in one validation pass (and a test pass when ``test`` and it
+    defines ``test_step``), by the names it logs them under."""
+    logged: dict[str, float] = {}
+    with warnings.catch_warnings(), _quiet_lightning(not config.progress):
+        warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|LeafSpec|"
+                                                  "limit_val_batches|limit_test_batches).*")
+        trainer = L.Trainer(accelerator=config.accelerator, devices=1, precision=config.precision, logger=False,
+                            enable_checkpointing=False, enable_model_summary=False,
+                            enable_progress_bar=config.progress, limit_val_batches=limit_batches,
+                            limit_test_batches=limit_batches)
+        for result in trainer.validate(module, datamodule=datamodule, verbose=False):
+            logged.update(_float_metrics(result))
+        if test and type(module).test_step is not L.LightningModule.test_step:
+            for result in trainer.test(module, datamodule=datamodule, verbose=False):
+                logged.update(_float_metrics(result))
+    return logged
+
+
 def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
                 config: TrainConfig | None = None, *, evaluate_test: bool = False,
                 callbacks: Sequence[L.Callback] = (), seed: int | None = 0,
-                input_shape: tuple[int, ...] | None = None) -> PruningResult:
+                input_shape: tuple[int, ...] | None = None,
+                module: L.LightningModule | None = None) -> PruningResult:
     """Train ``model`` on ``datamodule`` under ``method`` and measure the pruned result.
 
     Args:
@@ -330,6 +408,12 @@ def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
         callbacks: extra Lightning callbacks for every phase (progress reporting, early stop).
         seed: seeds torch before training (None leaves the RNG alone).
         input_shape: one sample's shape for FLOPs; defaults to ``datamodule.input_shape``.
+        module: a user's LightningModule that trains ``model`` (``network_of(module) is model``):
+            its own loss, optimizer and metrics are used as they are; the pruning callback is
+            attached to it, the method's loss terms are added by the callback, methods that
+            need a loss get the module's (:func:`module_loss`), and the result's metrics are
+            what it logs (:attr:`PruningResult.logged`). Default: :class:`ClassifierModule`
+            (cross-entropy, ``config``'s optimizer and cosine schedule).
     """
     config = config or TrainConfig()
     if config.cuda_graphs and not _uses_cuda(config):
@@ -339,10 +423,17 @@ def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
         torch.manual_seed(seed)
     start = time.perf_counter()
     phases = method.plan(config.epochs, config.finetune_epochs)
+    own_module = module is None
+    if own_module:
+        module = ClassifierModule(model, config)
+        module.extra_losses.append(lambda: method.regularization(model))
+        module.batch_losses.append(lambda inputs, logits: method.distillation_loss(model, inputs, logits))
+    else:
+        if network_of(module) is not model:
+            raise ValueError(f"run_pruning: the module's network ({type(network_of(module)).__name__}) is not "
+                             "the model being pruned; build the module around it")
+        method.loss_fn = module_loss(module)
     method.setup(model, datamodule)
-    module = ClassifierModule(model, config)
-    module.extra_losses.append(lambda: method.regularization(model))
-    module.batch_losses.append(lambda inputs, logits: method.distillation_loss(model, inputs, logits))
     history: list[dict[str, Any]] = []
     epochs_done = 0
     for index, phase in enumerate(phases):
@@ -354,10 +445,12 @@ def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
         train_loader = datamodule.train_dataloader()
         method.steps_per_epoch = max(1, len(train_loader))
         method.on_phase_start(model, phase, index)
-        module.lr_start_epoch = phase.lr_start_epoch
-        module.lr_total_epochs = phase.lr_total_epochs or phase.epochs + phase.lr_start_epoch
-        module.lr = (config.finetune_lr or config.lr / 10) if phase.name == "finetune" else None
-        callback = PruningCallback(method, phase, index, setup_method=False)
+        if isinstance(module, ClassifierModule):
+            module.lr_start_epoch = phase.lr_start_epoch
+            module.lr_total_epochs = phase.lr_total_epochs or phase.epochs + phase.lr_start_epoch
+            module.lr = (config.finetune_lr or config.lr / 10) if phase.name == "finetune" else None
+        # A module that does not collect loss terms itself gets them from the callback.
+        callback = PruningCallback(method, phase, index, setup_method=False, add_loss_terms=not own_module)
         with warnings.catch_warnings(), _quiet_lightning(not config.progress), \
                 _speed_settings(model, config) as speed_callbacks:
             trainer = _make_trainer(config, phase.epochs, [callback, *speed_callbacks, *callbacks])
@@ -366,16 +459,25 @@ def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
             trainer.fit(module, datamodule=datamodule)
         epochs_done += phase.epochs
         method.on_phase_end(model, phase, index)
-        val = evaluate(model, datamodule.val_dataloader())
+        if own_module:
+            val_acc = evaluate(model, datamodule.val_dataloader())["acc"]
+        else:
+            val_acc = validate_module(module, datamodule, config).get("val_acc", float("nan"))
         masks_now = method.masks
         sparsity = masks_now.sparsity(model) if masks_now is not None else 0.0
-        history.append({"phase": phase.name, "epochs": phase.epochs, "val_acc": val["acc"],
+        history.append({"phase": phase.name, "epochs": phase.epochs, "val_acc": val_acc,
                         "sparsity": sparsity, "seconds": time.perf_counter() - t0})
         log.info("phase %-8s %3d epochs  val_acc %.4f  sparsity %.3f  (%.1fs)", phase.name,
-                 phase.epochs, val["acc"], sparsity, time.perf_counter() - t0)
+                 phase.epochs, val_acc, sparsity, time.perf_counter() - t0)
     masks = method.finalize(model)
-    val = evaluate(model, datamodule.val_dataloader())
-    test_acc = evaluate(model, datamodule.test_dataloader())["acc"] if evaluate_test else None
+    logged: dict[str, float] = {}
+    if own_module:
+        val = evaluate(model, datamodule.val_dataloader())
+        test_acc = evaluate(model, datamodule.test_dataloader())["acc"] if evaluate_test else None
+    else:
+        logged = validate_module(module, datamodule, config, test=evaluate_test)
+        val = {"acc": logged.get("val_acc", float("nan")), "loss": logged.get("val_loss", float("nan"))}
+        test_acc = logged.get("test_acc") if evaluate_test else None
     shape = tuple(input_shape or datamodule.input_shape)
     cost = model_cost(model, shape, masks)
     return PruningResult(masks=masks, model=model, val_acc=val["acc"], val_loss=val["loss"],
@@ -383,7 +485,7 @@ def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
                          epochs=epochs_done, extra_forward_passes=method.cost.extra_forward_passes,
                          extra_backward_passes=method.cost.extra_backward_passes,
                          extra_params=method.cost.extra_params,
-                         wall_s=time.perf_counter() - start, history=history)
+                         wall_s=time.perf_counter() - start, history=history, logged=logged)
 
 
 def result_summary(result: PruningResult) -> dict[str, Any]:

@@ -1,12 +1,16 @@
-"""``python -m search``: the Hydra entry point of a pruning sweep.
+"""``python -m search`` (or the ``prunesearch`` command): the Hydra entry point of a pruning sweep.
 
 Examples::
 
-    python -m search +method=magnitude              # one method, its `space:` searched
-    python -m search search.n_trials=12             # the method itself is searched too
-    python -m search data=fashion_mnist model=lenet5 trial.epochs=5
-    python -m search cluster=ray cluster.address=auto trial.gpus=0.25
-    python -m search search.resume=true             # continue the newest unfinished sweep
+    prunesearch +method=magnitude                   # one method, its `space:` searched
+    prunesearch search.n_trials=12                  # the method itself is searched too
+    prunesearch data=fashion_mnist model=lenet5 trial.epochs=5
+    prunesearch model=custom model._target_=my_pkg.Net data=custom data._target_=my_pkg.make_data
+    prunesearch cluster=ray cluster.address=auto trial.gpus=0.25
+    prunesearch search.resume=true                  # continue the newest unfinished sweep
+
+Exit status: 0 done; 2 a configuration error (one line naming the key; nothing started);
+1 the sweep ran but no trial finished; 130 interrupted (resumable).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import optuna
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from search.space import CONF_DIR, ConfigError
+from search.space import CONF_DIR, ConfigError, discover_method_configs
 
 
 def _quiet() -> None:
@@ -30,7 +34,7 @@ def _quiet() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # Save Tune's experiment state at least every second, so a killed sweep resumes with
-    # (almost) every finished trial; MLflow keeps one record per trial id either way.
+    # (almost) every finished trial; the rest are adopted from their trial_result.json.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     for name in ("lightning.pytorch", "lightning.fabric", "ray", "ray.tune", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -38,33 +42,46 @@ def _quiet() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def _fail(message: str, code: int) -> None:
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _app(cfg: DictConfig) -> None:
     """Resolve the config, pick the output directory (resume or new) and run the sweep."""
-    from search.tuner import find_resume_dir, run_sweep
+    from search.tuner import SweepFailed, find_resume_dir, run_sweep
 
     _quiet()
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
-    output_dir = Path(HydraConfig.get().runtime.output_dir)
-    search = resolved["search"]
-    if search.get("resume"):
-        if search.get("resume_dir"):
-            output_dir = Path(search["resume_dir"]).resolve()
-        else:
-            root = Path(HydraConfig.get().runtime.cwd) / "outputs"
-            found = find_resume_dir(root)
-            if found is None:
-                print(f"config error: search.resume: no unfinished sweep under {root}; "
-                      "pass search.resume_dir=<the sweep's output directory>", file=sys.stderr)
-                sys.exit(2)
-            output_dir = found
-        print(f"resuming the sweep in {output_dir}", flush=True)
     try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # an interpolation that does not resolve
+        _fail(f"config error: {str(exc).splitlines()[0]}", 2)
+    assert isinstance(resolved, dict)
+    runtime = HydraConfig.get().runtime
+    output_dir = Path(runtime.output_dir)
+    search = resolved["search"]
+    try:
+        if not resolved.get("method"):
+            # Method configs anywhere on Hydra's search path (--config-dir, hydra.searchpath) join.
+            sources = [(s.schema, s.path) for s in runtime.config_sources if s.schema in ("file", "pkg")]
+            resolved["method_pool"] = discover_method_configs(sources)
+        if search.get("resume"):
+            if search.get("resume_dir"):
+                output_dir = Path(search["resume_dir"]).expanduser().resolve()
+            else:
+                root = Path(runtime.cwd) / "outputs"
+                found = find_resume_dir(root)
+                if found is None:
+                    raise ConfigError(f"search.resume: no unfinished sweep under {root}; pass "
+                                      "search.resume_dir=<the sweep's output directory>")
+                output_dir = found
+                resolved["search"]["resume_dir"] = str(found)
         run_sweep(resolved, output_dir)
     except ConfigError as exc:  # one clear line, no traceback: the key and what is wrong
-        print(f"config error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _fail(f"config error: {exc}", 2)
+    except SweepFailed as exc:
+        _fail(f"sweep failed: {exc}", 1)
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
@@ -75,6 +92,18 @@ def main(cfg: DictConfig) -> None:
                 ray.shutdown()
         except ImportError:
             pass
+
+
+def main() -> None:
+    """The ``prunesearch`` console command (``python -m search`` runs the same).
+
+    Dotted paths (``model._target_``, ``data._target_``, ``module._target_``) resolve against the
+    launch directory, as with ``python -m``: it is put first on ``sys.path``.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    _app()
 
 
 if __name__ == "__main__":

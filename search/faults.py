@@ -11,7 +11,8 @@ which trials start::
 
 Ordinals count from 1 in start order, shared by every worker through ``state_dir`` (a local
 or shared directory): each starting trial claims the next free ordinal with an exclusive file
-create, and a retried trial keeps its ordinal. Faults:
+create, and a retried trial keeps its ordinal. ``attempts-<trial id>`` counts a trial's
+starts and ``completions-<trial id>`` its executions that ran to the end. Faults:
 
 - ``raise``: the trial raises :class:`InjectedFault` before training;
 - ``nan``: the learning rate is set to 1e30, so training diverges to NaN and the trial's NaN
@@ -90,6 +91,15 @@ class FaultPlan:
             with os.fdopen(fd, "w") as f:
                 f.write(trial_id)
             return ordinal, attempt
+
+    def record_completion(self, trial_id: str) -> int:
+        """Count one finished execution of a trial (``completions-<trial_id>``, one byte each);
+        returns the count. Drills check with it that no trial runs to the end twice."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self.state_dir / f"completions-{trial_id}"
+        with open(path, "a") as f:
+            f.write("x")
+        return path.stat().st_size
 
     def inject(self, trial_id: str, trial_cfg: dict[str, Any]) -> dict[str, Any]:
         """Apply this trial's fault, if any; returns the (possibly changed) trial settings.

@@ -42,8 +42,9 @@ from prunelib.methods import METHODS, build_method
 from prunelib.models.hf import HFModelError, hf_task_of, is_hf_dir, load_hf_model, load_tokenizer
 from search.space import ConfigError, settings_from_params
 
-__all__ = ["TEXT_OBJECTIVES", "check_text_data", "is_text_config", "methods_for_model", "run_hf_ken_trial",
-           "run_llm_trial", "validate_text_config"]
+__all__ = ["HF_MODEL_KEYS", "TEXT_DATA_KEYS", "TEXT_OBJECTIVES", "check_text_data", "is_text_config", "methods_for_model",
+           "run_hf_ken_trial",
+           "run_llm_trial", "text_reports", "validate_text_config"]
 
 log = logging.getLogger("search")
 
@@ -51,6 +52,9 @@ log = logging.getLogger("search")
 TEXT_OBJECTIVES = ("val_ppl", "test_ppl", "sparse_bytes", "block_sparsity")
 _DATA_KEYS = ("path", "test_path", "task", "text_column", "label_column", "max_length", "val_fraction",
               "test_fraction", "batch_size", "eval_batch_size", "limit_train", "limit_eval")
+#: Keys of ``data=text`` and ``model=hf`` (conf/data/text.yaml, conf/model/hf.yaml).
+TEXT_DATA_KEYS = frozenset(_DATA_KEYS + ("name",))
+HF_MODEL_KEYS = frozenset(("name", "path", "task", "dtype"))
 # Per-process caches (Ray reuses worker processes across trials).
 _TEXT_CACHE: dict[str, TextDataModule] = {}
 _DENSE_CACHE: dict[str, dict[str, float]] = {}
@@ -76,6 +80,23 @@ def methods_for_model(configs: dict[str, dict[str, Any]], model_cfg: Mapping[str
     if (model_cfg or {}).get("name") == "hf":
         return {n: c for n, c in configs.items() if "hf" in _model_kinds(n)}
     return {n: c for n, c in configs.items() if not _model_kinds(n)}
+
+
+def text_reports(cfg: Mapping[str, Any], method_class: type) -> set[str]:
+    """The metrics a text trial of ``method_class`` reports (the pre-flight checks objectives
+    against them; FLOPs and parameter counts are added by the caller)."""
+    trial = cfg.get("trial") or {}
+    splits = ("val", "test") if trial.get("evaluate_test", True) else ("val",)
+    scores = {f"{split}_{k}" for split in splits for k in ("loss", "acc", "ppl")}
+    common = {"sparsity", "epochs", "wall_s", "trial_wall_s", "data_load_s", "extra_forward_passes",
+              "extra_backward_passes", "extra_params"}
+    if getattr(method_class, "needs_pair", False):  # KEN on a Hugging Face pair
+        return scores | common | {"finetuned_val_acc", "pretrained_val_acc", "reverted_fraction",
+                                  "reverted_fraction_selected", "kept_finetuned_params", "select_s",
+                                  "ken_file_bytes", "finetuned_bytes", "ken_file_ratio", "ken_kept_values",
+                                  "ken_whole_tensors", "pair_epochs"}
+    return scores | common | {"dense_val_loss", "dense_val_acc", "dense_val_ppl", "block_sparsity",
+                              "sparse_bytes", "dense_bytes", "prune_s", "calibration_tokens"}
 
 
 def _missing(value: Any) -> bool:

@@ -107,17 +107,14 @@ def probe_gpu_fraction(data_cfg: dict[str, Any], model_cfg: dict[str, Any], tria
     """
     import torch
 
-    from prunelib.models import build_model
+    from prunelib.models import model_from_config
     from search.trial import get_datamodule
 
     if not torch.cuda.is_available():
         raise RuntimeError("probe_gpu_fraction needs a CUDA device")
     seed = int(trial_cfg.get("seed", 0))
     data = get_datamodule(data_cfg, "cuda", seed)
-    model_args = {k: v for k, v in model_cfg.items() if k not in ("name", "_target_")}
-    if "_target_" in model_cfg:
-        model_args["target"] = model_cfg["_target_"]
-    model = build_model(model_cfg["name"], tuple(data.input_shape), data.num_classes, **model_args).cuda()
+    model = model_from_config(model_cfg, tuple(data.input_shape), data.num_classes).cuda()
     step_seconds, peak = probe_step_seconds(model, tuple(data.input_shape), data.num_classes,
                                             int(data_cfg.get("batch_size", 128)), steps)
     total = int(torch.cuda.get_device_properties(0).total_memory)

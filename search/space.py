@@ -27,10 +27,27 @@ from typing import Any
 
 import optuna
 
-__all__ = ["CONF_DIR", "ConfigError", "Dimension", "MethodSpace", "SearchSpace",
-           "load_method_configs", "parse_space", "settings_from_params"]
+__all__ = ["CONF_DIR", "ConfigError", "Dimension", "MethodSpace", "SearchSpace", "conf_dir", "method_class",
+           "discover_method_configs", "load_method_configs", "parse_space", "settings_from_params"]
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def conf_dir() -> Path:
+    """The Hydra config tree: the package's own (``search/conf`` in an installed wheel, mapped
+    to the checkout's ``conf/`` in an editable install), else the checkout's ``conf/``."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("search.conf")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            if (Path(location) / "config.yaml").is_file():
+                return Path(location).resolve()
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+CONF_DIR = conf_dir()
 _TYPES = ("float", "int", "categorical")
 # Settings that are fractions wherever they appear: checked in fixed settings and bounds.
 _FRACTION_KEYS = ("sparsity", "min_density", "probe_frac", "start_fraction", "end_fraction",
@@ -89,10 +106,18 @@ def _check_fraction(where: str, key: str, value: Any) -> None:
             raise ConfigError(f"{where}.{key}: {value!r} is not a fraction in [0, 1)")
 
 
+def _finite(where: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number")
+
+
 def parse_space(method: str, space: Mapping[str, Any] | None) -> list[Dimension]:
     """Validate and parse one method's ``space:`` mapping; errors name ``method.space.KEY``."""
     dims: list[Dimension] = []
     seen: set[str] = set()
+    if space is not None and not isinstance(space, Mapping):
+        raise ConfigError(f"method[{method}].space: expected a mapping of setting -> {{type: ...}}, "
+                          f"got {type(space).__name__} {space!r}")
     for key, spec in (space or {}).items():
         where = f"method[{method}].space.{key}"
         if not isinstance(spec, Mapping):
@@ -103,22 +128,52 @@ def parse_space(method: str, space: Mapping[str, Any] | None) -> list[Dimension]
         unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "when"}
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
-        when = dict(spec.get("when") or {})
+        raw_when = spec.get("when")
+        if raw_when is not None and not isinstance(raw_when, Mapping):
+            raise ConfigError(f"{where}.when: expected a mapping {{earlier_key: value}}, got {raw_when!r}")
+        when = dict(raw_when or {})
         for cond in when:
             if cond not in seen:
                 raise ConfigError(f"{where}.when: {cond!r} must be an earlier entry of this space")
         if kind == "categorical":
-            choices = tuple(spec.get("choices") or ())
+            raw = spec.get("choices")
+            if raw is not None and (isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple))):
+                raise ConfigError(f"{where}.choices: expected a list, got {raw!r} (write choices: [{raw}])")
+            choices = tuple(raw or ())
             if not choices:
                 raise ConfigError(f"{where}.choices: a categorical needs at least one choice")
+            if len(set(map(repr, choices))) != len(choices):
+                raise ConfigError(f"{where}.choices: {list(choices)} repeats a choice")
             for c in choices:
+                if isinstance(c, (Mapping, list, tuple)):
+                    raise ConfigError(f"{where}.choices: {c!r} is not a plain value (number, string, bool, null)")
+                _finite(f"{where}.choices", c)
                 if isinstance(c, (int, float)):
                     _check_fraction(f"method[{method}].space", key, c)
             dims.append(Dimension(key, kind, choices=choices, when=when))
         else:
             low, high = spec.get("low"), spec.get("high")
-            if not isinstance(low, (int, float)) or not isinstance(high, (int, float)):
+            if isinstance(low, bool) or isinstance(high, bool) or not isinstance(low, (int, float)) \
+                    or not isinstance(high, (int, float)):
                 raise ConfigError(f"{where}: low and high must be numbers, got {low!r}, {high!r}")
+            _finite(f"{where}.low", low)
+            _finite(f"{where}.high", high)
+            if "choices" in spec:
+                raise ConfigError(f"{where}.choices: only a categorical has choices")
+            step = spec.get("step")
+            if step is not None:
+                if isinstance(step, bool) or not isinstance(step, (int, float)):
+                    raise ConfigError(f"{where}.step: {step!r} is not a number")
+                _finite(f"{where}.step", step)
+                if step <= 0:
+                    raise ConfigError(f"{where}.step: {step!r} must be > 0")
+                if spec.get("log"):
+                    raise ConfigError(f"{where}: log and step cannot be combined (Optuna samples a log scale "
+                                      "without a grid)")
+                if kind == "int" and int(step) != step:
+                    raise ConfigError(f"{where}.step: an int dimension needs an integer step, got {step!r}")
+            if not isinstance(spec.get("log", False), bool):
+                raise ConfigError(f"{where}.log: {spec.get('log')!r} must be true or false")
             if low > high:
                 raise ConfigError(f"{where}: low ({low}) is greater than high ({high})")
             log = bool(spec.get("log", False))
@@ -132,18 +187,31 @@ def parse_space(method: str, space: Mapping[str, Any] | None) -> list[Dimension]
                 raise ConfigError(f"{where}: int bounds must be integers, got {low}, {high}")
             dims.append(Dimension(key, kind, float(low) if kind == "float" else int(low),
                                   float(high) if kind == "float" else int(high), log,
-                                  spec.get("step"), when=when))
+                                  step, when=when))
         seen.add(key)
     return dims
 
 
 @dataclass
 class MethodSpace:
-    """One method's fixed settings and searched dimensions."""
+    """One method's fixed settings and searched dimensions.
+
+    ``target``: the dotted path of the method's class when the config names one (``_target_``,
+    a user's own :class:`~prunelib.methods.base.PruningMethod`); None = ``prunelib.methods.METHODS[name]``.
+    """
 
     name: str
     settings: dict[str, Any]
     dims: list[Dimension]
+    target: str | None = None
+
+    def method_class(self) -> type:
+        """The method's class."""
+        return method_class(self.name, self.target)
+
+    def build(self, settings: Mapping[str, Any]) -> Any:
+        """An instance of the method with ``settings``."""
+        return self.method_class()(**settings)
 
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Sample this method's dimensions; returns ``{KEY: value}`` (unprefixed)."""
@@ -169,13 +237,79 @@ def load_method_configs(conf_dir: Path | str | None = None) -> dict[str, dict[st
     return out
 
 
+def discover_method_configs(sources: list[tuple[str, str]] | None = None) -> dict[str, dict[str, Any]]:
+    """Every method config on Hydra's search path, keyed by name.
+
+    Args:
+        sources: ``[(schema, path), ...]`` of the config sources (``("file", "/abs/dir")``,
+            ``("pkg", "my_pkg.conf")``), e.g. from ``HydraConfig.get().runtime.config_sources``;
+            so ``--config-dir`` and ``hydra.searchpath`` entries add their ``method/*.yaml``.
+            None = the package's own tree only.
+
+    Raises:
+        ConfigError: a method file whose ``name`` differs from the file name.
+    """
+    if not sources:
+        return load_method_configs()
+    from hydra._internal.config_repository import ConfigRepository
+    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+    from omegaconf import OmegaConf
+
+    search_path = ConfigSearchPathImpl()
+    for schema, path in sources:
+        if schema in ("file", "pkg"):
+            search_path.append("prunesearch", f"{schema}://{path}")
+    repo = ConfigRepository(search_path)
+    out: dict[str, dict[str, Any]] = {}
+    for name in repo.get_group_options("method"):
+        result = repo.load_config(f"method/{name}")
+        if result is None:
+            continue
+        cfg = OmegaConf.to_container(result.config, resolve=True)
+        assert isinstance(cfg, dict)
+        if cfg.get("name") != name:
+            raise ConfigError(f"{result.path}/method/{name}.yaml: name {cfg.get('name')!r} must equal the file "
+                              f"name {name!r}")
+        out[name] = cfg
+    return out
+
+
+def method_class(name: str, target: str | None = None) -> type:
+    """The class of method ``name``: ``target`` (a dotted path to a PruningMethod subclass) or the
+    registered ``prunelib.methods.METHODS[name]``.
+
+    Raises:
+        ConfigError: unknown name, or a target that does not import or is not a PruningMethod.
+    """
+    from prunelib.methods import METHODS
+    from prunelib.methods.base import PruningMethod
+
+    if target is None:
+        if name not in METHODS:
+            raise ConfigError(f"method: unknown method {name!r}; registered: {sorted(METHODS)}, or give the "
+                              "config a _target_ naming your PruningMethod class")
+        return METHODS[name]
+    from prunelib.targets import TargetError, resolve_target
+
+    try:
+        cls = resolve_target(target, f"method[{name}]._target_")
+    except TargetError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not (isinstance(cls, type) and issubclass(cls, PruningMethod)):
+        raise ConfigError(f"method[{name}]._target_={target}: not a prunelib PruningMethod subclass")
+    return cls
+
+
 def method_space(cfg: Mapping[str, Any]) -> MethodSpace:
     """Validate one method config (settings and space) into a :class:`MethodSpace`."""
     name = str(cfg.get("name"))
+    if cfg.get("settings") is not None and not isinstance(cfg.get("settings"), Mapping):
+        raise ConfigError(f"method[{name}].settings: expected a mapping, got {cfg.get('settings')!r}")
     settings = dict(cfg.get("settings") or {})
     for key, value in settings.items():
         _check_fraction(f"method[{name}].settings", key, value)
-    return MethodSpace(name, settings, parse_space(name, cfg.get("space")))
+    target = cfg.get("_target_")
+    return MethodSpace(name, settings, parse_space(name, cfg.get("space")), str(target) if target else None)
 
 
 class SearchSpace:

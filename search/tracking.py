@@ -98,49 +98,128 @@ def _check_writable_dir(directory: Path, uri: str) -> None:
         raise TrackingUnavailableError(f"MLflow tracking URI {uri!r}: directory {directory} is not writable")
 
 
-def check_tracking(uri: str, timeout_s: float = 10) -> None:
-    """Fail fast, with a useful message, when the tracking store is not usable.
+def check_sqlite_file(path: Path, uri: str, must_exist: bool = False, mlflow_store: bool = True) -> None:
+    """An SQLite store's file: its directory writable and, if it exists, a readable database
+    (``mlflow_store``: one whose tables, if any, are MLflow's).
 
-    - ``http(s)://``: GET ``<uri>/health`` with a ``timeout_s``-second timeout (seconds).
-    - ``sqlite:///path``: the database's directory is created if missing and must be
-      writable, and an existing database file must be writable.
-    - ``file:`` URIs or plain paths (deprecated file store in MLflow 3, still accepted): the
-      directory is created if missing and must be writable.
-    - Other schemes (postgresql://, mysql://, databricks, ...) are not checked.
+    Raises:
+        TrackingUnavailableError: naming the URI and what is wrong.
+    """
+    import sqlite3
+
+    path = path.expanduser().absolute()
+    if must_exist and not path.is_file():
+        raise TrackingUnavailableError(f"{uri!r}: no database at {path}")
+    _check_writable_dir(path.parent, uri)
+    if not path.exists():
+        return
+    if not os.access(path, os.W_OK):
+        raise TrackingUnavailableError(f"{uri!r}: database {path} is not writable")
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise TrackingUnavailableError(f"{uri!r}: {path} is not a readable SQLite database ({exc})") from exc
+    if mlflow_store and tables and "experiments" not in tables:
+        raise TrackingUnavailableError(f"{uri!r}: {path} is an SQLite database but not an MLflow store "
+                                       f"(its tables: {sorted(tables)[:6]})")
+
+
+#: URI schemes MLflow can track to (the database ones need their driver installed).
+SUPPORTED_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking(uri: str, timeout_s: float = 5, must_exist: bool = False) -> None:
+    """Fail fast, with a one-line message, when the tracking store is not usable.
+
+    - ``http(s)://``: ``<uri>/health`` and one MLflow API call, each with a ``timeout_s``-second
+      timeout (seconds), so an unreachable or foreign server fails in seconds.
+    - ``sqlite:///path``: the database's directory is created if missing and must be writable;
+      an existing file must be a readable SQLite database holding an MLflow store.
+    - ``file:`` URIs or plain paths (MLflow's deprecated file store): the directory is created if
+      missing and must be writable.
+    - ``postgresql://``, ``mysql://``, ``mssql://``: one connection is opened (``timeout_s``).
+    - Any other scheme is refused.
+
+    Args:
+        must_exist: the store must already exist (reading a sweep back: never create an empty one).
 
     Raises:
         TrackingUnavailableError: naming the URI and how to start a server or switch stores.
     """
-    if uri.startswith(("http://", "https://")):
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ("file" if uri.startswith("file:") else "")
+    if scheme in ("http", "https"):
         url = uri.rstrip("/") + "/health"
         try:
             with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (http only)
                 status = resp.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TrackingUnavailableError(
-                f"MLflow tracking server {uri} is not reachable ({reason}). Start one with\n"
-                f"    {SERVER_HINT}\n"
-                f"(it needs ~15 s before it answers {url}), or use the embedded store: "
-                f"tracking=mlflow_sqlite"
+                f"MLflow tracking server {uri} is not reachable ({reason}); start one with `{SERVER_HINT}` "
+                f"(it needs ~15 s before it answers {url}), or use the embedded store: tracking=mlflow_sqlite"
             ) from exc
         if status != 200:
-            raise TrackingUnavailableError(
-                f"MLflow tracking server {uri}: {url} answered HTTP {status}, expected 200"
-            )
+            raise TrackingUnavailableError(f"MLflow tracking server {uri}: {url} answered HTTP {status}, expected 200")
+        api = uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+        try:
+            with urllib.request.urlopen(api, timeout=timeout_s) as resp:  # noqa: S310
+                ok = resp.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            ok = False
+        if not ok:
+            raise TrackingUnavailableError(f"{uri} answers /health but not MLflow's REST API ({api}); is it an "
+                                           "MLflow tracking server?")
         return
-    path = _local_path(uri)
-    if path is None:
-        return
-    if uri.startswith("sqlite:///"):
-        if str(path) in ("", ":memory:"):
+    if scheme == "sqlite":
+        path = _local_path(uri)
+        if path is None or str(path) in ("", ":memory:"):
             return
-        path = path.expanduser().absolute()
-        _check_writable_dir(path.parent, uri)
-        if path.exists() and not os.access(path, os.W_OK):
-            raise TrackingUnavailableError(f"MLflow tracking URI {uri!r}: database {path} is not writable")
+        check_sqlite_file(path, uri, must_exist=must_exist)
         return
-    _check_writable_dir(path.expanduser().absolute(), uri)
+    if scheme in ("file", ""):
+        path = _local_path(uri)
+        if path is None:
+            raise TrackingUnavailableError(f"{uri!r} is not a tracking URI MLflow understands; use sqlite:///PATH "
+                                           "or http://HOST:PORT")
+        if must_exist and not path.expanduser().is_dir():
+            raise TrackingUnavailableError(f"{uri!r}: no MLflow file store at {path}")
+        _check_writable_dir(path.expanduser().absolute(), uri)
+        return
+    if scheme in ("postgresql", "mysql", "mssql"):
+        try:
+            import sqlalchemy
+
+            args = {"connect_timeout": int(timeout_s)} if scheme in ("postgresql", "mysql") else {}
+            engine = sqlalchemy.create_engine(uri, connect_args=args)
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as exc:
+            line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise TrackingUnavailableError(f"{uri}: cannot open the database ({type(exc).__name__}: {line})") from exc
+        return
+    if scheme == "databricks":
+        return
+    raise TrackingUnavailableError(f"{uri!r}: scheme {scheme!r} is not supported; use one of "
+                                   f"{list(SUPPORTED_SCHEMES)}")
+
+
+def _creation_lock(uri: str) -> Any:
+    """A lock serialising the creation of a file-backed store (no-op for servers)."""
+    import contextlib
+
+    path = _local_path(uri) if uri.startswith("sqlite:///") else None
+    if path is None or str(path) in ("", ":memory:"):
+        return contextlib.nullcontext()
+    from search.storage import store_creation_lock
+
+    return store_creation_lock(path.expanduser().absolute())
 
 
 def _retry(fn: Callable[[], T], what: str, attempts: int = 6) -> T:
@@ -307,9 +386,10 @@ class SweepTracker:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         location = _as_artifact_uri(artifact_location) if artifact_location else _default_artifact_location(uri)
-        self.experiment_id: str = _retry(
-            lambda: get_or_create_experiment(self.client, experiment, location), "create experiment"
-        )
+        with _creation_lock(uri):  # two sweeps starting on one fresh store would race in its migration
+            self.experiment_id: str = _retry(
+                lambda: get_or_create_experiment(self.client, experiment, location), "create experiment"
+            )
         self.run_id: str | None = None
         self._reference: list[float] | None = None
 
@@ -389,9 +469,13 @@ class SweepTracker:
         ], tags=[RunTag("prunesearch.hv_reference", str(ref))])
         return {"hypervolume": float(hv), "front_size": int(len(front)), "reference": ref}
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """End the parent run with ``status`` (FINISHED, FAILED or KILLED)."""
+    def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """End the parent run with ``status`` (FINISHED, FAILED or KILLED); ``reason`` (why it
+        failed or stopped) goes into the tag ``prunesearch.error``."""
         run_id = self._require_run()
+        if reason:
+            _retry(lambda: self.client.set_tag(run_id, TAG_ERROR, _truncate(str(reason), MAX_ERROR_CHARS)),
+                   "set reason")
         _retry(lambda: self.client.set_terminated(run_id, status=status), "terminate run")
 
 

@@ -3,6 +3,14 @@
 :func:`run_trial` is plain Python (no Ray needed), so a trial can be run and debugged on its
 own; :func:`ray_trainable` wraps it for Ray Tune. Data sets are loaded once per worker
 process and reused by later trials on the same worker (Ray's actor reuse keeps the process).
+
+A trial's files go to ``<sweep root>/trials/<trial_id>/`` (:mod:`search.storage`), never to
+Ray's temporary folders; ``trial_result.json`` is written last, so a resumed sweep adopts a
+trial that has one (or a FINISHED MLflow run) instead of running it again.
+
+The training step is the built-in classifier (:class:`prunelib.training.ClassifierModule`) or
+the user's LightningModule (``module._target_``, :func:`build_module`): the pruning callback is
+attached to it and its logged metrics are the trial's.
 """
 
 from __future__ import annotations
@@ -11,8 +19,11 @@ import json
 import logging
 import math
 import os
+import socket
+import threading
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,26 +31,39 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
-from prunelib.data import build_datamodule
+from prunelib.data import datamodule_from_config
 from prunelib.flops import model_cost
-from prunelib.methods import build_method
-from prunelib.models import build_model
+from prunelib.models import model_from_config
 from prunelib.robustness import fgsm_accuracy
 from prunelib.surgery import export_onnx, has_structured_masks, surgery
-from prunelib.training import SPEED_SETTINGS, TrainConfig, run_pruning
+from prunelib.targets import call_target
+from prunelib.training import SPEED_SETTINGS, TrainConfig, network_of, run_pruning
 from search.faults import FaultPlan
-from search.space import SearchSpace, settings_from_params
+from search.space import ConfigError, SearchSpace, settings_from_params
+from search.storage import SweepStorage, atomic_write_text
 
-__all__ = ["TrialContext", "TrialFailed", "run_trial", "ray_trainable"]
+__all__ = ["DOCUMENTED_MODULE_KEYS", "ObjectiveNotLoggedError", "TrialContext", "TrialFailed", "adopt_finished",
+           "build_module", "get_datamodule", "ray_trainable", "record_trial", "run_trial"]
 
 log = logging.getLogger("search")
 
 # Per-process cache: (data config, device) -> datamodule. Kept across trials on one worker.
 _DATA_CACHE: dict[str, Any] = {}
 
+#: Keys offered to a user's LightningModule (``module._target_``), each passed only when its
+#: signature names it: the network to train, the data's shape and classes, and the trial's
+#: (possibly searched) optimiser settings.
+DOCUMENTED_MODULE_KEYS = ("model", "input_shape", "in_channels", "num_classes", "lr", "weight_decay",
+                          "momentum", "optimizer")
+
 
 class TrialFailed(RuntimeError):
     """A trial could not produce a usable result (e.g. NaN loss); the message says why."""
+
+
+class ObjectiveNotLoggedError(ConfigError):
+    """An objective is a metric the trial never reported (a user's module did not log it):
+    a configuration error, which stops the sweep instead of leaving its front empty."""
 
 
 @dataclass
@@ -47,13 +71,18 @@ class TrialContext:
     """Everything a trial needs besides its sampled parameters (picklable, sent once).
 
     Attributes:
-        data: the ``data`` config section (arguments of ``build_datamodule``).
-        model: the ``model`` config section (``name``, ``width``, ...).
+        data: the ``data`` config section (see :func:`prunelib.data.datamodule_from_config`).
+        model: the ``model`` config section (``name``, or ``_target_`` and its own keys).
         trial: the ``trial`` config section (epochs, optimizer, resources...).
         space: the search space, to turn sampled params into method settings.
         objectives: ``[(metric, "max"|"min"), ...]`` reported with every intermediate result.
         tracking: ``{"uri", "experiment_id", "parent_run_id"}`` or None to skip MLflow.
         report_every_epoch: send per-epoch validation results (for ASHA early stopping).
+        module: the ``module`` config section (``_target_`` = the user's LightningModule) or None.
+        sweep_root: the sweep's storage root (a path or URI); trial files go to its ``trials/``.
+        resumed: the sweep is being resumed: trials that finished before are adopted.
+        driver: ``{"pid", "host", "create_time"}`` of the driver: a worker on its host stops
+            when the driver is gone.
     """
 
     data: dict[str, Any]
@@ -64,6 +93,10 @@ class TrialContext:
     tracking: dict[str, str] | None = None
     report_every_epoch: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    module: dict[str, Any] | None = None
+    sweep_root: str | None = None
+    resumed: bool = False
+    driver: dict[str, Any] | None = None
 
 
 def _device(trial_cfg: dict[str, Any]) -> str:
@@ -73,15 +106,40 @@ def _device(trial_cfg: dict[str, Any]) -> str:
 
 def get_datamodule(data_cfg: dict[str, Any], device: str, seed: int) -> Any:
     """The data module for ``data_cfg`` on ``device``, loaded once per process."""
-    args = {k: v for k, v in data_cfg.items() if k != "name"}
     key = json.dumps({"data": data_cfg, "device": device, "seed": seed}, sort_keys=True, default=str)
     if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = build_datamodule(data_cfg["name"], seed=seed, device=device, **args)
+        _DATA_CACHE[key] = datamodule_from_config(data_cfg, seed=seed, device=device)
     return _DATA_CACHE[key]
 
 
+def build_module(module_cfg: Mapping[str, Any], model: torch.nn.Module, input_shape: tuple[int, ...],
+                 num_classes: int, trial_cfg: Mapping[str, Any]) -> L.LightningModule:
+    """The user's LightningModule (``module._target_``), called with the documented keys its
+    signature names (:data:`DOCUMENTED_MODULE_KEYS`) and the section's own keys.
+
+    A module that does not take ``model`` builds its own network; the trial prunes
+    :func:`prunelib.training.network_of` of it (its ``model`` attribute, else the module).
+
+    Raises:
+        TargetError: the target does not import, rejects a key, or raises.
+        TypeError: it is not a LightningModule.
+    """
+    target = module_cfg["_target_"]
+    own = {k: v for k, v in module_cfg.items() if k != "_target_"}
+    shape = tuple(int(s) for s in input_shape)
+    documented = {"model": model, "input_shape": shape, "in_channels": shape[0] if shape else None,
+                  "num_classes": int(num_classes), "lr": float(trial_cfg.get("lr", 0.05)),
+                  "weight_decay": float(trial_cfg.get("weight_decay", 5e-4)),
+                  "momentum": float(trial_cfg.get("momentum", 0.9)), "optimizer": trial_cfg.get("optimizer", "sgd")}
+    module = call_target(target, documented, own, "module._target_")
+    if not isinstance(module, L.LightningModule):
+        raise TypeError(f"module._target_={target}: returned {type(module).__name__}, not a "
+                        "lightning.LightningModule")
+    return module
+
+
 class _EpochReporter(L.Callback):
-    """Reports validation accuracy and current costs after every validation (for ASHA)."""
+    """Reports the logged validation metrics and current costs after every validation (for ASHA)."""
 
     def __init__(self, report: Callable[[dict[str, Any]], None], input_shape: tuple[int, ...],
                  method: Any, extra: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> None:
@@ -95,11 +153,18 @@ class _EpochReporter(L.Callback):
         if trainer.sanity_checking:
             return
         self.epochs += 1
-        val_acc = float(trainer.callback_metrics.get("val_acc", float("nan")))
-        cost = model_cost(pl_module.model, self.input_shape, self.method.masks).as_dict()
-        extra = self.extra(pl_module.model) if self.extra else {}
+        logged = {}
+        for key, value in trainer.callback_metrics.items():
+            try:
+                logged[str(key)] = float(value)
+            except (TypeError, ValueError):
+                continue
+        logged.setdefault("val_acc", float("nan"))
+        network = network_of(pl_module)
+        cost = model_cost(network, self.input_shape, self.method.masks).as_dict()
+        extra = self.extra(network) if self.extra else {}
         # Tune checks every result for all objectives, so intermediate ones carry them too.
-        self.report({"val_acc": val_acc, "epoch": self.epochs, **cost, **extra, "final_result": False})
+        self.report({**logged, "epoch": self.epochs, **cost, **extra, "final_result": False})
 
 
 @torch.no_grad()
@@ -125,6 +190,18 @@ def measure_latency_ms(model: torch.nn.Module, input_shape: tuple[int, ...], bat
     return times[len(times) // 2]
 
 
+def _check_objectives(ctx: TrialContext, metrics: Mapping[str, Any], trial_id: str, module_label: str | None) -> None:
+    missing = [m for m, _ in ctx.objectives if m not in metrics]
+    if missing:
+        who = f"module._target_={module_label}" if module_label else "this trial"
+        logged = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+        raise ObjectiveNotLoggedError(f"search.objectives: {missing} never reported by {who} (trial {trial_id}); it "
+                                      f"reported {logged}")
+    bad = [m for m, _ in ctx.objectives if isinstance(metrics[m], float) and math.isnan(metrics[m])]
+    if bad:
+        raise TrialFailed(f"trial {trial_id}: {bad} became NaN; the result is unusable")
+
+
 def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "local",
               trial_dir: str | os.PathLike | None = None,
               report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -134,11 +211,12 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         params: the sampled parameters (``{"method": ..., "METHOD.KEY": value}``).
         ctx: the sweep's fixed context.
         trial_id: a unique name (Ray's trial id in a sweep).
-        trial_dir: where the masks file goes (default: a temporary directory).
+        trial_dir: where the trial's files go (default: a temporary directory).
         report: where intermediate results go (Ray's ``tune.report`` in a sweep).
 
     Raises:
         TrialFailed: the run produced NaN loss or accuracy.
+        ObjectiveNotLoggedError: an objective was never reported (a user's module did not log it).
     """
     from search.llm_trial import is_text_config, run_llm_trial  # Hugging Face text models
 
@@ -156,12 +234,18 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     datamodule = get_datamodule(ctx.data, device, seed)
     data_s = time.perf_counter() - t_data
     torch.manual_seed(seed)
+    input_shape = tuple(datamodule.input_shape)
     model_args = {k: v for k, v in ctx.model.items() if k not in ("name", "_target_")}
-    if "_target_" in ctx.model:
+    if ctx.model.get("_target_"):
         model_args["target"] = ctx.model["_target_"]
-    model = build_model(ctx.model["name"], tuple(datamodule.input_shape), datamodule.num_classes,
-                        **model_args).to(device)
-    method = build_method(method_name, **settings)
+    model = model_from_config(ctx.model, input_shape, datamodule.num_classes)
+    module_label = (ctx.module or {}).get("_target_")
+    module = build_module(ctx.module, model, input_shape, datamodule.num_classes, trial_cfg) if module_label else None
+    if module is not None:
+        model = network_of(module)
+        module.to(device)
+    model = model.to(device)
+    method = ctx.space.spaces[method_name].build(settings)
     if getattr(method, "needs_pair", False):
         # KEN: no training here; a (pretrained, fine-tuned) pair made once per config (or given).
         from search.pair import run_ken_trial
@@ -180,7 +264,6 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         val_every_n_epochs=1 if (report is not None and ctx.report_every_epoch) else 0,
         **{key: trial_cfg[key] for key in SPEED_SETTINGS if key in trial_cfg})
     want_latency = wants_latency(ctx, trial_cfg)
-    input_shape = tuple(datamodule.input_shape)
     latency_batch = int(trial_cfg.get("latency_batch_size", 256))
 
     def latency(net: torch.nn.Module) -> dict[str, float]:
@@ -192,12 +275,12 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         callbacks.append(_EpochReporter(report, input_shape, method, latency))
     try:
         result = run_pruning(model, datamodule, method, config, seed=seed, callbacks=callbacks,
-                             evaluate_test=bool(trial_cfg.get("evaluate_test", True)))
+                             evaluate_test=bool(trial_cfg.get("evaluate_test", True)), module=module)
     except torch.OutOfMemoryError as exc:
         raise TrialFailed(f"trial {trial_id}: out of memory ({str(exc)[:300]}); use a smaller batch or "
                           "model, or give each trial more of a GPU (trial.gpus)") from exc
     metrics = result.metrics()
-    if not math.isfinite(metrics["val_loss"]) or math.isnan(metrics["val_acc"]):
+    if module is None and (not math.isfinite(metrics["val_loss"]) or math.isnan(metrics["val_acc"])):
         raise TrialFailed(f"trial {trial_id}: loss became NaN (lr={config.lr}); the result is unusable")
 
     out_dir = trial_output_dir(trial_dir, trial_id)
@@ -208,7 +291,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         smaller.save(out_dir / "surgered", model_spec={
             "name": ctx.model["name"], "input_shape": list(input_shape), "num_classes": datamodule.num_classes,
             "width": model_args.get("width", 1.0), "kwargs": {k: v for k, v in model_args.items() if k != "width"}}
-            if ctx.model["name"] != "custom" else None)
+            if not ctx.model.get("_target_") else None)
         if trial_cfg.get("export_onnx"):
             export_onnx(smaller.model, out_dir / "surgered" / "model.onnx", input_shape)
         deployed, artifacts["surgered"] = smaller.model, str(out_dir / "surgered")
@@ -218,6 +301,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     if trial_cfg.get("fgsm_epsilon") is not None:
         robust = fgsm_accuracy(deployed, datamodule.val_dataloader(), epsilon=float(trial_cfg["fgsm_epsilon"]))
         metrics["val_fgsm_acc"] = robust.attacked_accuracy
+    _check_objectives(ctx, metrics, trial_id, module_label)
     masks_path = result.masks.save(out_dir / "masks.safetensors", model, method=method_name,
                                    config=settings, trial_id=trial_id, data=ctx.data["name"],
                                    model_name=ctx.model["name"], flops=result.cost.as_dict(),
@@ -232,7 +316,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
 
 
 def trial_output_dir(trial_dir: str | os.PathLike | None, trial_id: str) -> Path:
-    """Where a trial writes its files: ``trial_dir`` (Ray's) or a temporary directory, created."""
+    """Where a trial writes its files: ``trial_dir`` or a temporary directory, created."""
     out_dir = Path(trial_dir) if trial_dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"prunesearch-{trial_id}"
     out_dir.mkdir(parents=True, exist_ok=True)
     return out_dir
@@ -251,7 +335,14 @@ def record_trial(ctx: TrialContext, trial_id: str, method_name: str, settings: d
     ``extra`` holds non-metric results (``masks_path`` required, paths, timings); ``artifacts``
     maps MLflow artifact folders to local files or directories. A tracking outage does not
     lose the trial: the row records ``mlflow_unlogged`` and ``trial_result.json`` is written anyway.
+    With a sweep storage the files are published there (``trials/<trial_id>/``, uploaded for a
+    remote storage) and ``trial_result.json`` is written last, atomically.
     """
+    storage = SweepStorage(ctx.sweep_root) if ctx.sweep_root else None
+    if storage is not None and not storage.is_local:
+        # Paths in the row name where the files will live, not the staging directory.
+        dest, src = storage.trial_location(trial_id), str(out_dir)
+        extra = {k: (dest + v[len(src):] if isinstance(v, str) and v.startswith(src) else v) for k, v in extra.items()}
     trial_params = {f"trial.{k}": v for k, v in overrides.items()}
     row: dict[str, Any] = {
         **metrics, "method": method_name, "trial_id": trial_id, **extra,
@@ -271,25 +362,91 @@ def record_trial(ctx: TrialContext, trial_id: str, method_name: str, settings: d
             log.warning("trial %s: could not log to MLflow (%s); its result stays in %s", trial_id,
                         row["mlflow_unlogged"], out_dir)
     # The result also stays beside the masks, whatever happens to the tracking store.
-    (out_dir / "trial_result.json").write_text(json.dumps(row, indent=1, default=str))
+    if storage is not None:
+        return storage.publish(out_dir, trial_id, row)
+    atomic_write_text(out_dir / "trial_result.json", json.dumps(row, indent=1, default=str))
     return row
+
+
+def adopt_finished(ctx: TrialContext, trial_id: str) -> dict[str, Any] | None:
+    """The row of a trial that already finished (its ``trial_result.json`` under the sweep's
+    storage, or a FINISHED MLflow child run), or None: a resumed sweep never runs it again."""
+    if ctx.sweep_root:
+        row = SweepStorage(ctx.sweep_root).finished_row(trial_id)
+        if row is not None:
+            return row
+    if ctx.resumed and ctx.tracking:
+        from search.tracking import find_trial_runs
+
+        try:
+            runs = find_trial_runs(ctx.tracking["uri"], ctx.tracking["parent_run_id"])
+        except Exception as exc:  # the store is unreachable: the file is the only record
+            log.warning("trial %s: could not ask MLflow whether it finished (%s)", trial_id, exc)
+            return None
+        for run in runs:
+            if str(run["trial_id"]) == str(trial_id) and run["status"] == "ok":
+                return {k: v for k, v in run.items() if k not in ("status", "mlflow_status", "error")}
+    return None
+
+
+_WATCHING: set[int] = set()
+
+
+def _watch_driver(driver: Mapping[str, Any] | None, interval_s: float = 2.0) -> None:
+    """Stop this worker process when the sweep's driver (on this host) is gone.
+
+    Ray stops a dead driver's workers on its own when it notices; this covers the time until it
+    does and local clusters whose head outlives a killed driver: no orphan keeps training.
+    """
+    if not driver or driver.get("host") != socket.gethostname() or int(driver["pid"]) in _WATCHING:
+        return
+    import psutil
+
+    pid, created = int(driver["pid"]), driver.get("create_time")
+    _WATCHING.add(pid)
+
+    def alive() -> bool:
+        try:
+            proc = psutil.Process(pid)
+            return (created is None or abs(proc.create_time() - float(created)) < 1.0) and \
+                proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def loop() -> None:
+        while alive():
+            time.sleep(interval_s)
+        log.warning("the sweep's driver (pid %d) is gone; stopping this worker", pid)
+        os._exit(1)
+
+    threading.Thread(target=loop, name="prunesearch-driver-watch", daemon=True).start()
 
 
 def ray_trainable(params: dict[str, Any], ctx: TrialContext) -> None:
     """Ray Tune function trainable: runs :func:`run_trial` and reports its final result.
 
-    A failing trial logs a FAILED child run with its reason before re-raising, so MLflow
-    and Optuna both record the failure while the sweep goes on.
+    A trial that already finished (resume) is adopted, not run again. A failing trial logs a
+    FAILED child run with its reason before re-raising, so MLflow and Optuna both record the
+    failure while the sweep goes on.
     """
     from ray import tune
 
     context = tune.get_context()
     trial_id = context.get_trial_id() or "trial"
+    _watch_driver(ctx.driver)
+    adopted = adopt_finished(ctx, trial_id)
+    if adopted is not None:
+        print(f"trial {trial_id} had finished before the sweep was interrupted; adopting its result", flush=True)
+        tune.report({**adopted, "final_result": True, "adopted": True})
+        return
     cpus = int(max(1, ctx.trial.get("cpus", 1)))
     torch.set_num_threads(cpus)  # several trials share the machine's cores
     try:
-        row = run_trial(params, ctx, trial_id=trial_id, trial_dir=context.get_trial_dir(),
-                        report=tune.report)
+        if ctx.sweep_root:
+            with SweepStorage(ctx.sweep_root).trial_dir(trial_id) as trial_dir:
+                row = run_trial(params, ctx, trial_id=trial_id, trial_dir=trial_dir, report=tune.report)
+        else:
+            row = run_trial(params, ctx, trial_id=trial_id, trial_dir=context.get_trial_dir(), report=tune.report)
     except Exception as exc:
         if ctx.tracking:
             try:
@@ -302,6 +459,9 @@ def ray_trainable(params: dict[str, Any], ctx: TrialContext) -> None:
             except Exception:  # tracking trouble must not hide the trial's own error
                 log.exception("could not log the failed trial %s to MLflow", trial_id)
         raise
+    plan = FaultPlan.from_config(ctx.trial.get("faults"))
+    if plan is not None:
+        plan.record_completion(trial_id)
     import ray
 
     node = ray.get_runtime_context().get_node_id()

@@ -2,17 +2,25 @@
 
 :func:`run_sweep` takes the resolved config (a plain dict) and an output directory, and:
 
-1. validates the config and checks the tracking store before anything starts;
-2. creates the MLflow parent run (or re-opens it on resume) and starts / joins Ray;
-3. runs ``Tuner(OptunaSearch(define-by-run space, metric=[...], mode=[...]))`` with a
-   concurrency limit, per-trial resources, actor reuse and optional ASHA;
-4. after every finished trial prints one line and logs the recomputed front to MLflow;
-5. at the end prints the front, copies its masks and configs to ``<output>/front/`` and
-   logs them as artifacts.
+1. runs the pre-flight (:mod:`search.preflight`): every key, the objectives, data and model
+   built once, the stores opened; a failure is one ``ConfigError`` line and nothing starts;
+2. takes the sweep's lock (one driver per sweep), starts its own Ray (``cluster=local``) or
+   joins the configured cluster (user code shipped by ``runtime_env``) and checks the trial's
+   resources against it;
+3. creates the MLflow parent run (or re-opens it on resume) and the Optuna study (an RDB
+   store, beside the MLflow store by default);
+4. runs ``Tuner(OptunaSearch(define-by-run space, metric=[...], mode=[...]))`` with a
+   concurrency limit, per-trial resources, actor reuse and optional ASHA; Tune's state and
+   every trial's files live under the sweep's root (:mod:`search.storage`);
+5. after every ended trial prints one line and logs the recomputed front to MLflow;
+6. at the end prints the front, copies its masks and configs to ``<output>/front/`` and
+   logs them as artifacts. Any error after the parent run started ends it FAILED with the
+   reason; a sweep in which no trial finished raises :class:`SweepFailed`.
 
-Resume: ``sweep.json`` in the output directory records the Ray experiment path and the
-parent run id; ``search.resume=true`` restores that Tuner, so finished trials are neither
-lost nor repeated.
+Resume: ``sweep.json`` (written atomically) records the sweep's root and parent run id;
+``search.resume=true`` restores that Tuner. A trial that finished (its ``trial_result.json``,
+or a FINISHED MLflow run) is adopted, never run again, also when Tune's last checkpoint
+missed it (:class:`BudgetLimiter` counts those against the budget).
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -33,19 +43,26 @@ import pandas as pd
 
 from search import pareto
 from search.commands import export_command, shell_command
-from search.config import build_search_space, check_data_available, validate_config
 from search.formatting import format_count as _fmt_flops
+from search.preflight import PreflightResult, check_cluster_resources, preflight
 from search.space import ConfigError
+from search.storage import SweepLock, SweepLocked, SweepStorage, atomic_write_text, copy_out
 from search.trial import TrialContext, ray_trainable
 
-__all__ = ["SweepInterrupted", "SweepResult", "run_sweep", "find_resume_dir", "make_sampler"]
+__all__ = ["SweepFailed", "SweepInterrupted", "SweepResult", "run_sweep", "find_resume_dir", "make_sampler",
+           "exception_line"]
 
 log = logging.getLogger("search")
 STATE_FILE = "sweep.json"
+ABORT_FILE = "abort.json"
 
 
 class SweepInterrupted(KeyboardInterrupt):
     """The sweep stopped before all its trials ended (Ctrl-C); it can be resumed."""
+
+
+class SweepFailed(RuntimeError):
+    """The sweep ran but no trial finished (every trial failed); the message says why."""
 
 
 @dataclass
@@ -139,11 +156,13 @@ def _make_callback_class() -> type:
         """
 
         def __init__(self, objectives: list[tuple[str, str]], n_trials: int,
-                     tracking: dict[str, str] | None, reference: list[float] | None) -> None:
+                     tracking: dict[str, str] | None, reference: list[float] | None,
+                     abort_file: str | None = None) -> None:
             self.objectives = objectives
             self.n_trials = n_trials
             self.tracking = tracking
             self.reference = reference
+            self.abort_file = abort_file  # a configuration error seen in a trial stops the sweep
             self._tracker: Any = None
             self._executor: Any = None
             self.unlogged: list[str] = []
@@ -209,8 +228,12 @@ def _make_callback_class() -> type:
 
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             rows, _, _ = self._front(trials, trial, "ERROR")
+            line = trial_error_line(trial)
             print(f"[{len(rows)}/{self.n_trials}] {trial.trial_id} {(trial.config or {}).get('method', '?'):<10} "
-                  f"FAILED: {str(trial.error_file or 'see Ray logs')}", flush=True)
+                  f"FAILED: {line}", flush=True)
+            if self.abort_file and "ObjectiveNotLoggedError" in line:
+                # Every trial would fail the same way: stop now, as a configuration error.
+                atomic_write_text(self.abort_file, json.dumps({"reason": line.split(": ", 1)[-1]}))
 
     return FrontCallback
 
@@ -230,10 +253,11 @@ def _make_budget_limiter_class() -> type:
         """
 
         def __init__(self, searcher: Any, max_concurrent: int, n_trials: int,
-                     tracking: dict[str, str] | None) -> None:
+                     tracking: dict[str, str] | None, sweep_root: str | None = None) -> None:
             super().__init__(searcher, max_concurrent=max_concurrent)
             self.n_trials = n_trials
             self.tracking = tracking
+            self.sweep_root = sweep_root
             self.suggested_ids: set[str] = set()
             self.orphan_ids: list[str] | None = None
 
@@ -242,7 +266,10 @@ def _make_budget_limiter_class() -> type:
             self.orphan_ids = None  # recount against the store after every restore
 
         def _count_orphans(self) -> list[str]:
-            return sorted({r["trial_id"] for r in _logged_trials(self.tracking)} - self.suggested_ids)
+            # Finished in MLflow or by their own trial_result.json (a tracking outage), unknown here.
+            known = {r["trial_id"] for r in _logged_trials(self.tracking)}
+            known |= {str(r["trial_id"]) for r in _stored_rows(self.sweep_root)}
+            return sorted(known - self.suggested_ids)
 
         def suggest(self, trial_id: str) -> dict | str | None:
             if self.orphan_ids is None:
@@ -273,20 +300,49 @@ def find_resume_dir(output_root: Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def _init_ray(cluster: dict[str, Any]) -> None:
+def runtime_env_for(cluster: dict[str, Any], launch_dir: Path) -> dict[str, Any] | None:
+    """The Ray ``runtime_env`` that brings the user's code to the workers.
+
+    ``cluster.runtime_env`` when set (``{}`` = none). By default: a Ray cluster gets the launch
+    directory as ``working_dir`` (uploaded; ``.gitignore`` is honoured and sweep outputs are
+    excluded); a local cluster, whose workers share this machine, gets it on ``PYTHONPATH``.
+    """
+    env = cluster.get("runtime_env")
+    if env is not None:
+        return dict(env) or None
+    if cluster.get("kind") == "ray":
+        return {"working_dir": str(launch_dir),
+                "excludes": ["outputs/", "multirun/", "mlruns/", "mlartifacts/", "*.db", "*.db.lock", ".git/",
+                             ".venv/", "__pycache__/"]}
+    path = os.pathsep.join(p for p in (str(launch_dir), os.environ.get("PYTHONPATH", "")) if p)
+    return {"env_vars": {"PYTHONPATH": path}}
+
+
+def _init_ray(cluster: dict[str, Any], launch_dir: Path) -> None:
+    """Start this sweep's own Ray (``cluster=local``: never an existing one on the machine) or
+    join the configured cluster; a Ray already initialised in this process is used as it is."""
     import ray
 
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                               "log_to_driver": bool(cluster.get("log_to_driver", False))}
-    if cluster.get("kind") == "ray":
-        ray.init(address=cluster.get("address") or "auto", **kwargs)
-    else:
-        for key in ("num_cpus", "num_gpus"):
-            if cluster.get(key) is not None:
-                kwargs[key] = cluster[key]
-        ray.init(**kwargs)
+    env = runtime_env_for(cluster, launch_dir)
+    if env:
+        kwargs["runtime_env"] = env
+    try:
+        if cluster.get("kind") == "ray":
+            ray.init(address=cluster.get("address") or "auto", **kwargs)
+        else:
+            for key in ("num_cpus", "num_gpus"):
+                if cluster.get(key) is not None:
+                    kwargs[key] = cluster[key]
+            ray.init(address="local", **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        key = "cluster.address" if cluster.get("kind") == "ray" else "cluster"
+        if "runtime_env" in str(exc) or "working_dir" in str(exc):
+            key = "cluster.runtime_env"
+        raise ConfigError(f"{key}: Ray did not start ({type(exc).__name__}: {exception_line(exc)})") from exc
 
 
 def _auto_gpu_fraction(cfg: dict[str, Any]) -> float:
@@ -311,13 +367,6 @@ def _auto_gpu_fraction(cfg: dict[str, Any]) -> float:
     return float(report["fraction"])
 
 
-def _tracking_uri(tracking: dict[str, Any]) -> str:
-    uri = tracking.get("uri")
-    if not uri:
-        return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
-    return str(uri)
-
-
 def _export_front(front: pd.DataFrame, rows: list[dict[str, Any]], out_dir: Path,
                   tracking: dict[str, str] | None) -> list[Path]:
     """Copy the front's masks and settings under ``out_dir``; returns the masks paths."""
@@ -325,22 +374,27 @@ def _export_front(front: pd.DataFrame, rows: list[dict[str, Any]], out_dir: Path
     written = []
     for rank, (_, row) in enumerate(front.iterrows()):
         name = f"{rank:02d}_{row.get('method', 'trial')}_{row['trial_id']}"
-        src = Path(str(row.get("masks_path", "")))
+        src = str(row.get("masks_path", "") or "")
         dst = out_dir / f"{name}.safetensors"
-        if src.is_file():
-            shutil.copyfile(src, dst)
-        elif tracking and isinstance(row.get("mlflow_run_id"), str):
+        copied = False
+        if src:
+            try:
+                copied = copy_out(src, dst)
+            except OSError as exc:
+                log.warning("could not copy %s: %s", src, exc)
+        if not copied and tracking and isinstance(row.get("mlflow_run_id"), str):
             import mlflow
 
             mlflow.set_tracking_uri(tracking["uri"])
             local = mlflow.artifacts.download_artifacts(run_id=row["mlflow_run_id"],
                                                         artifact_path="masks/masks.safetensors")
             shutil.copyfile(local, dst)
-        else:
+            copied = True
+        if not copied:
             continue
         settings = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
                     if isinstance(v, (str, int, float, bool)) or hasattr(v, "item")}
-        (out_dir / f"{name}.json").write_text(json.dumps(settings, indent=1, default=str))
+        atomic_write_text(out_dir / f"{name}.json", json.dumps(settings, indent=1, default=str))
         written.append(dst)
     pd.DataFrame(rows).to_csv(out_dir / "trials.csv", index=False)
     front.to_csv(out_dir / "front.csv", index=False)
@@ -367,10 +421,48 @@ def print_front(front: pd.DataFrame, objectives: list[tuple[str, str]]) -> None:
     print(table.to_string(index=False), flush=True)
 
 
+_DECORATION = re.compile(r"^[\s^~\-|]*$")
+
+
 def _last_line(error: Any) -> str:
-    """The exception line of a traceback text (what a person needs first), at most 200 chars."""
-    lines = [line.strip() for line in str(error or "").strip().splitlines() if line.strip()]
+    """The exception line of a traceback text (what a person needs first), at most 200 chars.
+
+    Python 3.11+ tracebacks underline the failing expression with ``^^^^`` lines, and Ray adds
+    its own frames; the exception's own line is the last line that is not decoration.
+    """
+    lines = [line.strip() for line in str(error or "").strip().splitlines()]
+    lines = [line for line in lines if line and not _DECORATION.match(line)]
     return lines[-1][:200] if lines else "no reason recorded"
+
+
+def exception_line(error: Any) -> str:
+    """``Type: message`` of an exception (Ray's wrappers unwrapped to the trial's own
+    exception), or the last meaningful line of an error text; at most 200 characters."""
+    if isinstance(error, BaseException):
+        exc: BaseException = error
+        for _ in range(8):  # RayTaskError -> .cause; TuneError / chained -> __cause__
+            inner = getattr(exc, "cause", None) or exc.__cause__
+            if not isinstance(inner, BaseException) or inner is exc:
+                break
+            exc = inner
+        if type(exc).__name__ in ("RayTaskError", "TuneError") or "Traceback" in str(exc):
+            return _last_line(str(exc))
+        message = _last_line(str(exc)) if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {message}"[:200] if message else type(exc).__name__
+    return _last_line(error)
+
+
+def trial_error_line(trial: Any) -> str:
+    """The exception line of a Tune trial that errored."""
+    for getter in ("get_pickled_error", "get_error"):
+        try:
+            error = getattr(trial, getter)()
+        except Exception:
+            error = None
+        if error is not None:
+            return exception_line(error)
+    return "see Ray's logs" if not getattr(trial, "error_file", None) else _last_line(
+        Path(trial.error_file).read_text() if Path(trial.error_file).is_file() else trial.error_file)
 
 
 def _logged_trials(tracking: dict[str, str] | None) -> list[dict[str, Any]]:
@@ -386,137 +478,274 @@ def _logged_trials(tracking: dict[str, str] | None) -> list[dict[str, Any]]:
         return []
 
 
-def _orphan_rows(tracking: dict[str, str] | None, known_ids: set[str]) -> list[dict[str, Any]]:
-    """Finished trials logged in MLflow that the restored Tuner does not know (see BudgetLimiter)."""
-    return [{**r, "final_result": True} for r in _logged_trials(tracking)
-            if r["status"] == "ok" and str(r["trial_id"]) not in known_ids]
+def _stored_rows(sweep_root: str | None) -> list[dict[str, Any]]:
+    """Finished trials' rows under ``<sweep root>/trials/`` ([] when unreadable)."""
+    if not sweep_root:
+        return []
+    try:
+        return SweepStorage(sweep_root).finished_rows()
+    except Exception as exc:
+        log.warning("could not list the trials under %s: %s", sweep_root, exc)
+        return []
 
 
-def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult:
+def _orphan_rows(tracking: dict[str, str] | None, sweep_root: str | None, known_ids: set[str]) -> list[dict[str, Any]]:
+    """Finished trials the restored Tuner does not know (see BudgetLimiter): from their own
+    ``trial_result.json``, else from MLflow."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in _logged_trials(tracking):
+        if r["status"] == "ok" and str(r["trial_id"]) not in known_ids:
+            rows[str(r["trial_id"])] = {**r, "final_result": True}
+    for r in _stored_rows(sweep_root):
+        if str(r["trial_id"]) not in known_ids:
+            rows[str(r["trial_id"])] = {**r, "status": "ok", "final_result": True}
+    return list(rows.values())
+
+
+def _make_abort_stopper_class() -> type:
+    from ray.tune import Stopper
+
+    class AbortStopper(Stopper):
+        """Stops every trial once a configuration error was seen in one (``abort.json`` exists)."""
+
+        def __init__(self, abort_file: str) -> None:
+            self.abort_file = abort_file
+
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return os.path.exists(self.abort_file)
+
+    return AbortStopper
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(state, indent=1, default=str))
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"search.resume_dir: {path} is not readable JSON ({exc})") from exc
+    return state if isinstance(state, dict) else {}
+
+
+def _driver_identity() -> dict[str, Any]:
+    import psutil
+
+    return {"pid": os.getpid(), "host": socket.gethostname(), "create_time": psutil.Process().create_time()}
+
+
+def _optuna_storage(url: str) -> Any:
+    """The sweep's Optuna RDB storage, created under a lock (a fresh SQLite file would race)."""
+    import optuna
+
+    from search.storage import store_creation_lock
+
+    if url.startswith("sqlite:///"):
+        with store_creation_lock(Path(url[len("sqlite:///"):])):
+            return optuna.storages.RDBStorage(url)
+    return optuna.storages.RDBStorage(url)
+
+
+def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
+              checked: PreflightResult | None = None) -> SweepResult:
     """Run (or resume) a sweep described by a resolved config; see the module docstring.
 
     Args:
         cfg: the resolved Hydra config as a plain dict.
-        output_dir: the sweep's directory (Hydra's output dir); the Ray experiment, the front's
-            masks and ``sweep.json`` go there. On resume, the directory of the interrupted sweep.
+        output_dir: the sweep's directory (Hydra's output dir): ``sweep.json``, the lock, the
+            front's masks and, without ``search.storage``, Tune's state and the trials' files.
+            On resume, the directory of the interrupted sweep.
+        checked: a pre-flight already run on ``cfg`` (else it runs here).
+
+    Raises:
+        ConfigError: the pre-flight failed, another driver runs this sweep, or a configuration
+            error surfaced in a trial (nothing was started, or the parent run ends FAILED).
+        SweepFailed: no trial finished.
+        SweepInterrupted: Ctrl-C; the sweep can be resumed.
     """
+    output_dir = Path(output_dir).resolve()
+    pre = checked or preflight(cfg, output_dir)
+    cfg, space, objectives = pre.cfg, pre.space, pre.objectives
+    search = cfg["search"]
+    state_path = output_dir / STATE_FILE
+    state = _read_state(state_path)
+    resuming = bool(search.get("resume"))
+    if resuming and not state:
+        raise ConfigError(f"search.resume_dir: {output_dir} holds no sweep (no {STATE_FILE}); pass the output "
+                          "directory of the sweep to continue")
+    if resuming and state.get("finished"):
+        raise ConfigError(f"search.resume_dir: the sweep in {output_dir} finished ({state.get('n_trials')} trials); "
+                          "nothing to resume")
+    if state and not resuming:
+        raise ConfigError(f"search.resume: {output_dir} already holds a sweep; pass search.resume=true "
+                          "to continue it, or choose another output directory")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = SweepLock(output_dir).acquire()
+    except SweepLocked as exc:
+        raise ConfigError(f"search.resume_dir: {exc}") from exc
+    try:
+        return _run_locked(cfg, pre, space, objectives, output_dir, state, resuming)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objectives: list[tuple[str, str]],
+                output_dir: Path, state: dict[str, Any], resuming: bool) -> SweepResult:
+    """Ray, the parent run and the Optuna store; then the tuner. Holds the sweep's lock."""
+    search = cfg["search"]
+    if resuming:
+        print(f"resuming the sweep in {output_dir}", flush=True)
+    for note in pre.notes:
+        print(f"note: {note}", flush=True)
+    method_label = cfg["method"]["name"] if cfg.get("method") else "all"
+    name = state.get("name") or cfg.get("sweep_name") or \
+        f"{method_label}-{cfg['data']['name']}-{datetime.now():%Y%m%d-%H%M%S}"
+    storage_root = state.get("sweep_root") or (
+        f"{str(search['storage']).rstrip('/')}/{name}" if search.get("storage") else str(output_dir))
+    storage = SweepStorage(storage_root)
+    abort_file = output_dir / ABORT_FILE
+    abort_file.unlink(missing_ok=True)
+
+    cluster = dict(cfg.get("cluster") or {})
+    _init_ray(cluster, Path.cwd())
+    import ray
+
+    if cluster.get("kind") == "ray":
+        check_cluster_resources(cfg["trial"], ray.cluster_resources(), f"the Ray cluster at {cluster.get('address')}")
+
+    tracker = None
+    tracking: dict[str, str] | None = None
+    optuna_url = pre.optuna_storage
+    if pre.tracking_uri is not None:
+        from search.tracking import SweepTracker
+
+        tracking_cfg = dict(cfg.get("tracking") or {})
+        tracker = SweepTracker(pre.tracking_uri, tracking_cfg.get("experiment", "prunesearch"),
+                               tracking_cfg.get("artifact_location"))
+        parent = tracker.start_parent(
+            name, params=cfg,
+            tags={"prunesearch.data": cfg["data"]["name"], "prunesearch.model": cfg["model"]["name"],
+                  "prunesearch.methods": ",".join(space.method_names),
+                  "prunesearch.objectives": json.dumps(objectives),
+                  "prunesearch.output_dir": str(output_dir), "prunesearch.storage": storage.root,
+                  "prunesearch.optuna_storage": optuna_url or "", "prunesearch.optuna_study": name},
+            resume_run_id=state.get("parent_run_id"))
+        tracking = {"uri": pre.tracking_uri, "experiment": tracking_cfg.get("experiment", "prunesearch"),
+                    "experiment_id": tracker.experiment_id, "parent_run_id": parent}
+    state = {"name": name, "sweep_root": storage.root, "storage_path": storage.path("ray"),
+             "parent_run_id": tracking and tracking["parent_run_id"],
+             "experiment_id": tracking and tracking["experiment_id"], "optuna_storage": optuna_url,
+             "optuna_study": name, "finished": False,
+             "started": state.get("started", datetime.now().isoformat(timespec="seconds"))}
+    _write_state(output_dir / STATE_FILE, state)
+    try:
+        return _tune(cfg, space, objectives, output_dir, state, resuming, storage, tracker, tracking, str(abort_file))
+    except SweepInterrupted as exc:
+        if tracker is not None:
+            _end_parent(tracker, "KILLED", f"interrupted: {exc}; resume with search.resume=true "
+                                           f"search.resume_dir={output_dir}")
+        raise
+    except BaseException as exc:
+        if tracker is not None:
+            _end_parent(tracker, "FAILED", exception_line(exc) if not isinstance(exc, (ConfigError, SweepFailed))
+                        else str(exc))
+        raise
+
+
+def _end_parent(tracker: Any, status: str, reason: str) -> None:
+    try:
+        tracker.finish(status, reason=reason)
+    except Exception as exc:  # the store may be what failed
+        print(f"warning: could not mark the MLflow parent run {status} ({exc})", file=sys.stderr, flush=True)
+
+
+def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], output_dir: Path,
+          state: dict[str, Any], resuming: bool, storage: SweepStorage, tracker: Any,
+          tracking: dict[str, str] | None, abort_file: str) -> SweepResult:
+    """Run (or restore) the Tuner, then collect, print and export the front."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    validate_config(cfg)
-    from search.llm_trial import check_text_data, is_text_config
-
-    if is_text_config(cfg["data"], cfg["model"]):
-        check_text_data(cfg)  # the text file and the model's tokenizer
-    else:
-        check_data_available(cfg["data"])
-    space = build_search_space(cfg)
-    objectives = objectives_of(cfg)
     search = cfg["search"]
-    output_dir = Path(output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    state_path = output_dir / STATE_FILE
-    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    resuming = bool(state) and bool(search.get("resume"))
-    if state and not resuming:
-        raise ConfigError(f"search.resume: {output_dir} already holds a sweep; pass search.resume=true "
-                          "to continue it, or choose another output directory")
-
-    tracking_cfg = dict(cfg.get("tracking") or {})
-    tracking: dict[str, str] | None = None
-    if tracking_cfg.get("kind", "sqlite") != "none":
-        from search.tracking import SweepTracker, check_tracking
-
-        uri = _tracking_uri(tracking_cfg)
-        check_tracking(uri)  # fails fast, before Ray or any training starts
-        tracker = SweepTracker(uri, tracking_cfg.get("experiment", "prunesearch"),
-                               tracking_cfg.get("artifact_location"))
-        method_label = cfg["method"]["name"] if cfg.get("method") else "all"
-        run_name = state.get("name") or cfg.get("sweep_name") or \
-            f"{method_label}-{cfg['data']['name']}-{datetime.now():%Y%m%d-%H%M%S}"
-        parent = tracker.start_parent(
-            run_name, params=cfg,
-            tags={"prunesearch.data": cfg["data"]["name"], "prunesearch.model": cfg["model"]["name"],
-                  "prunesearch.methods": ",".join(space.method_names),
-                  "prunesearch.objectives": json.dumps(objectives),
-                  "prunesearch.output_dir": str(output_dir)},
-            resume_run_id=state.get("parent_run_id"))
-        tracking = {"uri": uri, "experiment": tracking_cfg.get("experiment", "prunesearch"),
-                    "experiment_id": tracker.experiment_id, "parent_run_id": parent}
-    else:
-        tracker = None
-        run_name = state.get("name") or cfg.get("sweep_name") or f"sweep-{datetime.now():%Y%m%d-%H%M%S}"
-
-    name = state.get("name") or run_name
-    storage = output_dir / "ray"
-    state = {"name": name, "storage_path": str(storage), "parent_run_id": tracking and tracking["parent_run_id"],
-             "experiment_id": tracking and tracking["experiment_id"], "finished": False,
-             "started": state.get("started", datetime.now().isoformat(timespec="seconds"))}
-    state_path.write_text(json.dumps(state, indent=1))
-
-    _init_ray(cfg.get("cluster") or {})
+    name = state["name"]
     if cfg["trial"].get("gpus") == "auto":
         cfg = {**cfg, "trial": {**cfg["trial"], "gpus": _auto_gpu_fraction(cfg)}}
     asha = search.get("asha") or {}
     ctx = TrialContext(data=dict(cfg["data"]), model=dict(cfg["model"]), trial=dict(cfg["trial"]),
                        space=space, objectives=objectives, tracking=tracking,
-                       report_every_epoch=bool(asha.get("enabled")))
+                       report_every_epoch=bool(asha.get("enabled")),
+                       module=dict(cfg.get("module") or {}) or None, sweep_root=storage.root,
+                       resumed=resuming, driver=_driver_identity())
     resources = {"cpu": float(cfg["trial"].get("cpus", 1)), "gpu": float(cfg["trial"].get("gpus", 0) or 0)}
     trainable = tune.with_resources(tune.with_parameters(ray_trainable, ctx=ctx), resources)
     n_trials = int(search["n_trials"])
-    experiment_path = storage / name
+    experiment_path = storage.path("ray")
     start = time.perf_counter()
     print(f"sweep {name}: {n_trials} trials over {', '.join(space.method_names)} on "
           f"{cfg['data']['name']}/{cfg['model']['name']}, {search['sampler']} sampler, "
           f"concurrency {search.get('concurrency', 1)}" + (" (resumed)" if resuming else ""), flush=True)
+    print(f"files: {storage.root} (trials/<trial id>/, ray/)", flush=True)
     if tracking:
         print(f"tracking: {tracking['uri']} (experiment {tracking['experiment']}, parent run "
               f"{tracking['parent_run_id']})", flush=True)
 
     callback = None
-    if resuming and experiment_path.exists():
-        tuner = tune.Tuner.restore(str(experiment_path), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=True)
+    if resuming and tune.Tuner.can_restore(experiment_path):
+        tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
     else:
         dense_ref = None
         searcher = OptunaSearch(space=space, metric=[m for m, _ in objectives],
-                                mode=[d for _, d in objectives], sampler=make_sampler(search))
-        searcher = _make_budget_limiter_class()(searcher, int(search.get("concurrency", 1)), n_trials, tracking)
+                                mode=[d for _, d in objectives], sampler=make_sampler(search),
+                                study_name=name, storage=_optuna_storage(state["optuna_storage"])
+                                if state.get("optuna_storage") else None)
+        searcher = _make_budget_limiter_class()(searcher, int(search.get("concurrency", 1)), n_trials, tracking,
+                                                storage.root)
         scheduler = None
         if asha.get("enabled"):
             scheduler = ASHAScheduler(metric=objectives[0][0], mode=objectives[0][1],
                                       time_attr="training_iteration",
                                       grace_period=int(asha.get("grace_period", 2)),
                                       reduction_factor=float(asha.get("reduction_factor", 3)))
-        callback = _make_callback_class()(objectives, n_trials, tracking, dense_ref)
+        callback = _make_callback_class()(objectives, n_trials, tracking, dense_ref, abort_file)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n_trials,
                                         reuse_actors=True),
             run_config=tune.RunConfig(
-                name=name, storage_path=str(storage), callbacks=[callback], verbose=0,
+                name="ray", storage_path=storage.root, callbacks=[callback], verbose=0,
+                stop=_make_abort_stopper_class()(abort_file),
                 failure_config=tune.FailureConfig(max_failures=int(cfg["trial"].get("max_retries", 0)))),
         )
     results = tuner.fit()
 
+    if os.path.exists(abort_file):
+        reason = json.loads(Path(abort_file).read_text()).get("reason", "a trial hit a configuration error")
+        raise ConfigError(reason)
     rows = []
     for result in results:
         metrics = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, (dict, list))}
         row = {**metrics, "trial_id": metrics.get("trial_id") or (result.path or "").rsplit("/", 1)[-1]}
         row.setdefault("method", (result.config or {}).get("method"))
         if result.error is not None:
-            row["status"], row["error"] = "failed", str(result.error)[:2000]
+            row["status"], row["error"] = "failed", exception_line(result.error)
         else:
             row["status"] = "ok" if metrics.get("final_result") else "early_stopped"
         rows.append(row)
     rows = [r for r in rows if r["status"] == "failed" or "final_result" in r]
-    orphans = _orphan_rows(tracking, {str(r["trial_id"]) for r in rows}) if resuming else []
+    orphans = _orphan_rows(tracking, storage.root, {str(r["trial_id"]) for r in rows}) if resuming else []
     rows += orphans
-    # Tune counts trials that ended (finished, stopped early or failed); fewer than asked for
-    # means Ctrl-C stopped the sweep.
-    ended_count = results.num_terminated + results.num_errors + len(orphans)
-    interrupted = ended_count < n_trials
+    # Trials that ended (finished, stopped early or failed, orphans included); fewer than asked
+    # for means Ctrl-C stopped the sweep (a trial Tune stopped mid-run has no final result).
+    interrupted = len(rows) < n_trials
     ended = rows
     ok_rows = [r for r in rows if r["status"] in ("ok", "early_stopped")]
     front = pareto.pareto_front(ok_rows, objectives) if ok_rows else pd.DataFrame()
@@ -533,13 +762,26 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
         print(f"MLflow was unreachable for {len(unlogged)} trial(s) and "
               f"{len(callback.unlogged) if callback is not None else 0} front update(s); those trials' "
               "results stay beside their masks:\n" + "\n".join(
-                  f"  {r['trial_id']}: {Path(str(r.get('masks_path', ''))).parent / 'trial_result.json'} "
+                  f"  {r['trial_id']}: {storage.trial_location(str(r['trial_id']))}/trial_result.json "
                   f"({r['mlflow_unlogged'][:120]})" for r in unlogged), flush=True)
     front_dir = output_dir / str((cfg.get("export") or {}).get("front_dir", "front"))
     exported = _export_front(front, rows, front_dir, tracking) if len(front) else []
     print(f"\n{len(rows)} trials in {time.perf_counter() - start:.0f}s; hypervolume {hv:.5g}; "
           f"front masks in {front_dir}", flush=True)
-    if tracker is not None and not interrupted:
+    if interrupted:
+        # Ctrl-C: Tune saved its state and returned early; keep the sweep resumable.
+        print(f"\ninterrupted after {len(ended)} of {n_trials} trials; continue with:\n"
+              f"  python -m search <same overrides> search.resume=true search.resume_dir={output_dir}",
+              flush=True)
+        state.update({"finished": False, "n_trials": len(rows)})
+        _write_state(output_dir / STATE_FILE, state)
+        raise SweepInterrupted(f"{len(ended)} of {n_trials} trials ended")
+    state.update({"finished": True, "n_trials": len(rows), "exported": [str(p) for p in exported]})
+    _write_state(output_dir / STATE_FILE, state)
+    if not ok_rows:
+        reasons = sorted({_last_line(r.get("error")) for r in failed})
+        raise SweepFailed(f"no trial finished: {len(failed)} of {len(rows)} failed ({'; '.join(reasons)[:400]})")
+    if tracker is not None:
         try:
             tracker.client.log_artifacts(tracker.run_id, str(front_dir), artifact_path="front_export")
             tracker.client.log_metric(tracker.run_id, "final_hypervolume", float(hv))
@@ -551,15 +793,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
         except Exception as exc:
             print(f"warning: could not log the final front to MLflow ({exc}); it is in {front_dir}",
                   file=sys.stderr, flush=True)
-    if interrupted:
-        # Ctrl-C: Tune saved its state and returned early; keep the sweep resumable.
-        print(f"\ninterrupted after {len(ended)} of {n_trials} trials; continue with:\n"
-              f"  python -m search <same overrides> search.resume=true search.resume_dir={output_dir}",
-              flush=True)
-        state.update({"finished": False, "n_trials": len(rows)})
-        state_path.write_text(json.dumps(state, indent=1))
-        raise SweepInterrupted(f"{len(ended)} of {n_trials} trials finished")
-    state.update({"finished": True, "n_trials": len(rows), "exported": [str(p) for p in exported]})
-    state_path.write_text(json.dumps(state, indent=1))
+    if state.get("optuna_storage"):
+        print(f"Optuna study {name!r}: " + shell_command(["optuna-dashboard", state["optuna_storage"]]), flush=True)
     return SweepResult(rows=rows, front=front, parent_run_id=tracking and tracking["parent_run_id"],
                        output_dir=output_dir, hypervolume=float(hv))

@@ -131,10 +131,41 @@ def test_custom_target() -> None:
     # Hydra's key, splatted from the model config, works too; "module:attr" form as well.
     model = build_model("custom", (1, 8, 8), 5, _target_=f"{__name__}:TinyNet")
     assert isinstance(model, TinyNet)
-    # width reaches a target that accepts it, and is refused (when not 1.0) by one that does not.
+    # width reaches a target only when given (never injected), and one that does not take it refuses it.
     assert build_model("custom", (1, 8, 8), 5, width=0.5, target=f"{__name__}.wide_tiny").net[1].out_features == 8
+    assert build_model("custom", (1, 8, 8), 5, target=f"{__name__}.wide_tiny").net[1].out_features == 16
     with pytest.raises(ValueError, match="width"):
         build_model("custom", (1, 8, 8), 5, width=0.5, target=f"{__name__}.TinyNet")
+
+
+class PlainNet(nn.Module):
+    """An ordinary model class: it knows in_channels, not input_shape."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, 3, padding=1)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).mean((2, 3)))
+
+
+def test_custom_target_gets_only_the_keys_it_accepts() -> None:
+    from prunelib.models import model_from_config
+
+    model = model_from_config({"name": "custom", "_target_": f"{__name__}.PlainNet"}, (3, 8, 8), 7)
+    assert model.conv.in_channels == 3 and model.head.out_features == 7
+    assert model.conv.out_channels == 32  # its own default width, not an injected 1.0
+    model = model_from_config({"name": "custom", "_target_": f"{__name__}.PlainNet", "width": 4}, (3, 8, 8), 7)
+    assert model.conv.out_channels == 4
+    with pytest.raises(ValueError, match=r"model._target_=.*PlainNet: does not accept \['depth'\]"):
+        model_from_config({"name": "custom", "_target_": f"{__name__}.PlainNet", "depth": 2}, (3, 8, 8), 7)
+
+
+def test_mlp_takes_a_table_row() -> None:
+    assert build_model("mlp", (13,), 3)(torch.randn(4, 13)).shape == (4, 3)
+    with pytest.raises(ValueError, match="input_shape"):
+        build_model("lenet5", (13,), 3)
 
 
 def test_custom_target_errors() -> None:

@@ -21,7 +21,7 @@ from search.faults import FaultPlan, InjectedFault
 from search.tracking import find_trial_runs
 from search.trial import TrialContext, run_trial
 from search.tuner import run_sweep
-from tests.conftest import compose, free_port, serve
+from tests.conftest import REPO, compose, free_port, serve
 
 FAST = ["trial.epochs=2", "trial.finetune_epochs=1", "data.limit_train=400"]
 
@@ -64,14 +64,58 @@ def test_masks_for_another_model_or_corrupt_file_leave_the_model_untouched(tmp_p
     assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
 
 
-def test_export_with_a_bad_run_writes_nothing(tmp_path):
+def _export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "search.export", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_export_checks_the_store_first_and_never_creates_one(tmp_path):
     out = tmp_path / "masks.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "search.export", "run_id=0123456789abcdef", f"out={out}",
-                           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "0123456789abcdef" in proc.stderr + proc.stdout
-    assert not out.exists()
+    proc = _export("run_id=0123456789abcdef", f"out={out}", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("export: tracking.uri: ") and "no database at" in proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not out.exists()  # a wrong path creates no empty store
+    t0 = time.monotonic()
+    proc = _export("run_id=0123456789abcdef", f"out={out}", f"tracking.uri=http://127.0.0.1:{free_port()}")
+    assert proc.returncode == 2 and "is not reachable" in proc.stderr, proc.stderr
+    assert time.monotonic() - t0 < 60  # seconds (interpreter start included), not minutes of retries
+
+
+def make_store_with_a_corrupt_masks_file(root: Path) -> tuple[str, str]:
+    """A sweep store under ``root`` whose one finished trial has a corrupt masks artifact;
+    returns ``(tracking uri, parent run id)`` (the reliability drill uses it too)."""
+    from search.tracking import SweepTracker, log_trial_run
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    tracker = SweepTracker(uri, "export-test")
+    parent = tracker.start_parent("sweep", params={}, tags={
+        "prunesearch.objectives": json.dumps([["val_acc", "max"], ["flops_effective", "min"]])})
+    junk = root / "art" / "masks.safetensors"
+    junk.parent.mkdir(parents=True)
+    junk.write_bytes(b"\x00not a safetensors file" * 10)
+    log_trial_run(uri, tracker.experiment_id, parent, "t0", params={"method": "magnitude"},
+                  metrics={"val_acc": 0.9, "flops_effective": 100.0}, artifacts={"masks": str(junk)})
+    return uri, parent
+
+
+@pytest.fixture()
+def store_with_a_bad_artifact(tmp_path):
+    return make_store_with_a_corrupt_masks_file(tmp_path)
+
+
+def test_export_writes_atomically_and_refuses_an_unwritable_out(tmp_path, store_with_a_bad_artifact):
+    from search.export import export_point
+
+    uri, parent = store_with_a_bad_artifact
+    out = tmp_path / "keep" / "masks.safetensors"
+    out.parent.mkdir()
+    out.write_bytes(b"the user's earlier file")
+    with pytest.raises(ValueError, match="run_id: the masks of trial t0 are not a valid masks file"):
+        export_point(uri, parent, "max_acc", out)
+    assert out.read_bytes() == b"the user's earlier file"  # untouched
+    assert [p.name for p in out.parent.iterdir()] == ["masks.safetensors"]  # no partial file left
+    proc = _export(f"run_id={parent}", "out=/proc/prunesearch/masks.safetensors", f"tracking.uri={uri}")
+    assert proc.returncode == 2 and proc.stderr.startswith("export: out: "), proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_same_seed_and_config_give_bit_identical_masks(tmp_path):
@@ -122,7 +166,7 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, ray_local):
     assert set(result.front["trial_id"]) <= {by_ordinal[i] for i in (1, 5, 6)}  # the front ignores failures
 
     searcher = OptunaSearch()
-    searcher.restore_from_dir(str(next((tmp_path / "out" / "ray").iterdir())))
+    searcher.restore_from_dir(str(tmp_path / "out" / "ray"))
     states = [t.state.name for t in searcher._ot_study.trials]
     assert states.count("FAIL") == 3 and states.count("COMPLETE") == 3
 
@@ -179,3 +223,121 @@ def test_tracking_server_lost_mid_sweep_keeps_results_locally(tmp_path):
         os.killpg(server.pid, signal.SIGKILL)
     assert logged and not logged & set(unlogged)
     assert len(logged) + len(unlogged) == 5  # nothing lost
+
+
+def test_state_files_are_written_atomically(tmp_path):
+    import threading
+
+    from search.storage import atomic_write_text
+
+    path = tmp_path / "sweep.json"
+    atomic_write_text(path, json.dumps({"n": 0}))
+    stop, seen, errors = threading.Event(), [], []
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                seen.append(json.loads(path.read_text())["n"])
+            except (json.JSONDecodeError, KeyError) as exc:  # an empty or partial file
+                errors.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(300):
+        atomic_write_text(path, json.dumps({"n": i, "pad": "x" * 20000}))
+    stop.set()
+    reader.join()
+    assert not errors and seen and max(seen) <= 299
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.json"]
+
+
+def test_one_driver_per_sweep_and_a_killed_driver_frees_it(tmp_path):
+    from search.storage import SweepLock, SweepLocked
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from search.storage import SweepLock; "
+        f"lock = SweepLock({str(tmp_path)!r}).acquire(); print('locked', flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SweepLocked, match=rf"another driver \(pid {holder.pid} on .*\) is running the sweep"):
+            SweepLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    with SweepLock(tmp_path):  # the kernel dropped the dead holder's lock
+        pass
+
+
+def test_two_sweeps_starting_on_one_fresh_store(tmp_path):
+    uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
+    code = ("import sys; from search.tracking import SweepTracker; "
+            f"t = SweepTracker({uri!r}, 'sweeps'); print(t.start_parent('s' + sys.argv[1], {{'a': 1}}, {{}}))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)}) for i in range(3)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [r[1][-1500:] for r in results]
+    from mlflow import MlflowClient
+
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("sweeps").experiment_id])
+    assert len(runs) == 3
+
+
+@pytest.mark.slow
+def test_a_sweep_where_every_trial_fails_exits_nonzero_with_its_parent_failed(tmp_path, ray_local, capsys):
+    from mlflow import MlflowClient
+
+    from search.tuner import SweepFailed
+
+    cfg = compose(["+method=magnitude", "search.n_trials=2", "search.concurrency=1", "trial.max_retries=0",
+                   "+trial.faults.plan='1:raise,2:raise'", f"+trial.faults.state_dir={tmp_path}/faults",
+                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST])
+    with pytest.raises(SweepFailed, match="no trial finished: 2 of 2 failed"):
+        run_sweep(cfg, tmp_path / "out")
+    out = capsys.readouterr().out
+    failed_lines = [line for line in out.splitlines() if "FAILED:" in line]
+    assert len(failed_lines) == 2 and all("InjectedFault: injected fault: trial #" in line for line in failed_lines), out
+    assert "2 trial(s) failed: " in out and "^^^" not in out
+    parent_id = json.loads((tmp_path / "out" / "sweep.json").read_text())["parent_run_id"]
+    parent = MlflowClient(cfg["tracking"]["uri"]).get_run(parent_id)
+    assert parent.info.status == "FAILED" and "no trial finished" in parent.data.tags["prunesearch.error"]
+
+
+@pytest.mark.slow
+def test_an_error_after_the_parent_run_starts_ends_it_failed(tmp_path, ray_local, monkeypatch):
+    from mlflow import MlflowClient
+
+    import search.tuner
+
+    def broken_sampler(search):  # noqa: ANN001, ANN202
+        raise RuntimeError("the sampler could not be built")
+
+    monkeypatch.setattr(search.tuner, "make_sampler", broken_sampler)
+    cfg = compose(["+method=magnitude", "search.n_trials=2", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST])
+    with pytest.raises(RuntimeError, match="the sampler could not be built"):
+        run_sweep(cfg, tmp_path / "out")
+    parent_id = json.loads((tmp_path / "out" / "sweep.json").read_text())["parent_run_id"]
+    parent = MlflowClient(cfg["tracking"]["uri"]).get_run(parent_id)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["prunesearch.error"] == "RuntimeError: the sampler could not be built"
+
+
+@pytest.mark.slow
+def test_an_objective_the_module_stops_logging_stops_the_sweep_as_a_config_error(tmp_path, ray_local):
+    from mlflow import MlflowClient
+
+    from search.space import ConfigError
+
+    cfg = compose(["+method=magnitude", "search.n_trials=3", "search.concurrency=1", "model=custom",
+                   "model._target_=tests.user_code.PlainNet", "+model.width=8",
+                   "module._target_=tests.user_code.ForgetfulModule", f"+module.marker={tmp_path}/validated-once",
+                   "trial.lr=0.003", "trial.max_retries=0",
+                   "search.objectives=[{metric: val_f1, mode: max}, {metric: flops_effective, mode: min}]",
+                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST])
+    with pytest.raises(ConfigError, match=r"search.objectives: \['val_f1'\] never reported by "
+                                          r"module._target_=tests.user_code.ForgetfulModule"):
+        run_sweep(cfg, tmp_path / "out")
+    parent_id = json.loads((tmp_path / "out" / "sweep.json").read_text())["parent_run_id"]
+    runs = find_trial_runs(cfg["tracking"]["uri"], parent_id)
+    assert len(runs) < 3  # stopped at the first such trial, not after the whole budget
+    assert MlflowClient(cfg["tracking"]["uri"]).get_run(parent_id).info.status == "FAILED"

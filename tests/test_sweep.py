@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -59,6 +61,17 @@ def test_pinned_sweep_tracks_parent_children_and_front(pinned_sweep):
     assert sorted(m.step for m in history) == [1, 2, 3]
     names = {a.path for a in client.list_artifacts(result.parent_run_id, "front")}
     assert {"front/front.csv", "front/front.png", "front/front.html", "front/trials.csv"} <= names
+    # Every trial's files under the sweep's own directory, none in Ray's temporary folders.
+    for row in result.rows:
+        assert Path(row["masks_path"]).parent == tmp / "out" / "trials" / row["trial_id"]
+        assert (tmp / "out" / "trials" / row["trial_id"] / "trial_result.json").is_file()
+    # The Optuna study is stored beside the MLflow store and opens with optuna.load_study.
+    import optuna
+
+    state = json.loads((tmp / "out" / "sweep.json").read_text())
+    assert state["optuna_storage"] == f"sqlite:///{tmp}/optuna.db"
+    study = optuna.load_study(study_name=state["optuna_study"], storage=state["optuna_storage"])
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
     # The front's masks were copied under the output directory and load onto the model.
     masks_files = sorted((tmp / "out" / "front").glob("*.safetensors"))
     assert len(masks_files) == len(result.front) >= 1

@@ -1,4 +1,9 @@
-"""Reference data sets as in-memory Lightning data modules.
+"""Data: the reference data sets as in-memory Lightning data modules, and the door for any other.
+
+:func:`datamodule_from_config` builds what a ``data`` config section describes: a reference
+set by ``name`` (:data:`DATA_SOURCES`: digits, fashion_mnist, cifar10, cifar100, an
+``image_folder``, a ``table``), or a user's own data by ``_target_`` (a LightningDataModule or
+``(train, val, test)`` Datasets; see :mod:`prunelib.data.custom`).
 
 ``build_datamodule("digits")`` is instant (bundled with scikit-learn); Fashion-MNIST and CIFAR
 are read from local files (see :mod:`prunelib.data.sources` for where they are looked for) and
@@ -11,20 +16,44 @@ stratified, by ``seed``; the test split is the data set's own (digits: a fixed 2
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import lightning
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
+from prunelib.data.custom import (
+    DataSourceError,
+    LightningDataAdapter,
+    StreamingDataModule,
+    datamodule_from_datasets,
+    datamodule_from_target,
+    image_folder_datamodule,
+    table_datamodule,
+)
 from prunelib.data.datamodule import ArrayDataModule, ResidentBatches
 from prunelib.data.idx import IDXFormatError, read_idx, write_idx
 from prunelib.data.sources import DATASETS, DatasetNotFoundError, RawDataset
 
 __all__ = [
     "DATASETS",
+    "DATA_SOURCES",
+    "DOOR_KEYS",
     "ArrayDataModule",
+    "DataSourceError",
     "DatasetNotFoundError",
+    "LightningDataAdapter",
+    "StreamingDataModule",
+    "datamodule_from_config",
+    "datamodule_from_datasets",
+    "datamodule_from_target",
+    "data_source_keys",
+    "image_folder_datamodule",
+    "table_datamodule",
     "IDXFormatError",
     "RawDataset",
     "ResidentBatches",
@@ -144,3 +173,56 @@ def build_datamodule(
     dm.mean, dm.std = [float(m) for m in mean], [float(s) for s in std]
     dm.input_range = normalized_interval(dm.mean, dm.std, (float(x_train.min()), float(x_train.max())))
     return dm
+
+
+#: ``data.name`` -> builder called with the section's keys (its signature is that section's schema).
+DATA_SOURCES: dict[str, Callable[..., lightning.LightningDataModule]] = {
+    **{name: functools.partial(build_datamodule, name) for name in DATASETS},
+    "image_folder": image_folder_datamodule,
+    "table": table_datamodule,
+}
+
+#: Keys of the shared door (:func:`prunelib.data.custom.datamodule_from_datasets`): batch sizes,
+#: ``val_fraction``, ``num_workers``, ``resident``..., accepted by every Dataset-based source.
+DOOR_KEYS: tuple[str, ...] = tuple(
+    n for n in inspect.signature(datamodule_from_datasets).parameters
+    if n not in ("name", "train", "val", "test", "seed", "device"))
+
+
+def data_source_keys(name: str | None, has_target: bool) -> set[str] | None:
+    """The keys a ``data`` section may hold besides ``name``/``_target_`` (None = any: a user's
+    target takes its own keys, checked against its signature when it is called)."""
+    if has_target:
+        return None
+    builder = DATA_SOURCES[str(name)]
+    params = inspect.signature(builder).parameters
+    keys = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"seed", "device"}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        keys |= set(DOOR_KEYS)
+    return keys
+
+
+def datamodule_from_config(cfg: Mapping[str, Any], seed: int = 0, device: str = "cpu") -> lightning.LightningDataModule:
+    """Build the data module a ``data`` config section describes.
+
+    ``_target_`` (``data=custom``): the user's callable, called with its own keys (the section's
+    keys that are not :data:`DOOR_KEYS`); the door keys shape the data module around what it
+    returns. Otherwise ``name`` picks a builder of :data:`DATA_SOURCES`. Keys set to None
+    take the builder's default.
+
+    Raises:
+        ValueError: unknown name (``DataSourceError``/``TargetError`` for the user's data).
+    """
+    keys = dict(cfg)
+    name = keys.pop("name", None)
+    target = keys.pop("_target_", None)
+    if target is not None:
+        door = {k: keys.pop(k) for k in DOOR_KEYS if k in keys}
+        door = {k: v for k, v in door.items() if v is not None}
+        return datamodule_from_target(target, keys, name=str(name or "custom"), seed=seed, device=device, **door)
+    if name not in DATA_SOURCES:
+        raise ValueError(f"unknown data set {name!r}; known: {sorted(DATA_SOURCES)} or data._target_")
+    builder = DATA_SOURCES[str(name)]
+    door_keys = set(DOOR_KEYS)
+    args = {k: v for k, v in keys.items() if not (v is None and k in door_keys)}
+    return builder(seed=seed, device=device, **args)

@@ -86,7 +86,8 @@ class ArrayDataModule(lightning.LightningDataModule):
 
     Args:
         name: data set name (e.g. ``"digits"``).
-        train, val, test: ``(x, y)`` pairs; ``x`` float of shape ``(N, C, H, W)``, ``y`` int64 ``(N,)``.
+        train, val, test: ``(x, y)`` pairs; ``x`` float of shape ``(N, C, H, W)`` (images) or
+            ``(N, F)`` (tables), ``y`` int64 ``(N,)``.
         num_classes: number of classes.
         batch_size: training batch size (samples).
         eval_batch_size: batch size of validation and test passes (samples).
@@ -94,7 +95,7 @@ class ArrayDataModule(lightning.LightningDataModule):
         device: where the tensors live; ``"cuda"`` keeps the whole data set on the GPU.
 
     Attributes:
-        input_shape: ``(C, H, W)`` of one sample.
+        input_shape: the shape of one sample (``(C, H, W)``, or ``(F,)`` for a table).
         mean, std: per-channel normalisation statistics in raw input units (0..255 pixels, 0..16
             for digits) applied as ``(x - mean) / std``, if known (set by
             :func:`prunelib.data.build_datamodule`), so exported models can document their input.
@@ -120,13 +121,13 @@ class ArrayDataModule(lightning.LightningDataModule):
         self.seed = int(seed)
         self._data: dict[str, tuple[Tensor, Tensor]] = {}
         for split, (x, y) in zip(_SPLITS, (train, val, test)):
-            if x.dim() != 4:
-                raise ValueError(f"{split} inputs must be (N, C, H, W), got shape {tuple(x.shape)}")
+            if x.dim() < 2:
+                raise ValueError(f"{split} inputs must be (N, ...) with one sample per row, got shape {tuple(x.shape)}")
             if x.shape[0] != y.shape[0]:
                 raise ValueError(f"{split}: {x.shape[0]} inputs but {y.shape[0]} labels")
             self._data[split] = (x, y)
-        shape = tuple(int(s) for s in train[0].shape[1:])
-        self.input_shape: tuple[int, int, int] = (shape[0], shape[1], shape[2])
+        # (C, H, W) for images, (features,) for tables.
+        self.input_shape: tuple[int, ...] = tuple(int(s) for s in train[0].shape[1:])
         self.mean: list[float] | None = None
         self.std: list[float] | None = None
         # (lo, hi) of the normalised inputs, from the training split's raw range (set by

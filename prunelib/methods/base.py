@@ -19,8 +19,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunelib.masks import MaskSet
@@ -85,11 +87,21 @@ class PruningMethod:
 
     name: ClassVar[str] = "base"
     needs_data: ClassVar[bool] = True
+    #: The task loss ``loss_fn(model, (x, y)) -> Tensor`` for methods that need a loss or its
+    #: gradients (SNIP, BINGO): set by the runner to the user's LightningModule's own loss
+    #: (:func:`prunelib.training.module_loss`); None = cross-entropy of the logits.
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None
 
     def __init__(self) -> None:
         self.masks: MaskSet | None = None
         self.cost = MethodCost()
         self.steps_per_epoch: int = 1
+
+    def task_loss(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """The loss of ``model`` on one batch: :attr:`loss_fn`, or cross-entropy by default."""
+        if self.loss_fn is not None:
+            return self.loss_fn(model, (x, y))
+        return F.cross_entropy(model(x), y)
 
     # -- description -----------------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -181,7 +181,7 @@ class SNIP(_ScoredMethod):
             batches.append((x.to(device), y.to(device)))
         was_training = model.training
         model.train()
-        scores = snip_scores(model, batches, scored_names(model, self.exclude))
+        scores = snip_scores(model, batches, scored_names(model, self.exclude), loss_fn=self.task_loss)
         model.train(was_training)
         self.cost.extra_forward_passes += self.batches
         self.cost.extra_backward_passes += self.batches

@@ -301,10 +301,10 @@ class BINGO(PruningMethod):
         idx = torch.cat(taken)
         return torch.unique(idx)  # a wrap-around could repeat an index; keep each once
 
-    def _score(self, logits: Tensor, y: Tensor) -> Tensor:
+    def _score(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if self.metric == "loss":
-            return F.cross_entropy(logits, y)
-        return (logits.argmax(1) == y).float().mean()
+            return self.task_loss(model, x, y)  # the user's module's loss when it brings one
+        return (model(x).argmax(1) == y).float().mean()
 
     def _damage(self, base: Tensor, probed: Tensor) -> Tensor:
         """How much worse the probed forward is than the base: higher = more significant."""
@@ -323,7 +323,7 @@ class BINGO(PruningMethod):
         modes = [(m, m.training) for m in model.modules()]
         model.eval()
         try:
-            base = self._score(model(x), y)
+            base = self._score(model, x, y)
             self.cost.extra_forward_passes += 1
             for name in self._layers_this_step():
                 w = params[name]
@@ -342,7 +342,7 @@ class BINGO(PruningMethod):
                     reset = self._theta0[pname] if self.reset_to == "init" else torch.zeros_like(p)
                     p.copy_(torch.where(m, reset, old))
                 try:
-                    probed = self._score(model(x), y)
+                    probed = self._score(model, x, y)
                 finally:
                     for (p, _), old in zip(touched, saved):
                         p.copy_(old)

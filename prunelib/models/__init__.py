@@ -1,8 +1,10 @@
 """Reference models for pruning experiments, and a door for any ``nn.Module``.
 
 ``build_model(name, input_shape, num_classes, width)`` builds one of :data:`MODELS`;
-``name="custom"`` with ``target="my.module.Factory"`` builds any module whose constructor
-takes ``input_shape`` and ``num_classes`` keyword arguments.
+``name="custom"`` with ``target="my.module.Factory"`` builds any module: the factory gets the
+documented keys its signature names (``input_shape``, ``in_channels``, ``num_classes``) and
+the config's own keys (see :mod:`prunelib.targets`). :func:`model_from_config` builds either
+from a ``model`` config section.
 
 All reference models are plain modules (Conv2d/Linear/BatchNorm2d/ReLU, no parametrisations,
 no functional use of weights) so masks, FLOP counting and channel surgery see every weight;
@@ -11,14 +13,15 @@ they take ``(N, C, H, W)`` inputs and work for 8x8, 28x28 and 32x32 images.
 
 from __future__ import annotations
 
-import importlib
+import functools
 import math
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+
+from prunelib.targets import TargetError, call_target, resolve_target
 
 __all__ = [
     "MODELS",
@@ -27,8 +30,12 @@ __all__ = [
     "LeNet5",
     "MLP",
     "VGGSmall",
+    "DOCUMENTED_MODEL_KEYS",
+    "TargetError",
+    "build_custom_model",
     "build_model",
     "kaiming_init",
+    "model_from_config",
     "resolve_target",
 ]
 
@@ -274,123 +281,85 @@ class CifarResNet(nn.Module):
         return self.fc(self.flatten(self.pool(out)))
 
 
-def _mlp(input_shape: Sequence[int], num_classes: int, width: float = 1.0, **kw: Any) -> nn.Module:
-    return MLP(input_shape, num_classes, width=width, **kw)
-
-
-def _lenet5(input_shape: Sequence[int], num_classes: int, width: float = 1.0, **kw: Any) -> nn.Module:
-    return LeNet5(input_shape, num_classes, width=width, **kw)
-
-
-def _vgg_small(input_shape: Sequence[int], num_classes: int, width: float = 1.0, **kw: Any) -> nn.Module:
-    return VGGSmall(input_shape, num_classes, width=width, **kw)
-
-
-def _resnet20(input_shape: Sequence[int], num_classes: int, width: float = 1.0, **kw: Any) -> nn.Module:
-    return CifarResNet(input_shape, num_classes, depth_n=3, width=width, **kw)
-
-
-def _resnet56(input_shape: Sequence[int], num_classes: int, width: float = 1.0, **kw: Any) -> nn.Module:
-    return CifarResNet(input_shape, num_classes, depth_n=9, width=width, **kw)
-
-
-#: name -> factory ``(input_shape, num_classes, width=1.0, **kwargs) -> nn.Module``.
+#: name -> model class (or a class with fixed arguments), called as
+#: ``Factory(input_shape, num_classes, width=1.0, **kwargs)``.
 MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": _mlp,
-    "lenet5": _lenet5,
-    "vgg_small": _vgg_small,
-    "resnet20": _resnet20,
-    "resnet56": _resnet56,
+    "mlp": MLP,
+    "lenet5": LeNet5,
+    "vgg_small": VGGSmall,
+    "resnet20": functools.partial(CifarResNet, depth_n=3),
+    "resnet56": functools.partial(CifarResNet, depth_n=9),
 }
+
+#: The keys the project offers a user's model factory (each passed only if its signature names it).
+DOCUMENTED_MODEL_KEYS = ("input_shape", "in_channels", "num_classes")
 
 
 # ---------------------------------------------------------------------------------------------
 # Any nn.Module by dotted path
 # ---------------------------------------------------------------------------------------------
-def resolve_target(target: str) -> Callable[..., Any]:
-    """Import ``"package.module.Attr"`` (or ``"package.module:Attr"``) and return the attribute.
+def build_custom_model(target: str | Callable[..., Any], input_shape: Sequence[int], num_classes: int,
+                       kwargs: Mapping[str, Any] | None = None, what: str = "model._target_") -> nn.Module:
+    """Build a user's model: ``target`` called with the documented keys it names
+    (:data:`DOCUMENTED_MODEL_KEYS`) and every key of ``kwargs`` (the config's own).
 
     Raises:
-        ValueError: the path is malformed, the module does not import, or the attribute is missing.
+        TargetError: the target does not import, rejects a key, or raises (names ``what``).
+        TypeError: it returned something other than an ``nn.Module``.
     """
-    if not isinstance(target, str) or not target or target == "???":
-        raise ValueError(f"model target must be a dotted path like 'my.module.Factory', got {target!r}")
-    if ":" in target:
-        module_name, _, attr_path = target.partition(":")
-    else:
-        module_name, _, attr_path = target.rpartition(".")
-    if not module_name or not attr_path:
-        raise ValueError(f"model target {target!r} is not a dotted path like 'my.module.Factory'")
-    # Walk back so "pkg.mod.Class.factory" works: import the longest prefix that is a module.
-    parts = module_name.split(".") + attr_path.split(".")
-    error: Exception | None = None
-    for cut in range(len(module_name.split(".")), 0, -1):
-        mod_name = ".".join(parts[:cut])
-        try:
-            obj: Any = importlib.import_module(mod_name)
-        except ImportError as e:
-            if error is None:
-                error = e
-            continue
-        try:
-            for attr in parts[cut:]:
-                obj = getattr(obj, attr)
-        except AttributeError as e:
-            raise ValueError(f"model target {target!r}: module {mod_name!r} has no attribute path {'.'.join(parts[cut:])!r}") from e
-        if not callable(obj):
-            raise ValueError(f"model target {target!r} is not callable")
-        return obj
-    raise ValueError(f"model target {target!r} could not be imported: {error}") from error
-
-
-def _build_custom(
-    input_shape: tuple[int, int, int], num_classes: int, width: float, target: str | None, kwargs: dict[str, Any]
-) -> nn.Module:
-    if target is None:
-        raise ValueError("model name 'custom' needs target='my.module.Factory' (or _target_ in the config)")
-    factory = resolve_target(target)
-    call_kwargs = dict(kwargs)
-    try:
-        params = inspect.signature(factory).parameters
-        accepts_width = "width" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    except (TypeError, ValueError):  # builtins without a signature: do not guess
-        accepts_width = False
-    if accepts_width:
-        call_kwargs["width"] = width
-    elif width != 1.0:
-        raise ValueError(f"model target {target!r} does not take a 'width' argument, but width={width} was asked")
-    model = factory(input_shape=tuple(input_shape), num_classes=num_classes, **call_kwargs)
+    shape = tuple(int(s) for s in input_shape)
+    documented = {"input_shape": shape, "in_channels": shape[0] if shape else None, "num_classes": int(num_classes)}
+    model = call_target(target, documented, dict(kwargs or {}), what)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model target {target!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise TypeError(f"{what}={target}: returned {type(model).__name__}, not a torch.nn.Module")
     return model
 
 
+def model_from_config(cfg: Mapping[str, Any], input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Build the model a ``model`` config section describes.
+
+    With ``_target_`` (``model=custom``, or any config naming a factory) the factory is called
+    through :func:`build_custom_model` with the section's other keys (``name`` is only a label);
+    otherwise ``name`` is one of :data:`MODELS` and the other keys are its arguments.
+    """
+    own = {k: v for k, v in cfg.items() if k not in ("name", "_target_")}
+    if cfg.get("_target_") is not None:
+        return build_custom_model(cfg["_target_"], input_shape, num_classes, own)
+    return build_model(str(cfg.get("name")), tuple(input_shape), int(num_classes), **own)
+
+
 def build_model(
-    name: str, input_shape: tuple[int, int, int], num_classes: int, width: float = 1.0, **kwargs: Any
+    name: str, input_shape: Sequence[int], num_classes: int, width: float | None = None, **kwargs: Any
 ) -> nn.Module:
-    """Build a model for ``(C, H, W)`` inputs and ``num_classes`` outputs.
+    """Build a model for inputs of ``input_shape`` and ``num_classes`` outputs.
 
     Args:
         name: one of :data:`MODELS` (``"mlp"``, ``"lenet5"``, ``"vgg_small"``, ``"resnet20"``,
             ``"resnet56"``), or ``"custom"``.
-        input_shape: ``(C, H, W)`` of one sample, e.g. ``(1, 28, 28)``.
+        input_shape: one sample's shape, ``(C, H, W)`` for the convolutional models (e.g.
+            ``(1, 28, 28)``); ``mlp`` takes any shape (a table's ``(features,)``).
         num_classes: output logits.
-        width: channel/hidden-size multiplier (1.0 = the published model).
+        width: channel/hidden-size multiplier of the reference models (default 1.0 = the
+            published model). For ``"custom"`` it is passed only when given.
         **kwargs: passed to the factory (e.g. ``hidden=(500, 150)`` for ``mlp``). For
             ``"custom"``: ``target="my.module.Factory"`` (``_target_`` is accepted as an alias,
-            so a Hydra ``model`` config can be splatted in) names a callable taking
-            ``input_shape=`` and ``num_classes=`` keywords plus the remaining kwargs; ``width``
-            is passed only if the callable accepts it.
+            so a Hydra ``model`` config can be splatted in); see :func:`build_custom_model`.
 
     Raises:
-        ValueError: unknown name, or a custom target that does not import.
+        ValueError: unknown name, or a custom target that does not import (``TargetError``).
     """
     if name == "custom":
         target = kwargs.pop("target", None)
         alias = kwargs.pop("_target_", None)
-        return _build_custom(input_shape, num_classes, width, target if target is not None else alias, kwargs)
+        target = target if target is not None else alias
+        if target is None:
+            raise TargetError("model name 'custom' needs target='my.module.Factory' (or _target_ in the config)")
+        if width is not None:
+            kwargs["width"] = width
+        return build_custom_model(target, input_shape, num_classes, kwargs, what="model target")
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {sorted(MODELS) + ['custom']}")
-    if len(tuple(input_shape)) != 3:
-        raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
-    return MODELS[name](tuple(int(s) for s in input_shape), int(num_classes), width=float(width), **kwargs)
+    shape = tuple(int(s) for s in input_shape)
+    if name != "mlp" and len(shape) != 3:
+        raise ValueError(f"{name}: input_shape must be (C, H, W), got {shape}")
+    return MODELS[name](shape, int(num_classes), width=float(1.0 if width is None else width), **kwargs)

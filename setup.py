@@ -1,0 +1,20 @@
+"""Packages for setuptools (the project's metadata is in pyproject.toml).
+
+The Hydra config tree stays at the top level (``conf/``) and ships inside the wheel as the
+package ``search.conf`` (``search.space.conf_dir`` finds it there, or in a checkout).
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+CONF = Path(__file__).parent / "conf"
+groups = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+conf_packages = ["search.conf"] + [f"search.conf.{g}" for g in groups]
+
+setup(
+    packages=find_packages(include=["prunelib*", "search*", "dashboards*"]) + conf_packages,
+    package_dir={"search.conf": "conf", **{f"search.conf.{g}": f"conf/{g}" for g in groups}},
+    package_data={"search": ["py.typed"], "dashboards": ["static/*"],
+                  **{p: ["*.yaml"] for p in conf_packages}},
+)
