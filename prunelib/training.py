@@ -270,7 +270,8 @@ def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
         method.on_phase_start(model, phase, index)
         module.lr_start_epoch = phase.lr_start_epoch
         module.lr_total_epochs = phase.lr_total_epochs or phase.epochs + phase.lr_start_epoch
-        module.lr = (config.finetune_lr or config.lr / 10) if phase.name == "finetune" else None
+        recovers = phase.recovers or phase.name == "finetune"
+        module.lr = (config.finetune_lr or config.lr / 10) if recovers else None
         callback = PruningCallback(method, phase, index, setup_method=False)
         with warnings.catch_warnings(), _quiet_lightning(not config.progress):
             trainer = _make_trainer(config, phase.epochs, [callback, *callbacks])
