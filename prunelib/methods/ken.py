@@ -104,8 +104,10 @@ def head_parameter_names(model: nn.Module, head: Iterable[str] | None = None) ->
     """Parameter names of the task head (fractions do not apply: a set of names).
 
     ``head`` lists module-name prefixes explicitly. Otherwise (auto): the parameters of the
-    last Linear/Conv module registered (the output layer), plus every parameter under a
-    top-level module named like a Hugging Face head (:data:`HF_HEAD_MODULES`).
+    last Linear/Conv module registered (the output layer), plus, for a Hugging Face model (one
+    with a ``config.model_type``), every parameter under a top-level module named like a Hugging
+    Face head (:data:`HF_HEAD_MODULES`). Other models keep such names for their own layers
+    (LeNet-5's and VGG's whole dense stack is ``classifier``), which are not a head.
     """
     names = [n for n, _ in model.named_parameters()]
     if head is not None:
@@ -118,7 +120,8 @@ def head_parameter_names(model: nn.Module, head: Iterable[str] | None = None) ->
             last = mod_name
     if last is not None:
         out |= {f"{last}.{p}" if last else p for p, _ in model.get_submodule(last).named_parameters(recurse=False)}
-    out |= {n for n in names if n.split(".")[0] in HF_HEAD_MODULES}
+    if getattr(getattr(model, "config", None), "model_type", None) is not None:
+        out |= {n for n in names if n.split(".")[0] in HF_HEAD_MODULES}
     return out
 
 

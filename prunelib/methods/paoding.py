@@ -420,6 +420,11 @@ class PAODING(PruningMethod):
         if phase.name == "pretrain" and self.finetune and self.masks is None:
             self.prune(model)
 
+    def on_phase_start(self, model: nn.Module, phase: Phase, index: int) -> None:
+        # No pretraining phase (the model came trained): prune before fine-tuning it.
+        if phase.name == "finetune" and self.masks is None:
+            self.prune(model)
+
     def finalize(self, model: nn.Module) -> MaskSet:
         """Prune ``model`` (a trained model) data-free, in place, and return the masks."""
         if self.masks is None:
