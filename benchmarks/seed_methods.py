@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import os
@@ -285,7 +286,8 @@ def structured_baselines(rec: Recorder, dm: Any, seed: int, table: str, counts: 
     uniform, fraction = uniform_counts(probe, shape, target_flops)
     base = ChannelCut(counts=tuple(uniform.items()), criterion="l1", round_epochs=(total,), seed=seed, input_shape=shape)
     _, _, m = train_run(dm, seed, base, 0, finetune)
-    rec.add(table, f"channel L1 uniform {fraction:.3f} (FLOPs)", m)
+    m["uniform_fraction"] = fraction
+    rec.add(table, "channel L1 uniform (closest FLOPs)", m)
 
 
 def part_structured(args: argparse.Namespace, seed: int) -> list[dict]:
@@ -402,10 +404,15 @@ def summarise(rows: list[dict]) -> str:
         surgered = all(r["kind"] == "surgered" for r in rows if r["table"] == table)
         third = "reverted | " if ken else ("" if surgered else "sparsity | ")
         head = ("| method | seeds | test acc | val acc | " + third
-                + "FLOPs (of dense) | params (of dense) | artifact | epochs | extra fwd | CPU s |")
+                + "FLOPs (of dense) | params (of dense) | artifact | epochs | extra fwd | CPU s "
+                + f"| test acc - {methods[0]} (paired by seed, points) |")
         out += [head, "|" + "---|" * (head.count("|") - 1)]
+        first = {r["seed"]: r["test"] for r in rows if r["table"] == table and r["method"] == methods[0]}
         for method in methods:
             sel = [r for r in rows if r["table"] == table and r["method"] == method]
+            diffs = [100 * (r["test"] - first[r["seed"]]) for r in sel if r["seed"] in first]
+            paired = ("-" if method == methods[0] or not diffs else
+                      f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.2f}")
 
             def ms(key: str, scale: float = 100.0, digits: int = 2) -> str:
                 vals = [float(r[key]) * scale for r in sel if key in r]
@@ -416,12 +423,15 @@ def summarise(rows: list[dict]) -> str:
 
             flops = [r["flops"] / r["flops_dense"] for r in sel]
             params = [r["params"] / r["params_dense"] for r in sel]
+            if any("uniform_fraction" in r for r in sel):
+                method = f"{method}, f = " + "/".join(f"{r['uniform_fraction']:.3f}" for r in sel)
             out.append(
                 f"| {method} | {len(sel)} | {ms('test')} % | {ms('val')} % | "
                 + (f"{ms('reverted', 100, 1)} % | " if ken else ("" if surgered else f"{ms('sparsity', 100, 1)} % | "))
                 + f"{statistics.mean(flops):.3f} | {statistics.mean(params):.3f} | {sel[0]['kind']} | "
                 + (f"{int(sel[0]['epochs'])} | {int(statistics.mean(r['extra_fwd'] for r in sel))} | "
-                   f"{statistics.mean(r['cpu_s'] for r in sel):.0f} |" if "epochs" in sel[0] else "- | - | - |"))
+                   f"{statistics.mean(r['cpu_s'] for r in sel):.0f} |" if "epochs" in sel[0] else "- | - | - |")
+                + f" {paired} |")
     return "\n".join(out)
 
 
@@ -466,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     say(f"\ntotal wall time: {total:.0f}s ({total / 60:.1f} min)")
     if args.out:
         Path(args.out).write_text(f"command: {command}\n\n{text}\n\ntotal wall time: {total / 60:.1f} min\n")
-        say(f"tables written to {args.out}")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
+        say(f"tables written to {args.out} (rows: {Path(args.out).with_suffix('.json')})")
     return 0
 
 

@@ -93,7 +93,7 @@ class PolarizationSettings(MethodSettings):
     block_gates: bool = True
     logit_clip: float = 6.0
     prune_inputs: bool = True
-    min_open_fraction: float = 0.1
+    min_open_fraction: float = 0.25
     min_channels: int = 1
     exclude: tuple[str, ...] = ()
 
@@ -294,8 +294,10 @@ class PolarizationGates(PruningMethod):
             side still gets a gradient and can cross back.
         prune_inputs: also zero the consumers' weights that read closed channels (default True).
         min_open_fraction: each gated group keeps at least this fraction of its channels open
-            at every step (default 0.1): the per-layer floor (without it one layer was left
-            with 1 of 32 channels at 80 % sparsity).
+            at every step (default 0.25): the per-layer floor. Without a floor one layer was
+            left with 1 of 32 channels at 80 % sparsity; with 0.1, on Fashion-MNIST LeNet-5 at
+            80 % the convolutions sank to their floor (1 of 6, 2 of 16) and one seed of three
+            ended at chance; with 0.25 the three seeds reached 85-87 % (validation).
         min_channels: and at least this many (default 1).
         exclude: module-name prefixes whose groups get no gates (still counted).
     """
