@@ -42,10 +42,10 @@ from prunelib.models import build_model
 
 #: Method settings for this benchmark (the library's defaults otherwise).
 METHOD_KWARGS: dict[str, dict[str, Any]] = {
-    "magnitude": {"scope": "global"},
-    "gmp": {"scope": "layer"},
+    "magnitude": {"distribution": "global"},
+    "gmp": {"distribution": "uniform"},
     "imp": {"rounds": 3, "rewind": "weights", "rewind_epoch": 0},
-    "bingo": {},          # library defaults (layer scope, loss metric, reset to init)
+    "bingo": {},          # library defaults (uniform distribution, loss metric, reset to zero)
     "polarization": {},   # library defaults (channel gates, block gates where present)
 }
 DEFAULT_METHODS = ["magnitude", "gmp", "imp"]

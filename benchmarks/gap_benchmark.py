@@ -150,7 +150,7 @@ def part_one(args: argparse.Namespace) -> str:
     if not args.no_dense:
         runs.append(("dense", "magnitude", {"sparsity": 0.0}, args.epochs + args.finetune_epochs, 0))
     for s in args.sparsities:
-        runs.append((f"gmp (layer) @ {s:.0%}", "gmp", {"sparsity": s, "scope": "layer"},
+        runs.append((f"gmp (layer) @ {s:.0%}", "gmp", {"sparsity": s, "distribution": "uniform"},
                      args.epochs, args.finetune_epochs))
         for k, r, t in args.gap_configs:
             for dist in args.gap_distributions:
@@ -201,7 +201,7 @@ def part_two(args: argparse.Namespace) -> str:
                 if variant == "global only":
                     # The same space minus the distribution: sparsity alone, one global ranking.
                     cfg["method"]["space"] = {k: v for k, v in cfg["method"]["space"].items() if k not in shaped}
-                    cfg["method"]["settings"]["scope"] = "global"
+                    cfg["method"]["settings"]["distribution"] = "global"
                 sweep = run_sweep(cfg, Path(tmp) / f"{variant}-{seed}")
                 done = [r for r in sweep.rows if "val_acc" in r and "flops_effective" in r]
                 dense = max(float(r["flops_dense"]) for r in done)

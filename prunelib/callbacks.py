@@ -28,6 +28,17 @@ def _network(pl_module: L.LightningModule) -> nn.Module:
     return getattr(pl_module, "model", pl_module)
 
 
+def _add_to_optimizers(trainer: L.Trainer, params: list[nn.Parameter]) -> None:
+    """Give the run's first optimizer the method's own parameters (gates made after the
+    optimizer, in standalone use), in its first param group (so its learning-rate schedule,
+    one entry per group, covers them), unless it already has them."""
+    if not params or not trainer.optimizers:
+        return
+    optimizer = trainer.optimizers[0]
+    have = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    optimizer.param_groups[0]["params"].extend(p for p in params if id(p) not in have)
+
+
 class PruningCallback(L.Callback):
     """Forwards training hooks to a pruning method for one phase of its plan.
 
@@ -58,6 +69,7 @@ class PruningCallback(L.Callback):
             self.phase = Phase(self.phase.name, int(trainer.max_epochs or 1), prunes=self.phase.prunes)
         if self.setup_method:
             self.method.setup(model, trainer.datamodule)
+        _add_to_optimizers(trainer, self.method.trainable_parameters())
         # estimated_stepping_batches makes Lightning set up the train loader (it is still
         # unset in on_fit_start) and accounts for gradient accumulation.
         total_steps = trainer.estimated_stepping_batches

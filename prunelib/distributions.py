@@ -5,8 +5,8 @@ weight mode) must decide how many weights each layer loses. :class:`LayerDistrib
 that decision an explicit, searchable object with a few shape parameters:
 
 * ``global``: no a-priori shape; one ranking of all scored weights decides (the layers'
-  shares follow the scores). This is today's ``scope="global"``.
-* ``uniform``: every scored layer gets the same sparsity (``scope="layer"``).
+  shares follow the scores).
+* ``uniform``: every scored layer gets the same sparsity.
 * ``protect_ends``: the first and the last scored layer (in registration order: the stem and
   the classifier of a sequential network) keep ``end_protection`` of their share, i.e. their
   sparsity is ``(1 - end_protection)`` times the middle layers' sparsity.
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from prunelib.masks import MaskSet, prunable_parameters
 from prunelib.selection import largest_remainder, select_masks
 
-__all__ = ["DISTRIBUTIONS", "LayerDistribution", "distribution_from_settings", "select_distributed"]
+__all__ = ["DISTRIBUTIONS", "LayerDistribution", "select_distributed"]
 
 #: The distribution names a method's ``distribution`` setting accepts.
 DISTRIBUTIONS = ("global", "uniform", "protect_ends", "depth_increasing")
@@ -106,13 +106,15 @@ class LayerDistribution:
                               size - math.ceil(min_density * size)))
                 for n, size in sizes.items()}
 
-    def shares(self, sizes: Mapping[str, int], zeros: float, min_density: float = 0.0) -> dict[str, float]:
+    def shares(self, sizes: Mapping[str, int], zeros: float, min_density: float = 0.0,
+               weights: Mapping[str, float] | None = None) -> dict[str, float]:
         """Real-valued pruned-weight counts per layer that sum to ``zeros`` (water filling).
 
         Args:
             sizes: layer name -> weight count, in depth order.
             zeros: weights to prune in all (may be fractional; the caller rounds).
             min_density: fraction of each layer always kept.
+            weights: relative sparsity weights per layer (> 0) replacing the shape's.
 
         Raises:
             ValueError: ``zeros`` exceeds what the caps allow.
@@ -124,7 +126,10 @@ class LayerDistribution:
                 f"cannot prune {zeros:.0f} weights: with max_layer_sparsity={self.max_layer_sparsity} "
                 f"and min_density={min_density} the layers allow at most {sum(caps.values())} "
                 f"of {sum(sizes.values())}")
-        weights = dict(zip(names, self.shape_weights(len(names))))
+        if weights is None:
+            weights = dict(zip(names, self.shape_weights(len(names))))
+        elif any(not float(weights[n]) > 0 for n in names):
+            raise ValueError("layer weights must be > 0 for every layer")
         clipped: set[str] = set()
         # Each pass clips at least one layer or ends, so it stops within len(names) passes.
         while True:
@@ -138,18 +143,20 @@ class LayerDistribution:
             clipped.update(over)
         return {n: float(caps[n]) if n in clipped else scale * weights[n] * sizes[n] for n in names}
 
-    def allocate(self, sizes: Mapping[str, int], zeros: int, min_density: float = 0.0) -> dict[str, int]:
+    def allocate(self, sizes: Mapping[str, int], zeros: int, min_density: float = 0.0,
+                 weights: Mapping[str, float] | None = None) -> dict[str, int]:
         """Integer pruned-weight counts per layer summing exactly to ``zeros``.
 
         ``global`` has no a-priori shape; it is allocated like ``uniform`` here (GaP uses this
         only for its groups' quotas, where proportional shares are what a global ranking of
         equally-sparse groups keeps).
         """
-        shares = self.shares(sizes, zeros, min_density)
+        shares = self.shares(sizes, zeros, min_density, weights)
         return largest_remainder(shares, int(zeros), self.layer_caps(sizes, min_density))
 
     def layer_sparsities(self, sizes: Mapping[str, int], target: float, total: int | None = None,
-                         min_density: float = 0.0) -> dict[str, float]:
+                         min_density: float = 0.0,
+                         weights: Mapping[str, float] | None = None) -> dict[str, float]:
         """Per-layer sparsity (fraction) of each layer in ``sizes`` for a global ``target``.
 
         Args:
@@ -158,51 +165,37 @@ class LayerDistribution:
             total: the denominator (all Conv/Linear weights, including unscored layers that
                 stay dense); default ``sum(sizes)``.
             min_density: fraction of each layer always kept.
+            weights: relative sparsity weights per layer replacing the shape's (see :meth:`shares`).
         """
         _fraction("target", target)
         total = sum(sizes.values()) if total is None else int(total)
-        counts = self.allocate(sizes, round(target * total), min_density)
+        counts = self.allocate(sizes, round(target * total), min_density, weights)
         return {n: counts[n] / sizes[n] if sizes[n] else 0.0 for n in sizes}
 
 
-def distribution_from_settings(distribution: str | None, scope: str, end_protection: float = 0.5,
-                               depth_slope: float = 0.5,
-                               max_layer_sparsity: float = 0.99) -> LayerDistribution | None:
-    """The :class:`LayerDistribution` a method's settings ask for, or None for legacy ``scope``.
-
-    ``distribution=None`` keeps the method's ``scope`` behaviour exactly (no cap beyond
-    ``min_density``); a name builds the distribution with its shape parameters.
-    """
-    if distribution is None:
-        if scope not in ("global", "layer"):
-            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-        return None
-    return LayerDistribution(str(distribution), end_protection, depth_slope, max_layer_sparsity)
-
-
 def select_distributed(model: nn.Module, scores: Mapping[str, Tensor], sparsity: float,
-                       distribution: LayerDistribution | None, scope: str = "global",
-                       min_density: float = 0.0, previous: MaskSet | None = None) -> MaskSet:
+                       distribution: LayerDistribution, min_density: float = 0.0,
+                       previous: MaskSet | None = None,
+                       layer_weights: Mapping[str, float] | None = None) -> MaskSet:
     """Masks pruning the lowest-scored weights to a global ``sparsity`` under ``distribution``.
 
     Args:
         model: the model; all its Conv/Linear weights form the denominator.
         scores: parameter name -> importance (higher = keep), in depth order.
         sparsity: global target, fraction of all Conv/Linear weights.
-        distribution: the per-layer shares; None = :func:`select_masks` with ``scope``.
-        scope: used only when ``distribution`` is None.
+        distribution: the per-layer shares (``global``: one ranking of all scored weights,
+            each layer keeping at least ``1 - max_layer_sparsity``).
         min_density: fraction of each scored layer always kept.
         previous: masks already applied; their pruned entries stay pruned.
+        layer_weights: explicit relative sparsity weights per layer (> 0) instead of the
+            distribution's shape (its caps still apply); BINGO's damage allocation.
     """
-    if distribution is None:
-        return select_masks(model, scores, sparsity, scope=scope, min_density=min_density,
-                            previous=previous)
-    if distribution.ranked:
+    if distribution.ranked and layer_weights is None:
         floor = max(min_density, 1.0 - distribution.max_layer_sparsity)
         return select_masks(model, scores, sparsity, scope="global", min_density=floor,
                             previous=previous)
     params = prunable_parameters(model)
     sizes = {n: params[n].numel() for n in scores}
     total = sum(p.numel() for p in params.values())
-    per_layer = distribution.layer_sparsities(sizes, sparsity, total, min_density)
+    per_layer = distribution.layer_sparsities(sizes, sparsity, total, min_density, layer_weights)
     return select_masks(model, scores, per_layer, min_density=min_density, previous=previous)

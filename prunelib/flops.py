@@ -12,14 +12,19 @@ element-wise ops, norms and pooling are not counted). Three figures per model:
   what a GPU actually runs. :func:`model_cost` makes that model itself with
   :func:`prunelib.surgery.surgery` when the masks hold any ``"channel"`` granularity entry
   (structured pruning), or counts a ``physical_model`` the caller already made. For
-  unstructured masks (nothing to remove) physical equals dense.
+  unstructured masks (nothing to remove) physical equals dense. A surgery that fails raises
+  (:class:`prunelib.surgery.SurgeryError`): a cost is never silently reported as dense.
+
+What a user gets is one artifact: :func:`deployable` makes it (the surgered model for
+structured masks, the masked model otherwise) and measures its cost; its ``flops`` and
+``params`` are the artifact's own figures (physical for a surgered model, effective for masks
+only), the numbers to report, select and export on.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,9 +32,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from prunelib.masks import MaskSet, prunable_modules
 
-log = logging.getLogger("prunelib")
 
-__all__ = ["ModelCost", "count_flops", "layer_flops", "count_params", "model_cost"]
+__all__ = ["ARTIFACT_KINDS", "Deployable", "ModelCost", "count_flops", "deployable", "layer_flops", "pruned_cost",
+           "count_params", "model_cost"]
+
+#: What :func:`deployable` hands out: a physically smaller model, or the masked original.
+ARTIFACT_KINDS = ("surgered", "masked")
 
 
 def _example_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
@@ -148,7 +156,12 @@ class ModelCost:
 
 def _surgered_or_none(model: nn.Module, input_shape: tuple[int, ...], masks: MaskSet,
                       round_to: int | str | None) -> nn.Module | None:
-    """The surgered copy of ``model`` for structured masks; None if none is needed or possible."""
+    """The surgered copy of ``model`` for structured masks; None when nothing is structured.
+
+    Raises:
+        SurgeryError: the masks are structured but the model cannot be cut (its physical cost
+            cannot be measured; it is not reported as dense).
+    """
     from prunelib.surgery import SurgeryError, has_structured_masks, surgery  # torch-pruning: lazy
 
     if not has_structured_masks(masks):
@@ -156,9 +169,8 @@ def _surgered_or_none(model: nn.Module, input_shape: tuple[int, ...], masks: Mas
     try:
         return surgery(model, masks, input_shape, round_to=round_to, verify=False).model
     except SurgeryError as exc:
-        # A cost figure must not end a training run: report dense for what cannot be traced.
-        log.warning("physical FLOPs: surgery failed, reporting dense figures (%s)", exc)
-        return None
+        raise SurgeryError(f"physical cost of {type(model).__name__} cannot be measured: surgery "
+                           f"failed ({exc})") from exc
 
 
 def model_cost(model: nn.Module, input_shape: tuple[int, ...] | None, masks: MaskSet | None = None,
@@ -194,3 +206,129 @@ def model_cost(model: nn.Module, input_shape: tuple[int, ...] | None, masks: Mas
     return ModelCost(params_dense=params_dense, params_effective=params_effective,
                      params_physical=params_physical, flops_dense=total,
                      flops_effective=int(round(total - saved)), flops_physical=flops_physical)
+
+
+class Deployable(NamedTuple):
+    """The artifact a user gets from a pruned model, and its cost measured on it.
+
+    Attributes:
+        model: the surgered (physically smaller) model for structured masks, else the masked
+            model itself (the masks applied; the same object that was passed in).
+        cost: dense / effective / physical figures; physical ones counted on ``model``.
+        kind: ``"surgered"`` or ``"masked"`` (:data:`ARTIFACT_KINDS`).
+        surgery: the :class:`~prunelib.surgery.SurgeryResult` (structure file, removed channels)
+            for ``"surgered"``, else None.
+    """
+
+    model: nn.Module
+    cost: ModelCost
+    kind: str
+    surgery: Any = None
+
+    @property
+    def flops(self) -> int:
+        """FLOPs per sample of the artifact: physical when surgered, effective when masked."""
+        return self.cost.flops_physical if self.kind == "surgered" else self.cost.flops_effective
+
+    @property
+    def params(self) -> int:
+        """Parameters of the artifact: physical when surgered, effective (nonzero) when masked."""
+        return self.cost.params_physical if self.kind == "surgered" else self.cost.params_effective
+
+    def metrics(self) -> dict[str, Any]:
+        """``flops``, ``params`` (the artifact's figures), ``artifact`` (its kind) and every
+        :class:`ModelCost` figure, flat."""
+        return {"flops": self.flops, "params": self.params, "artifact": self.kind, **self.cost.as_dict()}
+
+
+def deployable(model: nn.Module, masks: MaskSet | None, input_shape: tuple[int, ...],
+               round_to: int | str | None = "auto", verify: bool = True) -> Deployable:
+    """The model a user gets from ``model`` pruned by ``masks``, and its measured cost.
+
+    Structured masks (any ``"channel"`` entry) give the physically smaller model
+    (:func:`prunelib.surgery.surgery` on a copy; ``model`` is not changed); other masks give
+    ``model`` itself with the masks applied. Measure accuracy on :attr:`Deployable.model`.
+
+    Args:
+        model: the trained model at its original shapes.
+        masks: its masks (None: nothing pruned; the model is its own artifact).
+        input_shape: one sample's shape, e.g. ``(1, 28, 28)``.
+        round_to: channel rounding of the surgery (``"auto"``: multiples of 8 on CUDA).
+        verify: check the surgered model against the masked one on a random batch (a warning
+            when they differ; the difference is in ``surgery.max_abs_diff``).
+
+    Raises:
+        SurgeryError: structured masks that cannot be cut: the artifact and its cost cannot be
+            measured (never reported as the dense model).
+    """
+    from prunelib.surgery import SurgeryError, has_structured_masks, surgery  # torch-pruning: lazy
+
+    if masks is not None and has_structured_masks(masks):
+        try:
+            result = surgery(model, masks, input_shape, round_to=round_to, verify=verify)
+        except SurgeryError as exc:
+            raise SurgeryError(f"no deployable model: surgery of {type(model).__name__} failed ({exc})") from exc
+        cost = model_cost(model, input_shape, masks, physical_model=result.model)
+        return Deployable(result.model, cost, "surgered", result)
+    if masks is not None:
+        masks.apply(model)
+    return Deployable(model, model_cost(model, input_shape, masks), "masked", None)
+
+
+def pruned_cost(model: nn.Module, input_shape: tuple[int, ...], groups: list[Any],
+                removed: dict[str, torch.Tensor],
+                dense_layers: tuple[int, dict[str, int]] | None = None) -> tuple[int, int]:
+    """``(flops, params)`` per sample of ``model`` with group channels physically removed,
+    without building that model: what :func:`count_flops` and a parameter count give on the
+    model :func:`prunelib.surgery.surgery` would make (exact channel counts, no rounding).
+
+    A Conv/Linear layer's FLOPs are its dense FlopCounter figure times its kept output fraction
+    times its kept fraction of inputs per group (a depthwise layer keeps one input per output,
+    so it scales with its outputs alone). Parameters: the kept weights, biases and BatchNorm
+    affines of every layer a removed channel touches; other parameters are unchanged.
+
+    Args:
+        model: the model at its original shapes.
+        input_shape: one sample's shape.
+        groups: its :func:`prunelib.surgery.channel_groups`.
+        removed: group root name -> bool ``(group size,)``, True = the channel is removed.
+        dense_layers: :func:`layer_flops` of ``model`` when the caller has it (saves a count).
+    """
+    total, per_layer = dense_layers if dense_layers is not None else layer_flops(model, input_shape)
+    modules = dict(model.named_modules())
+    out_gone: dict[str, int] = {}
+    in_gone: dict[str, int] = {}
+    norm_gone: dict[str, int] = {}
+    for group in groups:
+        gone = removed.get(group.root)
+        if gone is None or not bool(gone.any()):
+            continue
+        for name, index in group.producers.items():
+            out_gone[name] = out_gone.get(name, 0) + int((gone & (index >= 0)).sum())
+        for name, (root_idx, _in_idx) in group.consumers.items():
+            in_gone[name] = in_gone.get(name, 0) + int(gone[root_idx].sum())
+        for name, index in group.norms.items():
+            norm_gone[name] = norm_gone.get(name, 0) + int((gone & (index >= 0)).sum())
+    flops = float(total)
+    params = sum(p.numel() for p in model.parameters())
+    for name in set(out_gone) | set(in_gone):
+        m = modules[name]
+        w = m.weight
+        out, groups_n = int(w.shape[0]), int(getattr(m, "groups", 1))
+        inputs = int(w.shape[1]) * groups_n
+        kept_out = out - out_gone.get(name, 0)
+        if groups_n > 1:  # depthwise: its inputs are its outputs; one input per output
+            kept_per_group_frac, kept_numel = 1.0, kept_out * int(w[0].numel())
+        else:
+            kept_in = inputs - in_gone.get(name, 0)
+            kept_per_group_frac = kept_in / inputs
+            kept_numel = kept_out * kept_in * int(w[0, 0].numel())
+        dense = per_layer.get(name, 0)
+        flops -= dense - dense * (kept_out / out) * kept_per_group_frac
+        params -= w.numel() - kept_numel
+        if getattr(m, "bias", None) is not None:
+            params -= out - kept_out
+    for name, gone in norm_gone.items():
+        if getattr(modules[name], "weight", None) is not None:
+            params -= 2 * gone
+    return int(round(flops)), int(params)

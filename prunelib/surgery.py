@@ -10,8 +10,14 @@ that *produces* it (the Conv/Linear layers whose output channels are in the grou
 masked: a ``"channel"`` mask entry that is False, or a ``"weight"`` mask whose whole row is
 False. A residual stream channel therefore goes only when the stem, every block's last
 convolution and every projection writing into it are masked there; a branch alone stays
-(masked, its zeros kept). Channels of the model's output layer are never removed (that would
-change the output's shape); at least one channel of every group is kept.
+(masked, its zeros kept). A group a concatenation feeds in part (``cat([a, b]) + x``: ``a``
+writes the first channels of the stream, ``b`` the rest) counts, for each channel, only the
+producers that write it. A depthwise convolution (``groups == in == out channels``) is a
+producer of the group of the layer feeding it (its input and output channels are the same
+channels) and a link in a series: the channel is dead along ``feeder -> depthwise`` when either
+is masked there. Other grouped convolutions make their groups unprunable. Channels of the
+model's output layer are never removed (that would change the output's shape); at least one
+channel of every group is kept.
 
 Exactness. Before cutting, the masks are *completed* (:func:`complete_channel_masks`): every
 removed channel's bias and the affine of the BatchNorm that follows it are masked too, so the
@@ -63,6 +69,7 @@ __all__ = [
     "export_onnx",
     "has_structured_masks",
     "load_surgered",
+    "removed_inputs",
     "surgery",
 ]
 
@@ -71,6 +78,7 @@ log = logging.getLogger("prunelib")
 STRUCTURE_FORMAT = "prunesearch-structure"
 STRUCTURE_VERSION = 1
 _PRODUCER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -95,11 +103,18 @@ class ChannelGroup:
         producers: Conv/Linear module name -> LongTensor ``(size,)``: which of that module's
             output channels is the group's channel ``r`` (identity for a plain layer).
         norms: BatchNorm module name -> LongTensor ``(size,)``, the same for their channels.
+            ``-1`` where that module does not write the channel (a branch of a concatenation
+            added to a stream writes only its slice).
+        norms: BatchNorm module name -> LongTensor ``(size,)``, the same for their channels.
         consumers: Conv/Linear module name -> ``(root_idx, input_idx)`` LongTensors of equal
             length: which input channels/features of that module read channel ``root_idx``
-            (several per channel after a flatten).
-        prunable: False when the group holds the model's output layer or a producer that is
-            not a Conv/Linear module (such groups are never cut).
+            (several per channel after a flatten). A depthwise convolution is listed here and
+            among the producers.
+        norm_after: producer name -> the BatchNorm that directly and only reads its output.
+        depthwise: depthwise producer name -> the producers feeding it inside the group whose
+            output only it reads (the series ``feeder -> depthwise``).
+        prunable: False when the group holds the model's output layer, a producer that is not
+            a Conv/Linear module or a grouped (not depthwise) convolution (never cut).
     """
 
     root: str
@@ -107,7 +122,13 @@ class ChannelGroup:
     producers: dict[str, Tensor] = field(default_factory=dict)
     norms: dict[str, Tensor] = field(default_factory=dict)
     consumers: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    norm_after: dict[str, str] = field(default_factory=dict)
+    depthwise: dict[str, list[str]] = field(default_factory=dict)
     prunable: bool = True
+
+    def covered(self, producer: str) -> Tensor:
+        """Bool ``(size,)``: the group channels ``producer`` writes."""
+        return self.producers[producer] >= 0
 
 
 def _example_inputs(model: nn.Module, input_shape: Sequence[int]) -> Tensor:
@@ -169,6 +190,29 @@ def _output_layers(graph: Any) -> set[nn.Module]:
     return out
 
 
+def _is_depthwise(module: nn.Module) -> bool:
+    groups = getattr(module, "groups", 1)
+    return (isinstance(module, _CONV_TYPES) and groups > 1
+            and groups == module.in_channels == module.out_channels)
+
+
+def _neighbours(node: Any, forward: bool) -> set[nn.Module]:
+    """Conv/Linear modules reached from ``node`` (forward: its outputs; else: its inputs)
+    through any number of other ops (BatchNorm, activations, pooling, reshapes)."""
+    found: set[nn.Module] = set()
+    stack, seen = list(node.outputs if forward else node.inputs), set()
+    while stack:
+        nxt = stack.pop()
+        if id(nxt) in seen:
+            continue
+        seen.add(id(nxt))
+        if isinstance(nxt.module, _PRODUCER_TYPES):
+            found.add(nxt.module)
+            continue
+        stack.extend(nxt.outputs if forward else nxt.inputs)
+    return found
+
+
 def _groups_from_graph(graph: Any, model: nn.Module) -> list[ChannelGroup]:
     names = {m: n for n, m in model.named_modules()}
     outputs = _output_layers(graph)
@@ -181,8 +225,17 @@ def _groups_from_graph(graph: Any, model: nn.Module) -> list[ChannelGroup]:
             module = item.dep.target.module
             if (graph.is_in_channel_pruning_fn(item.dep.handler) and isinstance(module, _PRODUCER_TYPES)
                     and module in names):
-                cg.consumers[names[module]] = (torch.tensor([int(r) for r in item.root_idxs], dtype=torch.long),
-                                               torch.tensor([int(i) for i in item.idxs], dtype=torch.long))
+                root_idx = torch.tensor([int(r) for r in item.root_idxs], dtype=torch.long)
+                in_idx = torch.tensor([int(i) for i in item.idxs], dtype=torch.long)
+                cg.consumers[names[module]] = (root_idx, in_idx)
+                if getattr(module, "groups", 1) > 1:
+                    if not _is_depthwise(module):
+                        cg.prunable = False  # grouped convolution: do not guess its layout
+                        continue
+                    # A depthwise convolution writes the channels it reads: a producer too.
+                    index = torch.full((size,), -1, dtype=torch.long)
+                    index[root_idx] = in_idx
+                    cg.producers[names[module]] = index
                 continue
             if not graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(module, nn.Module):
                 continue
@@ -192,6 +245,8 @@ def _groups_from_graph(graph: Any, model: nn.Module) -> list[ChannelGroup]:
                 cg.prunable = False
                 continue
             if isinstance(module, _PRODUCER_TYPES):
+                if getattr(module, "groups", 1) > 1 and not _is_depthwise(module):
+                    cg.prunable = False
                 target = cg.producers
                 if module in outputs:
                     cg.prunable = False
@@ -200,9 +255,28 @@ def _groups_from_graph(graph: Any, model: nn.Module) -> list[ChannelGroup]:
             index = torch.full((size,), -1, dtype=torch.long)
             for idx, root_idx in zip(item.idxs, item.root_idxs):
                 index[int(root_idx)] = int(idx)
-            if bool((index < 0).any()):  # a producer covering part of the group: do not guess
-                cg.prunable = False
+            if names[module] in target:  # seen already (a depthwise layer): merge the maps
+                index = torch.where(index >= 0, index, target[names[module]])
             target[names[module]] = index
+        if cg.producers:
+            covered = torch.zeros(size, dtype=torch.bool)
+            for index in cg.producers.values():
+                covered |= index >= 0
+            if not bool(covered.all()):  # a channel nobody writes: not a group we understand
+                cg.prunable = False
+        modules = {names[m]: m for m in names}
+        for name in cg.producers:
+            node = graph.module2node.get(modules[name])
+            if node is None:
+                continue
+            after = [o.module for o in node.outputs]
+            if len(after) == 1 and isinstance(after[0], _NORM_TYPES) and names.get(after[0]) in cg.norms:
+                cg.norm_after[name] = names[after[0]]
+            if _is_depthwise(modules[name]):
+                feeders = [names[m] for m in _neighbours(node, forward=False)
+                           if names.get(m) in cg.producers and names[m] != name
+                           and _neighbours(graph.module2node[m], forward=True) == {modules[name]}]
+                cg.depthwise[name] = feeders
         groups.append(cg)
     return groups
 
@@ -245,15 +319,52 @@ def dead_channels(model: nn.Module, masks: MaskSet) -> dict[str, Tensor]:
 
 
 def _removable(group: ChannelGroup, dead: dict[str, Tensor]) -> Tensor:
-    """Bool ``(size,)``: channels of the group that every producer has masked."""
+    """Bool ``(size,)``: channels of the group that every producer writing them has masked
+    (a depthwise layer and the producers feeding only it count as one series link)."""
     if not group.prunable or not group.producers:
         return torch.zeros(group.size, dtype=torch.bool)
+
+    def dead_at(name: str) -> Tensor:
+        """Per group channel: True where ``name`` does not write it or has it masked."""
+        index = group.producers[name]
+        covered = index >= 0
+        out = ~covered
+        if name in dead:
+            out = out | (covered & dead[name][index.clamp_min(0)])
+        return out
+
+    in_series = {f for feeders in group.depthwise.values() for f in feeders}
     removable = torch.ones(group.size, dtype=torch.bool)
-    for name, index in group.producers.items():
-        if name not in dead:
-            return torch.zeros(group.size, dtype=torch.bool)
-        removable &= dead[name][index]
+    for name in group.producers:
+        if name in in_series:
+            continue  # counted with the depthwise layer it feeds
+        link = dead_at(name)
+        feeders = group.depthwise.get(name)
+        if feeders:
+            fed = torch.ones(group.size, dtype=torch.bool)
+            for f in feeders:
+                fed &= dead_at(f)
+            link = link | fed
+        removable &= link
     return removable
+
+
+def removed_inputs(model: nn.Module, masks: MaskSet, groups: list[ChannelGroup]) -> dict[str, Tensor]:
+    """Per Conv/Linear consumer name, a bool over its input channels/features: True where the
+    input reads a channel that surgery would remove under ``masks`` (its columns are dead)."""
+    dead = dead_channels(model, masks)
+    modules = dict(model.named_modules())
+    out: dict[str, Tensor] = {}
+    for group in groups:
+        removable = _removable(group, dead)
+        if not bool(removable.any()):
+            continue
+        for name, (root_idx, in_idx) in group.consumers.items():
+            m = modules[name]
+            if name not in out:
+                out[name] = torch.zeros(m.weight.shape[1] * getattr(m, "groups", 1), dtype=torch.bool)
+            out[name][in_idx[removable[root_idx]]] = True
+    return out
 
 
 def _apply_rounding(removable: Tensor, round_to: int | None) -> Tensor:
@@ -285,6 +396,12 @@ def _resolve_round_to(model: nn.Module, round_to: int | str | None) -> int | Non
     return round_to
 
 
+def _written(index: Tensor, removable: Tensor) -> Tensor:
+    """A module's own channel indices of the group channels ``removable`` that it writes."""
+    picked = index[removable]
+    return picked[picked >= 0]
+
+
 def complete_channel_masks(model: nn.Module, masks: MaskSet, input_shape: Sequence[int],
                            groups: list[ChannelGroup] | None = None) -> MaskSet:
     """``masks`` plus what makes removable channels contribute exactly zero.
@@ -312,11 +429,19 @@ def complete_channel_masks(model: nn.Module, masks: MaskSet, input_shape: Sequen
             continue
         for name, index in group.producers.items():
             key, bias_key = f"{name}.weight", f"{name}.bias"
-            if out.granularity.get(key) == "channel" or bias_key not in params:
-                continue  # channel masks zero the bias with the filter
+            written = _written(index, removable)
+            if out.granularity.get(key) == "channel":
+                # Also a link of a series whose other link is masked (a depthwise layer after a
+                # masked feeder): its filter and bias go with the channel.
+                keep = out.masks[key].clone()
+                keep[written.to(keep.device)] = False
+                out.set(key, keep, "channel")
+                continue
+            if bias_key not in params:
+                continue
             keep = out.masks[bias_key].clone() if bias_key in out else torch.ones_like(
                 params[bias_key], dtype=torch.bool)
-            keep[index[removable].to(keep.device)] = False
+            keep[written.to(keep.device)] = False
             out.set(bias_key, keep, "weight")
         for name, index in group.norms.items():
             bn = modules[name]
@@ -327,7 +452,7 @@ def complete_channel_masks(model: nn.Module, masks: MaskSet, input_shape: Sequen
             key = f"{name}.weight"
             keep = out.masks[key].clone() if key in out else torch.ones(
                 bn.weight.shape[0], dtype=torch.bool, device=bn.weight.device)
-            keep[index[removable].to(keep.device)] = False
+            keep[_written(index, removable).to(keep.device)] = False
             out.set(key, keep, "channel")  # a channel mask on BN weight zeroes its bias too
     return out
 

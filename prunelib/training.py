@@ -448,7 +448,8 @@ def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
         if isinstance(module, ClassifierModule):
             module.lr_start_epoch = phase.lr_start_epoch
             module.lr_total_epochs = phase.lr_total_epochs or phase.epochs + phase.lr_start_epoch
-            module.lr = (config.finetune_lr or config.lr / 10) if phase.name == "finetune" else None
+            recovers = phase.recovers or phase.name == "finetune"
+            module.lr = (config.finetune_lr or config.lr / 10) if recovers else None
         # A module that does not collect loss terms itself gets them from the callback.
         callback = PruningCallback(method, phase, index, setup_method=False, add_loss_terms=not own_module)
         with warnings.catch_warnings(), _quiet_lightning(not config.progress), \

@@ -405,9 +405,9 @@ def _check_text_schema(cfg: Mapping[str, Any]) -> None:
     """``data=text`` / ``model=hf``: their own keys (``conf/data/text.yaml``, ``conf/model/hf.yaml``)."""
     from search.llm_trial import HF_MODEL_KEYS, TEXT_DATA_KEYS, validate_text_config
 
+    validate_text_config(cfg)  # first: a half-text config (model=hf with data=digits) is named as such
     _check_section("data", cfg.get("data"), {}, allowed=TEXT_DATA_KEYS)
     _check_section("model", cfg.get("model"), {}, allowed=HF_MODEL_KEYS)
-    validate_text_config(cfg)
 
 
 def _check_speed_settings(trial: Mapping[str, Any]) -> None:
@@ -621,7 +621,11 @@ def _check_objectives(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: s
             if metric in reports:
                 continue
             hint = ""
-            if metric == "val_fgsm_acc":
+            from search.llm_trial import TEXT_OBJECTIVES, is_text_config
+
+            if metric in TEXT_OBJECTIVES and not is_text_config(cfg.get("data") or {}, cfg.get("model") or {}):
+                hint = "; it is reported by text trials only (model=hf data=text)"
+            elif metric == "val_fgsm_acc":
                 hint = "; it is measured only with trial.fgsm_epsilon set (e.g. trial.fgsm_epsilon=0.1)"
             elif logged is not None:
                 hint = (f"; module._target_={(cfg.get('module') or {}).get('_target_')} logged "

@@ -116,7 +116,7 @@ def _settings_text(row: dict[str, Any], limit: int = 3) -> str:
     items = [(k[len("param."):], v) for k, v in row.items() if k.startswith("param.")]
     # The settings that say most about a trial first; other searched settings fill the rest.
     first = ("sparsity", "target", "keep_fraction", "conv_ratio", "dense_ratio", "layers", "distribution",
-             "scope", "rounds", "num_partitions", "rewind", "at")
+             "rounds", "num_partitions", "rewind", "at")
     keep = sorted(items, key=lambda kv: first.index(kv[0]) if kv[0] in first else len(first))[:limit]
     return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in keep)
 

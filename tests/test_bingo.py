@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from prunelib.data import ArrayDataModule, build_datamodule
+from prunelib.distributions import LayerDistribution
 from prunelib.masks import prunable_parameters
 from prunelib.methods import METHODS, register_method
 from prunelib.methods.base import Phase
@@ -115,7 +117,7 @@ def test_planted_important_weights_score_higher_and_survive_the_cut(reset_to):
     # One weight per probe of W1 (k = 1) and the whole validation split per step: the
     # significance is each weight's own damage. Only W1 is scored, cut globally to 256 of 512.
     method, model = probe_planted(probe_frac=0.002, reset_to=reset_to, exclude=["3."],
-                                  sparsity=256 / 640, scope="global")
+                                  sparsity=256 / 640, distribution="global")
     sig = method.significance()["1.weight"]
     assert float(sig[16:].abs().max()) < 1e-6  # the next layer ignores these rows: no damage
     assert float(sig[:16].mean()) > 0.01
@@ -126,7 +128,7 @@ def test_planted_important_weights_score_higher_and_survive_the_cut(reset_to):
 
 def test_an_inverted_score_fails_the_same_check():
     method, model = probe_planted(InvertedBINGO, probe_frac=0.002, exclude=["3."],
-                                  sparsity=256 / 640, scope="global")
+                                  sparsity=256 / 640, distribution="global")
     area, kept = important_kept(method, model)
     assert area < 0.1 and kept < 0.1, (area, kept)
     assert not sign_check_passes(area, kept)
@@ -309,7 +311,7 @@ def test_a_cut_without_training_runs_a_post_hoc_search(dm):
 def test_end_to_end_hits_the_target_and_neurons_are_whole(dm, model_name, unit):
     torch.manual_seed(0)
     model = build_model(model_name, dm.input_shape, dm.num_classes)
-    method = BINGO(sparsity=0.8, unit=unit, probe_frac=0.05, scope="global")
+    method = BINGO(sparsity=0.8, unit=unit, probe_frac=0.05, distribution="global")
     result = run_pruning(model, dm, method, TrainConfig(epochs=2, finetune_epochs=1, accelerator="cpu"))
     assert abs(result.sparsity - 0.8) <= 1e-3, result.sparsity
     params = dict(model.named_parameters())
@@ -342,16 +344,18 @@ def test_end_to_end_accuracy_above_chance_at_half_sparsity(dm, reset_to, unit):
 # ------------------------------------------------------------------------------------------
 # Channel selection and settings
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("scope", ["global", "layer"])
-def test_select_channels_meets_weight_budgets_lowest_first(scope):
+@pytest.mark.parametrize("distribution", ["global", "uniform", "depth_increasing"])
+def test_select_channels_meets_weight_budgets_lowest_first(distribution):
     g = torch.Generator().manual_seed(0)
     sizes = {"a": 25, "b": 150, "c": 64, "d": 120}
     outs = {"a": 6, "b": 16, "c": 120, "d": 84}
     scores = {n: torch.rand(outs[n], generator=g) for n in sizes}
     total = sum(sizes[n] * outs[n] for n in sizes)
+    dist = LayerDistribution(distribution)
     for frac in (0.1, 0.33, 0.5, 0.8, 0.9):
         target = round(frac * total)
-        keep = select_channels(scores, sizes, target, scope=scope)
+        budgets = None if dist.ranked else dist.allocate({n: sizes[n] * outs[n] for n in sizes}, target)
+        keep = select_channels(scores, sizes, target, budgets=budgets)
         zeros = sum(int((~keep[n]).sum()) * sizes[n] for n in sizes)
         assert abs(zeros - target) <= 12, (frac, zeros, target)
         for n in sizes:
@@ -360,10 +364,66 @@ def test_select_channels_meets_weight_budgets_lowest_first(scope):
                 assert float(scores[n][~keep[n]].max()) < float(scores[n][keep[n]].min())
 
 
+def test_default_resets_to_zero_and_a_thin_probe_schedule_is_warned(dm):
+    assert BINGO().reset_to == "zero"
+    torch.manual_seed(0)
+    model = build_model("mlp", dm.input_shape, dm.num_classes)
+    thin = BINGO(sparsity=0.5)  # 1 % per probe, every 4th step of 6 x 2: ~0.03 probes per weight
+    with pytest.warns(UserWarning, match="probe each weight about 0.0"):
+        run_pruning(model, dm, thin, TrainConfig(epochs=2, finetune_epochs=0, accelerator="cpu"))
+    assert 0 < thin.expected_probes_per_unit(12) < 0.5
+    model = build_model("mlp", dm.input_shape, dm.num_classes)
+    dense = BINGO(sparsity=0.5, probe_frac=0.25, probe_every_n_steps=1, warmup_fraction=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # about 3 probes per weight: no warning
+        dense.setup(model, dm)
+        dense.steps_per_epoch = 12
+        dense.on_phase_start(model, Phase("train", 1), 0)
+    assert dense.expected_probes_per_unit(12) == pytest.approx(3.0, rel=0.05)
+    model = build_model("mlp", dm.input_shape, dm.num_classes)
+    damage = BINGO(sparsity=0.5, allocation="damage")  # per-layer damage is well measured
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        damage.setup(model, dm)
+        damage.steps_per_epoch = 12
+        damage.on_phase_start(model, Phase("train", 1), 0)
+
+
+@pytest.mark.parametrize("unit", ["weight", "neuron"])
+def test_damage_allocation_sets_layer_sparsity_from_damage_and_cuts_by_magnitude(unit):
+    # Planted: W1's useful rows hurt when reset, the classifier W2's zero columns (rows 16..31)
+    # make half of W1 harmless; W2 itself is all useful.
+    method, model = probe_planted(steps=64, unit=unit, allocation="damage", sparsity=0.3)
+    damage = method.layer_damage()
+    assert all(math.isfinite(d) for d in damage.values())
+    weights = method.damage_weights()
+    masks = method.cut(model)
+    params = dict(model.named_parameters())
+    sparsity = {n: 1 - float(masks.expanded(n, params[n]).float().mean()) for n in masks.names()}
+    total = sum(p.numel() for p in prunable_parameters(model).values())
+    cut = sum(int((~masks.expanded(n, params[n])).sum()) for n in masks.names()) / total
+    assert abs(cut - 0.3) <= (16 / total if unit == "neuron" else 1e-3)
+    if unit == "weight":
+        # The layer with the larger damage per probe is pruned less, in the ratio of the damages.
+        low, high = sorted(damage, key=damage.get)
+        assert sparsity[low] > sparsity[high]
+        assert sparsity[low] / sparsity[high] == pytest.approx(weights[low] / weights[high], rel=0.02)
+        for n in masks.names():  # magnitude ranks inside each layer
+            w = params[n].detach().abs()
+            keep = masks.masks[n]
+            assert w[~keep].max() <= w[keep].min()
+    else:
+        assert list(sparsity) == ["1.weight"]  # neurons: the classifier keeps its classes
+        keep = masks.masks["1.weight"]
+        l1 = params["1.weight"].detach().abs().mean(1)
+        assert l1[~keep].max() <= l1[keep].min()  # L1 per weight of the row ranks the neurons
+
+
 def test_bad_settings_name_the_key():
     for kw, key in [({"unit": "row"}, "unit"), ({"reset_to": "rand"}, "reset_to"),
                     ({"metric": "f1"}, "metric"), ({"aggregate": "half"}, "aggregate"),
-                    ({"scope": "net"}, "scope"), ({"probe_frac": 0.0}, "probe_frac"),
+                    ({"distribution": "net"}, "distribution"), ({"allocation": "net"}, "allocation"),
+                    ({"probe_frac": 0.0}, "probe_frac"),
                     ({"probe_every_n_steps": 0}, "probe_every_n_steps"),
                     ({"warmup_fraction": 1.0}, "warmup_fraction"), ({"sparsity": 1.0}, "sparsity")]:
         with pytest.raises(ValueError, match=key):

@@ -209,13 +209,21 @@ def test_methods_with_a_global_target_follow_the_distribution(dm, method, kind):
         assert abs(removed[n] - expected[n]) <= 1, (n, removed[n], expected[n])
 
 
-def test_default_distribution_keeps_the_scope_behaviour(dm):
-    for scope in ("global", "layer"):
+def test_global_and_uniform_are_the_retired_scopes_and_scope_is_refused(dm):
+    # scope="global" was one ranking, scope="layer" the same sparsity per layer.
+    for scope, kind in (("global", "global"), ("layer", "uniform")):
         a, b = lenet(dm), lenet(dm)
         old = select_masks(a, magnitude_scores(a), 0.75, scope=scope)
-        new = build_method("magnitude", sparsity=0.75, scope=scope).finalize(b)
+        new = build_method("magnitude", sparsity=0.75, distribution=kind, max_layer_sparsity=1.0).finalize(b)
         for n in old.names():
             assert torch.equal(old.masks[n], new.masks[n]), (scope, n)
+    for method in ("magnitude", "random", "snip", "gmp", "imp", "bingo", "gap"):
+        with pytest.raises(TypeError, match="scope"):
+            build_method(method, scope="global")
+    # The default layer cap keeps every layer alive under a global ranking.
+    net = lenet(dm)
+    masks = build_method("magnitude", sparsity=0.97).finalize(net)
+    assert all(float(m.float().mean()) >= 0.01 - 1e-9 for m in masks.masks.values())
 
 
 # -- search space ---------------------------------------------------------------------------

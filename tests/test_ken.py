@@ -259,6 +259,17 @@ def test_ken_config_parses_and_searches_fraction_and_layers():
     KEN(**cfg["settings"])  # every setting is a constructor argument
 
 
+def test_a_plain_models_classifier_stack_is_not_taken_for_a_hugging_face_head():
+    # LeNet-5 names its whole dense stack "classifier", like a Hugging Face head: only its last
+    # Linear is the head; the hidden dense layers are KEN's (they hold most of the weights).
+    from prunelib.models import build_model
+
+    model = build_model("lenet5", (1, 28, 28), 10)
+    assert head_parameter_names(model) == {"classifier.4.weight", "classifier.4.bias"}
+    selected = selected_parameter_names(model, "no_head")
+    assert "classifier.0.weight" in selected and "classifier.2.weight" in selected
+
+
 # ------------------------------------------------------------------------------------------------
 # Hugging Face checkpoints (optional `hf` extra): a tiny random BERT, nothing downloaded
 # ------------------------------------------------------------------------------------------------

@@ -83,8 +83,8 @@ class EpochCounter(L.Callback):
 
 CASES = {
     # id: (factory(sparsity), expected epochs with EPOCHS / FINETUNE)
-    "magnitude-global": (lambda s: MagnitudePruning(s, scope="global"), EPOCHS + FINETUNE),
-    "magnitude-layer": (lambda s: MagnitudePruning(s, scope="layer"), EPOCHS + FINETUNE),
+    "magnitude-global": (lambda s: MagnitudePruning(s, distribution="global"), EPOCHS + FINETUNE),
+    "magnitude-layer": (lambda s: MagnitudePruning(s, distribution="uniform"), EPOCHS + FINETUNE),
     "random-init": (lambda s: RandomPruning(s, at="init"), EPOCHS + FINETUNE),
     "random-trained": (lambda s: RandomPruning(s, at="trained"), EPOCHS + FINETUNE),
     "snip": (lambda s: SNIP(s), EPOCHS + FINETUNE),
@@ -133,16 +133,16 @@ class SpyMagnitude(MagnitudePruning):
             self.cut_masks = self.masks.clone()
 
 
-@pytest.mark.parametrize("scope", ["global", "layer"])
-def test_magnitude_cuts_smallest_weights_at_cut_time(dm, scope):
-    method = SpyMagnitude(0.8, scope=scope)
+@pytest.mark.parametrize("distribution", ["global", "uniform"])
+def test_magnitude_cuts_smallest_weights_at_cut_time(dm, distribution):
+    method = SpyMagnitude(0.8, distribution=distribution)
     model = mlp(dm)
     result = run_pruning(model, dm, method, cfg())
     before, masks = method.before, method.cut_masks
     # The mask is fixed through the fine-tune: the final masks are the ones of the cut.
     for n in masks.names():
         assert torch.equal(masks.masks[n], result.masks.masks[n])
-    groups = [list(before)] if scope == "global" else [[n] for n in before]
+    groups = [list(before)] if distribution == "global" else [[n] for n in before]
     for names in groups:
         pruned = torch.cat([before[n][~masks.masks[n]].abs() for n in names])
         kept = torch.cat([before[n][masks.masks[n]].abs() for n in names])

@@ -246,3 +246,140 @@ def test_fgsm_bad_inputs(trained_digits):
         fgsm_accuracy(model, (x, y[:-1]), 0.1)
     with pytest.raises(ValueError, match="no samples"):
         fgsm_accuracy(model, [], 0.1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Impact score, boxes, dead columns, single readers, stepwise convolutions
+# ---------------------------------------------------------------------------------------------
+def _trained_like_lenet() -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model("lenet5", SHAPE, 10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.bias.uniform_(-0.3, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("scale", ["relative", "log"])
+def test_the_impact_score_ranks_candidates_where_the_paper_saturates(scale):
+    model = _trained_like_lenet()
+    method = PAODING(conv_ratio=0.0, dense_ratio=0.25, step=0.25, input_shape=SHAPE, impact_scale=scale)
+    method.setup(model, None)
+    from prunelib.methods.paoding import _trace_calls
+
+    calls, x_id = _trace_calls(model, SHAPE)
+    groups = __import__("prunelib.surgery", fromlist=["channel_groups"]).channel_groups(model, SHAPE)
+    (state,) = method._dense_states(model, calls, groups)[:1]
+    state.box = method._chain_input_box(calls, x_id, state.chain, SHAPE, torch.device("cpu"))
+    pairs = [(i, i + 1) for i in range(0, 40, 2)]
+    ours = method.candidate_impacts(state, 0, pairs)
+    assert len(set(round(v, 9) for v in ours)) == len(pairs)  # every candidate its own score
+    paper = PAODING(conv_ratio=0.0, dense_ratio=0.25, input_shape=SHAPE, impact_scale="paper", beta=0.0)
+    paper.setup(model, None)
+    saturated = paper.candidate_impacts(state, 0, pairs)
+    assert set(saturated) == {0.5}  # alpha * sigmoid(width) = 0.5 * 1.0 for every pair: no ranking
+
+
+def test_boxes_after_a_batchnorm_are_intersected_with_its_statistics():
+    from tests.topologies import randomise_bn
+
+    model = randomise_bn(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                       nn.Flatten(), nn.Linear(256, 16), nn.ReLU(), nn.Linear(16, 10)))
+    from prunelib.methods.paoding import _trace_calls
+
+    calls, x_id = _trace_calls(model, SHAPE)
+    widths = {}
+    for sigmas in (None, 3.0):
+        method = PAODING(input_shape=SHAPE, box_sigmas=sigmas)
+        method.setup(model, None)
+        (state,) = method._dense_states(model, calls, channel_groups_of(model))
+        lo, hi = method._chain_input_box(calls, x_id, state.chain, SHAPE, torch.device("cpu"))
+        widths[sigmas] = float((hi - lo).mean())
+        beta = model[1].bias.detach().double().repeat_interleave(64)
+        spread = model[1].weight.detach().double().abs().repeat_interleave(64)
+        if sigmas is not None:  # within beta +- 3 |gamma| (then the ReLU)
+            assert bool((hi <= torch.relu(beta + 3 * spread) + 1e-9).all())
+    assert widths[3.0] < 0.8 * widths[None]
+
+
+def channel_groups_of(model):
+    from prunelib.surgery import channel_groups
+
+    return channel_groups(model, SHAPE)
+
+
+def test_pair_saliency_ignores_the_columns_of_removed_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval()
+    with torch.no_grad():
+        fc = model[4]
+        fc.weight[1] = fc.weight[0]  # neurons 0 and 1 alike except on input 3 ...
+        fc.bias[1] = fc.bias[0]
+        fc.weight[1, 3] += 5.0
+        fc.weight[3] = fc.weight[2] + 0.05  # ... neurons 2 and 3 alike everywhere, a little apart
+        fc.bias[3] = fc.bias[2]
+        model[0].weight[3] *= 1e-4  # input 3 comes from the lowest-L1 filter: it is removed
+    method = PAODING(conv_ratio=0.25, dense_ratio=1 / 6, step=1 / 6, mode="baseline", input_shape=SHAPE,
+                     compensate=False)
+    method.setup(model, None)
+    masks = method.finalize(model)
+    assert not bool(masks.masks["0.weight"][3])
+    merged = torch.nonzero(~masks.masks["4.weight"]).flatten().tolist()
+    assert merged in ([0], [1])  # alike once the dead column is left out: they merge first
+
+
+class SkipHead(nn.Module):
+    """A dense chain whose hidden output has a second reader (a skip into the head)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(64, 16)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(16, 16)
+        self.act2 = nn.ReLU()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(self.flat(x)))
+        return self.head(self.act2(self.fc2(h)) + h)
+
+
+def test_a_hidden_layer_with_a_second_reader_is_not_merged(caplog):
+    torch.manual_seed(0)
+    model = SkipHead().eval()
+    reference = copy.deepcopy(model)
+    method = PAODING(conv_ratio=0.0, dense_ratio=0.25, step=0.25, input_shape=SHAPE)
+    method.setup(model, None)
+    with caplog.at_level("WARNING", logger="prunelib"):
+        masks = method.finalize(model)
+    assert "fc1" in caplog.text and "readers besides" in caplog.text
+    assert "fc1.weight" not in masks  # merging into fc2 alone would change the skip's input
+    x = torch.randn(8, *SHAPE)
+    torch.testing.assert_close(model(x), reference(x))  # nothing was merged anywhere
+
+
+class _StepSpy(PAODING):
+    def _sample_convolutions(self, model, groups, masks, ratio):
+        out = super()._sample_convolutions(model, groups, masks, ratio)
+        self.__dict__.setdefault("conv_counts", []).append(
+            int((~masks.masks["features.0.weight"]).sum()) if "features.0.weight" in masks else 0)
+        return out
+
+
+def test_stepwise_convolution_mode_interleaves_conv_removal_with_the_dense_steps():
+    one_shot, stepwise = _trained_like_lenet(), _trained_like_lenet()
+    a = _StepSpy(conv_ratio=0.5, dense_ratio=0.5, step=0.25, input_shape=SHAPE)
+    b = _StepSpy(conv_ratio=0.5, dense_ratio=0.5, step=0.25, input_shape=SHAPE, stepwise_conv=True)
+    for method, model in ((a, one_shot), (b, stepwise)):
+        method.setup(model, None)
+        method.finalize(model)
+    assert a.conv_counts == [3]  # ceil(0.5 * 6) at once
+    assert b.conv_counts == [2, 3]  # ceil(0.25 * 6), then ceil(0.5 * 6)
+    for method in (a, b):  # the same final counts
+        assert method.report["conv_channels_removed"]["features.0"] == 3
+        assert method.report["dense_neurons_merged"]["classifier.0"]["merged"] == 60
+    small = surgery(stepwise, b.masks, SHAPE, round_to=None)
+    assert small.max_abs_diff < 1e-4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -74,9 +75,9 @@ def test_the_search_reads_only_validation_data(digits):
     method.setup(model, data)
     method.prune(model)  # would raise on any train/test read
     assert data.val_reads == 1
-    # 2 steps x 2 rounds x 3 samples + the unpruned baseline, 3 batches (100 samples / 40) each.
-    assert method.report["candidates_evaluated"] == 13
-    assert method.cost.extra_forward_passes == 13 * 3
+    # 2 steps x (2 rounds x 3 samples + the step's starting point), 3 batches (100 / 40) each.
+    assert method.report["candidates_evaluated"] == 14
+    assert method.cost.extra_forward_passes == 14 * 3
     history = method.distribution_history
     assert len(history) == 3 and all(min(d) > 0 and abs(sum(d) - 1) < 1e-9 for d in history)
 
@@ -113,8 +114,8 @@ def test_final_removal_hits_the_target_and_the_cost_estimate_is_physical(digits,
             kept = masks.masks[f"{root}.weight"]
             assert int((~kept).sum()) == removed[root] and int(kept.sum()) >= 1
     cost = model_cost(model, digits.input_shape, masks, round_to=None)
-    assert cost.flops_physical == method.report["estimated_flops"] < cost.flops_dense
-    assert cost.params_physical == method.report["estimated_params"]
+    assert cost.flops_physical == method.report["flops"] < cost.flops_dense
+    assert cost.params_physical == method.report["params"]
 
 
 class _Teacherish(RLPruner):
@@ -155,7 +156,9 @@ def test_end_to_end_with_artifacts(digits, tmp_path):
     method = build_method("rl_pruner", sparsity=0.5)
     result = run_pruning(model, digits, method, TrainConfig(epochs=3, finetune_epochs=2, accelerator="cpu"))
     assert result.val_acc > 0.8 and result.cost.flops_physical < 0.7 * result.cost.flops_dense
-    assert [h["phase"] for h in result.history] == ["pretrain", "finetune"]
+    # 3 steps, a KD recovery after each but the last (post_train_period 1), then the fine-tune.
+    assert [h["phase"] for h in result.history] == ["pretrain", "recover1", "recover2", "finetune"]
+    assert result.epochs == 3 + 2 * 1 + 2
     paths = method.write_artifacts(tmp_path)
     payload = json.loads(paths[0].read_text())
     assert payload["groups"] == method.group_names and len(payload["distribution_history"]) == 4
@@ -171,6 +174,113 @@ def test_yaml_matches_the_constructor_and_is_registered():
 
 
 def test_bad_settings_are_refused():
-    for bad in ({"sparsity": 1.0}, {"criterion": "taylor"}, {"sample_num": 0}, {"ppo_clip": 1.0}):
+    for bad in ({"sparsity": 1.0}, {"criterion": "variance"}, {"sample_num": 0}, {"ppo_clip": 1.0},
+                {"post_train_period": -1}, {"bn_recalibration": -2}):
         with pytest.raises(ValueError):
             RLPruner(**bad)
+
+
+def test_the_cost_of_a_depthwise_block_is_what_flops_py_counts_on_the_cut_model():
+    """The candidates' cost is prunelib.flops on the physical model (depthwise layers included;
+    a count dividing by ``weight.shape[1]`` = 1 gave negative FLOPs there)."""
+    from prunelib.flops import count_flops
+    from prunelib.surgery import surgery
+    from tests.topologies import SHAPE, ResidualDepthwiseConcat, randomise_bn
+
+    torch.manual_seed(0)
+    model = randomise_bn(ResidualDepthwiseConcat())
+    data = build_datamodule("digits", batch_size=64)
+    method = RLPruner(sparsity=0.4, prune_steps=2, rl_epochs=1, sample_num=2, eval_samples=64, reset_drop=None)
+    method.setup(model, data)
+    masks = method.prune(model)
+    names = method.group_names
+    assert "stem" in names and "c" in names  # the depthwise + concat stream is a prunable group
+    small = surgery(model, masks, SHAPE, round_to=None).model
+    assert small.dw.out_channels < 8 and small.dw.groups == small.dw.out_channels
+    assert (method.report["flops"], method.report["params"]) == (count_flops(small, SHAPE),
+                                                                 sum(p.numel() for p in small.parameters()))
+    assert 0 < method.report["flops"] < count_flops(model, SHAPE)
+    # Every candidate's cost too, not only the committed one.
+    for removed in ([1, 0], [3, 5], [0, 9]):
+        cut = surgery(model, method.channel_masks(model, removed), SHAPE, round_to=None).model
+        assert method.cost_of(model, removed) == (count_flops(cut, SHAPE), sum(p.numel() for p in cut.parameters()))
+
+
+class _Recorder(RLPruner):
+    """Records the rankings and the model's weights each step starts from."""
+
+    def _rank(self, model):
+        super()._rank(model)
+        self.__dict__.setdefault("rankings", []).append([r.clone() for r in self._ranking])
+        self.__dict__.setdefault("starts", []).append(model.net[1].weight.detach().clone())
+
+
+def test_kd_recovery_runs_between_steps_and_rankings_follow_the_current_model(digits):
+    torch.manual_seed(0)
+    model = build_model("mlp", digits.input_shape, digits.num_classes, hidden=(32, 16))
+    method = _Recorder(sparsity=0.5, prune_steps=3, rl_epochs=1, sample_num=2, post_train_period=1,
+                       recover_epochs=1, kd_weight=1.0)
+    result = run_pruning(model, digits, method, TrainConfig(epochs=2, finetune_epochs=1, accelerator="cpu"))
+    assert [h["phase"] for h in result.history] == ["pretrain", "recover1", "recover2", "finetune"]
+    assert len(method.rankings) == 3
+    # Each step starts from the recovered weights, not from the dense model of the first step.
+    assert not torch.equal(method.starts[0], method.starts[1])
+    assert not torch.equal(method.starts[1], method.starts[2])
+    # Channels removed at a step stay removed (they lead the next step's ranking) ...
+    log = method._step_log
+    for step in (1, 2):
+        count = log[step - 1]["removed"][0]
+        before = set(method.rankings[step - 1][0][:count].tolist())
+        assert set(method.rankings[step][0][:count].tolist()) == before
+    # ... and the recovery moved accuracy back up before the next step scored candidates.
+    assert log[1]["start_val_acc"] > log[0]["val_acc"] - 0.02
+    # Removed channels are zero through the recoveries and in the result.
+    keep = result.masks.masks["net.1.weight"]
+    assert torch.all(model.net[1].weight.detach()[~keep] == 0)
+    # Without recovery (post_train_period 0) the plan has no recovery phase.
+    assert [p.name for p in RLPruner(post_train_period=0).plan(2, 1)] == ["pretrain", "finetune"]
+
+
+def test_taylor_criterion_and_bn_recalibration_read_a_few_training_batches(digits):
+    torch.manual_seed(0)
+    model = build_model("vgg_small", digits.input_shape, digits.num_classes, width=0.25)
+    method = RLPruner(sparsity=0.3, prune_steps=1, rl_epochs=1, sample_num=2, criterion="taylor",
+                      calibration_batches=2, bn_recalibration=2, eval_samples=64, reset_drop=None)
+    method.setup(model, digits)
+    masks = method.prune(model)
+    assert len(method._train_batches) == 2 and method.cost.extra_backward_passes == 2
+    # 3 candidates (2 samples + the start), each 1 validation batch + 2 recalibration batches.
+    assert method.cost.extra_forward_passes == 2 + 3 * (1 + 2)
+    assert method.report["removed"] and sum(method.report["removed"]) > 0
+    assert all(k in masks for k in (f"{p}.weight" for g in method._groups for p in g.producers
+                                    if masks.masks.get(f"{p}.weight") is not None))
+    # The Taylor scores rank a planted dead filter first.
+    torch.manual_seed(0)
+    model = build_model("vgg_small", digits.input_shape, digits.num_classes, width=0.25)
+    with torch.no_grad():
+        model.features[0].weight[2] = 0.0
+    probe = RLPruner(sparsity=0.3, criterion="taylor", calibration_batches=1)
+    probe.setup(model, digits)
+    probe._start(model)
+    probe._rank(model)
+    first = probe.group_names.index("features.0")
+    assert int(probe._ranking[first][0]) == 2
+
+
+def test_the_reset_resamples_the_step_and_is_not_taken_at_every_step(digits):
+    torch.manual_seed(0)
+    model = build_model("mlp", digits.input_shape, digits.num_classes, hidden=(32, 16))
+    trained = run_pruning(model, digits, RLPruner(sparsity=0.0, prune_steps=1, rl_epochs=1, sample_num=1),
+                          TrainConfig(epochs=3, finetune_epochs=0, accelerator="cpu")).model
+    # Gentle steps: accuracy stays within 10 % of where each step starts, so no reset.
+    gentle = RLPruner(sparsity=0.2, prune_steps=4, rl_epochs=1, sample_num=2, reset_drop=0.1)
+    gentle.setup(trained, digits)
+    gentle.prune(copy.deepcopy(trained))
+    assert not any(s["reset"] for s in gentle._step_log), gentle._step_log
+    # A threshold that every step trips: each step is resampled once from the reset distribution
+    # (twice the candidates) and the better of the two searches is committed.
+    harsh = RLPruner(sparsity=0.9, prune_steps=2, rl_epochs=1, sample_num=2, reset_drop=0.0)
+    harsh.setup(trained, digits)
+    harsh.prune(copy.deepcopy(trained))
+    assert all(s["reset"] for s in harsh._step_log)
+    assert harsh.report["candidates_evaluated"] == 2 * (1 + 2 * 2)

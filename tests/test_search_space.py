@@ -20,13 +20,13 @@ def test_types_translate_to_optuna_distributions():
         "sparsity": {"type": "float", "low": 0.1, "high": 0.9},
         "lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
         "rounds": {"type": "int", "low": 1, "high": 4},
-        "scope": {"type": "categorical", "choices": ["global", "layer"]},
+        "distribution": {"type": "categorical", "choices": ["global", "uniform"]},
     })
     d = {dim.key: dim.distribution() for dim in dims}
     assert isinstance(d["sparsity"], optuna.distributions.FloatDistribution) and not d["sparsity"].log
     assert d["lr"].log and d["lr"].low == 1e-4
     assert isinstance(d["rounds"], optuna.distributions.IntDistribution) and d["rounds"].high == 4
-    assert d["scope"].choices == ("global", "layer")
+    assert d["distribution"].choices == ("global", "uniform")
 
 
 def test_conditional_entries_are_sampled_only_when_their_condition_holds():
@@ -61,13 +61,13 @@ def test_unpinned_space_searches_the_method_first():
 
 
 def test_sampled_values_override_fixed_settings_and_trial_keys_split_off():
-    space = SearchSpace({"gmp": {"name": "gmp", "settings": {"sparsity": 0.5, "scope": "layer"},
+    space = SearchSpace({"gmp": {"name": "gmp", "settings": {"sparsity": 0.5, "distribution": "uniform"},
                                  "space": {"sparsity": {"type": "float", "low": 0.6, "high": 0.7},
                                            "trial.finetune_epochs": {"type": "int", "low": 0, "high": 2}}}},
                         pinned=True)
     method, settings, overrides = settings_from_params(
         space, {"method": "gmp", "gmp.sparsity": 0.65, "gmp.trial.finetune_epochs": 2})
-    assert (method, settings, overrides) == ("gmp", {"sparsity": 0.65, "scope": "layer"}, {"finetune_epochs": 2})
+    assert (method, settings, overrides) == ("gmp", {"sparsity": 0.65, "distribution": "uniform"}, {"finetune_epochs": 2})
 
 
 @pytest.mark.parametrize("space, fragment", [

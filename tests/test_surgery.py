@@ -22,20 +22,9 @@ from prunelib.surgery import (
     surgery,
 )
 
+from tests.topologies import randomise_bn as _randomise_bn
+
 SHAPE = (1, 16, 16)
-
-
-def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics and affine, so a removed channel's BN shift matters."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
-            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
-    return model.eval()
 
 
 def _random_channel_masks(model: nn.Module, fraction: float, seed: int = 0,
@@ -258,3 +247,117 @@ def test_onnx_export_runs_with_the_same_outputs(tmp_path):
     x = torch.randn(5, *SHAPE)
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), result.model(x).detach(), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual + depthwise + concat (tests/topologies.py), the artifact a user gets, pruned costs
+# ---------------------------------------------------------------------------------------------
+def _group_masks(model: nn.Module, groups, drop: dict[str, list[int]], skip: tuple[str, ...] = ()) -> MaskSet:
+    """Channel masks on every producer of each group for the group channels in ``drop``."""
+    modules = dict(model.named_modules())
+    masks = MaskSet()
+    for group in groups:
+        if group.root not in drop:
+            continue
+        idx = torch.tensor(drop[group.root], dtype=torch.long)
+        for producer, index in group.producers.items():
+            if producer in skip:
+                continue
+            key = f"{producer}.weight"
+            keep = masks.masks[key].clone() if key in masks else torch.ones(
+                modules[producer].weight.shape[0], dtype=torch.bool)
+            picked = index[idx]
+            keep[picked[picked >= 0]] = False
+            masks.set(key, keep, "channel")
+    return masks
+
+
+def test_a_concat_feeding_a_residual_in_part_and_a_depthwise_block_are_cut():
+    from tests.topologies import SHAPE as TSHAPE, ResidualDepthwiseConcat
+
+    torch.manual_seed(0)
+    model = _randomise_bn(ResidualDepthwiseConcat())
+    groups = {g.root: g for g in channel_groups(model, TSHAPE)}
+    stream = groups["stem"]
+    assert stream.prunable and set(stream.producers) == {"stem", "a", "b1", "dw"}
+    assert stream.covered("a").tolist() == [True] * 8 + [False] * 8  # the concat's first slice
+    assert stream.covered("dw").tolist() == [False] * 8 + [True] * 8
+    assert stream.depthwise == {"dw": ["b1"]} and stream.norm_after["dw"] == "bndw"
+    masks = _group_masks(model, groups.values(), {"stem": [0, 3, 9, 12], "c": [1, 5, 6]})
+    result = surgery(model, masks, TSHAPE, round_to=None)
+    small = result.model
+    assert (small.stem.out_channels, small.a.out_channels, small.b1.out_channels, small.dw.out_channels,
+            small.dw.groups, small.c.in_channels, small.c.out_channels) == (12, 6, 6, 6, 6, 12, 21)
+    x = torch.randn(6, *TSHAPE)
+    ref = copy.deepcopy(model)
+    complete_channel_masks(ref, masks, TSHAPE).apply(ref)
+    torch.testing.assert_close(small.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-5)
+    assert result.max_abs_diff < 1e-4 and _n_params(small) < _n_params(model)
+    # The depthwise series is dead when either link is masked; the stream only when its writer is.
+    for skip, removed in ((("dw",), True), (("b1",), True), (("stem",), False)):
+        partial = _group_masks(model, groups.values(), {"stem": [9]}, skip=skip)
+        cut = surgery(model, partial, TSHAPE, round_to=None)
+        assert (cut.model.stem.out_channels == 15) is removed, skip
+        torch.testing.assert_close(cut.model.eval()(x), _masked_reference_of(model, partial, TSHAPE)(x),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def _masked_reference_of(model: nn.Module, masks: MaskSet, shape) -> nn.Module:
+    ref = copy.deepcopy(model)
+    complete_channel_masks(ref, masks, shape).apply(ref)
+    return ref.eval()
+
+
+@pytest.mark.parametrize("name", ["lenet5", "vgg_small", "resnet20", "topology"])
+def test_pruned_cost_is_the_flop_count_of_the_surgered_model(name):
+    from prunelib.flops import pruned_cost
+    from tests.topologies import SHAPE as TSHAPE, ResidualDepthwiseConcat
+
+    torch.manual_seed(0)
+    if name == "topology":
+        model, shape = ResidualDepthwiseConcat().eval(), TSHAPE
+    else:
+        model, shape = build_model(name, SHAPE, 10, width=0.5).eval(), SHAPE
+    groups = channel_groups(model, shape)
+    gen = torch.Generator().manual_seed(1)
+    removed, drop = {}, {}
+    for g in groups:
+        if g.prunable:
+            gone = torch.rand(g.size, generator=gen) < 0.4
+            gone[0] = False
+            removed[g.root], drop[g.root] = gone, torch.nonzero(gone).flatten().tolist()
+    small = surgery(model, _group_masks(model, groups, drop), shape, round_to=None).model
+    assert pruned_cost(model, shape, groups, removed) == (count_flops(small, shape), _n_params(small))
+
+
+def test_deployable_is_the_surgered_model_or_the_masked_one_with_its_own_cost():
+    from prunelib.flops import deployable
+
+    model = _randomise_bn(build_model("vgg_small", SHAPE, 10, width=0.25))
+    masks = _random_channel_masks(model, 0.5)
+    art = deployable(model, masks, SHAPE, round_to=None)
+    assert art.kind == "surgered" and art.model is not model and art.surgery is not None
+    assert art.flops == count_flops(art.model, SHAPE) == art.cost.flops_physical < art.cost.flops_dense
+    assert art.params == _n_params(art.model) == art.cost.params_physical
+    assert art.metrics()["flops"] == art.flops and art.metrics()["artifact"] == "surgered"
+    x = torch.randn(4, *SHAPE)
+    torch.testing.assert_close(art.model(x), _masked_reference(model, masks)(x), rtol=1e-4, atol=1e-5)
+    weights = MaskSet.ones_like(model)
+    weights.masks["features.0.weight"].view(-1)[::2] = False
+    art = deployable(model, weights, SHAPE)
+    assert art.kind == "masked" and art.model is model and art.surgery is None
+    assert art.flops == art.cost.flops_effective < art.cost.flops_dense
+    assert art.params == art.cost.params_effective
+    assert float(model.features[0].weight.detach().view(-1)[::2].abs().sum()) == 0  # applied
+
+
+def test_a_cost_that_cannot_be_measured_raises_instead_of_reporting_dense():
+    from prunelib.flops import deployable
+
+    model = build_model("mlp", SHAPE, 10, width=0.1)
+    masks = MaskSet.ones_like(model, granularity="channel")
+    masks.masks["net.1.weight"][:3] = False
+    with pytest.raises(SurgeryError, match="cannot be measured"):
+        model_cost(model, (3, 5, 5), masks)  # the forward fails at this shape: no trace
+    with pytest.raises(SurgeryError, match="no deployable model"):
+        deployable(model, masks, (3, 5, 5))

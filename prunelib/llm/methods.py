@@ -14,22 +14,26 @@ Use::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
 from prunelib.llm.oneshot import OneShotResult, OneShotSettings, prune_model
 from prunelib.masks import MaskSet
-from prunelib.methods.base import Phase, PruningMethod
+from prunelib.methods.base import MethodSettings, Phase, PruningMethod, set_field
 
-__all__ = ["LLM_METHODS", "LLMMagnitude", "OneShotLLMPruning", "SparseGPT", "Wanda"]
+__all__ = ["LLM_METHODS", "LLMMagnitude", "LLMPruningSettings", "OneShotLLMPruning", "SparseGPT", "SparseGPTSettings",
+           "Wanda"]
 
 
-class OneShotLLMPruning(PruningMethod):
-    """Block-by-block one-shot pruning of a transformer; subclasses fix the score.
+@dataclass(frozen=True)
+class LLMPruningSettings(MethodSettings):
+    """Settings of the one-shot LLM pruners (:class:`OneShotLLMPruning`).
 
-    Args:
-        sparsity: fraction of each pruned layer's weights zeroed (unstructured).
+    Attributes:
+        sparsity: fraction of each pruned layer's weights zeroed (unstructured; an N:M pattern
+            fixes it at 1 - N/M).
         pattern: ``"unstructured"``, ``"2:4"``, ``"4:8"`` (any ``"N:M"``: N kept in every M inputs).
         distribution: ``"uniform"`` or ``"owl"`` (outlier-weighted per-block sparsity).
         owl_m / owl_lambda: OWL's outlier threshold (x mean score) and sparsity spread.
@@ -39,10 +43,47 @@ class OneShotLLMPruning(PruningMethod):
         calib_batch_size: sequences per calibration forward pass.
         calib_seed: which training samples calibrate.
         sequential: calibrate each block on the pruned previous blocks' outputs.
-        device: where each block is processed (None = where the model is; the model itself
-            stays where it is, so ``device="cuda"`` with a CPU model prunes one block on the GPU
-            at a time).
         blocks_path: the blocks' ModuleList (None = found).
+    """
+
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    distribution: str = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    group: str | None = None
+    calib_samples: int = 128
+    calib_length: int | None = None
+    calib_batch_size: int = 8
+    calib_seed: int = 0
+    sequential: bool = True
+    blocks_path: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("calib_samples", "calib_batch_size"):
+            if isinstance(getattr(self, key), bool) or int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+            set_field(self, key, int(getattr(self, key)))
+        for key in ("sparsity", "owl_m", "owl_lambda"):
+            set_field(self, key, float(getattr(self, key)))
+        set_field(self, "calib_seed", int(self.calib_seed))
+
+
+@dataclass(frozen=True)
+class SparseGPTSettings(LLMPruningSettings):
+    """:class:`LLMPruningSettings` plus SparseGPT's column block (``blocksize``, 128) and Hessian
+    damping (``percdamp``, a fraction of its mean diagonal, 0.01)."""
+
+    blocksize: int = 128
+    percdamp: float = 0.01
+
+
+class OneShotLLMPruning(PruningMethod):
+    """Block-by-block one-shot pruning of a transformer; subclasses fix the score.
+
+    Settings: :class:`LLMPruningSettings`. ``device`` (an attribute, not a setting) is where
+    each block is processed: None = where the model is; the model itself stays where it is, so
+    ``device="cuda"`` with a CPU model prunes one block on the GPU at a time.
     """
 
     name: ClassVar[str] = "llm_oneshot"
@@ -50,31 +91,24 @@ class OneShotLLMPruning(PruningMethod):
     needs_data: ClassVar[bool] = True
     #: Methods for Hugging Face text models (``model=hf``), not for the image models.
     model_kinds: ClassVar[tuple[str, ...]] = ("hf",)
+    Settings = LLMPruningSettings
 
-    def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", distribution: str = "uniform",
-                 owl_m: float = 5.0, owl_lambda: float = 0.08, group: str | None = None,
-                 calib_samples: int = 128, calib_length: int | None = None, calib_batch_size: int = 8,
-                 calib_seed: int = 0, sequential: bool = True, device: str | None = None,
-                 blocks_path: str | None = None) -> None:
-        super().__init__()
-        self.settings = OneShotSettings(method=self.score, sparsity=float(sparsity), pattern=str(pattern),
-                                        distribution=str(distribution), owl_m=float(owl_m),
-                                        owl_lambda=float(owl_lambda), group=group, sequential=bool(sequential),
-                                        blocks_path=blocks_path, **self._score_settings())
-        if int(calib_samples) < 1:
-            raise ValueError(f"calib_samples must be >= 1, got {calib_samples!r}")
-        if int(calib_batch_size) < 1:
-            raise ValueError(f"calib_batch_size must be >= 1, got {calib_batch_size!r}")
-        self.sparsity = self.settings.target_sparsity
-        self.pattern = self.settings.pattern
-        self.distribution = self.settings.distribution
-        self.calib_samples = int(calib_samples)
-        self.calib_length = calib_length
-        self.calib_batch_size = int(calib_batch_size)
-        self.calib_seed = int(calib_seed)
-        self.device = device
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        s = self.settings
+        # What prune_model reads; its own checks (pattern, distribution, group) run here.
+        self.oneshot = OneShotSettings(method=self.score, sparsity=s.sparsity, pattern=str(s.pattern),
+                                       distribution=str(s.distribution), owl_m=s.owl_m, owl_lambda=s.owl_lambda,
+                                       group=s.group, sequential=bool(s.sequential), blocks_path=s.blocks_path,
+                                       **self._score_settings())
+        self.device: str | None = None
         self._batches: list[Any] | None = None
         self.result: OneShotResult | None = None
+
+    @property
+    def target_sparsity(self) -> float:
+        """The fraction of pruned-layer weights zeroed (1 - N/M for an N:M pattern)."""
+        return self.oneshot.target_sparsity
 
     def _score_settings(self) -> dict[str, Any]:
         """Settings of :class:`OneShotSettings` only this score uses (SparseGPT's)."""
@@ -82,10 +116,7 @@ class OneShotLLMPruning(PruningMethod):
 
     def config(self) -> dict[str, Any]:
         """The settings as a JSON-friendly dict (stored with the masks)."""
-        from dataclasses import asdict
-
-        return {**asdict(self.settings), "calib_samples": self.calib_samples, "calib_length": self.calib_length,
-                "calib_batch_size": self.calib_batch_size, "calib_seed": self.calib_seed}
+        return {**self.settings.as_dict(), "method": self.score, "target_sparsity": self.target_sparsity}
 
     def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
         """No training phase: one-shot."""
@@ -93,23 +124,24 @@ class OneShotLLMPruning(PruningMethod):
 
     def setup(self, model: nn.Module, datamodule: Any | None = None) -> None:
         """Draw the calibration batches (magnitude with uniform distribution needs none)."""
-        needs = self.settings.method != "magnitude" or self.settings.distribution == "owl"
+        needs = self.oneshot.method != "magnitude" or self.oneshot.distribution == "owl"
         if not needs:
             self._batches = None
             return
         if datamodule is None or not hasattr(datamodule, "calibration_batches"):
             raise ValueError(f"method {self.name!r} needs calibration text: pass a TextDataModule")
-        self._batches = datamodule.calibration_batches(self.calib_samples, seed=self.calib_seed,
-                                                       batch_size=self.calib_batch_size, length=self.calib_length)
+        s = self.settings
+        self._batches = datamodule.calibration_batches(s.calib_samples, seed=s.calib_seed,
+                                                       batch_size=s.calib_batch_size, length=s.calib_length)
 
     def finalize(self, model: nn.Module) -> MaskSet:
         """Prune ``model`` in place block by block; returns the keep masks."""
-        self.result = prune_model(model, self._batches, self.settings, device=self.device,
+        self.result = prune_model(model, self._batches, self.oneshot, device=self.device,
                                   progress=getattr(self, "progress", None))
         self.masks = self.result.masks
         self.masks.metadata["method"] = self.name
         self.cost.extra_forward_passes = (0 if self._batches is None else
-                                          len(self._batches) * (2 + int(self.settings.distribution == "owl")))
+                                          len(self._batches) * (2 + int(self.oneshot.distribution == "owl")))
         return self.masks
 
 
@@ -128,27 +160,15 @@ class Wanda(OneShotLLMPruning):
 
 
 class SparseGPT(OneShotLLMPruning):
-    """SparseGPT (Frantar & Alistarh 2023): OBS pruning with reconstruction, column blocks.
-
-    Extra args: ``blocksize`` (columns per lazy-update block, 128) and ``percdamp`` (Hessian
-    damping as a fraction of its mean diagonal, 0.01).
-    """
+    """SparseGPT (Frantar & Alistarh 2023): OBS pruning with reconstruction, column blocks
+    (settings: :class:`SparseGPTSettings`)."""
 
     name: ClassVar[str] = "sparsegpt"
     score: ClassVar[str] = "sparsegpt"
-
-    def __init__(self, sparsity: float = 0.5, pattern: str = "unstructured", distribution: str = "uniform",
-                 owl_m: float = 5.0, owl_lambda: float = 0.08, group: str | None = None,
-                 calib_samples: int = 128, calib_length: int | None = None, calib_batch_size: int = 8,
-                 calib_seed: int = 0, sequential: bool = True, device: str | None = None,
-                 blocks_path: str | None = None, blocksize: int = 128, percdamp: float = 0.01) -> None:
-        self.blocksize = int(blocksize)
-        self.percdamp = float(percdamp)
-        super().__init__(sparsity, pattern, distribution, owl_m, owl_lambda, group, calib_samples, calib_length,
-                         calib_batch_size, calib_seed, sequential, device, blocks_path)
+    Settings = SparseGPTSettings
 
     def _score_settings(self) -> dict[str, Any]:
-        return {"blocksize": self.blocksize, "percdamp": self.percdamp}
+        return {"blocksize": int(self.settings.blocksize), "percdamp": float(self.settings.percdamp)}
 
 
 LLM_METHODS: tuple[type[OneShotLLMPruning], ...] = (LLMMagnitude, Wanda, SparseGPT)

@@ -16,6 +16,8 @@ Data-free methods implement only ``finalize`` (and ``plan`` returning no phases)
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from torch import Tensor, nn
 
 from prunelib.masks import MaskSet
 
-__all__ = ["Phase", "PruningMethod", "train_then_finetune"]
+__all__ = ["MethodSettings", "Phase", "PruningMethod", "set_field", "train_then_finetune"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Phase:
             replays the schedule from k).
         lr_total_epochs: length of the LR schedule this phase follows (default: ``epochs``).
         prunes: whether the method's step hooks may change the masks during this phase.
+        recovers: the phase repairs the model after a cut (like ``"finetune"``): the runner
+            trains it at ``TrainConfig.finetune_lr`` (RL-Pruner's recovery between steps).
     """
 
     name: str
@@ -50,6 +54,7 @@ class Phase:
     lr_start_epoch: int = 0
     lr_total_epochs: int | None = None
     prunes: bool = True
+    recovers: bool = False
 
 
 def train_then_finetune(epochs: int, finetune_epochs: int, prunes: bool = True) -> list[Phase]:
@@ -57,8 +62,47 @@ def train_then_finetune(epochs: int, finetune_epochs: int, prunes: bool = True) 
     cut happens), then a fine-tune phase with the masks fixed when ``finetune_epochs > 0``."""
     phases = [Phase("train", epochs, prunes=prunes)]
     if finetune_epochs > 0:
-        phases.append(Phase("finetune", finetune_epochs, prunes=False))
+        phases.append(Phase("finetune", finetune_epochs, prunes=False, recovers=True))
     return phases
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """Base of every method's settings: a frozen dataclass, validated in ``__post_init__``.
+
+    Each method declares its own subclass as ``Settings``; the method's constructor takes the
+    same keyword arguments (``build_method(name, **settings)`` and the ``conf/method`` YAML keys),
+    or one ready ``Settings`` instance. :meth:`PruningMethod.config` returns its fields.
+    """
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-friendly dict (tuples become lists)."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            return value
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def set_field(settings: MethodSettings, name: str, value: Any) -> None:
+    """Normalise a field of a frozen settings object in its ``__post_init__`` (e.g. to float)."""
+    object.__setattr__(settings, name, value)
+
+
+def _settings_signature(settings_cls: type[MethodSettings]) -> inspect.Signature:
+    """The constructor signature a settings class implies (so ``inspect`` and the config
+    checks see the method's keyword settings with their defaults)."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for f in dataclasses.fields(settings_cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = inspect.Parameter.empty
+        params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                        default=default, annotation=f.type))
+    return inspect.Signature(params)
 
 
 @dataclass
@@ -91,8 +135,17 @@ class PruningMethod:
     #: gradients (SNIP, BINGO): set by the runner to the user's LightningModule's own loss
     #: (:func:`prunelib.training.module_loss`); None = cross-entropy of the logits.
     loss_fn: Callable[[nn.Module, Any], Tensor] | None = None
+    Settings: ClassVar[type[MethodSettings]] = MethodSettings
 
-    def __init__(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if len(args) == 1 and not kwargs and isinstance(args[0], MethodSettings):
+            settings = args[0]
+            if not isinstance(settings, self.Settings):
+                raise TypeError(f"method {self.name!r} takes {self.Settings.__name__}, "
+                                f"got {type(settings).__name__}")
+        else:
+            settings = self.Settings(*args, **kwargs)
+        self.settings = settings
         self.masks: MaskSet | None = None
         self.cost = MethodCost()
         self.steps_per_epoch: int = 1
@@ -103,11 +156,37 @@ class PruningMethod:
             return self.loss_fn(model, (x, y))
         return F.cross_entropy(model(x), y)
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:  # a subclass without its own constructor still shows its settings
+            parent = cls
+
+            def init(self: PruningMethod, *args: Any, **kw: Any) -> None:
+                super(parent, self).__init__(*args, **kw)
+
+            init.__qualname__ = f"{cls.__qualname__}.__init__"
+            cls.__init__ = init  # type: ignore[method-assign]
+        init.__signature__ = _settings_signature(cls.Settings)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: a setting reads from the settings object.
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in type(settings).__dataclass_fields__:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in type(settings).__dataclass_fields__:
+            raise AttributeError(f"{name!r} is a setting of method {self.name!r}; settings are frozen "
+                                 f"(build a new method, e.g. with dataclasses.replace(method.settings, ...))")
+        super().__setattr__(name, value)
+
     # -- description -----------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """The method's settings as a JSON-friendly dict (stored with exported masks)."""
-        return {k: v for k, v in vars(self).items()
-                if not k.startswith("_") and isinstance(v, (int, float, str, bool, type(None), list, tuple))}
+        """The method's settings (the fields of :attr:`settings`) as a JSON-friendly dict."""
+        return self.settings.as_dict()
 
     def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
         """The training phases this method needs, given the trial's epoch budget."""
@@ -127,6 +206,11 @@ class PruningMethod:
 
     def on_train_epoch_end(self, model: nn.Module, epoch: int) -> None:
         """Called at the end of each training epoch of a phase (``epoch`` from 0)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the method adds to the model for training (gates) that the training
+        optimizer must step; the callback adds them to it when they were made after it."""
+        return []
 
     def regularization(self, model: nn.Module) -> Tensor | None:
         """An extra loss term added to the training loss at every step (None = nothing).

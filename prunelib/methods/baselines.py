@@ -8,6 +8,7 @@ timing from :mod:`prunelib.schedules`.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,58 +16,71 @@ from torch import nn
 
 from prunelib.importance import magnitude_scores, random_scores, scored_names, snip_scores
 from prunelib.masks import MaskSet
-from prunelib.methods.base import Phase, PruningMethod, train_then_finetune
+from prunelib.methods.base import MethodSettings, Phase, PruningMethod, set_field, train_then_finetune
 from prunelib.schedules import Cubic, IterativeRounds
-from prunelib.distributions import distribution_from_settings, select_distributed
+from prunelib.distributions import LayerDistribution, select_distributed
 
 __all__ = ["MagnitudePruning", "RandomPruning", "SNIP", "GradualMagnitudePruning",
-           "IterativeMagnitudePruning"]
+           "IterativeMagnitudePruning", "ScoredSettings", "RandomSettings", "SNIPSettings",
+           "GMPSettings", "IMPSettings", "check_fraction"]
 
 
-def _check_sparsity(value: float) -> float:
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"sparsity must be a fraction in [0, 1), got {value}")
-    return float(value)
+def check_fraction(name: str, value: float, low_open: bool = False, high_closed: bool = False) -> float:
+    """``value`` as a float when it lies in ``[0, 1)`` (``(0, ..`` / ``.., 1]`` when asked);
+    otherwise a ValueError naming ``name``."""
+    v = float(value)
+    ok = (v > 0.0 if low_open else v >= 0.0) and (v <= 1.0 if high_closed else v < 1.0)
+    if not ok:
+        lo, hi = ("(" if low_open else "["), ("]" if high_closed else ")")
+        raise ValueError(f"{name} must be a fraction in {lo}0, 1{hi}, got {value}")
+    return v
+
+
+@dataclass(frozen=True)
+class ScoredSettings(MethodSettings):
+    """Settings shared by the methods that rank weights and cut to a global sparsity.
+
+    Attributes:
+        sparsity: global target, fraction of all Conv/Linear weights.
+        distribution: how the target is shared among layers (:data:`~prunelib.distributions.DISTRIBUTIONS`):
+            ``global`` (one ranking of all scored weights), ``uniform`` (the same sparsity per
+            layer), ``protect_ends``, ``depth_increasing``.
+        min_density: fraction of each scored layer always kept.
+        exclude: parameter-name prefixes never pruned (still in the denominator).
+        end_protection: ``protect_ends`` shape parameter (fraction).
+        depth_slope: ``depth_increasing`` shape parameter (fraction).
+        max_layer_sparsity: no layer is pruned beyond this fraction (``global``: every layer
+            keeps at least ``1 - max_layer_sparsity``).
+    """
+
+    sparsity: float = 0.8
+    distribution: str = "global"
+    min_density: float = 0.0
+    exclude: tuple[str, ...] = ()
+    end_protection: float = 0.5
+    depth_slope: float = 0.5
+    max_layer_sparsity: float = 0.99
+
+    def __post_init__(self) -> None:
+        set_field(self, "sparsity", check_fraction("sparsity", self.sparsity))
+        set_field(self, "min_density", check_fraction("min_density", self.min_density, high_closed=True))
+        set_field(self, "exclude", tuple(self.exclude))
+        self.layer_distribution()  # checks the distribution's name and shape parameters
+
+    def layer_distribution(self) -> LayerDistribution:
+        """The :class:`~prunelib.distributions.LayerDistribution` these settings describe."""
+        return LayerDistribution(str(self.distribution), float(self.end_protection), float(self.depth_slope),
+                                 float(self.max_layer_sparsity))
 
 
 class _ScoredMethod(PruningMethod):
-    """Shared settings: target sparsity, how it is shared among layers, layer floor, exclusions.
+    """Shared behaviour: cut the lowest-scored weights to a sparsity under the distribution."""
 
-    Args:
-        sparsity: global target, fraction of all Conv/Linear weights.
-        scope: legacy spelling of the distribution, used when ``distribution`` is None:
-            ``"global"`` (one ranking) or ``"layer"`` (same sparsity per layer).
-        min_density: fraction of each scored layer always kept.
-        exclude: parameter-name prefixes never pruned (still in the denominator).
-        distribution: None (follow ``scope``) or one of ``global``, ``uniform``,
-            ``protect_ends``, ``depth_increasing`` (see :class:`~prunelib.distributions.LayerDistribution`).
-        end_protection: ``protect_ends`` shape parameter (fraction).
-        depth_slope: ``depth_increasing`` shape parameter (fraction).
-        max_layer_sparsity: no layer is pruned beyond this fraction when ``distribution`` is set.
-    """
-
-    def __init__(self, sparsity: float = 0.8, scope: str = "global", min_density: float = 0.0,
-                 exclude: list[str] | tuple[str, ...] = (), distribution: str | None = None,
-                 end_protection: float = 0.5, depth_slope: float = 0.5,
-                 max_layer_sparsity: float = 0.99) -> None:
-        super().__init__()
-        if scope not in ("global", "layer"):
-            raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-        self.sparsity = _check_sparsity(sparsity)
-        self.scope = scope
-        self.min_density = float(min_density)
-        self.exclude = list(exclude)
-        # None keeps the legacy `scope` behaviour; a name picks a LayerDistribution.
-        self.layer_distribution = distribution_from_settings(
-            distribution, scope, end_protection, depth_slope, max_layer_sparsity)
-        self.distribution = distribution
-        self.end_protection = float(end_protection)
-        self.depth_slope = float(depth_slope)
-        self.max_layer_sparsity = float(max_layer_sparsity)
+    Settings = ScoredSettings
 
     def _cut(self, model: nn.Module, scores: dict[str, torch.Tensor], sparsity: float,
              previous: MaskSet | None = None) -> MaskSet:
-        masks = select_distributed(model, scores, sparsity, self.layer_distribution, scope=self.scope,
+        masks = select_distributed(model, scores, sparsity, self.settings.layer_distribution(),
                                    min_density=self.min_density, previous=previous)
         masks.metadata.update({"method": self.name, "config": self.config()})
         masks.apply(model)
@@ -102,6 +116,22 @@ class MagnitudePruning(_ScoredMethod):
         return super().finalize(model)
 
 
+@dataclass(frozen=True)
+class RandomSettings(ScoredSettings):
+    """:class:`ScoredSettings` plus when the random cut happens (``at``: ``init`` | ``trained``)
+    and the seed of its scores."""
+
+    distribution: str = "uniform"
+    at: str = "init"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.at not in ("init", "trained"):
+            raise ValueError(f"at must be 'init' or 'trained', got {self.at!r}")
+        set_field(self, "seed", int(self.seed))
+
+
 class RandomPruning(_ScoredMethod):
     """Random pruning to ``sparsity``: at initialisation (default) or after training.
 
@@ -111,18 +141,7 @@ class RandomPruning(_ScoredMethod):
 
     name = "random"
     needs_data = False
-
-    def __init__(self, sparsity: float = 0.8, scope: str = "layer", at: str = "init",
-                 seed: int = 0, min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = (),
-                 distribution: str | None = None,
-                 end_protection: float = 0.5, depth_slope: float = 0.5,
-                 max_layer_sparsity: float = 0.99) -> None:
-        super().__init__(sparsity, scope, min_density, exclude, distribution, end_protection,
-                         depth_slope, max_layer_sparsity)
-        if at not in ("init", "trained"):
-            raise ValueError(f"at must be 'init' or 'trained', got {at!r}")
-        self.at = at
-        self.seed = int(seed)
+    Settings = RandomSettings
 
     def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
         if self.at == "init":
@@ -147,6 +166,19 @@ class RandomPruning(_ScoredMethod):
         return super().finalize(model)
 
 
+@dataclass(frozen=True)
+class SNIPSettings(ScoredSettings):
+    """:class:`ScoredSettings` plus the number of scoring mini-batches (``batches``)."""
+
+    batches: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if int(self.batches) < 1:
+            raise ValueError(f"batches must be >= 1, got {self.batches}")
+        set_field(self, "batches", int(self.batches))
+
+
 class SNIP(_ScoredMethod):
     """SNIP (Lee et al. 2019): prune at initialisation by connection sensitivity.
 
@@ -156,17 +188,7 @@ class SNIP(_ScoredMethod):
 
     name = "snip"
     needs_data = True
-
-    def __init__(self, sparsity: float = 0.8, scope: str = "global", batches: int = 1,
-                 min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = (),
-                 distribution: str | None = None,
-                 end_protection: float = 0.5, depth_slope: float = 0.5,
-                 max_layer_sparsity: float = 0.99) -> None:
-        super().__init__(sparsity, scope, min_density, exclude, distribution, end_protection,
-                         depth_slope, max_layer_sparsity)
-        if batches < 1:
-            raise ValueError(f"batches must be >= 1, got {batches}")
-        self.batches = int(batches)
+    Settings = SNIPSettings
 
     def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
         return [Phase("train", epochs + finetune_epochs, prunes=False)]
@@ -188,6 +210,29 @@ class SNIP(_ScoredMethod):
         self._cut(model, scores, self.sparsity)
 
 
+@dataclass(frozen=True)
+class GMPSettings(ScoredSettings):
+    """:class:`ScoredSettings` plus the cubic ramp: it spans ``start_fraction`` to
+    ``end_fraction`` of the training steps with ``n_updates`` mask updates, from
+    ``initial_sparsity``."""
+
+    distribution: str = "uniform"
+    start_fraction: float = 0.0
+    end_fraction: float = 0.75
+    n_updates: int = 10
+    initial_sparsity: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= float(self.start_fraction) < float(self.end_fraction) <= 1.0:
+            raise ValueError("need 0 <= start_fraction < end_fraction <= 1, got "
+                             f"{self.start_fraction}, {self.end_fraction}")
+        set_field(self, "start_fraction", float(self.start_fraction))
+        set_field(self, "end_fraction", float(self.end_fraction))
+        set_field(self, "n_updates", int(self.n_updates))
+        set_field(self, "initial_sparsity", check_fraction("initial_sparsity", self.initial_sparsity))
+
+
 class GradualMagnitudePruning(_ScoredMethod):
     """Gradual magnitude pruning (Zhu & Gupta 2017) on the cubic schedule.
 
@@ -197,22 +242,10 @@ class GradualMagnitudePruning(_ScoredMethod):
 
     name = "gmp"
     needs_data = True
+    Settings = GMPSettings
 
-    def __init__(self, sparsity: float = 0.8, scope: str = "layer", start_fraction: float = 0.0,
-                 end_fraction: float = 0.75, n_updates: int = 10, initial_sparsity: float = 0.0,
-                 min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = (),
-                 distribution: str | None = None,
-                 end_protection: float = 0.5, depth_slope: float = 0.5,
-                 max_layer_sparsity: float = 0.99) -> None:
-        super().__init__(sparsity, scope, min_density, exclude, distribution, end_protection,
-                         depth_slope, max_layer_sparsity)
-        if not 0.0 <= start_fraction < end_fraction <= 1.0:
-            raise ValueError("need 0 <= start_fraction < end_fraction <= 1, got "
-                             f"{start_fraction}, {end_fraction}")
-        self.start_fraction = float(start_fraction)
-        self.end_fraction = float(end_fraction)
-        self.n_updates = int(n_updates)
-        self.initial_sparsity = float(initial_sparsity)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.schedule: Cubic | None = None
 
     def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
@@ -241,6 +274,27 @@ class GradualMagnitudePruning(_ScoredMethod):
         self.schedule = None
 
 
+@dataclass(frozen=True)
+class IMPSettings(ScoredSettings):
+    """:class:`ScoredSettings` plus ``rounds`` of prune-and-retrain, the rewind mode
+    (``weights`` | ``lr``) and the epoch rewound to (``rewind_epoch``)."""
+
+    rounds: int = 3
+    rewind: str = "weights"
+    rewind_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rewind not in ("weights", "lr"):
+            raise ValueError(f"rewind must be 'weights' or 'lr', got {self.rewind!r}")
+        if int(self.rewind_epoch) < 0:
+            raise ValueError(f"rewind_epoch must be >= 0, got {self.rewind_epoch}")
+        if int(self.rounds) < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        set_field(self, "rounds", int(self.rounds))
+        set_field(self, "rewind_epoch", int(self.rewind_epoch))
+
+
 class IterativeMagnitudePruning(_ScoredMethod):
     """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Renda et al. 2020).
 
@@ -253,21 +307,10 @@ class IterativeMagnitudePruning(_ScoredMethod):
 
     name = "imp"
     needs_data = True
+    Settings = IMPSettings
 
-    def __init__(self, sparsity: float = 0.8, scope: str = "global", rounds: int = 3,
-                 rewind: str = "weights", rewind_epoch: int = 0, min_density: float = 0.0,
-                 exclude: list[str] | tuple[str, ...] = (), distribution: str | None = None,
-                 end_protection: float = 0.5, depth_slope: float = 0.5,
-                 max_layer_sparsity: float = 0.99) -> None:
-        super().__init__(sparsity, scope, min_density, exclude, distribution, end_protection,
-                         depth_slope, max_layer_sparsity)
-        if rewind not in ("weights", "lr"):
-            raise ValueError(f"rewind must be 'weights' or 'lr', got {rewind!r}")
-        if rewind_epoch < 0:
-            raise ValueError(f"rewind_epoch must be >= 0, got {rewind_epoch}")
-        self.rounds = int(rounds)
-        self.rewind = rewind
-        self.rewind_epoch = int(rewind_epoch)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.schedule = IterativeRounds(self.sparsity, self.rounds)
         self._rewind_state: dict[str, torch.Tensor] | None = None
         self._k = self.rewind_epoch if self.rewind == "weights" else 0

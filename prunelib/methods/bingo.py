@@ -18,18 +18,20 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunelib.importance import scored_names
+from prunelib.distributions import select_distributed
+from prunelib.importance import filter_l1, magnitude_scores, scored_names
 from prunelib.masks import MaskSet, prunable_parameters
-from prunelib.methods.base import Phase, PruningMethod, train_then_finetune
-from prunelib.distributions import distribution_from_settings, select_distributed
+from prunelib.methods.base import Phase, PruningMethod, set_field, train_then_finetune
+from prunelib.methods.baselines import ScoredSettings, check_fraction
 
-__all__ = ["BINGO", "select_channels"]
+__all__ = ["BINGO", "BINGOSettings", "select_channels"]
 
 log = logging.getLogger("prunelib")
 
@@ -37,12 +39,53 @@ _UNITS = ("weight", "neuron")
 _RESETS = ("init", "zero")
 _METRICS = ("loss", "acc")
 _AGGREGATES = ("mean", "ema")
-_SCOPES = ("global", "layer")
 _ATTRIBUTIONS = ("additive", "probe")
+_ALLOCATIONS = ("scores", "damage")
+#: Expected probes per weight below which a warning says the per-weight scores are thin.
+LOW_COVERAGE = 0.5
 
 
 def _bias_name(weight_name: str) -> str:
     return weight_name[: -len("weight")] + "bias"
+
+
+@dataclass(frozen=True)
+class BINGOSettings(ScoredSettings):
+    """BINGO's settings (see :class:`BINGO` for each one)."""
+
+    distribution: str = "uniform"
+    unit: str = "weight"
+    probe_frac: float = 0.01
+    reset_to: str = "zero"
+    metric: str = "loss"
+    probe_every_n_steps: int = 4
+    layers_per_step: int = 0
+    probe_batch_size: int = 256
+    warmup_fraction: float = 0.1
+    aggregate: str = "mean"
+    ema_decay: float = 0.9
+    attribution: str = "additive"
+    allocation: str = "scores"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key, allowed in (("unit", _UNITS), ("reset_to", _RESETS), ("metric", _METRICS),
+                             ("aggregate", _AGGREGATES), ("attribution", _ATTRIBUTIONS),
+                             ("allocation", _ALLOCATIONS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        set_field(self, "probe_frac", check_fraction("probe_frac", self.probe_frac, low_open=True,
+                                                     high_closed=True))
+        for key, low in (("probe_every_n_steps", 1), ("layers_per_step", 0), ("probe_batch_size", 1)):
+            if int(getattr(self, key)) < low:
+                raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
+            set_field(self, key, int(getattr(self, key)))
+        set_field(self, "warmup_fraction", check_fraction("warmup_fraction", self.warmup_fraction))
+        if not 0.0 < float(self.ema_decay) < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        set_field(self, "ema_decay", float(self.ema_decay))
+        set_field(self, "seed", int(self.seed))
 
 
 class BINGO(PruningMethod):
@@ -91,9 +134,12 @@ class BINGO(PruningMethod):
             walked in order (a fresh one when used up), so every entry is probed once before any
             is probed twice: coverage grows linearly instead of as ``1 - (1 - p)^t``, and each
             probe is still a uniform random subset.
-        reset_to: ``"init"`` (default; the proposal and the summary reset to the initial
-            weights, ``theta0`` copied at ``setup``, and report it 50 % better) or ``"zero"``
-            (the repo draft; measures exactly what the cut does, since masks zero weights).
+        reset_to: ``"zero"`` (default; the repo draft: measures exactly what the cut does,
+            since masks zero weights) or ``"init"`` (the proposal and the summary reset to the
+            initial weights, ``theta0`` copied at ``setup``, and report it 50 % better). On
+            Fashion-MNIST ``init`` measured almost nothing: the mean damage per probe was about
+            0, negative in 3 of 7 layers, because a weight near its initial value is not
+            removed by resetting it, while the cut does remove it.
         metric: ``"loss"`` (default: continuous; batch accuracy moves in steps of 1/B, so a
             1 % probe mostly gives a damage of exactly 0 and the ranking is ties) or ``"acc"``
             (faithful to the paper's accuracy-based score).
@@ -124,91 +170,48 @@ class BINGO(PruningMethod):
             unit's own damage if damages added up, ``S_i - (1 - 1/k) * D_l``, where ``S_i``
             is that mean and ``D_l`` the mean damage of all probes of the layer (the share of
             the ``k - 1`` other units). Same order within a layer, comparable across layers.
-        scope: ``"layer"`` (default; the repo's allocation) gives every cut layer the same
-            sparsity, so nothing depends on comparing damages measured in different layers,
-            which short or coarse probing makes noisy (a layer's never-probed weights share
-            one value, and a global cut takes or spares them all at once); ``"global"`` ranks
-            all weights (neurons: by damage per weight removed) together.
         min_density: fraction of each cut layer always kept (layer-collapse guard), default 0.
             Neuron mode always keeps at least one neuron per layer.
         seed: seeds the probe-subset and validation-batch generators (the global RNG is not
             touched, so training is the same with and without probing).
         exclude: parameter-name prefixes left out of probing and cutting (still counted in the
-            sparsity denominator; with ``scope="layer"`` in weight mode the cut layers then
-            get ``sparsity`` each, so the global figure falls short by the excluded share).
-        distribution: None (default: follow ``scope``) or a per-layer sparsity distribution of
-            the weight-mode cut, one of ``global``, ``uniform``, ``protect_ends``,
-            ``depth_increasing`` (:class:`~prunelib.distributions.LayerDistribution`). Neuron
-            mode takes only ``global``/``uniform`` (they set ``scope``).
+            sparsity denominator, so with a shaped distribution the cut layers absorb their share).
+        distribution: how the cut is shared among layers: ``uniform`` (default; the repo's
+            allocation: every cut layer the same sparsity, so nothing depends on comparing
+            damages measured in different layers), ``global`` (one ranking of all weights;
+            neurons: by damage per weight removed), ``protect_ends``, ``depth_increasing``
+            (:class:`~prunelib.distributions.LayerDistribution`).
         end_protection / depth_slope / max_layer_sparsity: the distribution's shape
-            parameters (fractions), used only when ``distribution`` is set.
+            parameters (fractions).
+        allocation: ``"scores"`` (default, the method as reconstructed: per-weight or
+            per-neuron significance ranks the units, shared among layers by ``distribution``) or
+            ``"damage"`` (**our extension, not the paper's**): the probes' mean damage per layer
+            (how much resetting ``probe_frac`` of the layer hurts, a well-measured figure even
+            when each weight is probed about once) sets each layer's sparsity, inversely
+            proportional to its damage (water filling under ``max_layer_sparsity``; damages at
+            or below zero count as the smallest positive one), and magnitude ranks the weights
+            (neurons: L1 per weight of the row) inside each layer. ``distribution`` is then not
+            used. On Fashion-MNIST LeNet-5 this gave 87.9 / 82.6 % at 50 / 80 % sparsity where
+            the scores gave 81.6 / 65.9 %.
+
+    Coverage: the probes give each weight about ``probing steps * probe_frac`` readings
+    (fewer with ``layers_per_step``); a :class:`UserWarning` says so at the start of training
+    when that is far below one (under 0.5), since a per-weight score is then one noisy
+    reading shared by every weight reset with it, or none.
     """
 
     name = "bingo"
     needs_data = True
 
-    def __init__(self, sparsity: float = 0.8, unit: str = "weight", probe_frac: float = 0.01,
-                 reset_to: str = "init", metric: str = "loss", probe_every_n_steps: int = 4,
-                 layers_per_step: int = 0, probe_batch_size: int = 256,
-                 warmup_fraction: float = 0.1, aggregate: str = "mean", ema_decay: float = 0.9,
-                 attribution: str = "additive", scope: str = "layer", min_density: float = 0.0, seed: int = 0,
-                 exclude: list[str] | tuple[str, ...] = (), distribution: str | None = None,
-                 end_protection: float = 0.5, depth_slope: float = 0.5,
-                 max_layer_sparsity: float = 0.99) -> None:
-        super().__init__()
-        for key, value, allowed in (("unit", unit, _UNITS), ("reset_to", reset_to, _RESETS),
-                                    ("metric", metric, _METRICS), ("aggregate", aggregate, _AGGREGATES),
-                                    ("attribution", attribution, _ATTRIBUTIONS), ("scope", scope, _SCOPES)):
-            if value not in allowed:
-                raise ValueError(f"{key} must be one of {list(allowed)}, got {value!r}")
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity}")
-        if not 0.0 < float(probe_frac) <= 1.0:
-            raise ValueError(f"probe_frac must be in (0, 1], got {probe_frac}")
-        if int(probe_every_n_steps) < 1:
-            raise ValueError(f"probe_every_n_steps must be >= 1, got {probe_every_n_steps}")
-        if int(layers_per_step) < 0:
-            raise ValueError(f"layers_per_step must be >= 0 (0 = all), got {layers_per_step}")
-        if int(probe_batch_size) < 1:
-            raise ValueError(f"probe_batch_size must be >= 1, got {probe_batch_size}")
-        if not 0.0 <= float(warmup_fraction) < 1.0:
-            raise ValueError(f"warmup_fraction must be in [0, 1), got {warmup_fraction}")
-        if not 0.0 < float(ema_decay) < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {ema_decay}")
-        if not 0.0 <= float(min_density) <= 1.0:
-            raise ValueError(f"min_density must be in [0, 1], got {min_density}")
-        self.sparsity = float(sparsity)
-        self.unit = unit
-        self.probe_frac = float(probe_frac)
-        self.reset_to = reset_to
-        self.metric = metric
-        self.probe_every_n_steps = int(probe_every_n_steps)
-        self.layers_per_step = int(layers_per_step)
-        self.probe_batch_size = int(probe_batch_size)
-        self.warmup_fraction = float(warmup_fraction)
-        self.aggregate = aggregate
-        self.ema_decay = float(ema_decay)
-        self.attribution = attribution
-        self.scope = scope
-        self.min_density = float(min_density)
-        self.seed = int(seed)
-        self.exclude = list(exclude)
-        if unit == "neuron" and distribution not in (None, "global", "uniform"):
-            raise ValueError(f"distribution {distribution!r} needs unit='weight'; neuron mode "
-                             "takes only 'global' or 'uniform' (or scope)")
-        # None keeps `scope`; a name picks a LayerDistribution for the weight-mode cut.
-        self.layer_distribution = distribution_from_settings(
-            distribution, scope, end_protection, depth_slope, max_layer_sparsity)
-        if unit == "neuron" and distribution is not None:
-            self.scope = "global" if distribution == "global" else "layer"
-        self.distribution = distribution
-        self.end_protection = float(end_protection)
-        self.depth_slope = float(depth_slope)
-        self.max_layer_sparsity = float(max_layer_sparsity)
+    Settings = BINGOSettings
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._probing_steps = 0  # probing steps run so far (for logs)
         self._ready = False
         self._active = False
         self._warmup_steps = 0
+        self._all_layers_next = False  # a post-hoc ticket search probes every tensor each step
 
     # -- plan and setup --------------------------------------------------------------------
     def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
@@ -266,6 +269,31 @@ class BINGO(PruningMethod):
         total = max(0, phase.epochs) * max(1, self.steps_per_epoch)
         # At least one step of the phase is probed (tiny runs would otherwise probe nothing).
         self._warmup_steps = min(int(self.warmup_fraction * total), max(total - 1, 0))
+        if self._active and self._ready and self.allocation == "scores":
+            per_weight = self.expected_probes_per_unit(total)
+            if per_weight < LOW_COVERAGE:
+                warnings.warn(
+                    f"bingo: these settings probe each {self.unit} about {per_weight:.2f} times in "
+                    f"this phase ({self.probing_steps_in(total)} probing steps x probe_frac "
+                    f"{self.probe_frac}); a per-{self.unit} score is then one noisy reading shared by "
+                    f"every {self.unit} reset with it, or none. Raise probe_frac, probe more often "
+                    "(probe_every_n_steps), or set allocation='damage' (per-layer damage, well "
+                    "measured at any coverage)", UserWarning, stacklevel=2)
+
+    def probing_steps_in(self, steps: int) -> int:
+        """Probing steps a training phase of ``steps`` optimizer steps will run."""
+        after = max(0, steps - min(int(self.warmup_fraction * steps), max(steps - 1, 0)))
+        return math.ceil(after / self.probe_every_n_steps) if after else 0
+
+    def expected_probes_per_unit(self, steps: int) -> float:
+        """Mean probes per weight (neuron) over the scored tensors in a phase of ``steps``
+        optimizer steps: probing steps x (share of tensors probed per step) x ``k / units``."""
+        if not self._ready:
+            raise RuntimeError("bingo: call setup(model, datamodule) first")
+        share = 1.0 if self.layers_per_step == 0 else min(1.0, self.layers_per_step / len(self._names))
+        units = sum(self._sizes.values())
+        per_step = sum(self._k[n] for n in self._names) / max(units, 1)
+        return self.probing_steps_in(steps) * share * per_step
 
     # -- probing -----------------------------------------------------------------------------
     def is_probing_step(self, step: int) -> bool:
@@ -278,7 +306,8 @@ class BINGO(PruningMethod):
             self.probe(model)
 
     def _layers_this_step(self) -> list[str]:
-        if self.layers_per_step == 0 or self.layers_per_step >= len(self._names):
+        if (self._all_layers_next or self.layers_per_step == 0
+                or self.layers_per_step >= len(self._names)):
             return list(self._names)
         out = [self._names[(self._rr + i) % len(self._names)] for i in range(self.layers_per_step)]
         self._rr = (self._rr + self.layers_per_step) % len(self._names)
@@ -429,12 +458,12 @@ class BINGO(PruningMethod):
         if any(bool((self._cnt[n] > 0).any()) for n in self._names):
             return
         steps = max(math.ceil(self._sizes[n] / self._k[n]) for n in self._names)
-        keep_rr, self.layers_per_step = self.layers_per_step, 0
+        self._all_layers_next = True
         try:
             for _ in range(steps):
                 self.probe(model)
         finally:
-            self.layers_per_step = keep_rr
+            self._all_layers_next = False
         log.info("bingo: no probe during training; ran %d post-hoc probing steps", steps)
 
     def _tie_broken(self, sig: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -457,14 +486,41 @@ class BINGO(PruningMethod):
             out[n] = s + 1e-4 * spread * mag
         return out
 
+    def layer_damage(self) -> dict[str, float]:
+        """Mean damage of one probe per scored tensor (resetting ``probe_frac`` of it);
+        ``aggregate="ema"``: the bias-corrected recent average. NaN for a tensor never probed."""
+        out: dict[str, float] = {}
+        for n in self._names:
+            if self._lcnt[n] == 0:
+                out[n] = math.nan
+            elif self.aggregate == "mean":
+                out[n] = float(self._lsum[n]) / self._lcnt[n]
+            else:
+                out[n] = float(self._lsum[n]) / max(1.0 - self.ema_decay ** self._lcnt[n], 1e-12)
+        return out
+
+    def damage_weights(self) -> dict[str, float]:
+        """Relative sparsity per scored tensor for ``allocation="damage"``: ``1 / damage``, with
+        damages at or below zero (or never measured) raised to the smallest positive one."""
+        damage = self.layer_damage()
+        positive = [d for d in damage.values() if math.isfinite(d) and d > 0]
+        floor = min(positive) if positive else 1.0
+        return {n: 1.0 / (d if math.isfinite(d) and d > floor else floor) for n, d in damage.items()}
+
     def cut(self, model: nn.Module) -> MaskSet:
-        """Prune the least significant weights (neurons) to ``sparsity`` and apply the masks."""
+        """Prune to ``sparsity`` (see ``allocation``) and apply the masks."""
         self._ensure_probed(model)
         params = prunable_parameters(model)
-        sig = self._tie_broken(self.significance(), params)
+        distribution = self.settings.layer_distribution()
+        weights = self.damage_weights() if self.allocation == "damage" else None
+        if self.allocation == "damage":  # magnitude ranks inside each layer
+            scores = (magnitude_scores(model, self._names) if self.unit == "weight"
+                      else {n: filter_l1(params[n]) for n in self._names})
+        else:
+            scores = self._tie_broken(self.significance(), params)
         if self.unit == "weight":
-            masks = select_distributed(model, sig, self.sparsity, self.layer_distribution,
-                                       scope=self.scope, min_density=self.min_density)
+            masks = select_distributed(model, scores, self.sparsity, distribution,
+                                       min_density=self.min_density, layer_weights=weights)
         else:
             total = sum(p.numel() for p in params.values())
             target = round(self.sparsity * total)
@@ -478,19 +534,24 @@ class BINGO(PruningMethod):
                               f"reach on this model ({most / total:.4f}); pruning to that",
                               stacklevel=2)
                 target = most
-            keep = select_channels({n: sig[n] for n in self._names},
+            budgets = None
+            if weights is not None or not distribution.ranked:
+                sizes = {n: self._sizes[n] * self._weights_per_unit[n] for n in self._names}
+                budgets = distribution.allocate(sizes, target, self.min_density, weights)
+            keep = select_channels({n: scores[n] for n in self._names},
                                    {n: self._weights_per_unit[n] for n in self._names},
-                                   target, scope=self.scope, min_density=self.min_density)
+                                   target, budgets=budgets, min_density=self.min_density)
             masks = MaskSet()
             for n in self._names:
                 masks.set(n, keep[n].to(params[n].device), "channel")
         masks.metadata.update({"method": self.name, "config": self.config(),
                                "coverage": self.coverage(), "probing_steps": self._probing_steps,
-                               "extra_forward_passes": self.cost.extra_forward_passes})
+                               "extra_forward_passes": self.cost.extra_forward_passes,
+                               "layer_damage": self.layer_damage()})
         masks.apply(model)
         self.masks = masks
-        log.info("bingo: cut to sparsity %.4f (coverage %.3f, %d probing steps)",
-                 masks.sparsity(model), self.coverage(), self._probing_steps)
+        log.info("bingo: cut to sparsity %.4f (coverage %.3f, %d probing steps, allocation %s)",
+                 masks.sparsity(model), self.coverage(), self._probing_steps, self.allocation)
         return masks
 
     def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:
@@ -508,7 +569,7 @@ class BINGO(PruningMethod):
 
 
 def select_channels(scores: dict[str, Tensor], weights_per_channel: dict[str, int], target_zeros: int,
-                    scope: str = "global", min_density: float = 0.0) -> dict[str, Tensor]:
+                    budgets: dict[str, int] | None = None, min_density: float = 0.0) -> dict[str, Tensor]:
     """Channels to keep so that about ``target_zeros`` weights are pruned (lowest scores first).
 
     Channel counts are integers, so the target is met within a weight-count budget: channels
@@ -523,8 +584,9 @@ def select_channels(scores: dict[str, Tensor], weights_per_channel: dict[str, in
         weights_per_channel: parameter name -> weights in one channel (row / filter).
         target_zeros: weights to prune in total (may include weights of layers not listed, in
             which case the listed layers absorb it).
-        scope: ``"global"`` ranks channels by score per weight removed across layers;
-            ``"layer"`` gives every listed layer the same sparsity (rounding spread over layers).
+        budgets: weights each layer should lose (e.g. a
+            :meth:`~prunelib.distributions.LayerDistribution.allocate` split of ``target_zeros``);
+            None = one ranking of all channels by score per weight removed.
         min_density: fraction of each layer's channels always kept; at least one is kept.
 
     Returns:
@@ -542,7 +604,7 @@ def select_channels(scores: dict[str, Tensor], weights_per_channel: dict[str, in
                          "the classifier stays dense)")
     pruned: dict[str, list[int]] = {n: [] for n in names}
     left = int(target_zeros)
-    if scope == "global":
+    if budgets is None:
         flat = []
         for li, n in enumerate(names):
             s = scores[n].detach().float().cpu() / weights_per_channel[n]
@@ -553,10 +615,8 @@ def select_channels(scores: dict[str, Tensor], weights_per_channel: dict[str, in
             if weights_per_channel[n] <= left:
                 pruned[n].append(c)
                 left -= weights_per_channel[n]
-    elif scope == "layer":
-        total = sum(outs[n] * weights_per_channel[n] for n in names)
-        frac = target_zeros / total if total else 0.0
-        want = {n: frac * outs[n] for n in names}  # channels per layer, real-valued
+    else:
+        want = {n: float(budgets.get(n, 0)) / weights_per_channel[n] for n in names}  # channels
         for n in names:
             k = min(len(cands[n]), math.floor(want[n]))
             if k * weights_per_channel[n] > left:
@@ -570,8 +630,6 @@ def select_channels(scores: dict[str, Tensor], weights_per_channel: dict[str, in
                 if weights_per_channel[n] <= left:
                     pruned[n].append(c)
                     left -= weights_per_channel[n]
-    else:
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     if left > 0:
         _fix_up(left, names, weights_per_channel, cands, pruned)
     out: dict[str, Tensor] = {}

@@ -17,14 +17,15 @@ by default the learning rate follows one cosine over all steps (``lr_schedule="c
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from prunelib.distributions import DISTRIBUTIONS, LayerDistribution
 from prunelib.importance import magnitude_scores, scored_names
 from prunelib.masks import MaskSet, prunable_parameters
-from prunelib.methods.base import Phase, PruningMethod
+from prunelib.methods.base import Phase, PruningMethod, set_field
+from prunelib.methods.baselines import ScoredSettings
 from prunelib.schedules import GrowPruneCycles
 from prunelib.selection import largest_remainder, select_masks
 
@@ -75,6 +76,36 @@ def balanced_partitions(sizes: list[int], num_partitions: int) -> list[list[int]
     return groups[::-1]
 
 
+@dataclass(frozen=True)
+class GaPSettings(ScoredSettings):
+    """GaP's settings (see :class:`GrowAndPrune` for each one)."""
+
+    distribution: str = "uniform"
+    num_partitions: int = 3
+    epochs_per_step: int | None = 1
+    rounds: int = 1
+    lr_schedule: str = "continuous"
+    partitions: tuple[tuple[str, ...], ...] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr_schedule not in _LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(_LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.partitions is not None:
+            if not self.partitions or any(not group for group in self.partitions):
+                raise ValueError("partitions must be a non-empty list of non-empty prefix lists")
+            set_field(self, "partitions", tuple(tuple(group) for group in self.partitions))
+            set_field(self, "num_partitions", len(self.partitions))
+        if int(self.num_partitions) < 1 or int(self.rounds) < 1:
+            raise ValueError(f"num_partitions and rounds must be >= 1, got {self.num_partitions}, {self.rounds}")
+        if self.epochs_per_step is not None and int(self.epochs_per_step) < 1:
+            raise ValueError(f"epochs_per_step must be >= 1 (or None), got {self.epochs_per_step}")
+        set_field(self, "num_partitions", int(self.num_partitions))
+        set_field(self, "rounds", int(self.rounds))
+        if self.epochs_per_step is not None:
+            set_field(self, "epochs_per_step", int(self.epochs_per_step))
+
+
 class GrowAndPrune(PruningMethod):
     """Cyclic GaP: grow one group of layers dense at a time, train, prune it back.
 
@@ -116,42 +147,11 @@ class GrowAndPrune(PruningMethod):
     name = "gap"
     needs_data = True
 
-    def __init__(self, sparsity: float = 0.8, num_partitions: int = 3, epochs_per_step: int | None = 1,
-                 rounds: int = 1, distribution: str = "uniform", end_protection: float = 0.5,
-                 depth_slope: float = 0.5, max_layer_sparsity: float = 0.99,
-                 lr_schedule: str = "continuous", partitions: list[list[str]] | None = None,
-                 min_density: float = 0.0, exclude: list[str] | tuple[str, ...] = ()) -> None:
-        super().__init__()
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity}")
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {list(DISTRIBUTIONS)}, got {distribution!r}")
-        if lr_schedule not in _LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {list(_LR_SCHEDULES)}, got {lr_schedule!r}")
-        if partitions is not None:
-            if not partitions or any(not group for group in partitions):
-                raise ValueError("partitions must be a non-empty list of non-empty prefix lists")
-            num_partitions = len(partitions)
-        if int(num_partitions) < 1 or int(rounds) < 1:
-            raise ValueError(f"num_partitions and rounds must be >= 1, got {num_partitions}, {rounds}")
-        if epochs_per_step is not None and int(epochs_per_step) < 1:
-            raise ValueError(f"epochs_per_step must be >= 1 (or None), got {epochs_per_step}")
-        if not 0.0 <= float(min_density) <= 1.0:
-            raise ValueError(f"min_density must be in [0, 1], got {min_density}")
-        self.sparsity = float(sparsity)
-        self.num_partitions = int(num_partitions)
-        self.epochs_per_step = None if epochs_per_step is None else int(epochs_per_step)
-        self.rounds = int(rounds)
-        self.distribution = distribution
-        self.end_protection = float(end_protection)
-        self.depth_slope = float(depth_slope)
-        self.max_layer_sparsity = float(max_layer_sparsity)
-        self.layer_distribution = LayerDistribution(distribution, end_protection, depth_slope,
-                                                    max_layer_sparsity)
-        self.lr_schedule = lr_schedule
-        self.partitions = [list(group) for group in partitions] if partitions is not None else None
-        self.min_density = float(min_density)
-        self.exclude = list(exclude)
+    Settings = GaPSettings
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.layer_distribution = self.settings.layer_distribution()
         self.schedule: GrowPruneCycles | None = None
         #: Parameter names of each group (set by ``setup``).
         self.groups: list[list[str]] = []
@@ -164,13 +164,6 @@ class GrowAndPrune(PruningMethod):
         self._step = 0
         self._grown: int | None = None
         self._total = 0
-
-    def config(self) -> dict[str, Any]:
-        """The settings only (not the run's state: groups, history)."""
-        keys = ("sparsity", "num_partitions", "epochs_per_step", "rounds", "distribution",
-                "end_protection", "depth_slope", "max_layer_sparsity", "lr_schedule", "partitions",
-                "min_density", "exclude")
-        return {k: getattr(self, k) for k in keys}
 
     # -- plan ---------------------------------------------------------------------------------
     def _make_schedule(self, epochs: int) -> GrowPruneCycles:
@@ -189,7 +182,7 @@ class GrowAndPrune(PruningMethod):
             else:
                 phases.append(Phase(f"{_STEP_PREFIX}{k}", per_step))
         if finetune_epochs > 0:
-            phases.append(Phase("finetune", finetune_epochs, prunes=False))
+            phases.append(Phase("finetune", finetune_epochs, prunes=False, recovers=True))
         return phases
 
     # -- setup: groups, targets, initial masks --------------------------------------------------

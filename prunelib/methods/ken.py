@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from prunelib.masks import MaskSet
-from prunelib.methods.base import Phase, PruningMethod
+from prunelib.methods.base import MethodSettings, Phase, PruningMethod, set_field
 
 __all__ = ["KEN", "KENError", "PairPlan", "LAYER_CHOICES", "HF_HEAD_MODULES", "apply_ken",
            "head_parameter_names", "ken_masks", "kde_select_rows", "ken_report", "selected_parameter_names"]
@@ -104,8 +104,10 @@ def head_parameter_names(model: nn.Module, head: Iterable[str] | None = None) ->
     """Parameter names of the task head (fractions do not apply: a set of names).
 
     ``head`` lists module-name prefixes explicitly. Otherwise (auto): the parameters of the
-    last Linear/Conv module registered (the output layer), plus every parameter under a
-    top-level module named like a Hugging Face head (:data:`HF_HEAD_MODULES`).
+    last Linear/Conv module registered (the output layer), plus, for a Hugging Face model (one
+    with a ``config.model_type``), every parameter under a top-level module named like a Hugging
+    Face head (:data:`HF_HEAD_MODULES`). Other models keep such names for their own layers
+    (LeNet-5's and VGG's whole dense stack is ``classifier``), which are not a head.
     """
     names = [n for n, _ in model.named_parameters()]
     if head is not None:
@@ -118,7 +120,8 @@ def head_parameter_names(model: nn.Module, head: Iterable[str] | None = None) ->
             last = mod_name
     if last is not None:
         out |= {f"{last}.{p}" if last else p for p, _ in model.get_submodule(last).named_parameters(recurse=False)}
-    out |= {n for n in names if n.split(".")[0] in HF_HEAD_MODULES}
+    if getattr(getattr(model, "config", None), "model_type", None) is not None:
+        out |= {n for n in names if n.split(".")[0] in HF_HEAD_MODULES}
     return out
 
 
@@ -459,6 +462,50 @@ def ken_report(masks: Mapping[str, Tensor], model: nn.Module) -> dict[str, Any]:
             "layers": {n: float(m.float().mean()) for n, m in masks.items()}}
 
 
+@dataclass(frozen=True)
+class KENSettings(MethodSettings):
+    """KEN's settings (see :class:`KEN` for each one)."""
+
+    k_mode: str = "per_row_fraction"
+    k: int = 64
+    keep_fraction: float = 0.5
+    layers: str = "no_head"
+    head: tuple[str, ...] | None = None
+    vectors: str = "row"
+    kde_dtype: str = "float64"
+    max_elements: int = 1 << 24
+    pretrained: str | None = None
+    finetuned: str | None = None
+    pair_pretrain_classes: float = 0.5
+    pair_pretrain_epochs: int | None = None
+    pair_finetune_epochs: int | None = None
+    pair_finetune_lr: float | None = None
+    pair_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.k_mode not in K_MODES:
+            raise ValueError(f"k_mode must be one of {list(K_MODES)}, got {self.k_mode!r}")
+        if isinstance(self.k, bool) or int(self.k) != self.k or self.k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {self.k!r}")
+        if not 0.0 < float(self.keep_fraction) <= 1.0:
+            raise ValueError(f"keep_fraction must be a fraction in (0, 1], got {self.keep_fraction!r}")
+        if self.layers not in LAYER_CHOICES:
+            raise ValueError(f"layers must be one of {list(LAYER_CHOICES)}, got {self.layers!r}")
+        if self.vectors not in VECTOR_MODES:
+            raise ValueError(f"vectors must be one of {list(VECTOR_MODES)}, got {self.vectors!r}")
+        if self.kde_dtype not in KDE_DTYPES:
+            raise ValueError(f"kde_dtype must be one of {list(KDE_DTYPES)}, got {self.kde_dtype!r}")
+        if (self.pretrained is None) != (self.finetuned is None):
+            raise ValueError("give both pretrained and finetuned checkpoints, or neither (the pair is then made)")
+        if not 0.0 < float(self.pair_pretrain_classes) < 1.0:
+            raise ValueError(f"pair_pretrain_classes must be a fraction in (0, 1), got {self.pair_pretrain_classes!r}")
+        set_field(self, "k", int(self.k))
+        set_field(self, "keep_fraction", float(self.keep_fraction))
+        set_field(self, "head", tuple(self.head) if self.head is not None else None)
+        set_field(self, "max_elements", int(self.max_elements))
+        set_field(self, "pair_pretrain_classes", float(self.pair_pretrain_classes))
+
+
 class KEN(PruningMethod):
     """KEN as a data-free method: ``finalize`` turns the fine-tuned model into the KEN model.
 
@@ -490,45 +537,10 @@ class KEN(PruningMethod):
     needs_data: ClassVar[bool] = False
     needs_pair: ClassVar[bool] = True
 
-    def __init__(self, k_mode: str = "per_row_fraction", k: int = 64, keep_fraction: float = 0.5,
-                 layers: str = "no_head", head: list[str] | tuple[str, ...] | None = None,
-                 vectors: str = "row", kde_dtype: str = "float64", max_elements: int = 1 << 24,
-                 pretrained: str | None = None, finetuned: str | None = None,
-                 pair_pretrain_classes: float = 0.5, pair_pretrain_epochs: int | None = None,
-                 pair_finetune_epochs: int | None = None, pair_finetune_lr: float | None = None,
-                 pair_cache_dir: str | None = None) -> None:
-        super().__init__()
-        if k_mode not in K_MODES:
-            raise ValueError(f"k_mode must be one of {list(K_MODES)}, got {k_mode!r}")
-        if isinstance(k, bool) or int(k) != k or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if not 0.0 < float(keep_fraction) <= 1.0:
-            raise ValueError(f"keep_fraction must be a fraction in (0, 1], got {keep_fraction!r}")
-        if layers not in LAYER_CHOICES:
-            raise ValueError(f"layers must be one of {list(LAYER_CHOICES)}, got {layers!r}")
-        if vectors not in VECTOR_MODES:
-            raise ValueError(f"vectors must be one of {list(VECTOR_MODES)}, got {vectors!r}")
-        if kde_dtype not in KDE_DTYPES:
-            raise ValueError(f"kde_dtype must be one of {list(KDE_DTYPES)}, got {kde_dtype!r}")
-        if (pretrained is None) != (finetuned is None):
-            raise ValueError("give both pretrained and finetuned checkpoints, or neither (the pair is then made)")
-        if not 0.0 < float(pair_pretrain_classes) < 1.0:
-            raise ValueError(f"pair_pretrain_classes must be a fraction in (0, 1), got {pair_pretrain_classes!r}")
-        self.k_mode = k_mode
-        self.k = int(k)
-        self.keep_fraction = float(keep_fraction)
-        self.layers = layers
-        self.head = list(head) if head is not None else None
-        self.vectors = vectors
-        self.kde_dtype = kde_dtype
-        self.max_elements = int(max_elements)
-        self.pretrained = pretrained
-        self.finetuned = finetuned
-        self.pair_pretrain_classes = float(pair_pretrain_classes)
-        self.pair_pretrain_epochs = pair_pretrain_epochs
-        self.pair_finetune_epochs = pair_finetune_epochs
-        self.pair_finetune_lr = pair_finetune_lr
-        self.pair_cache_dir = pair_cache_dir
+    Settings = KENSettings
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._pretrained_state: dict[str, Tensor] | None = None
         self.report: dict[str, Any] = {}
         self._untrained: set[str] = set()

@@ -41,10 +41,11 @@ the pair's pre-activation difference over the layer's input box (the paper's dif
 independent intervals cannot see that two neurons are alike; identical neurons now score 0);
 the interval box is propagated through
 the layers before the dense chain (convolutions, BatchNorm, pooling) when they form a plain
-chain of modules, so CNN heads get impact scores too (the paper starts at the dense input); a
+chain of modules, so CNN heads get impact scores too (the paper starts at the dense input), and
+after every BatchNorm it is intersected with the BatchNorm's own statistics (``box_sigmas``); a
 dense chain after a branching trunk falls back to ``baseline`` ranking with a warning. The
-paper's STOCHASTIC (simulated annealing) sampler and its stepwise-convolution mode are not
-implemented. Stopping rules that read the test set are dropped (pitfall 8: no decision sees
+authors' stepwise convolution mode (``stepwise_conv``) interleaves convolution removal with the
+dense steps. The paper's STOCHASTIC (simulated annealing) sampler is not implemented. Stopping rules that read the test set are dropped (pitfall 8: no decision sees
 test data; there is no data at all here): the method stops at ``dense_ratio``.
 
 The model is changed in place by :meth:`PAODING.finalize` (merged outgoing weights, removed
@@ -66,15 +67,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunelib.data import normalized_interval  # noqa: F401  (public here too: PAODING's input box)
+from prunelib.importance import bn_scale, channel_scores
 from prunelib.masks import MaskSet, sparsity_report
-from prunelib.methods.base import Phase, PruningMethod
-from prunelib.surgery import ChannelGroup, channel_groups, complete_channel_masks
+from prunelib.methods.base import MethodSettings, Phase, PruningMethod, set_field
+from prunelib.methods.baselines import check_fraction
+from prunelib.surgery import ChannelGroup, channel_groups, complete_channel_masks, removed_inputs
 
-__all__ = ["PAODING", "normalized_interval", "pair_saliency", "merge_neurons", "output_impact"]
+__all__ = ["PAODING", "PAODINGSettings", "normalized_interval", "pair_saliency", "merge_neurons",
+           "output_impact"]
 
 log = logging.getLogger("prunelib")
 
 _MODES = ("impact", "baseline")
+_IMPACT_SCALES = ("relative", "log", "paper")
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.ELU)
 _PASS = (nn.Identity, nn.Dropout, nn.Flatten)
@@ -127,10 +132,16 @@ def _interval_entropy(lo: Tensor, hi: Tensor, threshold: float = 0.9) -> Tensor:
 
 
 def output_impact(delta_lo: Tensor, delta_hi: Tensor, rest: list[tuple[nn.Module | None, nn.Linear]],
-                  alpha: float, beta: float) -> float:
+                  alpha: float, beta: float, scale: str = "relative", reference: float = 1.0) -> float:
     """Score of a change ``[delta_lo, delta_hi]`` of a layer's pre-activation, after propagating
-    it to the chain's output through ``rest`` = ``[(activation, next Linear), ...]``:
-    ``alpha * sigmoid(sum of widths) + beta * sigmoid(interval entropy)``."""
+    it to the chain's output through ``rest`` = ``[(activation, next Linear), ...]``.
+
+    ``alpha * f(L) + beta * sigmoid(interval entropy)`` with ``L`` the summed width of the output
+    change intervals and ``f``: ``"relative"`` (default) ``L / reference`` (``reference``: the
+    width of the unpruned chain output over the input box); ``"log"`` ``log(1 + L)``;
+    ``"paper"`` ``sigmoid(min(L, 50))``, which is 1.0 for every width above about 37 and then
+    leaves the entropy term alone to rank.
+    """
     lo, hi = delta_lo.double(), delta_hi.double()
     for act, linear in rest:
         # A monotone activation moves by at most slope * |d|, with the sign of d.
@@ -142,7 +153,13 @@ def output_impact(delta_lo: Tensor, delta_hi: Tensor, rest: list[tuple[nn.Module
         lo, hi = c - r, c + r
     width = float((hi - lo).sum())
     ent = float(_interval_entropy(lo, hi))
-    return alpha * (1 / (1 + math.exp(-min(width, 50.0)))) + beta * (1 / (1 + math.exp(-ent)))
+    if scale == "relative":
+        term = width / max(reference, 1e-12)
+    elif scale == "log":
+        term = math.log1p(width)
+    else:
+        term = 1 / (1 + math.exp(-min(width, 50.0)))
+    return alpha * term + beta * (1 / (1 + math.exp(-ent)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,11 +256,8 @@ def _propagate(module: nn.Module, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tenso
         if isinstance(module, nn.Linear):
             r = F.linear(radius, module.weight.abs())
         elif isinstance(module, _BN):
-            scale = 1.0 / torch.sqrt(module.running_var + module.eps)
-            if module.weight is not None:
-                scale = scale * module.weight
             shape = (1, -1) + (1,) * (radius.dim() - 2)
-            r = radius * scale.abs().reshape(shape)
+            r = radius * bn_scale(module).abs().to(radius).reshape(shape)
         else:
             conv = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}[type(module)]
             r = conv(radius, module.weight.abs(), None, module.stride, module.padding,
@@ -257,6 +271,75 @@ def _propagate(module: nn.Module, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tenso
 # ---------------------------------------------------------------------------------------------
 # The method
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PAODINGSettings(MethodSettings):
+    """PAODING's settings (see :class:`PAODING` for each one)."""
+
+    conv_ratio: float = 0.25
+    dense_ratio: float = 0.25
+    step: float = 0.05
+    mode: str = "impact"
+    alpha: float = 0.5
+    beta: float = 0.5
+    impact_scale: str = "relative"
+    pooling_multiplier: int = 2
+    bias_aware: bool = True
+    input_interval: tuple[float, float] | None = None
+    box_sigmas: float | None = 3.0
+    input_shape: tuple[int, ...] | None = None
+    pretrain: bool = True
+    finetune: bool = False
+    stepwise_conv: bool = False
+    compensate: bool = True
+    fold_bn: bool = True
+    min_channels: int = 1
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        set_field(self, "conv_ratio", check_fraction("conv_ratio", self.conv_ratio))
+        set_field(self, "dense_ratio", check_fraction("dense_ratio", self.dense_ratio))
+        set_field(self, "step", check_fraction("step", self.step, low_open=True, high_closed=True))
+        if self.mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {self.mode!r}")
+        if self.impact_scale not in _IMPACT_SCALES:
+            raise ValueError(f"impact_scale must be one of {_IMPACT_SCALES}, got {self.impact_scale!r}")
+        if int(self.pooling_multiplier) < 1:
+            raise ValueError(f"pooling_multiplier must be >= 1, got {self.pooling_multiplier}")
+        set_field(self, "pooling_multiplier", int(self.pooling_multiplier))
+        if self.input_interval is not None:
+            interval = tuple(float(v) for v in self.input_interval)
+            if len(interval) != 2 or not interval[0] < interval[1]:
+                raise ValueError(f"input_interval must be (lo, hi) with lo < hi, got {self.input_interval}")
+            set_field(self, "input_interval", interval)
+        if self.box_sigmas is not None:
+            if not float(self.box_sigmas) > 0:
+                raise ValueError(f"box_sigmas must be > 0 or None, got {self.box_sigmas}")
+            set_field(self, "box_sigmas", float(self.box_sigmas))
+        if self.input_shape is not None:
+            set_field(self, "input_shape", tuple(int(v) for v in self.input_shape))
+        if int(self.min_channels) < 1:
+            raise ValueError(f"min_channels must be >= 1, got {self.min_channels}")
+        set_field(self, "min_channels", int(self.min_channels))
+        set_field(self, "alpha", float(self.alpha))
+        set_field(self, "beta", float(self.beta))
+        set_field(self, "exclude", tuple(self.exclude))
+
+
+@dataclass
+class _DenseState:
+    """Merging progress of one dense chain (kept across iterations)."""
+
+    chain: _DenseChain
+    linears: list[nn.Linear]
+    acts: list[nn.Module | None]
+    hidden: list[int]
+    alive: dict[int, Tensor]
+    targets: dict[int, int]
+    done: dict[int, int]
+    cumulative: dict[int, tuple[Tensor, Tensor] | None]
+    box: tuple[Tensor, Tensor] | None = None
+
+
 class PAODING(PruningMethod):
     """PAODING: data-free pruning of a pretrained model (see the module doc).
 
@@ -268,12 +351,21 @@ class PAODING(PruningMethod):
         step: fraction of each hidden dense layer's neurons merged per iteration (paper 0.025).
         mode: ``"impact"`` (rank candidate pairs by output impact) or ``"baseline"``.
         alpha, beta: weights of the impact score's width and entropy terms.
+        impact_scale: how the output width enters the impact score (see :func:`output_impact`):
+            ``"relative"`` (default; width over the unpruned chain output's width), ``"log"``,
+            or ``"paper"`` (``sigmoid(width)``, which saturates at 1 for every candidate of a
+            real network, so the entropy term alone ranks).
         pooling_multiplier: candidates per kept pair in ``impact`` mode.
         bias_aware: include the bias term in the pair saliency.
         input_interval: ``(lo, hi)`` box of the model's inputs in the units it receives
             (normalised): e.g. :func:`normalized_interval` of the data module's statistics.
-            None: the data module's ``input_range`` at :meth:`setup` (else (-3, 3)).
-            Default (-3, 3): three standard deviations around the mean.
+            None (default): the data module's ``input_range`` at :meth:`setup`, else (-3, 3).
+        box_sigmas: the box after every BatchNorm is intersected with ``beta +- box_sigmas *
+            |gamma|`` (a BatchNorm's output has mean ``beta`` and spread ``|gamma|`` on the data
+            it was trained on: a data-free, statistical bound; an extension). Plain interval
+            arithmetic through a convolutional trunk widens the box by the filters' L1 norms at
+            every layer, until every candidate's impact looks alike. None = the paper's plain
+            interval arithmetic.
         input_shape: one sample's shape ``(C, H, W)``; taken from the data module when one is
             given to :meth:`setup`, needed here otherwise.
         pretrain: when True, :meth:`plan` asks the runner for one ``"pretrain"`` phase of the
@@ -281,82 +373,56 @@ class PAODING(PruningMethod):
             not touch the data); False: the model given is already trained (no phases).
         finetune: append a fine-tune phase of ``finetune_epochs`` with the masks fixed (an
             extension; the paper prunes without fine-tuning).
-        fold_bn: score a filter after folding the BatchNorm that follows it into it (its L1
-            times ``|gamma| / sqrt(running_var + eps)``: the filter the network effectively
-            applies); False = the paper's raw L1, which a BatchNorm makes scale-free.
+        stepwise_conv: the authors' ``stepwise_cnn_pruning``: the convolutions lose ``step`` of
+            their channels per iteration, interleaved with the dense merging steps (whose input
+            boxes then see the convolutions pruned so far), until ``conv_ratio``; False (the
+            toolkit's default): all convolution channels first, in one go.
         compensate: replace a removed convolution channel by its expected activation instead of
             zero (an extension, see the module doc; False = the paper's plain removal).
+        fold_bn: score a filter after folding the BatchNorm that follows it into it (criterion
+            ``l1_bn`` of :mod:`prunelib.importance`); False = the paper's raw L1.
         min_channels: channels/neurons every layer keeps.
         exclude: module-name prefixes left alone.
     """
 
     name = "paoding"
     needs_data = False
+    Settings = PAODINGSettings
 
-    def __init__(self, conv_ratio: float = 0.25, dense_ratio: float = 0.25, step: float = 0.05,
-                 mode: str = "impact", alpha: float = 0.5, beta: float = 0.5,
-                 pooling_multiplier: int = 2, bias_aware: bool = True,
-                 input_interval: Sequence[float] | None = DEFAULT_INPUT_INTERVAL,
-                 input_shape: Sequence[int] | None = None, pretrain: bool = True,
-                 finetune: bool = False, compensate: bool = True, fold_bn: bool = True,
-                 min_channels: int = 1,
-                 exclude: Sequence[str] = ()) -> None:
-        super().__init__()
-        for key, value in (("conv_ratio", conv_ratio), ("dense_ratio", dense_ratio)):
-            if not 0.0 <= float(value) < 1.0:
-                raise ValueError(f"{key} must be a fraction in [0, 1), got {value}")
-        if not 0.0 < float(step) <= 1.0:
-            raise ValueError(f"step must be in (0, 1], got {step}")
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if int(pooling_multiplier) < 1:
-            raise ValueError(f"pooling_multiplier must be >= 1, got {pooling_multiplier}")
-        interval = None if input_interval is None else tuple(float(v) for v in input_interval)
-        if interval is not None and (len(interval) != 2 or not interval[0] < interval[1]):
-            raise ValueError(f"input_interval must be (lo, hi) with lo < hi, got {input_interval}")
-        if int(min_channels) < 1:
-            raise ValueError(f"min_channels must be >= 1, got {min_channels}")
-        self.conv_ratio = float(conv_ratio)
-        self.dense_ratio = float(dense_ratio)
-        self.step = float(step)
-        self.mode = mode
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.pooling_multiplier = int(pooling_multiplier)
-        self.bias_aware = bool(bias_aware)
-        self.input_interval = None if interval is None else list(interval)
-        self.input_shape = None if input_shape is None else [int(s) for s in input_shape]
-        self.pretrain = bool(pretrain)
-        self.finetune = bool(finetune)
-        self.compensate = bool(compensate)
-        self.fold_bn = bool(fold_bn)
-        self.min_channels = int(min_channels)
-        self.exclude = list(exclude)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._interval: tuple[float, float] | None = self.settings.input_interval
+        self._shape: tuple[int, ...] | None = self.settings.input_shape
         self.report: dict[str, Any] = {}
 
     # -------------------------------------------------------------------------- protocol
     def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
         phases = [Phase("pretrain", epochs, prunes=False)] if self.pretrain and epochs > 0 else []
         if self.finetune and finetune_epochs > 0:
-            phases.append(Phase("finetune", finetune_epochs, prunes=False))
+            phases.append(Phase("finetune", finetune_epochs, prunes=False, recovers=True))
         return phases
 
     def setup(self, model: nn.Module, datamodule: Any | None = None) -> None:
-        """Record the input shape (from ``datamodule.input_shape`` if given: no sample is read)."""
+        """Record the input shape and box (from the data module when given: no sample is read)."""
         super().setup(model, datamodule)
-        if self.input_interval is None:
+        if self._interval is None:
             # From the data module's statistics (no sample is read), else the library default.
             box = getattr(datamodule, "input_range", None) if datamodule is not None else None
-            self.input_interval = list(box if box is not None else DEFAULT_INPUT_INTERVAL)
+            self._interval = tuple(box) if box is not None else DEFAULT_INPUT_INTERVAL
         shape = getattr(datamodule, "input_shape", None) if datamodule is not None else None
         if shape:
-            self.input_shape = [int(s) for s in shape]
-        if self.input_shape is None:
+            self._shape = tuple(int(s) for s in shape)
+        if self._shape is None:
             raise ValueError("paoding needs input_shape=(C, H, W) when no data module is given")
 
     def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:
         # Prune right after pretraining so a fine-tune phase trains the pruned model.
         if phase.name == "pretrain" and self.finetune and self.masks is None:
+            self.prune(model)
+
+    def on_phase_start(self, model: nn.Module, phase: Phase, index: int) -> None:
+        # No pretraining phase (the model came trained): prune before fine-tuning it.
+        if phase.name == "finetune" and self.masks is None:
             self.prune(model)
 
     def finalize(self, model: nn.Module) -> MaskSet:
@@ -372,16 +438,36 @@ class PAODING(PruningMethod):
     @torch.no_grad()
     def prune(self, model: nn.Module) -> MaskSet:
         """Sampling, reconstruction and masks for surgery; changes ``model`` in place."""
-        if self.input_shape is None:
+        if self._shape is None:
             raise ValueError("paoding: call setup(model) first or pass input_shape=(C, H, W)")
-        shape = tuple(self.input_shape)
+        shape = tuple(self._shape)
         groups = channel_groups(model, shape)
         masks = MaskSet()
-        removed_conv = self._sample_convolutions(model, groups, masks, shape)
-        compensated = self._compensate(model, groups, masks, shape) if self.compensate and len(masks) else 0
-        if len(masks):
-            complete_channel_masks(model, masks, shape, groups).apply(model)
-        merged = self._sample_dense(model, shape, masks)
+        removed_conv: dict[str, int] = {}
+        compensated = 0
+        done: set[tuple[str, int]] = set()  # (group root, channel) already compensated
+
+        def conv_stage(ratio: float) -> None:
+            nonlocal compensated
+            removed_conv.update(self._sample_convolutions(model, groups, masks, ratio))
+            if self.compensate and len(masks):
+                compensated += self._compensate(model, groups, masks, shape, done)
+            if len(masks):
+                complete_channel_masks(model, masks, shape, groups).apply(model)
+
+        calls, x_id = _trace_calls(model, shape)
+        states = self._dense_states(model, calls, groups)
+        if self.stepwise_conv and self.conv_ratio > 0:
+            iterations = math.ceil(max(self.conv_ratio, self.dense_ratio) / self.step)
+            for t in range(1, iterations + 1):
+                conv_stage(min(self.conv_ratio, t * self.step))
+                self._dense_iteration(model, states, masks, groups, calls, x_id, shape, refresh_box=True)
+        else:
+            conv_stage(self.conv_ratio)
+            for _ in range(math.ceil(self.dense_ratio / self.step)):
+                if not self._dense_iteration(model, states, masks, groups, calls, x_id, shape):
+                    break
+        merged = self._finish_dense(states, masks)
         if len(masks):
             masks = complete_channel_masks(model, masks, shape, groups)
             masks.apply(model)
@@ -392,28 +478,19 @@ class PAODING(PruningMethod):
         masks.metadata["paoding"] = self.report
         self.masks = masks
         log.info("paoding: removed %d conv channels in %d groups, merged %d dense neurons in %d "
-                 "layers (mode %s)", sum(removed_conv.values()), len(removed_conv),
-                 sum(v["merged"] for v in merged.values()), len(merged), self.mode)
+                 "layers (mode %s%s)", sum(removed_conv.values()), len(removed_conv),
+                 sum(v["merged"] for v in merged.values()), len(merged), self.mode,
+                 ", stepwise convolutions" if self.stepwise_conv else "")
         return masks
 
     def _sample_convolutions(self, model: nn.Module, groups: list[ChannelGroup],
-                             masks: MaskSet, shape: tuple[int, ...]) -> dict[str, int]:
-        """L1-per-weight filter removal, one decision per coupled group."""
-        if self.conv_ratio <= 0:
+                             masks: MaskSet, ratio: float) -> dict[str, int]:
+        """L1-per-weight filter removal to ``ratio`` of each coupled group (cumulative: channels
+        already removed score 0 and stay removed)."""
+        if ratio <= 0:
             return {}
         modules = dict(model.named_modules())
-        bn_scale: dict[str, Tensor] = {}
-        if self.fold_bn:  # the BatchNorm reading each producer's output, folded into its filters
-            calls, _ = _trace_calls(model, shape)
-            reader = {c.inp: c for c in calls}
-            for c in calls:
-                nxt = reader.get(c.out)
-                if isinstance(c.module, _CONV_TYPES) and nxt is not None and isinstance(nxt.module, _BN):
-                    bn = nxt.module
-                    scale = 1.0 / torch.sqrt(bn.running_var.double() + bn.eps)
-                    if bn.weight is not None:
-                        scale = scale * bn.weight.detach().double().abs()
-                    bn_scale[c.name] = scale.cpu()
+        criterion = "l1_bn" if self.fold_bn else "l1"
         removed: dict[str, int] = {}
         for group in groups:
             if not group.prunable or not group.producers:
@@ -422,14 +499,8 @@ class PAODING(PruningMethod):
                 continue
             if any(self._excluded(p) for p in group.producers):
                 continue
-            scores = torch.zeros(group.size, dtype=torch.float64)
-            for name, index in group.producers.items():
-                w = modules[name].weight.detach()
-                per_filter = w.abs().reshape(w.shape[0], -1).sum(1).double().cpu() / w[0].numel()
-                if name in bn_scale:
-                    per_filter = per_filter * bn_scale[name]
-                scores += per_filter[index]
-            count = min(math.ceil(self.conv_ratio * group.size), group.size - self.min_channels)
+            scores = channel_scores(model, group, criterion)
+            count = min(math.ceil(ratio * group.size - 1e-9), group.size - self.min_channels)
             if count <= 0:
                 continue
             drop = torch.argsort(scores, stable=True)[:count]
@@ -437,15 +508,16 @@ class PAODING(PruningMethod):
                 key = f"{name}.weight"
                 keep = masks.masks[key].clone() if key in masks else torch.ones(
                     modules[name].weight.shape[0], dtype=torch.bool, device=modules[name].weight.device)
-                keep[index[drop].to(keep.device)] = False
+                picked = index[drop]
+                keep[picked[picked >= 0].to(keep.device)] = False
                 masks.set(key, keep, "channel")
             removed[group.root] = int(count)
         return removed
 
     @torch.no_grad()
     def _compensate(self, model: nn.Module, groups: list[ChannelGroup], masks: MaskSet,
-                    shape: tuple[int, ...]) -> int:
-        """Fold each removed channel's expected activation into its consumers (data-free).
+                    shape: tuple[int, ...], done: set[tuple[str, int]]) -> int:
+        """Fold each newly removed channel's expected activation into its consumers (data-free).
 
         For a channel ``Conv -> BatchNorm(gamma, beta) -> ReLU`` the BatchNorm output has mean
         ``beta`` and standard deviation ``|gamma|`` over the data it was trained on; modelled as
@@ -455,13 +527,14 @@ class PAODING(PruningMethod):
         or subtracted from the running mean of the BatchNorm that follows them when they have
         none. Exact for dense consumers, approximate at a convolution's zero-padded border.
         Single-producer groups only (a residual stream's post-add activation is not modelled).
-        Returns the number of channels compensated.
+        ``done`` holds the channels compensated before (stepwise mode); it is updated.
+        Returns the number of channels compensated now.
         """
         modules = dict(model.named_modules())
         calls, _ = _trace_calls(model, shape)
         reader = {c.inp: c for c in calls}  # tensor id -> the call that reads it
         by_name = {c.name: c for c in calls}
-        done = 0
+        count = 0
         for group in groups:
             if len(group.producers) != 1 or len(group.norms) > 1:
                 continue
@@ -469,10 +542,12 @@ class PAODING(PruningMethod):
             key = f"{producer}.weight"
             if key not in masks or producer not in by_name:
                 continue
-            dropped = torch.nonzero(~masks.masks[key].cpu()[index]).flatten()
-            if dropped.numel() == 0:
+            dropped = [int(c) for c in torch.nonzero(~masks.masks[key].cpu()[index]).flatten()
+                       if (group.root, int(c)) not in done]
+            if not dropped:
                 continue
-            bn_name = next(iter(group.norms), None)
+            dropped_t = torch.tensor(dropped, dtype=torch.long)
+            bn_name = group.norm_after.get(producer)
             after = reader.get(by_name[producer].out)
             if bn_name is None or after is None or after.name != bn_name:
                 continue  # the channel's distribution is only known through its BatchNorm
@@ -480,8 +555,8 @@ class PAODING(PruningMethod):
             if bn.weight is None:
                 continue
             act = reader.get(after.out)
-            beta = bn.bias.detach().double()[group.norms[bn_name][dropped]]
-            gamma = bn.weight.detach().double()[group.norms[bn_name][dropped]].abs().clamp_min(1e-12)
+            beta = bn.bias.detach().double()[group.norms[bn_name][dropped_t]]
+            gamma = bn.weight.detach().double()[group.norms[bn_name][dropped_t]].abs().clamp_min(1e-12)
             if act is not None and isinstance(act.module, nn.ReLU):
                 z = beta / gamma
                 normal = torch.distributions.Normal(torch.zeros_like(z), torch.ones_like(z))
@@ -491,7 +566,7 @@ class PAODING(PruningMethod):
             else:
                 continue
             value = torch.zeros(group.size, dtype=torch.float64, device=mean.device)
-            value[dropped.to(mean.device)] = mean
+            value[dropped_t.to(mean.device)] = mean
             for name, (root_idx, in_idx) in group.consumers.items():
                 consumer = modules[name]
                 if isinstance(consumer, _CONV_TYPES) and consumer.groups != 1:
@@ -499,12 +574,13 @@ class PAODING(PruningMethod):
                 w = consumer.weight.detach().double()
                 per_input = w.reshape(w.shape[0], w.shape[1], -1).sum(-1)  # (out, in)
                 shift = (per_input[:, in_idx.to(w.device)] * value[root_idx].to(w.device)[None]).sum(1)
-                self._shift_output(model, modules, calls, reader, name, shift)
-            done += int(dropped.numel())
-        return done
+                self._shift_output(modules, calls, reader, name, shift)
+            done.update((group.root, c) for c in dropped)
+            count += len(dropped)
+        return count
 
     @staticmethod
-    def _shift_output(model: nn.Module, modules: dict[str, nn.Module], calls: list[_Call],
+    def _shift_output(modules: dict[str, nn.Module], calls: list[_Call],
                       reader: dict[int, _Call], name: str, shift: Tensor) -> None:
         """Add ``shift`` to module ``name``'s output: to its bias, else through its BatchNorm."""
         consumer = modules[name]
@@ -516,19 +592,32 @@ class PAODING(PruningMethod):
         if follower is not None and isinstance(follower.module, _BN) and follower.module.running_mean is not None:
             follower.module.running_mean.sub_(shift.to(follower.module.running_mean.dtype))
 
+    def _propagate_box(self, module: nn.Module, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor] | None:
+        """:func:`_propagate`, then (``box_sigmas``) a BatchNorm's output box intersected with
+        ``beta +- box_sigmas * |gamma|``."""
+        out = _propagate(_as_double(module), lo, hi)
+        if out is None or self.box_sigmas is None or not isinstance(module, _BN) or module.weight is None:
+            return out
+        lo, hi = out
+        shape = (1, -1) + (1,) * (lo.dim() - 2)
+        beta = module.bias.detach().double().reshape(shape)
+        spread = self.box_sigmas * module.weight.detach().double().abs().reshape(shape)
+        new_lo, new_hi = torch.maximum(lo, beta - spread), torch.minimum(hi, beta + spread)
+        bad = new_lo > new_hi  # disjoint: the statistical box is the better guess
+        return torch.where(bad, beta - spread, new_lo), torch.where(bad, beta + spread, new_hi)
+
     def _chain_input_box(self, calls: list[_Call], x_id: int, chain: _DenseChain,
                          shape: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor] | None:
-        """Interval box of the chain's first Linear input, propagated from ``input_interval``
+        """Interval box of the chain's first Linear input, propagated from the input box
         through the modules before it (None when they are not a plain chain of supported ops)."""
-        box_lo, box_hi = self.input_interval or DEFAULT_INPUT_INTERVAL  # None when setup() was skipped
+        box_lo, box_hi = self._interval or DEFAULT_INPUT_INTERVAL  # None when setup() was skipped
         lo = torch.full((1, *shape), box_lo, device=device, dtype=torch.float64)
         hi = torch.full((1, *shape), box_hi, device=device, dtype=torch.float64)
         last = x_id
         for call in calls[: chain.start]:
             if call.inp != last:
                 return None
-            module = call.module
-            out = _propagate(_as_double(module), lo, hi)
+            out = self._propagate_box(call.module, lo, hi)
             if out is None:
                 return None
             lo, hi = out
@@ -537,50 +626,63 @@ class PAODING(PruningMethod):
             return None
         return lo.reshape(-1), hi.reshape(-1)
 
-    def _sample_dense(self, model: nn.Module, shape: tuple[int, ...], masks: MaskSet) -> dict[str, dict[str, int]]:
+    def _dense_states(self, model: nn.Module, calls: list[_Call], groups: list[ChannelGroup]) -> list[_DenseState]:
+        """The dense chains to merge in, each cut where a hidden output has another reader."""
         if self.dense_ratio <= 0:
-            return {}
-        calls, x_id = _trace_calls(model, shape)
-        chains = _dense_chains(calls)
+            return []
         modules = dict(model.named_modules())
+        by_producer = {p: g for g in groups for p in g.producers}
+        states = []
+        for chain in _dense_chains(calls):
+            for piece in _single_reader_pieces(chain, by_producer):
+                piece.start = next(i for i, c in enumerate(calls) if c.name == piece.linears[0])
+                linears: list[nn.Linear] = [modules[n] for n in piece.linears]  # type: ignore[misc]
+                acts = [modules[a] if a is not None else None for a in piece.acts]
+                hidden = [k for k in range(len(linears) - 1) if not self._excluded(piece.linears[k])]
+                states.append(_DenseState(
+                    piece, linears, acts, hidden,
+                    alive={k: torch.ones(linears[k].out_features, dtype=torch.bool) for k in hidden},
+                    targets={k: min(math.ceil(self.dense_ratio * linears[k].out_features),
+                                    linears[k].out_features - self.min_channels) for k in hidden},
+                    done={k: 0 for k in hidden}, cumulative={k: None for k in hidden}))
+        return states
+
+    def _dense_iteration(self, model: nn.Module, states: list[_DenseState], masks: MaskSet,
+                         groups: list[ChannelGroup], calls: list[_Call], x_id: int,
+                         shape: tuple[int, ...], refresh_box: bool = False) -> bool:
+        """One merging step (``step`` of each hidden layer) in every chain; False if nothing moved."""
         device = next(model.parameters()).device
-        merged: dict[str, dict[str, int]] = {}
-        for chain in chains:
-            linears: list[nn.Linear] = [modules[n] for n in chain.linears]  # type: ignore[misc]
-            acts = [modules[a] if a is not None else None for a in chain.acts]
-            box = None
-            if self.mode == "impact":
-                box = self._chain_input_box(calls, x_id, chain, shape, device)
-                if box is None:
+        progressed = False
+        dead_in = removed_inputs(model, masks, groups) if len(masks) else {}
+        for st in states:
+            if self.mode == "impact" and (st.box is None or refresh_box):
+                st.box = self._chain_input_box(calls, x_id, st.chain, shape, device)
+                if st.box is None and not getattr(st, "_warned", False):
                     log.warning("paoding: the layers before %s are not a plain chain of supported "
-                                "modules; its pairs are ranked by saliency only (baseline)", chain.linears[0])
-            hidden = [k for k in range(len(linears) - 1) if not self._excluded(chain.linears[k])]
-            alive = {k: torch.ones(linears[k].out_features, dtype=torch.bool) for k in hidden}
-            targets = {k: min(math.ceil(self.dense_ratio * linears[k].out_features),
-                              linears[k].out_features - self.min_channels) for k in hidden}
-            done = {k: 0 for k in hidden}
-            cumulative = {k: None for k in hidden}
-            iterations = math.ceil(self.dense_ratio / self.step)
-            for _ in range(iterations):
-                progressed = False
-                for k in hidden:
-                    n = linears[k].out_features
-                    want = min(math.ceil(self.step * n), targets[k] - done[k])
-                    if want <= 0:
-                        continue
-                    pairs = self._merge_step(linears, acts, k, alive[k], want, box, cumulative)
-                    for i, j in pairs:
-                        merge_neurons(linears[k + 1], i, j)
-                        alive[k][j] = False
-                    done[k] += len(pairs)
-                    progressed = progressed or bool(pairs)
-                if not progressed:
-                    break
-            for k in hidden:
-                if done[k]:
-                    w = linears[k].weight
-                    masks.set(f"{chain.linears[k]}.weight", alive[k].to(w.device), "channel")
-                    merged[chain.linears[k]] = {"merged": done[k], "neurons": linears[k].out_features}
+                                "modules; its pairs are ranked by saliency only (baseline)", st.chain.linears[0])
+                    st._warned = True  # type: ignore[attr-defined]
+            for k in st.hidden:
+                n = st.linears[k].out_features
+                want = min(math.ceil(self.step * n), st.targets[k] - st.done[k])
+                if want <= 0:
+                    continue
+                live_cols = ~dead_in.get(st.chain.linears[k], torch.zeros(st.linears[k].in_features, dtype=torch.bool))
+                pairs = self._merge_step(st, k, want, live_cols)
+                for i, j in pairs:
+                    merge_neurons(st.linears[k + 1], i, j)
+                    st.alive[k][j] = False
+                st.done[k] += len(pairs)
+                progressed = progressed or bool(pairs)
+        return progressed
+
+    def _finish_dense(self, states: list[_DenseState], masks: MaskSet) -> dict[str, dict[str, int]]:
+        merged: dict[str, dict[str, int]] = {}
+        for st in states:
+            for k in st.hidden:
+                if st.done[k]:
+                    w = st.linears[k].weight
+                    masks.set(f"{st.chain.linears[k]}.weight", st.alive[k].to(w.device), "channel")
+                    merged[st.chain.linears[k]] = {"merged": st.done[k], "neurons": st.linears[k].out_features}
         return merged
 
     def _activation_boxes(self, linears: list[nn.Linear], acts: list[nn.Module | None],
@@ -596,14 +698,17 @@ class PAODING(PruningMethod):
             out.append((lo, hi))
         return out
 
-    def _merge_step(self, linears: list[nn.Linear], acts: list[nn.Module | None], k: int,
-                    alive: Tensor, want: int, box: tuple[Tensor, Tensor] | None,
-                    cumulative: dict[int, tuple[Tensor, Tensor] | None]) -> list[tuple[int, int]]:
-        """Choose up to ``want`` disjoint (keep, remove) pairs of layer ``k`` of the chain."""
+    def _merge_step(self, st: _DenseState, k: int, want: int, live_cols: Tensor) -> list[tuple[int, int]]:
+        """Choose up to ``want`` disjoint (keep, remove) pairs of layer ``k`` of the chain.
+
+        ``live_cols``: the layer's input columns that still carry a signal (columns reading a
+        removed channel are left out of the incoming-weight distance)."""
+        linears, acts, box, cumulative = st.linears, st.acts, st.box, st.cumulative
         layer, consumer = linears[k], linears[k + 1]
-        sal = pair_saliency(layer.weight.detach().cpu(), None if layer.bias is None else layer.bias.detach().cpu(),
+        w = layer.weight.detach().cpu()[:, live_cols]
+        sal = pair_saliency(w, None if layer.bias is None else layer.bias.detach().cpu(),
                             consumer.weight.detach().cpu(), self.bias_aware)
-        dead = ~alive
+        dead = ~st.alive[k]
         sal[dead, :] = math.inf
         sal[:, dead] = math.inf
         pool = want * (self.pooling_multiplier if box is not None else 1)
@@ -622,37 +727,66 @@ class PAODING(PruningMethod):
         if box is None or len(candidates) <= want:
             chosen = candidates[:want]
             if box is not None and chosen:
-                self._add_impact(linears, acts, k, chosen, box, cumulative)
+                self._add_impact(st, k, chosen)
             return chosen
-        boxes = self._activation_boxes(linears, acts, box)
-        in_box = box if k == 0 else boxes[k - 1]
-        a = consumer.weight.detach().double()
+        scores = self.candidate_impacts(st, k, candidates)
+        ranked = sorted(range(len(candidates)), key=lambda c: (scores[c], c))
+        chosen = [candidates[c] for c in ranked[:want]]
+        self._add_impact(st, k, chosen)
+        return chosen
+
+    def candidate_impacts(self, st: _DenseState, k: int, candidates: list[tuple[int, int]]) -> list[float]:
+        """Impact score of merging each ``(i, j)`` of layer ``k`` (lower = safer)."""
+        assert st.box is not None
+        linears, acts = st.linears, st.acts
+        boxes = self._activation_boxes(linears, acts, st.box)
+        in_box = st.box if k == 0 else boxes[k - 1]
+        a = linears[k + 1].weight.detach().double()
         rest = [(acts[m], linears[m + 1]) for m in range(k + 1, len(linears) - 1)]
-        cum = cumulative[k]
+        out_lo, out_hi = boxes[-1]
+        reference = float((out_hi - out_lo).sum())
+        cum = st.cumulative[k]
         scores = []
         for i, j in candidates:
-            diff = _pair_difference(layer, acts[k], in_box, boxes[k], i, j)
+            diff = _pair_difference(linears[k], acts[k], in_box, boxes[k], i, j)
             d_lo, d_hi = _merge_delta(a, diff, j)
             if cum is not None:
                 d_lo, d_hi = d_lo + cum[0], d_hi + cum[1]
-            scores.append(output_impact(d_lo, d_hi, rest, self.alpha, self.beta))
-        ranked = sorted(range(len(candidates)), key=lambda c: (scores[c], c))
-        chosen = [candidates[c] for c in ranked[:want]]
-        self._add_impact(linears, acts, k, chosen, box, cumulative, boxes)
-        return chosen
+            scores.append(output_impact(d_lo, d_hi, rest, self.alpha, self.beta, self.impact_scale, reference))
+        return scores
 
-    def _add_impact(self, linears: list[nn.Linear], acts: list[nn.Module | None], k: int,
-                    chosen: list[tuple[int, int]], box: tuple[Tensor, Tensor],
-                    cumulative: dict[int, tuple[Tensor, Tensor] | None],
-                    boxes: list[tuple[Tensor, Tensor]] | None = None) -> None:
-        boxes = boxes or self._activation_boxes(linears, acts, box)
-        in_box = box if k == 0 else boxes[k - 1]
-        a = linears[k + 1].weight.detach().double()
+    def _add_impact(self, st: _DenseState, k: int, chosen: list[tuple[int, int]]) -> None:
+        assert st.box is not None
+        boxes = self._activation_boxes(st.linears, st.acts, st.box)
+        in_box = st.box if k == 0 else boxes[k - 1]
+        a = st.linears[k + 1].weight.detach().double()
         for i, j in chosen:
-            diff = _pair_difference(linears[k], acts[k], in_box, boxes[k], i, j)
+            diff = _pair_difference(st.linears[k], st.acts[k], in_box, boxes[k], i, j)
             d_lo, d_hi = _merge_delta(a, diff, j)
-            cum = cumulative[k]
-            cumulative[k] = (d_lo, d_hi) if cum is None else (cum[0] + d_lo, cum[1] + d_hi)
+            cum = st.cumulative[k]
+            st.cumulative[k] = (d_lo, d_hi) if cum is None else (cum[0] + d_lo, cum[1] + d_hi)
+
+
+def _single_reader_pieces(chain: _DenseChain, by_producer: dict[str, ChannelGroup]) -> list[_DenseChain]:
+    """Split a dense chain where a hidden layer's output has a reader besides the next Linear
+    (a skip, a second head, a functional use): merging a neuron into its partner rewrites only
+    the next Linear's weights, so every other reader would see the change. The readers come
+    from the dependency graph's channel groups (surgery's), not from module-call order."""
+    pieces: list[_DenseChain] = []
+    start = 0
+    for k in range(len(chain.linears) - 1):
+        group = by_producer.get(chain.linears[k])
+        single = (group is not None and set(group.producers) == {chain.linears[k]}
+                  and set(group.consumers) == {chain.linears[k + 1]})
+        if not single:
+            if k + 1 - start >= 2:
+                pieces.append(_DenseChain(chain.linears[start:k + 1], chain.acts[start:k + 1], chain.start))
+            log.warning("paoding: %s has readers besides %s; its neurons are not merged",
+                        chain.linears[k], chain.linears[k + 1])
+            start = k + 1
+    if len(chain.linears) - start >= 2:
+        pieces.append(_DenseChain(chain.linears[start:], chain.acts[start:], chain.start))
+    return pieces
 
 
 def _pair_difference(layer: nn.Linear, act: nn.Module | None, in_box: tuple[Tensor, Tensor],

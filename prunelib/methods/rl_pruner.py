@@ -1,10 +1,12 @@
-"""RL-Pruner: learn *where* to remove filters, then recover with knowledge distillation.
+"""RL-Pruner: learn *where* to remove filters, recover with knowledge distillation.
 
 After Wang & Kindratenko, "RL-Pruner" (arXiv 2411.06463; reference/algorithms.md section 5).
 The learned object is a categorical distribution ``PD`` over the prunable channel groups (one
 entry per coupled group of :func:`prunelib.surgery.channel_groups`: a Conv/Linear layer's output
 channels plus everything DepGraph ties to them, so the paper's "cluster adjustment" of residual
-layers is built in). Which channels go *within* a group is a fixed criterion (``l1`` default).
+layers is built in). Which channels go *within* a group is a fixed criterion (``l1`` default,
+``taylor`` the paper's), recomputed on the current model at every step; channels removed before
+stay removed.
 
 Per pruning step (``prune_steps`` steps; step ``s`` brings the removed count to
 ``round(target * s / prune_steps)``, so the last step lands exactly on the target):
@@ -13,47 +15,50 @@ Per pruning step (``prune_steps`` steps; step ``s`` brings the removed count to
    ``normalise(clamp(PD + N(0, I) * noise_var * U(0, 1), >= 1e-5))`` (one uniform scalar per
    sample, as in the reference code); each one allocates the step's removals over the groups
    (largest remainder, capped at what a group can still lose) and is scored on **validation**
-   batches: ``Q = val_acc + flop_coef * flops_reduction + param_coef * params_reduction``
+   batches of the *current* model (the weights the last recovery left):
+   ``Q = val_acc + flop_coef * flops_reduction + param_coef * params_reduction``
    (accuracy a fraction; reductions are fractions of the *dense* model's FLOPs per sample and
-   parameters, computed analytically from the kept channels: exactly what surgery would give
-   for Conv/Linear FLOPs, see :meth:`RLPruner.estimated_cost`);
+   parameters of the physically cut candidate, from :func:`prunelib.flops.pruned_cost`: what
+   surgery and the FLOP counter give, depthwise layers included). With ``bn_recalibration`` a
+   candidate's BatchNorm statistics are first re-estimated on a few training batches;
 2. discounted look-ahead (``lookahead_depth`` > 1): from each candidate, ``sample_num`` children
    are drawn for the *next* step around the same ``PD`` and scored the same way, recursively;
    a candidate's value is ``Q + discount * max(child values)``. Our reading of the reference
    code's DFS: the tree is a one-step-greedy rollout estimate of the value of a state, never
-   deeper than the steps that remain (looking past the target removes channels the run will
-   never remove); depth 1 = no look-ahead;
+   deeper than the steps that remain; depth 1 = no look-ahead;
 3. when a round's best value beats the step's best so far, the distribution moves toward that
    best sample: ``PD' = PD + step_length * (PD* - PD)``, the ratio ``PD'/PD`` clipped to
    ``[1 - ppo_clip, 1 + ppo_clip]`` (the paper's PPO-style clip), floored at 1e-5 (never below
    zero) and renormalised (:func:`update_distribution`);
 4. the step commits the best candidate seen (or, with probability ``greedy_epsilon``, a random
    one of the kept ``sample_num`` best), and records ``PD`` in :attr:`RLPruner.distribution_history`.
-   If the committed candidate's validation accuracy fell by more than ``reset_drop``
-   (relative) from the previous step, ``PD`` is reset to be proportional to the channels the
-   groups have left (the reference code's reset).
+   If the committed candidate's validation accuracy is more than ``reset_drop`` (relative)
+   below the accuracy the step started from, ``PD`` is reset to be proportional to the channels
+   the groups have left and the step is sampled once more from there; the better search is
+   committed. (The reference code resets and resamples. Comparing with the previous step's
+   *unrecovered* accuracy, as an earlier port did, triggered the reset at every step and threw
+   the learned distribution away each time.)
 
-The search runs once, after the dense model was trained for the trial's epochs (a ``pretrain``
-phase, like PAODING's stand-in for a pretrained checkpoint); weights do not change during it,
-only the masks. Recovery is a KD fine-tune phase of the trial's ``finetune_epochs``: a frozen
-copy of the unpruned model is the teacher, and :meth:`RLPruner.distillation_loss` adds
-``kd_weight * T**2 * KL(softmax(teacher / T) || softmax(student / T))`` to the runner's
-cross-entropy. The paper's loss is ``(1 - stu_co) * KD + stu_co * CE``; here CE keeps weight 1,
-so the paper's function default (soft 0.75, CE 0.25) is ``kd_weight = 3``.
+Phases: the dense model is first trained for the trial's epochs (a ``pretrain`` phase, a stand-in
+for a pretrained checkpoint); then the steps run, and after every ``post_train_period`` steps a
+``recover{s}`` phase of ``recover_epochs`` epochs trains the pruned model with knowledge
+distillation (the authors post-train every ``post_train_period`` steps); the last step is
+followed by the trial's ``finetune_epochs``, also distilled. The teacher is a frozen copy of the
+unpruned model; :meth:`RLPruner.distillation_loss` adds ``kd_weight * T**2 *
+KL(softmax(teacher / T) || softmax(student / T))`` to the runner's cross-entropy. The paper's
+loss is ``(1 - stu_co) * KD + stu_co * CE``; here CE keeps weight 1, so the paper's function
+default (soft 0.75, CE 0.25) is ``kd_weight = 3``. Epochs trained: ``epochs + recover_epochs *
+recoveries + finetune_epochs``.
 
 Differences from the reference code, all decisions of pitfalls 5.4: the reward reads a
 validation split (the code reads the test loader); dependencies come from DepGraph rather than
-tensor-equality tracing; FLOPs/params of candidates are computed analytically rather than
-profiled; the within-layer criterion is ``l1`` (raw, the paper's ``l1`` strategy), ``l1_bn``
-(L1 times the following BatchNorm's ``|gamma| / sigma``), ``l2`` or ``random`` (the paper's
-Taylor criterion needs gradients on a calibration set and is not implemented); KD happens once,
-after the search (the code post-trains every ``post_train_period`` steps during the search,
-which here would need the runner inside the method); the teacher is not swapped for a better
-student.
+tensor-equality tracing; FLOPs/params of candidates come from the library's FLOP counts rather
+than a profiler run per candidate; the teacher is not swapped for a better student.
 
-Cost: ``prune_steps * rl_epochs * sum_{d < depth} sample_num ** (d + 1)`` candidate evaluations,
-each over ``ceil(eval_samples / eval_batch_size)`` validation batches, counted in
-``self.cost.extra_forward_passes`` (the KD teacher's forward passes during fine-tuning too).
+Cost: ``prune_steps * rl_epochs * sum_{d < depth} sample_num ** (d + 1)`` candidate evaluations
+plus one evaluation of the starting point per step, each over ``ceil(eval_samples /
+eval_batch_size)`` validation batches (and ``bn_recalibration`` training batches), counted in
+``self.cost.extra_forward_passes`` (the KD teacher's forward passes during recovery too).
 """
 
 from __future__ import annotations
@@ -72,17 +77,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from prunelib.flops import layer_flops, pruned_cost
+from prunelib.importance import CHANNEL_CRITERIA, channel_scores, taylor_scores
 from prunelib.masks import MaskSet
-from prunelib.methods.base import Phase, PruningMethod
+from prunelib.methods.base import MethodSettings, Phase, PruningMethod, set_field
+from prunelib.methods.baselines import check_fraction
 from prunelib.surgery import ChannelGroup, channel_groups, complete_channel_masks
 
-__all__ = ["RLPruner", "update_distribution", "noisy_distribution", "allocate_removals"]
+__all__ = ["RLPruner", "RLPrunerSettings", "update_distribution", "noisy_distribution", "allocate_removals"]
 
 log = logging.getLogger("prunelib")
 
 PROBABILITY_FLOOR = 1e-5  # the reference code's RL_PROBABILITY_LOWER_BOUND
-CRITERIA = ("l1", "l1_bn", "l2", "random")
+CRITERIA = CHANNEL_CRITERIA
 _PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,8 +178,65 @@ class _Candidate:
     removed: list[int]    # channels removed per group after this candidate's step
 
 
+@dataclass(frozen=True)
+class RLPrunerSettings(MethodSettings):
+    """RL-Pruner's settings (see :class:`RLPruner` for each one)."""
+
+    sparsity: float = 0.5
+    prune_steps: int = 3
+    rl_epochs: int = 2
+    sample_num: int = 4
+    lookahead_depth: int = 1
+    noise_var: float = 0.04
+    step_length: float = 0.5
+    ppo_clip: float = 0.2
+    discount: float = 0.9
+    flop_coef: float = 0.5
+    param_coef: float = 0.0
+    greedy_epsilon: float = 0.0
+    reset_drop: float | None = 0.1
+    criterion: str = "l1"
+    calibration_batches: int = 4
+    bn_recalibration: int = 0
+    eval_samples: int | None = 512
+    eval_batch_size: int = 256
+    post_train_period: int = 1
+    recover_epochs: int = 1
+    kd_temperature: float = 2.0
+    kd_weight: float = 1.0
+    pretrain: bool = True
+    min_channels: int = 1
+    seed: int = 0
+    input_shape: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        set_field(self, "sparsity", check_fraction("sparsity", self.sparsity))
+        for key, low in (("prune_steps", 1), ("rl_epochs", 1), ("sample_num", 1), ("lookahead_depth", 1),
+                         ("min_channels", 1), ("eval_batch_size", 1), ("calibration_batches", 1),
+                         ("bn_recalibration", 0), ("post_train_period", 0), ("recover_epochs", 0)):
+            if int(getattr(self, key)) < low:
+                raise ValueError(f"{key} must be >= {low}, got {getattr(self, key)}")
+            set_field(self, key, int(getattr(self, key)))
+        for key in ("step_length", "discount", "greedy_epsilon"):
+            set_field(self, key, check_fraction(key, getattr(self, key), high_closed=True))
+        set_field(self, "ppo_clip", check_fraction("ppo_clip", self.ppo_clip))
+        if float(self.noise_var) < 0 or float(self.kd_weight) < 0 or float(self.kd_temperature) <= 0:
+            raise ValueError("noise_var and kd_weight must be >= 0 and kd_temperature > 0")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {list(CRITERIA)}, got {self.criterion!r}")
+        if self.eval_samples is not None and int(self.eval_samples) < 1:
+            raise ValueError(f"eval_samples must be >= 1 or None, got {self.eval_samples}")
+        for key in ("noise_var", "flop_coef", "param_coef", "kd_temperature", "kd_weight"):
+            set_field(self, key, float(getattr(self, key)))
+        if self.reset_drop is not None:
+            set_field(self, "reset_drop", float(self.reset_drop))
+        if self.input_shape is not None:
+            set_field(self, "input_shape", tuple(int(v) for v in self.input_shape))
+        set_field(self, "seed", int(self.seed))
+
+
 class RLPruner(PruningMethod):
-    """RL-Pruner: a learned layer-wise channel-removal distribution, then KD fine-tuning.
+    """RL-Pruner: a learned layer-wise channel-removal distribution, KD recovery between steps.
 
     See the module doc for the algorithm. Produces ``"channel"`` masks on the producers of each
     prunable channel group (completed with their biases and BatchNorms), which
@@ -192,13 +258,24 @@ class RLPruner(PruningMethod):
         flop_coef, param_coef: reward weights of the FLOPs and parameter reductions (fractions
             of the dense model's) next to validation accuracy (a fraction).
         greedy_epsilon: probability of committing a random one of the kept best candidates.
-        reset_drop: relative validation-accuracy drop between steps that resets the distribution
-            (None = never).
-        criterion: which channels go within a group: ``l1`` (sum of |w| per weight, the filter
-            L1 of every producer), ``l1_bn`` (times the following BatchNorm's |gamma|/sigma),
-            ``l2`` or ``random``.
+        reset_drop: a committed candidate whose validation accuracy is more than this fraction
+            below the accuracy the step started from (the current, recovered model) resets the
+            distribution to the channels left, and the step is sampled once more from there;
+            the better of the two searches is committed (None = never).
+        criterion: which channels go within a group (:data:`prunelib.importance.CHANNEL_CRITERIA`):
+            ``l1`` (L1 per weight), ``l1_bn`` (times the following BatchNorm's
+            ``|gamma| / sigma``), ``l2``, ``taylor`` (the paper's: ``|w * dL/dw|`` on
+            ``calibration_batches`` training batches) or ``random``; recomputed on the current
+            model at every step.
+        calibration_batches: training batches of the Taylor gradient.
+        bn_recalibration: training batches run through each candidate (train mode, no
+            gradient) to re-estimate its BatchNorm statistics before it is scored (0 = none).
         eval_samples: validation samples scoring each candidate (None = the whole split).
         eval_batch_size: samples per evaluation forward pass.
+        post_train_period: a KD recovery phase of ``recover_epochs`` after every this many
+            steps (the authors' ``post_train_period``; 0 = no recovery between steps, only the
+            final fine-tune).
+        recover_epochs: epochs of each recovery phase.
         kd_temperature: distillation temperature T.
         kd_weight: weight of the KD term next to the cross-entropy (weight 1); 0 = plain fine-tune.
         pretrain: plan a ``"pretrain"`` phase of the trial's epochs before the search (False:
@@ -210,102 +287,75 @@ class RLPruner(PruningMethod):
 
     name = "rl_pruner"
     needs_data = True
+    Settings = RLPrunerSettings
 
-    def __init__(self, sparsity: float = 0.5, prune_steps: int = 3, rl_epochs: int = 2, sample_num: int = 4,
-                 lookahead_depth: int = 1, noise_var: float = 0.04, step_length: float = 0.5,
-                 ppo_clip: float = 0.2, discount: float = 0.9, flop_coef: float = 0.5,
-                 param_coef: float = 0.0, greedy_epsilon: float = 0.0, reset_drop: float | None = 0.1,
-                 criterion: str = "l1", eval_samples: int | None = 512, eval_batch_size: int = 256,
-                 kd_temperature: float = 2.0, kd_weight: float = 1.0, pretrain: bool = True,
-                 min_channels: int = 1, seed: int = 0, input_shape: Sequence[int] | None = None) -> None:
-        super().__init__()
-        if not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity}")
-        for key, value in (("prune_steps", prune_steps), ("rl_epochs", rl_epochs), ("sample_num", sample_num),
-                           ("lookahead_depth", lookahead_depth), ("min_channels", min_channels),
-                           ("eval_batch_size", eval_batch_size)):
-            if int(value) < 1:
-                raise ValueError(f"{key} must be >= 1, got {value}")
-        for key, value in (("step_length", step_length), ("discount", discount), ("greedy_epsilon", greedy_epsilon)):
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{key} must be in [0, 1], got {value}")
-        if not 0.0 <= float(ppo_clip) < 1.0:
-            raise ValueError(f"ppo_clip must be in [0, 1), got {ppo_clip}")
-        if float(noise_var) < 0 or float(kd_weight) < 0 or float(kd_temperature) <= 0:
-            raise ValueError("noise_var and kd_weight must be >= 0 and kd_temperature > 0")
-        if criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-        if eval_samples is not None and int(eval_samples) < 1:
-            raise ValueError(f"eval_samples must be >= 1 or None, got {eval_samples}")
-        self.sparsity = float(sparsity)
-        self.prune_steps = int(prune_steps)
-        self.rl_epochs = int(rl_epochs)
-        self.sample_num = int(sample_num)
-        self.lookahead_depth = int(lookahead_depth)
-        self.noise_var = float(noise_var)
-        self.step_length = float(step_length)
-        self.ppo_clip = float(ppo_clip)
-        self.discount = float(discount)
-        self.flop_coef = float(flop_coef)
-        self.param_coef = float(param_coef)
-        self.greedy_epsilon = float(greedy_epsilon)
-        self.reset_drop = None if reset_drop is None else float(reset_drop)
-        self.criterion = criterion
-        self.eval_samples = None if eval_samples is None else int(eval_samples)
-        self.eval_batch_size = int(eval_batch_size)
-        self.kd_temperature = float(kd_temperature)
-        self.kd_weight = float(kd_weight)
-        self.pretrain = bool(pretrain)
-        self.min_channels = int(min_channels)
-        self.seed = int(seed)
-        self.input_shape = None if input_shape is None else [int(s) for s in input_shape]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.report: dict[str, Any] = {}
-        # Private state (kept out of config()).
         self._datamodule: Any = None
+        self._shape: tuple[int, ...] | None = self.settings.input_shape
         self._groups: list[ChannelGroup] = []      # the prunable groups (the distribution's support)
         self._all_groups: list[ChannelGroup] = []  # every group, for mask completion
         self._candidates_evaluated = 0
         self._ranking: list[Tensor] = []        # per group: channel indices, least important first
+        self._distribution: Tensor | None = None
         self._distribution_history: list[list[float]] = []
         self._step_log: list[dict[str, Any]] = []
         self._teacher: nn.Module | None = None
         self._distilling = False
         self._val_batches: list[tuple[Tensor, Tensor]] = []
-        self._dense_state: dict[str, Tensor] = {}
+        self._train_batches: list[tuple[Tensor, Tensor]] = []
+        self._state: dict[str, Tensor] = {}
         self._work: nn.Module | None = None
-        self._layer_cost: dict[str, Any] = {}
+        self._dense: dict[str, Any] = {}
+        self._removed: list[int] = []
+        self._targets: list[int] = []
+        self._steps_done = 0
+        self._gen: torch.Generator | None = None
 
     # -------------------------------------------------------------------------- protocol
+    def _recovery_after(self) -> list[int]:
+        """The steps followed by a KD recovery phase (never the last: the fine-tune follows)."""
+        period = self.post_train_period
+        if period <= 0 or self.recover_epochs <= 0:
+            return []
+        return [s for s in range(1, self.prune_steps) if s % period == 0]
+
     def plan(self, epochs: int, finetune_epochs: int) -> list[Phase]:
         phases = [Phase("pretrain", epochs, prunes=False)] if self.pretrain and epochs > 0 else []
+        for step in self._recovery_after():
+            phases.append(Phase(f"recover{step}", self.recover_epochs, prunes=False, recovers=True))
         if finetune_epochs > 0:
-            phases.append(Phase("finetune", finetune_epochs, prunes=False))
+            phases.append(Phase("finetune", finetune_epochs, prunes=False, recovers=True))
         return phases
 
     def setup(self, model: nn.Module, datamodule: Any | None = None) -> None:
-        """Keep the data module (only its ``val_dataloader`` is read by the search)."""
+        """Keep the data module (the search reads its validation split; the training split only
+        for the Taylor criterion and BatchNorm recalibration)."""
         super().setup(model, datamodule)
         self._datamodule = datamodule
         shape = getattr(datamodule, "input_shape", None)
         if shape:
-            self.input_shape = [int(s) for s in shape]
-        if self.input_shape is None:
+            self._shape = tuple(int(s) for s in shape)
+        if self._shape is None:
             raise ValueError("rl_pruner needs input_shape=(C, H, W) (or a data module that has one)")
 
-    def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:
-        if phase.name == "pretrain":
-            self._ensure_pruned(model)
-        elif phase.name == "finetune":
-            self._distilling = False
-
     def on_phase_start(self, model: nn.Module, phase: Phase, index: int) -> None:
-        if phase.name == "finetune":
-            self._ensure_pruned(model)  # no pretrain phase: the model given is the trained one
-            self._distilling = self.kd_weight > 0 and self._teacher is not None
+        if phase.name.startswith("recover"):
+            self.run_steps(model, until=int(phase.name[len("recover"):]))
+        elif phase.name == "finetune":
+            self.run_steps(model)  # every step left (or all: the model given is the trained one)
+        else:
+            return
+        self._distilling = self.kd_weight > 0 and self._teacher is not None
+
+    def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:
+        if phase.recovers:
+            self._distilling = False
 
     def distillation_loss(self, model: nn.Module, inputs: Tensor, logits: Tensor) -> Tensor | None:
         """``kd_weight * T**2 * KL(softmax(teacher(x) / T) || softmax(logits / T))`` during the
-        fine-tune phase (batch mean); None otherwise."""
+        recovery and fine-tune phases (batch mean); None otherwise."""
         if not self._distilling or self._teacher is None:
             return None
         teacher = self._teacher
@@ -320,10 +370,11 @@ class RLPruner(PruningMethod):
         return self.kd_weight * t * t * kl
 
     def finalize(self, model: nn.Module) -> MaskSet:
-        """Run the search if no phase did, stop distilling, and return the channel masks."""
-        self._ensure_pruned(model)
+        """Run the steps no phase ran, stop distilling, and return the channel masks."""
+        self.run_steps(model)
         self._distilling = False
         self._teacher = None  # free the copy; the student is the result
+        self._work = None
         return super().finalize(model)
 
     # -------------------------------------------------------------------------- artifacts
@@ -381,64 +432,46 @@ class RLPruner(PruningMethod):
         plt.close(fig)
 
     # -------------------------------------------------------------------------- search
-    def _ensure_pruned(self, model: nn.Module) -> None:
-        if self.masks is None:
-            self.prune(model)
-
-    def _prepare(self, model: nn.Module) -> None:
-        """Groups, within-group ranking, per-layer dense costs, teacher and working copy."""
-        if self.input_shape is None:
+    def _start(self, model: nn.Module) -> None:
+        """Groups, dense costs, teacher, validation cache and the initial distribution."""
+        if self._shape is None:
             raise ValueError("rl_pruner: call setup(model, datamodule) first")
-        shape = tuple(self.input_shape)
+        shape = self._shape
         modules = dict(model.named_modules())
         self._all_groups = channel_groups(model, shape)
         order = {name: i for i, name in enumerate(modules)}  # distribution in network order
         self._groups = sorted((g for g in self._all_groups if g.prunable and g.producers
                                and all(isinstance(modules[p], _PRODUCERS) for p in g.producers)),
                               key=lambda g: order[g.root])
-        gen = torch.Generator().manual_seed(self.seed + 1)
-        self._ranking = [torch.argsort(self._channel_scores(model, g, modules, gen), stable=True)
-                         for g in self._groups]
-        from prunelib.flops import layer_flops  # lazy: keeps import order simple
-
         total_flops, per_layer = layer_flops(model, shape)
-        self._layer_cost = {"flops": per_layer, "total_flops": total_flops,
-                            "total_params": sum(p.numel() for p in model.parameters())}
+        self._dense = {"layers": (total_flops, per_layer), "flops": total_flops,
+                       "params": sum(p.numel() for p in model.parameters())}
         self._teacher = copy.deepcopy(model).eval()
         for p in self._teacher.parameters():
             p.requires_grad_(False)
-        self._dense_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self._work = copy.deepcopy(model).eval()
+        self._read_data()
+        sizes = torch.tensor([g.size for g in self._groups], dtype=torch.float64)
+        total = int(sizes.sum())
+        target = min(int(round(self.sparsity * total)), total - self.min_channels * len(self._groups))
+        self._targets = [int(round(target * s / self.prune_steps)) for s in range(1, self.prune_steps + 1)]
+        self._gen = torch.Generator().manual_seed(self.seed)
+        self._distribution = sizes / sizes.sum() if total else sizes
+        self._distribution_history = [self._distribution.tolist()]
+        self._step_log = []
+        self._removed = [0] * len(self._groups)
+        self._ranking = []
+        self._steps_done = 0
 
-    def _channel_scores(self, model: nn.Module, group: ChannelGroup, modules: dict[str, nn.Module],
-                        gen: torch.Generator) -> Tensor:
-        """Importance of each channel of ``group`` (lower = removed first)."""
-        if self.criterion == "random":
-            return torch.rand(group.size, generator=gen, dtype=torch.float64)
-        scores = torch.zeros(group.size, dtype=torch.float64)
-        for name, index in group.producers.items():
-            w = modules[name].weight.detach().double().cpu()
-            flat = w.reshape(w.shape[0], -1)
-            per = flat.abs().sum(1) if self.criterion != "l2" else flat.pow(2).sum(1).sqrt()
-            scores += (per / flat.shape[1])[index]
-        if self.criterion == "l1_bn" and group.norms:
-            scale = torch.zeros(group.size, dtype=torch.float64)
-            for name, index in group.norms.items():
-                bn = modules[name]
-                s = 1.0 / torch.sqrt(bn.running_var.double().cpu() + bn.eps)
-                if bn.weight is not None:
-                    s = s * bn.weight.detach().double().abs().cpu()
-                scale += s[index]
-            scores = scores * scale / len(group.norms)
-        return scores
-
-    def _read_validation(self) -> None:
-        """Cache up to ``eval_samples`` validation samples (only the validation split is read)."""
-        if self._datamodule is None or not hasattr(self._datamodule, "val_dataloader"):
+    def _read_data(self) -> None:
+        """Cache up to ``eval_samples`` validation samples (the reward's data) and, when the
+        criterion or the recalibration needs them, a few training batches."""
+        dm = self._datamodule
+        if dm is None or not hasattr(dm, "val_dataloader"):
             raise ValueError("rl_pruner scores candidates on validation data: pass a data module "
                              "with val_dataloader()")
         xs, ys, have = [], [], 0
-        for x, y in self._datamodule.val_dataloader():
+        for x, y in dm.val_dataloader():
             xs.append(x)
             ys.append(y)
             have += int(y.numel())
@@ -450,6 +483,36 @@ class RLPruner(PruningMethod):
         if self.eval_samples is not None:
             x, y = x[: self.eval_samples], y[: self.eval_samples]
         self._val_batches = list(zip(x.split(self.eval_batch_size), y.split(self.eval_batch_size)))
+        need = max(self.calibration_batches if self.criterion == "taylor" else 0, self.bn_recalibration)
+        self._train_batches = []
+        if need:
+            for x, y in dm.train_dataloader():
+                self._train_batches.append((x, y))
+                if len(self._train_batches) >= need:
+                    break
+
+    def _rank(self, model: nn.Module) -> None:
+        """Within-group order on the current model: removed channels first, then the rest by
+        ``criterion`` (lowest first)."""
+        weight_scores = None
+        if self.criterion == "taylor":
+            device = next(model.parameters()).device
+            was = model.training
+            model.eval()
+            batches = [(x.to(device), y.to(device)) for x, y in self._train_batches[: self.calibration_batches]]
+            weight_scores = taylor_scores(model, batches, [f"{p}.weight" for g in self._groups for p in g.producers])
+            model.train(was)
+            self.cost.extra_forward_passes += len(batches)
+            self.cost.extra_backward_passes += len(batches)
+        gen = torch.Generator().manual_seed(self.seed + 1 + self._steps_done)
+        previous = self._ranking
+        ranking = []
+        for j, (group, count) in enumerate(zip(self._groups, self._removed)):
+            scores = channel_scores(model, group, self.criterion, weight_scores, gen)
+            if count:
+                scores[previous[j][:count]] = -math.inf  # already removed: they stay first
+            ranking.append(torch.argsort(scores, stable=True))
+        self._ranking = ranking
 
     def channel_masks(self, model: nn.Module, removed: Sequence[int]) -> MaskSet:
         """Completed channel masks removing ``removed[j]`` least important channels of group ``j``."""
@@ -464,63 +527,61 @@ class RLPruner(PruningMethod):
                 key = f"{name}.weight"
                 keep = masks.masks[key].clone() if key in masks else torch.ones(
                     weight.shape[0], dtype=torch.bool, device=weight.device)
-                keep[index[drop].to(keep.device)] = False
+                picked = index[drop]
+                keep[picked[picked >= 0].to(keep.device)] = False
                 masks.set(key, keep, "channel")
-        return complete_channel_masks(model, masks, tuple(self.input_shape or ()), self._all_groups)
+        return complete_channel_masks(model, masks, tuple(self._shape or ()), self._all_groups)
 
-    def estimated_cost(self, model: nn.Module, removed: Sequence[int]) -> tuple[int, int]:
-        """``(flops, params)`` per sample of the model with those channels physically removed.
-
-        Each Conv/Linear layer's dense FLOPs scale with its kept output fraction times its kept
-        input fraction (as :func:`prunelib.flops.count_flops` counts the surgered model); its
-        weight parameters likewise, its bias with the kept outputs, a coupled BatchNorm loses
-        two parameters (gamma, beta) per removed channel.
-        """
-        modules = dict(model.named_modules())
-        out_removed: dict[str, int] = {}
-        in_removed: dict[str, int] = {}
-        norm_removed = 0
+    def cost_of(self, model: nn.Module, removed: Sequence[int]) -> tuple[int, int]:
+        """``(flops, params)`` per sample of the model with those channels physically removed,
+        from :func:`prunelib.flops.pruned_cost` (what surgery and the FLOP counter give)."""
+        gone: dict[str, Tensor] = {}
         for group, ranking, count in zip(self._groups, self._ranking, removed):
-            if count <= 0:
-                continue
-            gone = torch.zeros(group.size, dtype=torch.bool)
-            gone[ranking[:count]] = True
-            for name in group.producers:
-                out_removed[name] = out_removed.get(name, 0) + count
-            for name, (root_idx, _input_idx) in group.consumers.items():
-                in_removed[name] = in_removed.get(name, 0) + int(gone[root_idx].sum())
-            norm_removed += 2 * count * len(group.norms)
-        flops = 0.0
-        params_removed = norm_removed
-        for name, dense in self._layer_cost["flops"].items():
-            module = modules[name]
-            w = module.weight
-            n_out, n_in = w.shape[0], w.shape[1]
-            kept_out = (n_out - out_removed.get(name, 0)) / n_out
-            kept_in = (n_in - in_removed.get(name, 0)) / n_in
-            flops += dense * kept_out * kept_in
-            params_removed += w.numel() * (1.0 - kept_out * kept_in)
-            if getattr(module, "bias", None) is not None:
-                params_removed += out_removed.get(name, 0)
-        return int(round(flops)), int(round(self._layer_cost["total_params"] - params_removed))
+            mask = torch.zeros(group.size, dtype=torch.bool)
+            mask[ranking[:count]] = True
+            gone[group.root] = mask
+        return pruned_cost(model, tuple(self._shape or ()), self._all_groups, gone, self._dense["layers"])
+
+    @torch.no_grad()
+    def _recalibrate(self, work: nn.Module) -> None:
+        """Re-estimate the candidate's BatchNorm statistics on a few training batches."""
+        norms = [m for m in work.modules() if isinstance(m, _BN_TYPES) and m.track_running_stats]
+        if not norms or not self.bn_recalibration:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+        work.train()
+        for x, _ in self._train_batches[: self.bn_recalibration]:
+            work(x.to(next(work.parameters()).device))
+        work.eval()
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
+        self.cost.extra_forward_passes += min(len(self._train_batches), self.bn_recalibration)
 
     @torch.no_grad()
     def _evaluate(self, removed: Sequence[int]) -> tuple[float, float, float]:
-        """``(reward Q, val_acc, flops_reduction)`` of the dense model with ``removed`` channels."""
+        """``(reward Q, val_acc, flops_reduction)`` of the current model with ``removed`` channels."""
         work = self._work
         assert work is not None
-        work.load_state_dict(self._dense_state)
-        self.channel_masks(work, removed).apply(work)
+        work.load_state_dict(self._state)
+        masks = self.channel_masks(work, removed)
+        masks.apply(work)
+        if self.bn_recalibration:
+            self._recalibrate(work)
+            masks.apply(work)  # the removed channels' BatchNorm affines stay zero
+        device = next(work.parameters()).device
         correct = total = 0
         for x, y in self._val_batches:
-            correct += int((work(x).argmax(1) == y).sum())
+            correct += int((work(x.to(device)).argmax(1) == y.to(device)).sum())
             total += int(y.numel())
         self.cost.extra_forward_passes += len(self._val_batches)
         self._candidates_evaluated += 1
         acc = correct / total
-        flops, params = self.estimated_cost(work, removed)
-        flops_red = 1.0 - flops / max(1, self._layer_cost["total_flops"])
-        params_red = 1.0 - params / max(1, self._layer_cost["total_params"])
+        flops, params = self.cost_of(work, removed)
+        flops_red = 1.0 - flops / max(1, self._dense["flops"])
+        params_red = 1.0 - params / max(1, self._dense["params"])
         return acc + self.flop_coef * flops_red + self.param_coef * params_red, acc, flops_red
 
     def _sample(self, removed: list[int], step: int, depth: int, distribution: Tensor,
@@ -541,59 +602,82 @@ class RLPruner(PruningMethod):
             out.append(_Candidate(value, reward, acc, action, child))
         return out
 
+    def _search_step(self, step: int, distribution: Tensor) -> tuple[_Candidate, Tensor]:
+        """``rl_epochs`` sampling rounds for ``step``: the committed candidate and the distribution."""
+        assert self._gen is not None
+        best_value = -math.inf
+        kept: list[_Candidate] = []
+        for _ in range(self.rl_epochs):
+            candidates = self._sample(self._removed, step, 0, distribution, self._targets, self._gen)
+            kept = sorted(kept + candidates, key=lambda c: c.value, reverse=True)[: self.sample_num]
+            round_best = max(candidates, key=lambda c: c.value)
+            if round_best.value > best_value:  # the policy moves only on improvement
+                best_value = round_best.value
+                distribution = update_distribution(distribution, round_best.action, self.step_length,
+                                                   self.ppo_clip)
+        if self.greedy_epsilon > 0 and float(torch.rand((), generator=self._gen)) < self.greedy_epsilon:
+            chosen = kept[int(torch.randint(len(kept), (), generator=self._gen))]
+        else:
+            chosen = kept[0]
+        return chosen, distribution
+
     @torch.no_grad()
-    def prune(self, model: nn.Module) -> MaskSet:
-        """Run the RL search on validation data and apply the chosen channel masks to ``model``."""
-        self._prepare(model)
-        self._read_validation()
-        sizes = torch.tensor([g.size for g in self._groups], dtype=torch.float64)
-        total = int(sizes.sum())
-        target = min(int(round(self.sparsity * total)), total - self.min_channels * len(self._groups))
-        targets = [int(round(target * s / self.prune_steps)) for s in range(1, self.prune_steps + 1)]
-        gen = torch.Generator().manual_seed(self.seed)
-        distribution = sizes / sizes.sum() if total else sizes
-        self._distribution_history = [distribution.tolist()]
-        self._step_log = []
-        removed = [0] * len(self._groups)
-        previous_acc = self._evaluate(removed)[1] if self._groups else 0.0
-        for step in range(self.prune_steps if self._groups else 0):
-            best_value = -math.inf
-            kept: list[_Candidate] = []
-            for _ in range(self.rl_epochs):
-                candidates = self._sample(removed, step, 0, distribution, targets, gen)
-                kept = sorted(kept + candidates, key=lambda c: c.value, reverse=True)[: self.sample_num]
-                round_best = max(candidates, key=lambda c: c.value)
-                if round_best.value > best_value:  # the policy moves only on improvement
-                    best_value = round_best.value
-                    distribution = update_distribution(distribution, round_best.action, self.step_length,
-                                                       self.ppo_clip)
-            if self.greedy_epsilon > 0 and float(torch.rand((), generator=gen)) < self.greedy_epsilon:
-                chosen = kept[int(torch.randint(len(kept), (), generator=gen))]
-            else:
-                chosen = kept[0]
-            removed = chosen.removed
-            reset = (self.reset_drop is not None and previous_acc > 0
-                     and chosen.val_acc < (1.0 - self.reset_drop) * previous_acc)
-            if reset:  # the reference code's reset: proportional to what each group has left
-                left = torch.tensor([g.size - r for g, r in zip(self._groups, removed)], dtype=torch.float64)
-                distribution = _normalise(left)
-            previous_acc = chosen.val_acc
+    def run_steps(self, model: nn.Module, until: int | None = None) -> MaskSet | None:
+        """Run the pruning steps up to ``until`` (default: all) on the current ``model`` and
+        apply the committed channel masks to it; returns them (None if nothing was left)."""
+        until = self.prune_steps if until is None else min(until, self.prune_steps)
+        if self._steps_done >= until:
+            return self.masks
+        if self._work is None and self._steps_done == 0:
+            self._start(model)
+        if not self._groups:
+            self._steps_done = self.prune_steps
+            self._commit(model)
+            return self.masks
+        assert self._distribution is not None
+        while self._steps_done < until:
+            step = self._steps_done
+            self._state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self._rank(model)
+            start_acc = self._evaluate(self._removed)[1]
+            chosen, distribution = self._search_step(step, self._distribution)
+            reset = (self.reset_drop is not None and start_acc > 0
+                     and chosen.val_acc < (1.0 - self.reset_drop) * start_acc)
+            if reset:  # resample the step from the channels left; commit the better search
+                left = torch.tensor([g.size - r for g, r in zip(self._groups, self._removed)], dtype=torch.float64)
+                retry, retry_distribution = self._search_step(step, _normalise(left))
+                if retry.value > chosen.value:
+                    chosen, distribution = retry, retry_distribution
+            self._distribution = distribution
+            self._removed = list(chosen.removed)
+            self._steps_done += 1
             self._distribution_history.append(distribution.tolist())
-            self._step_log.append({"step": step + 1, "removed": list(removed), "val_acc": chosen.val_acc,
-                                   "reward": chosen.reward, "value": chosen.value, "reset": bool(reset)})
-            log.info("rl_pruner: step %d/%d removed %d/%d channels, val_acc %.4f, Q %.4f%s", step + 1,
-                     self.prune_steps, sum(removed), total, chosen.val_acc, chosen.reward,
-                     " (distribution reset)" if reset else "")
-        masks = self.channel_masks(model, removed)
+            self._step_log.append({"step": step + 1, "removed": list(self._removed), "val_acc": chosen.val_acc,
+                                   "start_val_acc": start_acc, "reward": chosen.reward, "value": chosen.value,
+                                   "reset": bool(reset)})
+            log.info("rl_pruner: step %d/%d removed %d channels, val_acc %.4f (from %.4f), Q %.4f%s",
+                     step + 1, self.prune_steps, sum(self._removed), chosen.val_acc, start_acc, chosen.reward,
+                     " (distribution reset, step resampled)" if reset else "")
+            self._commit(model)
+        return self.masks
+
+    def _commit(self, model: nn.Module) -> None:
+        masks = self.channel_masks(model, self._removed) if self._groups else MaskSet()
         masks.apply(model)
-        flops, params = self.estimated_cost(model, removed)
-        self.report = {"groups": self.group_names, "removed": list(removed), "channels": total,
-                       "target": target, "estimated_flops": flops, "estimated_params": params,
-                       "dense_flops": self._layer_cost["total_flops"],
+        flops, params = self.cost_of(model, self._removed) if self._groups else (
+            self._dense.get("flops", 0), self._dense.get("params", 0))
+        self.report = {"groups": self.group_names, "removed": list(self._removed),
+                       "channels": sum(g.size for g in self._groups),
+                       "target": self._targets[-1] if self._targets else 0,
+                       "steps_done": self._steps_done, "flops": flops, "params": params,
+                       "dense_flops": self._dense.get("flops", 0),
                        "candidates_evaluated": self._candidates_evaluated,
                        "validation_samples": sum(int(y.numel()) for _, y in self._val_batches)}
         masks.metadata.update({"method": self.name, "config": self.config(), "rl_pruner": self.report})
         self.masks = masks
-        self._work = None  # the working copy is only needed during the search
-        self._dense_state = {}
-        return masks
+
+    def prune(self, model: nn.Module) -> MaskSet:
+        """Run every step left now (no recovery in between) and apply the chosen masks."""
+        self.run_steps(model)
+        assert self.masks is not None
+        return self.masks
