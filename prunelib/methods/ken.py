@@ -570,8 +570,9 @@ class KEN(PruningMethod):
             others keep their fine-tuned values whole.
         head: module-name prefixes of the task head (None = auto, :func:`head_parameter_names`).
         vectors: 1-D tensors (biases, norms): ``"row"`` (one row), ``"finetuned"``, ``"pretrained"``.
-        kde_dtype: ``"float64"`` (as the reference) or ``"float32"`` (faster).
-        max_elements: memory bound of one batched chunk (elements).
+        kde_dtype: ``"float64"`` (as the reference; on CPU the compiled path) or ``"float32"``
+            (the torch path: for GPUs where float64 is slow).
+        max_elements: memory bound of one batched chunk of the torch path (elements).
         pretrained, finetuned, pair_*: the pair plan (see :class:`PairPlan`).
     """
 
