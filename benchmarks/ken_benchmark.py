@@ -11,10 +11,12 @@ kept at *random* positions (does the KDE choice matter?), and ``layers="all"`` (
 head handling: the head's reverted entries go back to a head trained on other classes).
 
 (b) Speed. The matrices of a BERT-base-sized model (12 layers x (4 x 768x768, 3072x768,
-768x3072) + 30522x768 word, 512x768 position and 2x768 token-type embeddings = 108.9M values;
-N(0, 0.04^2) random values) are selected with ``k`` per row by the vectorised code, and by a
+768x3072) + 30522x768 word, 512x768 position and 2x768 token-type embeddings = 108.8M values;
+N(0, 0.04^2) random values) are selected with ``k`` per row by the C extension (new) and by
+the torch path (old, the fallback and GPU code), which must give identical positions, and by a
 per-row Python loop (scikit-learn KDE + greedy ``np.delete`` matching, as in the authors'
-code) timed on a sample of rows of each shape and extrapolated linearly to all rows.
+code) timed on a sample of rows of each shape and extrapolated linearly to all rows; the
+sampled rows' positions are compared with the fastest backend's.
 
 Usage::
 
@@ -166,38 +168,63 @@ def loop_select_row(row: np.ndarray, k: int) -> np.ndarray:
 
 
 def speed(args: argparse.Namespace) -> dict:
+    from prunelib.methods.ken import native_available
+
     shapes = bert_base_shapes()
     total = sum(r * c for _, (r, c) in shapes)
     say(f"(b) speed: {len(shapes)} matrices, {total / 1e6:.1f}M values, k={args.k} per row, "
         f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
     g = torch.Generator().manual_seed(args.seed)
     tensors = {name: torch.randn(shape, generator=g) * 0.04 for name, shape in shapes}
-    by_width: dict[int, list[torch.Tensor]] = {}
+    groups: dict[int, list[torch.Tensor]] = {}
     for t in tensors.values():
-        by_width.setdefault(t.shape[1], []).append(t)
-    t0 = time.perf_counter()
-    kept = 0
-    for width, group in by_width.items():
-        rows = torch.cat(group)
-        tw = time.perf_counter()
-        kept += int(kde_select_rows(rows, args.k).sum())
-        say(f"    vectorised: {rows.shape[0]} rows of {width}: {time.perf_counter() - tw:.1f}s")
-    vec_s = time.perf_counter() - t0
-    say(f"    vectorised total: {vec_s:.1f}s ({kept / total:.2%} kept)")
+        groups.setdefault(t.shape[1], []).append(t)
+    by_width = {w: torch.cat(group) for w, group in groups.items()}  # rows of one length: one batch
+    del groups
+    del tensors
+    backends = [b for b in args.backends if b != "native" or native_available()]
+    if "native" in args.backends and "native" not in backends:
+        say("    the C extension prunelib._ken_native is not built: new (native) not measured")
+    masks: dict[str, dict[int, torch.Tensor]] = {}
+    seconds: dict[str, float] = {}
+    for backend in backends:
+        label = {"native": "new (C extension)", "torch": "old (torch path)"}.get(backend, backend)
+        t0 = time.perf_counter()
+        masks[backend] = {}
+        for width, rows in by_width.items():
+            tw = time.perf_counter()
+            masks[backend][width] = kde_select_rows(rows, args.k, backend=backend)
+            say(f"    {label}: {rows.shape[0]} rows of {width}: {time.perf_counter() - tw:.1f}s")
+        seconds[backend] = time.perf_counter() - t0
+        kept = sum(int(m.sum()) for m in masks[backend].values())
+        say(f"    {label} total: {seconds[backend]:.1f}s ({kept / total:.2%} kept)")
+    if "native" in seconds and "torch" in seconds:
+        same = all(torch.equal(masks["native"][w], masks["torch"][w]) for w in by_width)
+        differing = sum(int((masks["native"][w] != masks["torch"][w]).any(dim=1).sum()) for w in by_width)
+        say(f"    old / new: {seconds['torch']:.1f}s / {seconds['native']:.1f}s = "
+            f"{seconds['torch'] / seconds['native']:.1f}x; positions identical on all "
+            f"{sum(r.shape[0] for r in by_width.values())} rows: {same} ({differing} rows differ)")
+    fastest = min(seconds, key=seconds.get) if seconds else None
     loop_total = 0.0
-    for width, group in by_width.items():
-        rows = torch.cat(group)
-        sample = rows[torch.randperm(rows.shape[0], generator=g)[:args.loop_rows]].numpy()
+    sample_rows = sample_equal = 0
+    for width, rows in by_width.items():
+        pick = torch.randperm(rows.shape[0], generator=g)[:args.loop_rows]
+        sample = rows[pick].numpy()
         tl = time.perf_counter()
-        for r in sample:
-            loop_select_row(r, args.k)
+        for i, r in enumerate(sample):
+            keep = loop_select_row(r, args.k)
+            if fastest is not None:
+                sample_rows += 1
+                sample_equal += int(np.array_equal(keep, masks[fastest][width][pick[i]].numpy()))
         per_row = (time.perf_counter() - tl) / len(sample)
         loop_total += per_row * rows.shape[0]
         say(f"    per-row loop: {per_row * 1e3:.1f} ms/row of {width} ({len(sample)} rows timed) -> "
             f"{per_row * rows.shape[0]:.0f}s for {rows.shape[0]} rows")
-    say(f"    per-row loop total (extrapolated): {loop_total:.0f}s = {loop_total / 3600:.2f} h; "
-        f"speed-up {loop_total / vec_s:.1f}x")
-    return {"values": total, "k": args.k, "vectorised_s": vec_s, "loop_s": loop_total, "kept": kept / total}
+    say(f"    per-row loop total (extrapolated): {loop_total:.0f}s = {loop_total / 3600:.2f} h"
+        + (f"; speed-up of {fastest} {loop_total / seconds[fastest]:.1f}x; same positions as the "
+           f"per-row loop on {sample_equal} of {sample_rows} sampled rows" if fastest else ""))
+    return {"values": total, "k": args.k, "seconds": seconds, "loop_s": loop_total,
+            "sample_equal": sample_equal, "sample_rows": sample_rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", type=int, nargs="+", default=[10, 50], help="per-row counts (<= 100, the shortest row)")
     parser.add_argument("--k", type=int, default=64, help="per-row count of the speed part")
     parser.add_argument("--loop-rows", type=int, default=30, help="rows per shape timed with the per-row loop")
+    parser.add_argument("--backends", nargs="+", default=["native", "torch"], choices=["native", "torch"],
+                        help="selection backends timed (native: the C extension, new; torch: the torch path, old)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=None, help="pair cache directory (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)

@@ -2,9 +2,10 @@
 
 Each sweep is a real ``run_sweep`` (Ray Tune + Optuna + MLflow) over every registered method
 on Fashion-MNIST; the hypervolume (validation accuracy up, effective FLOPs down; reference
-point: accuracy 0 and the dense model's FLOPs) is read from the parent run's ``hypervolume``
-metric at step N (N finished trials, in completion order). It is printed normalised by the
-reference box (1.0 x dense FLOPs), so 1.0 would be a perfect model at zero FLOPs.
+point: accuracy 0 and the dense model's FLOPs) is read from the parent run's
+``hypervolume_normalised`` metric at step N (N finished trials, in completion order): the
+fraction of the reference box (accuracy 0..1 x dense..0 FLOPs) the front dominates, so 1.0
+would be a perfect model at zero FLOPs.
 
     python benchmarks/sampler_hypervolume.py --trials 48 --checkpoints 16 48 --seeds 0 1 2
 """
@@ -60,9 +61,9 @@ def main() -> None:
                 if args.method:
                     overrides.insert(0, f"+method={args.method}")
                 sweep = run_sweep(compose(overrides), Path(tmp) / f"{sampler}-{seed}")
-                dense = max(float(r["flops_dense"]) for r in sweep.rows if "flops_dense" in r)
-                history = MlflowClient(tracking_uri=uri).get_metric_history(sweep.parent_run_id, "hypervolume")
-                by_step = {m.step: m.value / dense for m in history}
+                history = MlflowClient(tracking_uri=uri).get_metric_history(sweep.parent_run_id,
+                                                                            "hypervolume_normalised")
+                by_step = {m.step: m.value for m in history}
                 results[(sampler, seed)] = {n: by_step.get(n, float("nan")) for n in args.checkpoints}
                 methods = sorted({r.get("method") for r in sweep.rows})
                 print(f"== {sampler} seed {seed}: " + ", ".join(

@@ -1,6 +1,7 @@
 """Pareto fronts, hypervolume and point selection over trial results.
 
-Pure numpy/pandas: importable without MLflow, Ray or Hydra.
+Pure numpy/pandas plus ``moocore`` (C implementations of the non-dominated sort and the exact
+hypervolume: O(n log n) in 2-D and 3-D, O(n^2) in 4-D): importable without MLflow, Ray or Hydra.
 
 A trial result is a flat mapping of metrics (``val_acc`` as a fraction in [0, 1],
 ``flops_effective`` as FLOPs per sample for one forward pass with 1 multiply-add = 2 FLOPs,
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
 
+import moocore
 import numpy as np
 import pandas as pd
 
@@ -79,14 +82,8 @@ def non_dominated_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndar
     if n == 0 or not finite.any():
         return mask
     good = _oriented(arr[finite], dirs)
-    keep = np.ones(good.shape[0], dtype=bool)
-    # O(n^2 k) with one vectorised comparison per row: fronts here have at most a few
-    # thousand trials, where this stays well under a second.
-    for i in range(good.shape[0]):
-        geq = (good >= good[i]).all(axis=1)
-        gt = (good > good[i]).any(axis=1)
-        if (geq & gt).any():
-            keep[i] = False
+    # keep_weakly: duplicates of a front point stay on the front (they dominate nothing).
+    keep = moocore.is_nondominated(good, maximise=True, keep_weakly=True)
     mask[np.flatnonzero(finite)] = keep
     return mask
 
@@ -184,34 +181,6 @@ def pareto_front(rows: Sequence[Mapping] | pd.DataFrame, objectives: Objectives 
     return _sort_front(df[mask], objs)
 
 
-def _hv_recursive(points: np.ndarray) -> float:
-    """Volume dominated by ``points`` (maximisation, all coordinates > 0) over the origin."""
-    n, k = points.shape
-    if n == 0:
-        return 0.0
-    if k == 1:
-        return float(points[:, 0].max())
-    if k == 2:
-        # Sweep in x descending, keeping the best y seen so far: exact and O(n log n).
-        order = np.argsort(-points[:, 0], kind="mergesort")
-        xs = points[order, 0]
-        best_y = np.maximum.accumulate(points[order, 1])
-        next_x = np.append(xs[1:], 0.0)
-        return float(np.sum((xs - next_x) * best_y))
-    # Slice along the last coordinate: between consecutive distinct levels z_i > z_{i+1}
-    # the cross-section is the (k-1)-D hypervolume of the points whose last coordinate is
-    # at least z_i (HSO). Exponential in k in the worst case, fine for k <= 4 and
-    # fronts of a few hundred points.
-    levels = np.unique(points[:, -1])[::-1]
-    total = 0.0
-    for i, z in enumerate(levels):
-        below = levels[i + 1] if i + 1 < len(levels) else 0.0
-        sub = points[points[:, -1] >= z, :-1]
-        sub = sub[non_dominated_mask(sub, ["max"] * sub.shape[1])]
-        total += (z - below) * _hv_recursive(sub)
-    return float(total)
-
-
 def hypervolume(
     values: np.ndarray | Sequence[Sequence[float]],
     directions: Sequence[str],
@@ -229,8 +198,8 @@ def hypervolume(
         The volume (product of the objectives' units, e.g. accuracy x FLOPs per sample) of the
         region that some point dominates and that dominates the reference. Points that are not
         strictly better than the reference in every objective, or that have NaN/inf, add
-        nothing; an empty set gives 0.0. Exact in any dimension (sweep in 2-D, recursive
-        slicing above).
+        nothing; an empty set gives 0.0. Exact in any dimension (moocore: O(n log n) in 2-D
+        and 3-D, O(n^2) in 4-D).
     """
     ref = np.asarray(reference, dtype=float).reshape(-1)
     arr = _as_matrix(values, ref.size)
@@ -245,8 +214,9 @@ def hypervolume(
     pts = gain[ok]
     if pts.shape[0] == 0:
         return 0.0
-    pts = pts[non_dominated_mask(pts, ["max"] * pts.shape[1])]
-    return _hv_recursive(pts)
+    if pts.shape[1] == 1:
+        return float(pts.max())
+    return float(moocore.hypervolume(pts, ref=np.zeros(pts.shape[1]), maximise=True))
 
 
 def _dense_column(name: str) -> str | None:
@@ -302,6 +272,117 @@ def default_reference(objectives: Objectives | None, rows: Sequence[Mapping] | p
         else:
             ref.append(math.nan)
     return ref
+
+
+@dataclass(frozen=True)
+class ReferenceBox:
+    """The box a hypervolume is normalised by: per objective, from the reference point (worst)
+    to the ideal value (best), in the objective's own units.
+
+    The normalised hypervolume is the fraction of this box that the front dominates, so it
+    lies in [0, 1] and reads the same for any model size: 1.0 would be a model with accuracy
+    1.0 at zero FLOPs (for the default objectives, worst = (0, dense FLOPs), best = (1, 0)).
+
+    Attributes:
+        worst: the reference point (see :func:`default_reference`).
+        best: the ideal corner (see :func:`reference_box`).
+    """
+
+    worst: tuple[float, ...]
+    best: tuple[float, ...]
+
+    def volume(self) -> float:
+        """Product of the box's sides (the objectives' units multiplied); NaN if a side is unknown."""
+        return float(np.prod(np.abs(np.subtract(self.best, self.worst)))) if self.worst else math.nan
+
+    def as_dict(self) -> dict[str, list[float]]:
+        """``{"worst": [...], "best": [...]}`` (JSON-friendly; logged as the tag ``prunesearch.hv_box``)."""
+        return {"worst": [float(v) for v in self.worst], "best": [float(v) for v in self.best]}
+
+
+def reference_box(objectives: Objectives | None, rows: Sequence[Mapping] | pd.DataFrame,
+                  reference: Sequence[float] | None = None) -> ReferenceBox:
+    """The box of :class:`ReferenceBox` for ``objectives``: the worst corner is ``reference``
+    (default: :func:`default_reference`), the best corner per objective is
+
+    - "max" objectives whose finished values all lie in [0, 1] (accuracies, fractions), or with
+      none observed: 1.0; other "max" objectives: the largest observed value;
+    - "min" objectives whose finished values are all non-negative (FLOPs, parameters, latency,
+      seconds), or with none observed: 0.0; others: the smallest observed value.
+
+    A corner taken from the data moves as a sweep finds better points; the fixed ones (1.0 and
+    0.0) are what the default objectives use, so their normalised hypervolumes compare across
+    sweeps and models.
+    """
+    objs = normalise_objectives(objectives)
+    worst = list(reference) if reference is not None else default_reference(objs, rows)
+    if len(worst) != len(objs):
+        raise ValueError(f"reference has {len(worst)} values for {len(objs)} objectives")
+    done = finished_rows(rows, objs) if len(_to_frame(rows)) else pd.DataFrame()
+    best: list[float] = []
+    for name, direction in objs:
+        obs = done[name].to_numpy(dtype=float) if name in done.columns else np.array([])
+        if direction == "max":
+            best.append(1.0 if obs.size == 0 or (obs.min() >= 0.0 and obs.max() <= 1.0) else float(obs.max()))
+        else:
+            best.append(0.0 if obs.size == 0 or obs.min() >= 0.0 else float(obs.min()))
+    return ReferenceBox(tuple(float(v) for v in worst), tuple(best))
+
+
+def normalised_hypervolume(values: np.ndarray | Sequence[Sequence[float]], directions: Sequence[str],
+                           box: ReferenceBox) -> float:
+    """The fraction (in [0, 1]) of ``box`` that ``values`` dominate.
+
+    Points are clipped to the box first (a value better than the ideal counts as the ideal), so
+    the result never exceeds 1. A box with a side of zero or unknown length gives 0.0.
+    """
+    volume = box.volume()
+    if not math.isfinite(volume) or volume <= 0.0:
+        return 0.0
+    arr = _as_matrix(values, len(box.worst))
+    if arr.shape[0] == 0:
+        return 0.0
+    dirs = _check_directions(directions, arr.shape[1])
+    lo = np.minimum(box.worst, box.best)
+    hi = np.maximum(box.worst, box.best)
+    with np.errstate(invalid="ignore"):
+        clipped = np.clip(arr, lo, hi)  # NaN stays NaN and is dropped by hypervolume
+    return float(min(1.0, max(0.0, hypervolume(clipped, dirs, box.worst) / volume)))
+
+
+@dataclass(frozen=True)
+class FrontSummary:
+    """A sweep's front at one moment, as the console, MLflow and the final report show it.
+
+    Attributes:
+        front: the Pareto-optimal finished rows (see :func:`pareto_front`), cheapest first.
+        hypervolume: against ``box.worst``, in the objectives' units multiplied.
+        hypervolume_normalised: the fraction of ``box`` the front dominates, in [0, 1].
+        box: the declared reference box.
+    """
+
+    front: pd.DataFrame
+    hypervolume: float
+    hypervolume_normalised: float
+    box: ReferenceBox
+
+
+def front_summary(rows: Sequence[Mapping] | pd.DataFrame, objectives: Objectives | None,
+                  reference: Sequence[float] | None = None) -> FrontSummary:
+    """Front, raw and normalised hypervolume of ``rows`` (one call, one place).
+
+    ``reference`` is the worst corner of the box (default: :func:`default_reference`, which for
+    FLOPs objectives is the dense model's FLOPs, fixed during a sweep).
+    """
+    objs = normalise_objectives(objectives)
+    df = _to_frame(rows)
+    front = pareto_front(df, objs)
+    box = reference_box(objs, df, reference)
+    if front.empty:
+        return FrontSummary(front, 0.0, 0.0, box)
+    values = front[[n for n, _ in objs]].to_numpy(dtype=float)
+    dirs = [d for _, d in objs]
+    return FrontSummary(front, hypervolume(values, dirs, box.worst), normalised_hypervolume(values, dirs, box), box)
 
 
 def _accuracy_objective(objs: list[Objective]) -> Objective:

@@ -13,6 +13,7 @@ server (``http://host:port``) and with the deprecated ``file:`` store.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import numbers
@@ -432,42 +433,72 @@ class SweepTracker:
         return self.run_id
 
     def log_front(self, rows: list[dict], objectives: pareto.Objectives | None, step: int,
-                  reference: Sequence[float] | None = None) -> dict:
-        """Recompute the Pareto front of ``rows`` and log it on the parent run.
+                  reference: Sequence[float] | None = None, final: bool = False,
+                  summary: pareto.FrontSummary | None = None) -> dict:
+        """Log the Pareto front of ``rows`` on the parent run.
 
-        Writes ``front.csv``, ``trials.csv`` and the figures of search.plots.write_sweep_plots
-        (``front.png``, ``front.html``, ``accuracy_vs_sparsity.png``, ``layer_sparsity.html/png``;
-        the dense model from the parent's ``dense_*`` metrics) under the artifact directory
-        ``front/`` (overwriting the previous ones) and logs the metrics
-        ``hypervolume`` and ``front_size`` at ``step`` (pass the number of finished trials).
-        The hypervolume reference is ``reference`` if given, else
-        search.pareto.default_reference (the dense model's FLOPs for FLOPs objectives, so it
-        stays fixed during a sweep); it is recorded in the tag ``prunesearch.hv_reference``.
+        Logs the metrics ``hypervolume`` (raw: the objectives' units multiplied),
+        ``hypervolume_normalised`` (the fraction of the reference box the front dominates, in
+        [0, 1]) and ``front_size`` at ``step`` (pass the number of ended trials; a step already
+        logged is not logged twice). The box's corners go in the tags ``prunesearch.hv_reference``
+        (the reference point: ``reference`` if given, else search.pareto.default_reference, the
+        dense model's FLOPs for FLOPs objectives, so it stays fixed during a sweep) and
+        ``prunesearch.hv_box`` (JSON ``{"worst": [...], "best": [...]}``).
+
+        The artifacts ``front/front.csv``, ``trials.csv`` and the figures of
+        search.plots.write_sweep_plots (``front.png``, ``front.html``, ``accuracy_vs_sparsity.png``,
+        ``layer_sparsity.html/png``; the dense model from the parent's ``dense_*`` metrics),
+        overwriting the previous ones, are written only when the front differs from the one
+        last written (other trial ids, or other objective values), and with ``final=True`` when
+        any row changed since: the plotly pages are megabytes, so a sweep of hundreds of trials
+        does not upload them after every trial.
+
+        ``summary`` is :func:`search.pareto.front_summary` of the same rows, when the caller
+        has it already.
 
         Returns:
-            ``{"hypervolume": float, "front_size": int, "reference": list[float]}``.
+            ``{"hypervolume": float, "hypervolume_normalised": float, "front_size": int,
+            "reference": list[float], "box": dict, "plotted": bool}``.
         """
         run_id = self._require_run()
         objs = pareto.normalise_objectives(objectives)
         df = pd.DataFrame(list(rows))
-        front = pareto.pareto_front(df, objs)
-        ref = list(reference) if reference is not None else pareto.default_reference(objs, df)
-        hv = pareto.hypervolume(front[[n for n, _ in objs]].to_numpy(dtype=float), [d for _, d in objs], ref) \
-            if len(front) else 0.0
-        title = f"Pareto front: {', '.join(f'{n} ({d})' for n, d in objs)}"
-        dense = plots.DenseReference.from_metrics(_retry(lambda: self.client.get_run(run_id), "get run").data.metrics)
-        with tempfile.TemporaryDirectory(prefix="prunesearch_front_") as tmp:
-            out = Path(tmp)
-            front.to_csv(out / "front.csv", index=False)
-            df.to_csv(out / "trials.csv", index=False)
-            plots.write_sweep_plots(df, front, objs, out, title, dense=dense)
-            _retry(lambda: self.client.log_artifacts(run_id, str(out), artifact_path="front"), "log artifacts")
-        ts = _now_ms()
-        _log_batch(self.client, run_id, metrics=[
-            Metric("hypervolume", float(hv), ts, int(step)),
-            Metric("front_size", float(len(front)), ts, int(step)),
-        ], tags=[RunTag("prunesearch.hv_reference", str(ref))])
-        return {"hypervolume": float(hv), "front_size": int(len(front)), "reference": ref}
+        if summary is None:
+            summary = pareto.front_summary(df, objs, reference)
+        front = summary.front
+        names = [n for n, _ in objs]
+        front_key = tuple(sorted((str(r.get("trial_id", i)), *(float(r[n]) for n in names))
+                                 for i, r in front.iterrows()))
+        rows_key = (len(df), tuple(sorted(map(str, df["trial_id"]))) if "trial_id" in df else ())
+        # What this tracker last wrote: the front (trial ids, objective values), the rows, the step.
+        last = getattr(self, "_front_state", None)
+        if last is None:
+            last = self._front_state = {"front": None, "rows": None, "step": None}
+        plotted = front_key != last["front"] or (final and rows_key != last["rows"])
+        if plotted:
+            title = f"Pareto front: {', '.join(f'{n} ({d})' for n, d in objs)}"
+            with tempfile.TemporaryDirectory(prefix="prunesearch_front_") as tmp:
+                out = Path(tmp)
+                front.to_csv(out / "front.csv", index=False)
+                df.to_csv(out / "trials.csv", index=False)
+                dense = plots.DenseReference.from_metrics(
+                    _retry(lambda: self.client.get_run(run_id), "get run").data.metrics)
+                plots.write_sweep_plots(df, front, objs, out, title, dense=dense)
+                _retry(lambda: self.client.log_artifacts(run_id, str(out), artifact_path="front"), "log artifacts")
+            last["front"], last["rows"] = front_key, rows_key
+        ref = list(summary.box.worst)
+        if int(step) != last["step"]:
+            ts = _now_ms()
+            _log_batch(self.client, run_id, metrics=[
+                Metric("hypervolume", float(summary.hypervolume), ts, int(step)),
+                Metric("hypervolume_normalised", float(summary.hypervolume_normalised), ts, int(step)),
+                Metric("front_size", float(len(front)), ts, int(step)),
+            ], tags=[RunTag("prunesearch.hv_reference", str(ref)),
+                     RunTag("prunesearch.hv_box", json.dumps(summary.box.as_dict()))])
+            last["step"] = int(step)
+        return {"hypervolume": float(summary.hypervolume),
+                "hypervolume_normalised": float(summary.hypervolume_normalised),
+                "front_size": int(len(front)), "reference": ref, "box": summary.box.as_dict(), "plotted": plotted}
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """End the parent run with ``status`` (FINISHED, FAILED or KILLED); ``reason`` (why it

@@ -149,7 +149,13 @@ def _make_callback_class() -> type:
     from ray.tune import Callback
 
     class FrontCallback(Callback):
-        """Prints one line per ended trial and logs the recomputed front to MLflow.
+        """Prints one line per ended trial and logs the front to MLflow.
+
+        On Tune's event loop it only snapshots the ended trials' results; the front, the
+        hypervolume (raw and normalised by the reference box), the console line and the MLflow
+        writes run on one background thread, in the order the trials ended. The front's plots
+        are uploaded when the front changes and once more at the end (see
+        search.tracking.SweepTracker.log_front).
 
         Holds only strings and numbers, so Ray can pickle it into the experiment state and
         restore it on resume; the rows are rebuilt from Tune's trial list each time.
@@ -173,64 +179,78 @@ def _make_callback_class() -> type:
             state["_executor"] = None
             return state
 
-        def _log_front(self, rows: list[dict[str, Any]]) -> None:
-            # Runs on a background thread: plotting and MLflow writes stay off Tune's loop.
+        def _submit(self, rows: list[dict[str, Any]], trial_id: str | None, error: str | None,
+                    final: bool = False) -> None:
+            if self._executor is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="front")
+            self._executor.submit(self._report, rows, trial_id, error, final)
+
+        def _report(self, rows: list[dict[str, Any]], trial_id: str | None, error: str | None,
+                    final: bool) -> None:
+            # Runs on the background thread, one call after the other.
+            try:
+                summary = pareto.front_summary(rows, self.objectives, self.reference)
+            except Exception as exc:  # a bad row must not stop the sweep
+                log.warning("could not compute the front: %s", exc)
+                summary = None
+            if not final:
+                self._print_line(rows, trial_id, error, summary)
+            if self.tracking:
+                self._log_front(rows, summary, final)
+
+        def _log_front(self, rows: list[dict[str, Any]], summary: pareto.FrontSummary | None, final: bool) -> None:
             try:
                 if self._tracker is None:
                     from search.tracking import SweepTracker
 
                     self._tracker = SweepTracker(self.tracking["uri"], self.tracking["experiment"])
                     self._tracker.run_id = self.tracking["parent_run_id"]
-                self._tracker.log_front(rows, self.objectives, step=len(rows), reference=self.reference)
+                self._tracker.log_front(rows, self.objectives, step=len(rows), reference=self.reference,
+                                        final=final, summary=summary)
             except Exception as exc:  # a tracking outage must not stop the sweep
                 self.unlogged.append(f"front after {len(rows)} trials: {exc}")
                 log.warning("could not log the front to MLflow: %s", exc)
 
-        def _front(self, trials: list[Any], ended: Any, status: str) -> tuple[list[dict[str, Any]], int, float | None]:
-            rows = trial_rows(trials, ended, status)
-            if self.tracking:
-                if self._executor is None:
-                    from concurrent.futures import ThreadPoolExecutor
-
-                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="front-log")
-                self._executor.submit(self._log_front, [dict(r) for r in rows])
-            ok = [r for r in rows if r.get("status") in ("ok", "early_stopped")]
-            if not ok:
-                return rows, 0, None
-            front = pareto.pareto_front(ok, self.objectives)
-            ref = self.reference or pareto.default_reference(self.objectives, ok)
-            hv = pareto.hypervolume(front[[m for m, _ in self.objectives]].to_numpy(dtype=float),
-                                    [d for _, d in self.objectives], ref)
-            return rows, len(front), float(hv)
-
-        def flush(self) -> None:
-            """Wait for pending front logging (called at the end of the experiment)."""
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-
-        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
-            self.flush()
-
-        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            rows, size, hv = self._front(trials, trial, "TERMINATED")
-            row = next((r for r in rows if r["trial_id"] == trial.trial_id), {})
+        def _print_line(self, rows: list[dict[str, Any]], trial_id: str | None, error: str | None,
+                        summary: pareto.FrontSummary | None) -> None:
+            row = next((r for r in rows if r["trial_id"] == trial_id), {})
+            if error is not None:
+                print(f"[{len(rows)}/{self.n_trials}] {trial_id} {row.get('method') or '?':<10} FAILED: {error}",
+                      flush=True)
+                return
             acc_key, flops_key = self.objectives[0][0], self.objectives[-1][0]
             dense = row.get("flops_dense")
             share = (f" ({100 * float(row[flops_key]) / float(dense):.0f}% of dense)"
                      if dense and flops_key in row and flops_key.startswith("flops") else "")
-            hv_text = f"  hv {hv:.4g}" if hv is not None else ""
-            print(f"[{len(rows)}/{self.n_trials}] {trial.trial_id} {row.get('method', '?'):<10} "
+            size = len(summary.front) if summary is not None else 0
+            hv_text = (f"  hv {summary.hypervolume:.4g} ({summary.hypervolume_normalised:.4f} of the box)"
+                       if summary is not None and size else "")
+            print(f"[{len(rows)}/{self.n_trials}] {trial_id} {row.get('method', '?'):<10} "
                   f"{_settings_text(row):<34} {acc_key} {float(row.get(acc_key, float('nan'))):.4f}  "
                   f"{flops_key} {_fmt_flops(row.get(flops_key))}{share}  "
                   f"{float(row.get('trial_wall_s', row.get('wall_s', 0.0))):.1f}s  front {size}{hv_text}",
                   flush=True)
 
+        def flush(self) -> None:
+            """Wait for pending lines and front logging (called at the end of the experiment)."""
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+        def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+            if self.tracking:  # the final plots, with every trial on them
+                self._submit(trial_rows(trials), None, None, final=True)
+            self.flush()
+
+        def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            self._submit(trial_rows(trials, trial, "TERMINATED"), trial.trial_id, None)
+
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            rows, _, _ = self._front(trials, trial, "ERROR")
+            rows = trial_rows(trials, trial, "ERROR")
             line = trial_error_line(trial)
-            print(f"[{len(rows)}/{self.n_trials}] {trial.trial_id} {(trial.config or {}).get('method', '?'):<10} "
-                  f"FAILED: {line}", flush=True)
+            self._submit(rows, trial.trial_id, line)
             if self.abort_file and "ObjectiveNotLoggedError" in line:
                 # Every trial would fail the same way: stop now, as a configuration error.
                 atomic_write_text(self.abort_file, json.dumps({"reason": line.split(": ", 1)[-1]}))

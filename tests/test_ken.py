@@ -12,7 +12,8 @@ from torch import nn
 
 from prunelib.ken_storage import KenDeltaError, load_ken_delta, save_ken_delta, state_dict_bytes
 from prunelib.methods import METHODS, build_method
-from prunelib.methods.ken import KEN, KENError, head_parameter_names, kde_select_rows, ken_masks, selected_parameter_names
+from prunelib.methods.ken import (KEN, KENError, head_parameter_names, kde_select_rows, ken_masks, native_available,
+                                  selected_parameter_names)
 from prunelib.models import build_model
 
 
@@ -32,7 +33,7 @@ def reference_row(row: np.ndarray, k: int) -> np.ndarray:
         dens = [round(v) for v in np.exp(kde.score_samples(grid[:, None]))]
     else:
         dens = [0] * k  # scikit-learn refuses a zero bandwidth: every grid point ties
-    order = [i for level in range(max(dens), -1, -1) for i, d in enumerate(dens) if d == level]
+    order = sorted(range(k), key=lambda i: -dens[i])  # by density, descending; ties keep grid order (stable)
     pool_values, pool_index = a.copy(), np.arange(n)
     chosen = []
     for gi in order:
@@ -44,14 +45,33 @@ def reference_row(row: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
-@pytest.mark.parametrize("rows, n, scale", [(6, 40, 0.04), (4, 128, 0.002), (3, 257, 1.5)])
-def test_selection_matches_the_slow_reference_for_several_k(rows, n, scale):
-    rng = np.random.default_rng(n)
+BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
+    not native_available(), reason="prunelib._ken_native is not built (pip install -e . builds it)"))]
+
+
+def _hard_rows(rows: int, n: int, scale: float, seed: int) -> np.ndarray:
+    """Random rows with the cases that break naive code: repeated values, a heavy tail, a small
+    far cluster (whose density the recurrence must not underflow), -0.0 beside 0.0, a constant row."""
+    rng = np.random.default_rng(seed)
     x = rng.normal(0.0, scale, (rows, n)).astype(np.float32)
     x[0, :4] = x[0, 10]  # repeated values: ties must go to the smaller index, as argmin does
     x[1, -3:] *= 8  # a heavy tail
+    if rows > 2:
+        x[2] = rng.normal(0.0, scale / 40, n)
+        x[2, rng.choice(n, max(2, n // 60), replace=False)] = scale * 12  # a small cluster far from the rest
+    if rows > 3:
+        x[3, ::5], x[3, 1::5] = -0.0, 0.0
+    if rows > 4:
+        x[4] = 0.25 * scale  # constant row: zero bandwidth, the first k entries
+    return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows, n, scale", [(6, 40, 0.04), (5, 128, 0.002), (3, 257, 1.5), (5, 61, 0.01)])
+def test_selection_matches_the_slow_reference_for_several_k(rows, n, scale, backend):
+    x = _hard_rows(rows, n, scale, seed=n)
     for k in sorted({1, 2, 7, n // 4, n // 2, n - 1, n}):
-        got = kde_select_rows(torch.from_numpy(x), k).numpy()
+        got = kde_select_rows(torch.from_numpy(x), k, backend=backend).numpy()
         want = np.stack([reference_row(r, k) for r in x])
         assert (got.sum(axis=1) == k).all()
         assert (got == want).all(), f"k={k}: rows {np.nonzero((got != want).any(axis=1))[0]} differ"
@@ -66,6 +86,79 @@ def test_float32_densities_and_constant_rows_match_the_reference():
         want = np.stack([reference_row(r, k) for r in x])
         assert (got == want).all()
     assert kde_select_rows(torch.from_numpy(x[4:]), 3).numpy()[0, :3].all()
+
+
+def _exact_densities(row: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    from sklearn.neighbors import KernelDensity
+
+    x = row.astype(np.float64)
+    h = abs(1.06 * x.std() * x.size ** -0.2)
+    return np.round(np.exp(KernelDensity(kernel="gaussian", bandwidth=h).fit(x[:, None]).score_samples(grid[:, None])))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_densities_of_a_small_far_cluster_are_not_lost(backend):
+    """A row whose grid spans 15-25 bandwidths: the recurrence's first factor for the far values
+    underflows unless the grid is cut (native) or the row takes the direct sum (torch)."""
+    from prunelib.methods.ken import _densities, _grid
+
+    rng = np.random.default_rng(0)
+    for n, m, far in ((3072, 21, 0.1), (3072, 30, 0.05), (768, 3, 0.02)):
+        x = rng.normal(0, 0.001, (1, n)).astype(np.float32)
+        x[0, rng.choice(n, m, replace=False)] = far + rng.normal(0, 0.001, m)
+        rows = torch.from_numpy(x)
+        for k in (64, 256):
+            grid = _grid(rows.double().min(1).values, rows.double().max(1).values, k)
+            if backend == "torch":
+                got = _densities(rows, grid, torch.float64, 1 << 24)[0].numpy()
+            else:
+                from prunelib import _ken_native
+
+                mask, dens = torch.empty(1, n, dtype=torch.bool), torch.empty(1, k, dtype=torch.float64)
+                _ken_native.select(rows.data_ptr(), 0, 1, n, k, mask.data_ptr(), dens.data_ptr())
+                got = dens[0].numpy()
+            want = _exact_densities(x[0], grid[0].numpy())
+            assert want[-k // 8:].max() >= 1  # the far cluster has a density that counts
+            assert (got == want).all(), f"n={n} k={k}: grid points {np.nonzero(got != want)[0]} differ"
+
+
+@pytest.mark.skipif(not native_available(), reason="prunelib._ken_native is not built")
+def test_native_equals_torch_on_many_rows_dtypes_and_threads():
+    g = torch.Generator().manual_seed(1)
+    for n, k in ((768, 64), (768, 256), (129, 1), (129, 129), (300, 77)):
+        x = torch.randn(400, n, generator=g) * 0.04
+        x[:8] = torch.from_numpy(_hard_rows(8, n, 0.04, seed=n))
+        x[8:20] = (x[8:20] * 64).round() / 64  # many exact ties
+        want = kde_select_rows(x, k, backend="torch")
+        assert torch.equal(kde_select_rows(x, k, backend="native"), want)
+        assert torch.equal(kde_select_rows(x.double(), k, backend="native"), kde_select_rows(x.double(), k, backend="torch"))
+        half = x.half()
+        assert torch.equal(kde_select_rows(half, k, backend="native"), kde_select_rows(half, k, backend="torch"))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kde_select_rows(x, k)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, want)
+
+
+def test_without_the_extension_the_torch_path_runs_and_says_so(monkeypatch, caplog):
+    import prunelib.methods.ken as ken_module
+
+    x = torch.from_numpy(_hard_rows(5, 64, 0.04, seed=5))
+    want = kde_select_rows(x, 9, backend="torch")
+    monkeypatch.setattr(ken_module, "_ken_native", None)
+    monkeypatch.setattr(ken_module, "_warned_no_native", False)
+    with caplog.at_level("WARNING", logger="prunelib.methods.ken"):
+        assert torch.equal(kde_select_rows(x, 9), want)
+        assert torch.equal(kde_select_rows(x, 9), want)
+    warnings = [r for r in caplog.records if "torch path" in r.getMessage()]
+    assert len(warnings) == 1 and "pip install -e ." in warnings[0].getMessage()
+    with pytest.raises(KENError, match="backend='native' cannot run: the extension"):
+        kde_select_rows(x, 9, backend="native")
+    with pytest.raises(KENError, match="backend must be one of"):
+        kde_select_rows(x, 9, backend="numba")
 
 
 def _pair(seed: int = 0) -> tuple[nn.Module, nn.Module]:

@@ -9,14 +9,19 @@ import pandas as pd
 import pytest
 
 from search.pareto import (
+    ReferenceBox,
     default_reference,
+    front_summary,
     hypervolume,
     knee_point,
     non_dominated_mask,
+    normalised_hypervolume,
     pareto_front,
+    reference_box,
     select_point,
 )
 from search.plots import axis_label, plot_front_html, plot_front_png
+from tests.pareto_reference import reference_hypervolume, reference_hypervolume_of, reference_non_dominated
 
 OBJ = [("val_acc", "max"), ("flops_effective", "min")]
 
@@ -135,6 +140,79 @@ def test_hypervolume_3d_exact_cases_and_vs_monte_carlo():
     flipped = pts.copy()
     flipped[:, 2] = 1.0 - pts[:, 2]
     assert hypervolume(flipped, ["max", "max", "min"], [0.0, 0.0, 1.0]) == pytest.approx(exact)
+
+
+def _random_points(rng: np.random.Generator, n: int, k: int, kind: str) -> np.ndarray:
+    if kind == "front":  # all mutually non-dominated: on the positive part of a sphere
+        p = np.abs(rng.normal(size=(n, k)))
+        return p / np.linalg.norm(p, axis=1, keepdims=True)
+    if kind == "grid":  # few distinct levels: many ties in single coordinates and duplicates
+        return rng.integers(1, 5, size=(n, k)).astype(float) / 4
+    return rng.uniform(0.0, 1.0, size=(n, k))
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("kind", ["uniform", "front", "grid"])
+def test_hypervolume_and_mask_equal_the_exact_reference(k, kind):
+    rng = np.random.default_rng(10 * k + len(kind))
+    for n in (1, 2, 7, 40 if k == 4 else 80):
+        pts = _random_points(rng, n, k, kind)
+        assert non_dominated_mask(pts, ["max"] * k).tolist() == reference_non_dominated(pts).tolist()
+        assert hypervolume(pts, ["max"] * k, [0.0] * k) == pytest.approx(
+            reference_hypervolume(pts[reference_non_dominated(pts)]), rel=1e-12)
+        # mixed directions around a reference some points do not beat
+        dirs = ["max", "min"] * (k // 2) + ["max"] * (k % 2)
+        vals = np.where(np.array(dirs) == "min", 1.0 - pts, pts)
+        ref = [0.2 if d == "max" else 0.8 for d in dirs]
+        assert hypervolume(vals, dirs, ref) == pytest.approx(reference_hypervolume_of(vals, dirs, ref), rel=1e-12,
+                                                             abs=1e-15)
+
+
+def test_hypervolume_degenerate_cases():
+    ref = [0.0, 0.0, 0.0]
+    one = [[0.5, 0.5, 0.5]]
+    assert hypervolume(one, ["max"] * 3, ref) == pytest.approx(0.125)
+    assert hypervolume(one * 5, ["max"] * 3, ref) == pytest.approx(0.125)  # duplicates
+    assert hypervolume([[0.5, 0.0, 0.5]], ["max"] * 3, ref) == 0.0  # on the reference plane
+    assert hypervolume([[0.5, 0.5, 0.5], [0.5, 0.5, np.nan], [np.inf, 1, 1]], ["max"] * 3, ref) == pytest.approx(0.125)
+    # collinear / coplanar points: a staircase in one plane
+    plane = [[1.0, 0.2 * i, 1.0 - 0.2 * i] for i in range(6)]
+    assert hypervolume(plane, ["max"] * 3, ref) == pytest.approx(reference_hypervolume(
+        np.array(plane)[reference_non_dominated(np.array(plane))]))
+    assert hypervolume([[3.0], [1.0]], ["max"], [0.5]) == pytest.approx(2.5)  # one objective
+    assert hypervolume([[0.9, 10.0]], ["max", "min"], [0.0, 10.0]) == 0.0
+    assert non_dominated_mask(np.array([[1.0], [2.0], [2.0]]), ["max"]).tolist() == [False, True, True]
+
+
+def test_normalised_hypervolume_is_a_fraction_of_the_declared_box():
+    rows = [{"val_acc": 0.9, "flops_effective": 400, "flops_dense": 1000},
+            {"val_acc": 0.8, "flops_effective": 100, "flops_dense": 1000},
+            {"val_acc": 0.2, "flops_effective": 900, "flops_dense": 1000, "status": "failed"}]
+    box = reference_box(OBJ, rows)
+    assert box == ReferenceBox((0.0, 1000.0), (1.0, 0.0)) and box.volume() == 1000.0
+    summary = front_summary(rows, OBJ)
+    assert summary.hypervolume == pytest.approx(0.9 * 600 + 0.8 * 300)
+    assert summary.hypervolume_normalised == pytest.approx(summary.hypervolume / 1000.0)
+    assert summary.box.as_dict() == {"worst": [0.0, 1000.0], "best": [1.0, 0.0]}
+    assert list(summary.front["flops_effective"]) == [100, 400]
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 4):
+        dirs = ["max"] + ["min"] * (k - 1)
+        worst, best = [0.0] + [10.0] * (k - 1), [1.0] + [0.0] * (k - 1)
+        for _ in range(10):
+            # points partly outside the box (better than the ideal, worse than the reference)
+            vals = np.column_stack([rng.uniform(-0.2, 1.3, 30)] + [rng.uniform(-2, 12, 30) for _ in range(k - 1)])
+            value = normalised_hypervolume(vals, dirs, ReferenceBox(tuple(worst), tuple(best)))
+            assert 0.0 <= value <= 1.0
+    assert normalised_hypervolume([[1.0, 0.0]], ["max", "min"], ReferenceBox((0.0, 10.0), (1.0, 0.0))) == 1.0
+    assert normalised_hypervolume([[2.0, -5.0]], ["max", "min"], ReferenceBox((0.0, 10.0), (1.0, 0.0))) == 1.0
+    assert normalised_hypervolume([[0.5, 5.0]], ["max", "min"], ReferenceBox((0.0, 10.0), (1.0, 0.0))) == 0.25
+    assert normalised_hypervolume([[0.5, 5.0]], ["max", "min"], ReferenceBox((0.0, math.nan), (1.0, 0.0))) == 0.0
+    empty = front_summary([], OBJ)
+    assert empty.front.empty and empty.hypervolume == 0.0 and empty.hypervolume_normalised == 0.0
+    # objectives outside [0, 1] / negative: the ideal corner comes from the data
+    box = reference_box([("score", "max"), ("loss", "min")], [{"score": 3.0, "loss": -1.0}, {"score": 5.0, "loss": 2.0}])
+    assert box.best == (5.0, -1.0)
 
 
 def test_default_reference_dense_and_fallbacks():

@@ -32,15 +32,24 @@ Decisions where the reference is silent or wrong (each a setting of :class:`KEN`
   (``"per_row_fraction"``, ``k = ceil(keep_fraction * n)``), for a budget that does not depend
   on the matrix shape (pitfall 3.5 #4).
 
-The selection is vectorised: rows of the same length from every selected tensor are batched,
-the densities are one broadcast ``exp`` per chunk of rows, and the greedy matching runs ``k``
-batched steps over all rows at once, finding the nearest free value on each side of a grid
-point with union-find "next free position" pointers over the sorted row (path halving). It
-runs on the device the tensors are on.
+Rows of the same length from every selected tensor are batched. Two implementations of the
+same steps give the same positions:
+
+* on CPU (float64 densities), a small C extension (``prunelib/_ken_native.c``, built at
+  install time) does one row at a time in cache, spread over ``torch.get_num_threads()``
+  threads: a radix sort, the densities by a uniform-grid recurrence, then the greedy matching
+  with union-find "next free position" pointers over the sorted row;
+* elsewhere (a GPU, float32 densities, or the extension not built), torch ops on the tensors'
+  device: the densities as broadcast sums per chunk of rows, and the greedy matching as ``k``
+  batched steps over all rows at once, with the same pointers (path halving).
+
+Without the extension the CPU uses the torch path and says so once (a warning); reinstall
+with a C compiler (``pip install -e .``) to get it back.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -52,6 +61,13 @@ from torch import Tensor, nn
 
 from prunelib.masks import MaskSet
 from prunelib.methods.base import MethodSettings, Phase, PruningMethod, set_field
+
+try:  # the compiled selection (setup.py); optional, the torch path below does the same
+    from prunelib import _ken_native
+except ImportError:  # pragma: no cover - depends on the install
+    _ken_native = None
+
+log = logging.getLogger(__name__)
 
 __all__ = ["KEN", "KENError", "PairPlan", "LAYER_CHOICES", "HF_HEAD_MODULES", "apply_ken",
            "head_parameter_names", "ken_masks", "kde_select_rows", "ken_report", "selected_parameter_names"]
@@ -221,7 +237,9 @@ def _densities(x: Tensor, grid: Tensor, kde_dtype: torch.dtype, max_elements: in
     gs = ((grid - centre) * scale[:, None]).to(kde_dtype)
     xs = (x.to(torch.float64) - centre).to(kde_dtype) * scale[:, None]
     half = gs.abs().amax(dim=1)
-    fast = ok & (half * half < 600.0) & (k > 1) if kde_dtype == torch.float64 else torch.zeros_like(ok)
+    # The j = 0 factor of a value at the far end of the grid is exp(-3 half^2): beyond
+    # half^2 = 230 it would underflow (exp(-708)) and the recurrence would lose that value.
+    fast = ok & (half * half < 230.0) & (k > 1) if kde_dtype == torch.float64 else torch.zeros_like(ok)
     fast_rows = fast.nonzero().squeeze(1)
     slow_rows = (ok & ~fast).nonzero().squeeze(1)
     if fast_rows.numel():
@@ -305,9 +323,62 @@ def _greedy_match(x: Tensor, grid_in_priority: Tensor, refresh_every: int = 64) 
     return torch.zeros(rows, n, dtype=torch.bool, device=dev).scatter_(1, perm, kept_sorted)
 
 
+#: Backends of :func:`kde_select_rows`: "auto" (the C extension on CPU when it applies, else
+#: torch), "native" (the C extension, an error when it does not apply), "torch".
+BACKENDS = ("auto", "native", "torch")
+_warned_no_native = False
+
+
+def native_available() -> bool:
+    """Whether the compiled selection (``prunelib._ken_native``) was built and imports."""
+    return _ken_native is not None
+
+
+def _native_applies(rows: Tensor, kde_dtype: torch.dtype) -> str | None:
+    """None when the C extension can select ``rows``, else why not (one phrase)."""
+    if _ken_native is None:
+        return "the extension prunelib._ken_native is not built (reinstall with a C compiler: pip install -e .)"
+    if rows.device.type != "cpu":
+        return f"the rows are on {rows.device} (the extension runs on CPU)"
+    if kde_dtype != torch.float64:
+        return "kde_dtype is float32 (the extension evaluates densities in float64)"
+    if rows.shape[1] > 2**31 - 3:
+        return f"rows of {rows.shape[1]} values are longer than the extension's int32 positions"
+    return None
+
+
+def _select_native(rows: Tensor, k: int, threads: int) -> Tensor:
+    """The C extension over ``rows`` [R, n] on CPU, split over ``threads`` Python threads
+    (the extension releases the GIL)."""
+    src = rows.detach()
+    if src.dtype not in (torch.float32, torch.float64):
+        src = src.to(torch.float32)  # float16 / bfloat16 widen exactly
+    src = src.contiguous()
+    n_rows, n = src.shape
+    out = torch.empty(n_rows, n, dtype=torch.bool)
+    is_double = int(src.dtype == torch.float64)
+    elem = src.element_size()
+
+    def run(a: int, b: int) -> None:
+        _ken_native.select(src.data_ptr() + a * n * elem, is_double, b - a, n, k, out.data_ptr() + a * n, 0)
+
+    parts = max(1, min(n_rows, 4 * threads))  # a few parts per thread even out row costs
+    bounds = [n_rows * i // parts for i in range(parts + 1)]
+    if threads <= 1 or parts == 1:
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            run(a, b)
+        return out
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ken") as pool:
+        for f in [pool.submit(run, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
+            f.result()
+    return out
+
+
 @torch.no_grad()
 def kde_select_rows(rows: Tensor, k: int, *, kde_dtype: torch.dtype = torch.float64,
-                    max_elements: int = 1 << 24) -> Tensor:
+                    max_elements: int = 1 << 24, backend: str = "auto") -> Tensor:
     """KEN's selection on each row of ``rows`` ``[R, n]``: a bool mask with ``k`` True per row.
 
     Args:
@@ -318,12 +389,17 @@ def kde_select_rows(rows: Tensor, k: int, *, kde_dtype: torch.dtype = torch.floa
             grid point and value, no ``exp``); float32 evaluates every ``exp`` directly (slower
             on CPU, for devices where float64 is slow) and may flip a density that sits on a
             .5 rounding boundary.
-        max_elements: bound on the ``[rows, k, n]`` temporary per chunk (elements), and on the
-            rows matched at once (``rows * n``).
+        max_elements: torch path only: bound on the ``[rows, k, n]`` temporary per chunk
+            (elements), and on the rows matched at once (``rows * n``; on CPU at most
+            ``2**19``, where the pointer arrays stay in cache).
+        backend: ``"auto"`` (the C extension for CPU rows with float64 densities, else torch),
+            ``"native"`` (the extension; KENError where it does not apply) or ``"torch"``.
 
     Raises:
-        KENError: ``k`` out of range or non-finite values.
+        KENError: ``k`` out of range, non-finite values, or an unusable backend.
     """
+    if backend not in BACKENDS:
+        raise KENError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     if rows.dim() != 2:
         raise KENError(f"rows must be 2-D [rows, n], got shape {tuple(rows.shape)}")
     n_rows, n = rows.shape
@@ -333,8 +409,21 @@ def kde_select_rows(rows: Tensor, k: int, *, kde_dtype: torch.dtype = torch.floa
         return torch.zeros_like(rows, dtype=torch.bool)
     if not bool(torch.isfinite(rows).all()):
         raise KENError("the fine-tuned values hold NaN or inf; KEN needs finite weights")
+    if backend != "torch":
+        why_not = _native_applies(rows, kde_dtype)
+        if why_not is None:
+            return _select_native(rows, k, torch.get_num_threads())
+        if backend == "native":
+            raise KENError(f"backend='native' cannot run: {why_not}")
+        global _warned_no_native
+        if _ken_native is None and rows.device.type == "cpu" and not _warned_no_native:
+            _warned_no_native = True
+            log.warning("KEN selection uses the slower torch path on CPU: %s", why_not)
     out = torch.empty(n_rows, n, dtype=torch.bool, device=rows.device)
-    chunk = max(1, max_elements // n)  # rows matched together: bounds the int64 pointer arrays
+    # Rows matched together: bounds the int64 pointer arrays. On CPU they must stay in cache
+    # (2**24 elements made 134 MB arrays, 1.4-1.7x slower than 2**19); a GPU wants big batches.
+    bound = max_elements if rows.device.type != "cpu" else min(max_elements, 1 << 19)
+    chunk = max(1, bound // n)
     for s in range(0, n_rows, chunk):
         x = rows[s:s + chunk]
         x64 = x.to(torch.float64)
@@ -528,8 +617,9 @@ class KEN(PruningMethod):
             others keep their fine-tuned values whole.
         head: module-name prefixes of the task head (None = auto, :func:`head_parameter_names`).
         vectors: 1-D tensors (biases, norms): ``"row"`` (one row), ``"finetuned"``, ``"pretrained"``.
-        kde_dtype: ``"float64"`` (as the reference) or ``"float32"`` (faster).
-        max_elements: memory bound of one batched chunk (elements).
+        kde_dtype: ``"float64"`` (as the reference; on CPU the compiled path) or ``"float32"``
+            (the torch path: for GPUs where float64 is slow).
+        max_elements: memory bound of one batched chunk of the torch path (elements).
         pretrained, finetuned, pair_*: the pair plan (see :class:`PairPlan`).
     """
 
