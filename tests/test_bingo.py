@@ -431,7 +431,7 @@ def test_bad_settings_name_the_key():
 
 
 def test_bingo_yaml_loads_into_the_search_space_and_matches_the_constructor():
-    from search.config import _check_method_settings
+    from search.preflight import check_method
     from search.space import SearchSpace, load_method_configs
     from tests.conftest import sampled_settings
 
@@ -444,7 +444,7 @@ def test_bingo_yaml_loads_into_the_search_space_and_matches_the_constructor():
         assert key in accepted, key
     for key in ("sparsity", "probe_frac", "reset_to", "metric", "unit"):
         assert key in cfg["space"]
-    _check_method_settings("bingo", cfg)
+    check_method("bingo", cfg, pinned=True, search_settings=True, n_trials=1)
     space = SearchSpace({"bingo": cfg}, pinned=True)
     dists = space.distributions("bingo")
     assert dists["bingo.probe_frac"].log and dists["bingo.sparsity"].high == 0.97

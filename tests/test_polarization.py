@@ -355,7 +355,7 @@ def test_standalone_callback_trains_the_gates_and_removes_them(dm):
 # Config
 # ------------------------------------------------------------------------------------------
 def test_polarization_yaml_matches_the_constructor_and_loads_into_the_search_space():
-    from search.config import _check_method_settings
+    from search.preflight import check_method
     from search.space import SearchSpace, load_method_configs
     from tests.conftest import sampled_settings
 
@@ -368,7 +368,7 @@ def test_polarization_yaml_matches_the_constructor_and_loads_into_the_search_spa
     assert set(accepted) - {"self"} == set(cfg["settings"])  # every setting documented
     for key in ("sparsity", "lambda_s", "lambda_p", "warmup_fraction", "min_open_fraction"):
         assert key in cfg["space"] and key in accepted
-    _check_method_settings("polarization", cfg)
+    check_method("polarization", cfg, pinned=True, search_settings=True, n_trials=1)
     space = SearchSpace({"polarization": cfg}, pinned=True)
     dists = space.distributions("polarization")
     assert dists["polarization.lambda_s"].log and dists["polarization.lambda_p"].log
