@@ -97,17 +97,39 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(f"{where}[{i}].mode: {obj.get('mode')!r} must be 'max' or 'min'")
     if search.get("population_size") is not None:
         _number("search.population_size", search["population_size"], 2, integer=True)
+    check_early_stopping_and_budget(search, trial)
 
     for name, mcfg in method_configs(cfg).items():
         _check_method_settings(name, mcfg)
 
 
+def check_early_stopping_and_budget(search: Mapping[str, Any], trial: Mapping[str, Any]) -> None:
+    """``search.scheduler``, ``search.asha``, ``search.budget`` and ``search.seeds``."""
+    from search.budget import Budget
+    from search.schedulers import rung_settings, scheduler_kind
+
+    scheduler_kind(dict(search))
+    rung_settings(dict(search))
+    Budget.from_config(dict(search), dict(trial))
+    _number("search.seeds", search.get("seeds", 1), 1, integer=True)
+
+
 def method_configs(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The method configs this sweep covers: the pinned one, or every ``conf/method`` file."""
+    """The method configs this sweep covers: the pinned one, or every ``conf/method`` file
+    (only those named in ``search.methods`` when it is set)."""
     if cfg.get("method"):
         method = dict(cfg["method"])
         return {str(method.get("name")): method}
-    return load_method_configs()
+    configs = load_method_configs()
+    wanted = (cfg.get("search") or {}).get("methods")
+    if wanted is None:
+        return configs
+    if isinstance(wanted, str) or not wanted:
+        raise ConfigError(f"search.methods: {wanted!r} must be a non-empty list of method names")
+    unknown = [m for m in wanted if m not in configs]
+    if unknown:
+        raise ConfigError(f"search.methods: unknown method(s) {unknown}; known: {sorted(configs)}")
+    return {m: configs[m] for m in wanted}
 
 
 def build_search_space(cfg: Mapping[str, Any]) -> SearchSpace:

@@ -99,7 +99,17 @@ class _EpochReporter(L.Callback):
         cost = model_cost(pl_module.model, self.input_shape, self.method.masks).as_dict()
         extra = self.extra(pl_module.model) if self.extra else {}
         # Tune checks every result for all objectives, so intermediate ones carry them too.
-        self.report({"val_acc": val_acc, "epoch": self.epochs, **cost, **extra, "final_result": False})
+        self.report({"val_acc": val_acc, "epoch": self.epochs, **cost, **extra,
+                     **self.projected(pl_module.model, cost), "final_result": False})
+
+    def projected(self, model: torch.nn.Module, cost: dict[str, int]) -> dict[str, float]:
+        """``projected_<cost>`` and ``projected_sparsity``: the figures of the masks the method is
+        heading for (mo_asha compares trials by them, not by a model still dense or mid-ramp)."""
+        target = self.method.projected_masks(model)
+        if target is not self.method.masks:
+            cost = model_cost(model, self.input_shape, target).as_dict()
+        sparsity = target.sparsity(model) if target is not None else 0.0
+        return {**{f"projected_{k}": v for k, v in cost.items()}, "projected_sparsity": sparsity}
 
 
 @torch.no_grad()

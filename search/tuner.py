@@ -57,6 +57,9 @@ class SweepResult:
         parent_run_id: the MLflow parent run (None without tracking).
         output_dir: where the front's masks and the sweep state were written.
         hypervolume: of the final front, against the default reference.
+        cost: what the trials spent, by budget unit (trial_epochs, cpu_seconds, gpu_seconds).
+        budget_spent: the sweep stopped starting trials because ``search.budget`` was spent.
+        front_seeds: with ``search.seeds > 1``, mean and std of each front point over seeds.
     """
 
     rows: list[dict[str, Any]]
@@ -64,6 +67,9 @@ class SweepResult:
     parent_run_id: str | None
     output_dir: Path
     hypervolume: float
+    cost: dict[str, float] | None = None
+    budget_spent: bool = False
+    front_seeds: pd.DataFrame | None = None
 
 
 def objectives_of(cfg: dict[str, Any]) -> list[tuple[str, str]]:
@@ -411,8 +417,10 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
             masks and ``sweep.json`` go there. On resume, the directory of the interrupted sweep.
     """
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
+
+    from search.budget import Budget, BudgetLedger, BudgetSearcher
+    from search.schedulers import build_scheduler, scheduler_kind
 
     validate_config(cfg)
     check_data_available(cfg["data"])
@@ -463,11 +471,11 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
     _init_ray(cfg.get("cluster") or {})
     if cfg["trial"].get("gpus") == "auto":
         cfg = {**cfg, "trial": {**cfg["trial"], "gpus": _auto_gpu_fraction(cfg)}}
-    asha = search.get("asha") or {}
     ctx = TrialContext(data=dict(cfg["data"]), model=dict(cfg["model"]), trial=dict(cfg["trial"]),
                        space=space, objectives=objectives, tracking=tracking,
-                       report_every_epoch=bool(asha.get("enabled")))
+                       report_every_epoch=scheduler_kind(search) != "none")
     resources = {"cpu": float(cfg["trial"].get("cpus", 1)), "gpu": float(cfg["trial"].get("gpus", 0) or 0)}
+    budget = Budget.from_config(search, cfg["trial"])
     trainable = tune.with_resources(tune.with_parameters(ray_trainable, ctx=ctx), resources)
     n_trials = int(search["n_trials"])
     experiment_path = storage / name
@@ -488,12 +496,8 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
         searcher = OptunaSearch(space=space, metric=[m for m, _ in objectives],
                                 mode=[d for _, d in objectives], sampler=make_sampler(search))
         searcher = _make_budget_limiter_class()(searcher, int(search.get("concurrency", 1)), n_trials, tracking)
-        scheduler = None
-        if asha.get("enabled"):
-            scheduler = ASHAScheduler(metric=objectives[0][0], mode=objectives[0][1],
-                                      time_attr="training_iteration",
-                                      grace_period=int(asha.get("grace_period", 2)),
-                                      reduction_factor=float(asha.get("reduction_factor", 3)))
+        searcher = BudgetSearcher(searcher, BudgetLedger(budget, resources["cpu"], resources["gpu"]))
+        scheduler = build_scheduler(search, objectives)
         callback = _make_callback_class()(objectives, n_trials, tracking, dense_ref)
         tuner = tune.Tuner(
             trainable,
@@ -506,9 +510,13 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
     results = tuner.fit()
 
     rows = []
+    configs: dict[str, dict[str, Any]] = {}  # trial id -> sampled params (for seed reruns)
+    ledger = BudgetLedger(budget, resources["cpu"], resources["gpu"])  # from the results: also right on resume
     for result in results:
         metrics = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, (dict, list))}
         row = {**metrics, "trial_id": metrics.get("trial_id") or (result.path or "").rsplit("/", 1)[-1]}
+        configs[str(row["trial_id"])] = dict(result.config or {})
+        ledger.record(str(row["trial_id"]), metrics)
         row.setdefault("method", (result.config or {}).get("method"))
         if result.error is not None:
             row["status"], row["error"] = "failed", str(result.error)[:2000]
@@ -521,7 +529,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
     # Tune counts trials that ended (finished, stopped early or failed); fewer than asked for
     # means Ctrl-C stopped the sweep.
     ended_count = results.num_terminated + results.num_errors + len(orphans)
-    interrupted = ended_count < n_trials
+    interrupted = ended_count < n_trials and not ledger.exhausted
     ended = rows
     ok_rows = [r for r in rows if r["status"] in ("ok", "early_stopped")]
     front = pareto.pareto_front(ok_rows, objectives) if ok_rows else pd.DataFrame()
@@ -544,6 +552,16 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
     exported = _export_front(front, rows, front_dir, tracking) if len(front) else []
     print(f"\n{len(rows)} trials in {time.perf_counter() - start:.0f}s; hypervolume {hv:.5g}; "
           f"front masks in {front_dir}", flush=True)
+    if ledger.exhausted:
+        print(f"budget spent: {ledger.describe()}; no trial started after that ({len(rows)} trials ran, "
+              f"search.n_trials={n_trials})", flush=True)
+    front_seeds = None
+    if int(search.get("seeds", 1)) > 1 and not interrupted and len(front):
+        from search.seeds import rerun_front
+
+        front_seeds = rerun_front(front, configs, ctx, seeds=int(search["seeds"]), objectives=objectives,
+                                  output_dir=output_dir, front_dir=front_dir, resources=resources,
+                                  concurrency=int(search.get("concurrency", 1)), tracking=tracking)
     if tracker is not None and not interrupted:
         try:
             tracker.client.log_artifacts(tracker.run_id, str(front_dir), artifact_path="front_export")
@@ -564,7 +582,9 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike) -> SweepResult
         state.update({"finished": False, "n_trials": len(rows)})
         state_path.write_text(json.dumps(state, indent=1))
         raise SweepInterrupted(f"{len(ended)} of {n_trials} trials finished")
-    state.update({"finished": True, "n_trials": len(rows), "exported": [str(p) for p in exported]})
+    state.update({"finished": True, "n_trials": len(rows), "exported": [str(p) for p in exported],
+                  "cost": ledger.totals(), "budget_spent": ledger.exhausted})
     state_path.write_text(json.dumps(state, indent=1))
     return SweepResult(rows=rows, front=front, parent_run_id=tracking and tracking["parent_run_id"],
-                       output_dir=output_dir, hypervolume=float(hv))
+                       output_dir=output_dir, hypervolume=float(hv), cost=ledger.totals(),
+                       budget_spent=ledger.exhausted, front_seeds=front_seeds)

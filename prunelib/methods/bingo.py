@@ -461,7 +461,31 @@ class BINGO(PruningMethod):
         """Prune the least significant weights (neurons) to ``sparsity`` and apply the masks."""
         self._ensure_probed(model)
         params = prunable_parameters(model)
-        sig = self._tie_broken(self.significance(), params)
+        masks = self._select(model, self._tie_broken(self.significance(), params))
+        masks.metadata.update({"method": self.name, "config": self.config(),
+                               "coverage": self.coverage(), "probing_steps": self._probing_steps,
+                               "extra_forward_passes": self.cost.extra_forward_passes})
+        masks.apply(model)
+        self.masks = masks
+        log.info("bingo: cut to sparsity %.4f (coverage %.3f, %d probing steps)",
+                 masks.sparsity(model), self.coverage(), self._probing_steps)
+        return masks
+
+    def projected_masks(self, model: nn.Module) -> MaskSet | None:
+        """Before the cut: the cut ``|w|`` (neurons: row norms) would give now, not applied;
+        the allocation per layer (hence FLOPs) is the cut's except under a global ranking."""
+        if self.masks is not None or not self._ready:
+            return self.masks
+        params = prunable_parameters(model)
+        scores = {n: params[n].detach().abs() if self.unit == "weight" else params[n].detach().flatten(1).norm(dim=1)
+                  for n in self._names}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the cut itself warns about an unreachable target
+            return self._select(model, scores)
+
+    def _select(self, model: nn.Module, sig: dict[str, Tensor]) -> MaskSet:
+        """Masks keeping the highest-scored weights (neurons) at ``sparsity`` (not applied)."""
+        params = prunable_parameters(model)
         if self.unit == "weight":
             masks = select_distributed(model, sig, self.sparsity, self.layer_distribution,
                                        scope=self.scope, min_density=self.min_density)
@@ -476,7 +500,7 @@ class BINGO(PruningMethod):
                 # the sparsity reached.
                 warnings.warn(f"bingo: sparsity {self.sparsity} is beyond what neuron pruning can "
                               f"reach on this model ({most / total:.4f}); pruning to that",
-                              stacklevel=2)
+                              stacklevel=3)
                 target = most
             keep = select_channels({n: sig[n] for n in self._names},
                                    {n: self._weights_per_unit[n] for n in self._names},
@@ -484,13 +508,6 @@ class BINGO(PruningMethod):
             masks = MaskSet()
             for n in self._names:
                 masks.set(n, keep[n].to(params[n].device), "channel")
-        masks.metadata.update({"method": self.name, "config": self.config(),
-                               "coverage": self.coverage(), "probing_steps": self._probing_steps,
-                               "extra_forward_passes": self.cost.extra_forward_passes})
-        masks.apply(model)
-        self.masks = masks
-        log.info("bingo: cut to sparsity %.4f (coverage %.3f, %d probing steps)",
-                 masks.sparsity(model), self.coverage(), self._probing_steps)
         return masks
 
     def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:
