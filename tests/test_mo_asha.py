@@ -198,6 +198,30 @@ def test_scheduler_choice_and_its_errors():
         build_scheduler({"scheduler": "mo_asha", "asha": {"grace_period": 0}}, OBJ)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("search.scheduler=mo_asha search.asha.tie_break=best", "search.asha.tie_break: tie_break must be one of"),
+    ("search.budget.amount=0", "search.budget.amount: 0 must be a number > 0"),
+    ("search.budget.amount=10 search.budget.unit=gpu_seconds", "search.budget.unit: gpu_seconds, but trial.gpus is 0"),
+    ("search.seeds=0", "search.seeds: 0 must be >= 1"),
+    ("search.methods=[magnitude,nope]", "search.methods: unknown method(s) ['nope']"),
+])
+def test_preflight_names_the_bad_key(override, message):
+    from search.config import validate_config
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose(override.split()))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_search_methods_restricts_the_joint_search():
+    from search.config import build_search_space
+    from tests.conftest import compose
+
+    assert build_search_space(compose(["search.methods=[gmp,snip]"])).method_names == ["gmp", "snip"]
+    assert len(build_search_space(compose([])).method_names) > 5
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 @pytest.mark.slow
