@@ -17,12 +17,17 @@ is compared with every trial that reached the same rung before it, on the sweep'
 otherwise it stops. The objectives are read from the trial's per-epoch report; a
 ``projected_<metric>`` value, when the report carries one, is used instead of ``<metric>``:
 methods whose sparsity ramps during training (or is cut at the end) report the FLOPs of the
-masks they are heading for (:meth:`prunelib.methods.base.PruningMethod.projected_masks`), so a
-rung compares where trials are going, not a dense model's FLOPs.
+masks they are heading for (:meth:`prunelib.methods.base.PruningMethod.projected_masks`), and
+the validation accuracy of the model with those masks applied now, so a rung compares where
+trials are going, and both objectives describe one model (a dense model's accuracy at a
+sparse one's FLOPs would make the sparsest one-shot trial dominate all its siblings). That
+accuracy is before any recovery: pessimistic for methods that recover after a cut.
 
-Resume: the rungs are kept in ``mo_asha_state.json`` in the Ray experiment directory,
-written after every decision and read back by the restored scheduler; a trial that reaches a
-rung it was already judged at (restarted after the driver died) gets the same decision again.
+Resume: the rungs are kept in ``mo_asha_state.json``, written after every decision into the
+driver's copy of the Ray experiment directory, which Tune uploads with its experiment state
+and downloads on restore (so the rungs and Tune's trial states are saved together); a trial
+that reaches a rung it was already judged at (restarted after the driver died) gets the same
+decision again.
 """
 
 from __future__ import annotations
@@ -259,7 +264,9 @@ class MultiObjectiveASHA(FIFOScheduler):
             return
         self._loaded = True
         try:
-            folder = Path(trial.remote_experiment_path)
+            # The driver's staging copy of the experiment directory: Tune uploads it to the
+            # storage path with its own state, and downloads it there again on restore.
+            folder = Path(trial.local_experiment_path)
         except Exception:  # a trial without storage (unit tests): keep the rungs in memory
             return
         if not folder.is_dir():

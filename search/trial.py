@@ -26,7 +26,7 @@ from prunelib.methods import build_method
 from prunelib.models import build_model
 from prunelib.robustness import fgsm_accuracy
 from prunelib.surgery import export_onnx, has_structured_masks, surgery
-from prunelib.training import TrainConfig, run_pruning
+from prunelib.training import TrainConfig, evaluate_masked, run_pruning
 from search.faults import FaultPlan
 from search.space import SearchSpace, settings_from_params
 
@@ -81,14 +81,17 @@ def get_datamodule(data_cfg: dict[str, Any], device: str, seed: int) -> Any:
 
 
 class _EpochReporter(L.Callback):
-    """Reports validation accuracy and current costs after every validation (for ASHA)."""
+    """Reports validation accuracy and current costs after every validation (for ASHA), and
+    the figures of the masks the method is heading for (``projected_*``, for mo_asha)."""
 
     def __init__(self, report: Callable[[dict[str, Any]], None], input_shape: tuple[int, ...],
-                 method: Any, extra: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> None:
+                 method: Any, extra: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+                 val_batches: Callable[[], Any] | None = None) -> None:
         self.report = report
         self.input_shape = input_shape
         self.method = method
         self.extra = extra  # objectives measured on the model itself (latency)
+        self.val_batches = val_batches  # validation data, to score the projected masks
         self.epochs = 0
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -103,13 +106,18 @@ class _EpochReporter(L.Callback):
                      **self.projected(pl_module.model, cost), "final_result": False})
 
     def projected(self, model: torch.nn.Module, cost: dict[str, int]) -> dict[str, float]:
-        """``projected_<cost>`` and ``projected_sparsity``: the figures of the masks the method is
-        heading for (mo_asha compares trials by them, not by a model still dense or mid-ramp)."""
+        """``projected_<cost>``, ``projected_sparsity`` and, when they differ from the current
+        masks, ``projected_val_acc``: the model the method is heading for, cut now (mo_asha
+        compares trials by one consistent model, not a dense model's accuracy at a sparse one's
+        FLOPs). The accuracy is before any recovery, so pessimistic for methods that recover."""
         target = self.method.projected_masks(model)
+        out: dict[str, float] = {}
         if target is not self.method.masks:
             cost = model_cost(model, self.input_shape, target).as_dict()
-        sparsity = target.sparsity(model) if target is not None else 0.0
-        return {**{f"projected_{k}": v for k, v in cost.items()}, "projected_sparsity": sparsity}
+            if target is not None and self.val_batches is not None:
+                out["projected_val_acc"] = evaluate_masked(model, target, self.val_batches())["acc"]
+        out["projected_sparsity"] = target.sparsity(model) if target is not None else 0.0
+        return {**{f"projected_{k}": v for k, v in cost.items()}, **out}
 
 
 @torch.no_grad()
@@ -194,7 +202,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
 
     callbacks = []
     if report is not None and ctx.report_every_epoch:
-        callbacks.append(_EpochReporter(report, input_shape, method, latency))
+        callbacks.append(_EpochReporter(report, input_shape, method, latency, datamodule.val_dataloader))
     try:
         result = run_pruning(model, datamodule, method, config, seed=seed, callbacks=callbacks,
                              evaluate_test=bool(trial_cfg.get("evaluate_test", True)))

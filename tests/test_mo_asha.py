@@ -29,7 +29,7 @@ def _trial(trial_id: str, folder=None):
     """A stand-in for Tune's Trial: an id and (optionally) the experiment directory."""
     if folder is None:
         return SimpleNamespace(trial_id=trial_id)  # no storage: the rungs stay in memory
-    return SimpleNamespace(trial_id=trial_id, remote_experiment_path=str(folder))
+    return SimpleNamespace(trial_id=trial_id, local_experiment_path=str(folder))
 
 
 def _report(sched, trial, epoch, acc, flops, **extra):

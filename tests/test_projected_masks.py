@@ -88,3 +88,23 @@ def test_a_trial_reports_where_it_is_heading_each_epoch():
     assert reports[1]["projected_flops_effective"] == row["flops_effective"] < row["flops_dense"]
     assert reports[2]["flops_effective"] == reports[2]["projected_flops_effective"] == row["flops_effective"]
     assert reports[0]["projected_sparsity"] == pytest.approx(0.7, abs=1e-3)
+    # The accuracy of that cut model is reported beside it while it differs from the current one.
+    assert all(0.0 <= r["projected_val_acc"] <= 1.0 for r in reports[:2]) and "projected_val_acc" not in reports[2]
+
+
+def test_evaluate_masked_scores_the_cut_and_restores_the_model(dm):
+    import copy
+
+    from prunelib.training import evaluate, evaluate_masked
+
+    torch.manual_seed(0)
+    model = build_model("mlp", dm.input_shape, dm.num_classes)
+    method = build_method("magnitude", sparsity=0.9)
+    method.setup(model)
+    masks = method.projected_masks(model)
+    before = copy.deepcopy(model.state_dict())
+    score = evaluate_masked(model, masks, dm.val_dataloader())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    cut = copy.deepcopy(model)
+    masks.apply(cut)
+    assert score == evaluate(cut, dm.val_dataloader()) != evaluate(model, dm.val_dataloader())
