@@ -33,7 +33,6 @@ decision again.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -49,7 +48,6 @@ from search.space import ConfigError
 __all__ = ["SCHEDULERS", "TIE_BREAKS", "RungSettings", "RungDecision", "RungBook", "MultiObjectiveASHA",
            "scheduler_kind", "rung_settings", "build_scheduler"]
 
-log = logging.getLogger("search")
 
 SCHEDULERS = ("none", "asha", "mo_asha")
 TIE_BREAKS = ("hypervolume", "crowding")
@@ -269,9 +267,7 @@ class MultiObjectiveASHA(FIFOScheduler):
             folder = Path(trial.local_experiment_path)
         except Exception:  # a trial without storage (unit tests): keep the rungs in memory
             return
-        if not folder.is_dir():
-            log.warning("mo_asha: %s is not a local directory; the rungs are not saved for resume", folder)
-            return
+        folder.mkdir(parents=True, exist_ok=True)  # Tune makes it at its first checkpoint
         self.state_path = str(folder / STATE_FILE)
         if os.path.isfile(self.state_path):
             with open(self.state_path) as f:
