@@ -217,7 +217,7 @@ def main() -> None:
                          "more per epoch than a subset's training)")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--finetune-epochs", type=int, default=1)
-    ap.add_argument("--grace-period", type=int, default=1)
+    ap.add_argument("--grace-period", type=int, default=2, help="search.asha.grace_period (the default of conf/search)")
     ap.add_argument("--reduction-factor", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--joint-scheduler", default="mo_asha", choices=VARIANTS)
