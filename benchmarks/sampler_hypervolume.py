@@ -24,6 +24,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def sweep_overrides(data: str, model: str, limit_train: int, epochs: int, finetune_epochs: int,
+                    concurrency: int, tracking_uri: str, name: str) -> list[str]:
+    """The overrides every benchmark sweep shares: data, model, trial length, tracking."""
+    return [f"search.concurrency={concurrency}", f"data={data}", f"model={model}",
+            f"data.limit_train={limit_train}", f"trial.epochs={epochs}",
+            f"trial.finetune_epochs={finetune_epochs}", f"tracking.uri={tracking_uri}", f"sweep_name={name}"]
+
+
+def mean_sd(values: list[float], fmt: str = ".4f") -> str:
+    """``'mean ± sd'`` (sample sd; 0 for one value)."""
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:{fmt}} ± {sd:{fmt}}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samplers", nargs="+", default=["mo_tpe", "random"])
@@ -54,10 +69,8 @@ def main() -> None:
             for seed in args.seeds:
                 t0 = time.perf_counter()
                 overrides = [f"search={sampler}", f"search.seed={seed}", f"search.n_trials={args.trials}",
-                             f"search.concurrency={args.concurrency}", f"data={args.data}", f"model={args.model}",
-                             f"data.limit_train={args.limit_train}", f"trial.epochs={args.epochs}",
-                             f"trial.finetune_epochs={args.finetune_epochs}", f"tracking.uri={uri}",
-                             f"sweep_name=hv-{sampler}-{seed}"]
+                             *sweep_overrides(args.data, args.model, args.limit_train, args.epochs,
+                                              args.finetune_epochs, args.concurrency, uri, f"hv-{sampler}-{seed}")]
                 if args.method:
                     overrides.insert(0, f"+method={args.method}")
                 sweep = run_sweep(compose(overrides), Path(tmp) / f"{sampler}-{seed}")
@@ -80,10 +93,8 @@ def main() -> None:
         cells = []
         for n in args.checkpoints:
             vals = [results[(sampler, s)][n] for s in args.seeds]
-            mean = statistics.fmean(vals)
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            means.setdefault(sampler, []).append(mean)
-            cells.append(f"{mean:.4f} ± {sd:.4f}")
+            means.setdefault(sampler, []).append(statistics.fmean(vals))
+            cells.append(mean_sd(vals))
         print(f"| {sampler} | " + " | ".join(cells) + " |")
     if len(args.samplers) == 2:
         a, b = args.samplers

@@ -28,8 +28,8 @@ from prunelib.flops import ModelCost, model_cost
 from prunelib.masks import MaskSet
 from prunelib.methods.base import PruningMethod
 
-__all__ = ["ClassifierModule", "TrainConfig", "PruningResult", "SPEED_SETTINGS", "evaluate", "module_loss",
-           "network_of", "run_pruning", "validate_module"]
+__all__ = ["ClassifierModule", "TrainConfig", "PruningResult", "SPEED_SETTINGS", "evaluate", "evaluate_masked",
+           "module_loss", "network_of", "run_pruning", "validate_module"]
 
 log = logging.getLogger("prunelib")
 
@@ -186,6 +186,18 @@ def evaluate(model: nn.Module, batches: Any, device: torch.device | None = None)
     if total == 0:
         raise ValueError("evaluate() got no samples")
     return {"acc": correct / total, "loss": loss_sum / total}
+
+
+@torch.no_grad()
+def evaluate_masked(model: nn.Module, masks: MaskSet, batches: Any) -> dict[str, float]:
+    """:func:`evaluate` with ``masks`` applied, then the model restored exactly (weights,
+    buffers): what a cut now would score, without making it."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        masks.apply(model)
+        return evaluate(model, batches)
+    finally:
+        model.load_state_dict(saved)
 
 
 @dataclass

@@ -26,6 +26,17 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     preflight(cfg, build=False, open_stores=False)
 
 
+def check_early_stopping_and_budget(search: Mapping[str, Any], trial: Mapping[str, Any]) -> None:
+    """``search.scheduler``, ``search.asha``, ``search.budget`` and ``search.seeds``."""
+    from search.budget import Budget
+    from search.schedulers import rung_settings, scheduler_kind
+
+    scheduler_kind(dict(search))
+    rung_settings(dict(search))
+    Budget.from_config(dict(search), dict(trial))
+    _number("search.seeds", search.get("seeds", 1), 1, integer=True)
+
+
 def method_configs(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The method configs this sweep covers: the pinned one, or the unpinned pool."""
     return method_pool(cfg)

@@ -528,3 +528,68 @@ def select_point(
     if acc is None:
         return within.sort_values(cost, kind="mergesort").iloc[0]
     return within.sort_values([acc, cost], ascending=[False, True], kind="mergesort").iloc[0]
+
+
+def non_dominated_ranks(values: np.ndarray | Sequence[Sequence[float]], directions: Sequence[str]) -> np.ndarray:
+    """Non-dominated sorting: the front number of every row (0 = Pareto-optimal).
+
+    Rows of front ``r`` are non-dominated once fronts ``0 .. r-1`` are removed (NSGA-II's
+    ranking). Rows with NaN or +-inf rank after every finite row (one rank past the last front).
+    """
+    arr = _as_matrix(values, len(directions))
+    dirs = _check_directions(directions, arr.shape[1])
+    ranks = np.zeros(arr.shape[0], dtype=int)
+    finite = np.isfinite(arr).all(axis=1)
+    remaining = np.flatnonzero(finite)
+    rank = 0
+    while remaining.size:
+        on_front = non_dominated_mask(arr[remaining], dirs)
+        ranks[remaining[on_front]] = rank
+        remaining = remaining[~on_front]
+        rank += 1
+    ranks[~finite] = rank
+    return ranks
+
+
+def crowding_distance(values: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """NSGA-II crowding distance of each row within the given set (usually one front).
+
+    Per objective the rows are sorted; the two extremes get ``inf`` and an interior row the gap
+    between its neighbours divided by the objective's range; the distances add over the
+    objectives. Larger = more isolated (more worth keeping). Sets of one or two rows are all
+    extremes (``inf``); rows with NaN get 0.
+    """
+    arr = _as_matrix(values)
+    n, k = arr.shape
+    out = np.zeros(n, dtype=float)
+    finite = np.isfinite(arr).all(axis=1)
+    idx = np.flatnonzero(finite)
+    if idx.size <= 2:
+        out[idx] = math.inf
+        return out
+    pts = arr[idx]
+    dist = np.zeros(idx.size, dtype=float)
+    for j in range(k):
+        order = np.argsort(pts[:, j], kind="mergesort")
+        col = pts[order, j]
+        span = col[-1] - col[0]
+        dist[order[0]] = dist[order[-1]] = math.inf
+        if span > 0:
+            dist[order[1:-1]] += (col[2:] - col[:-2]) / span
+    out[idx] = dist
+    return out
+
+
+def hypervolume_contributions(values: np.ndarray | Sequence[Sequence[float]], directions: Sequence[str],
+                              reference: Sequence[float]) -> np.ndarray:
+    """Exclusive hypervolume contribution of each row: ``HV(all) - HV(all but that row)``.
+
+    In the objectives' units (see :func:`hypervolume`). Dominated rows, exact duplicates and
+    rows not better than ``reference`` contribute 0.
+    """
+    arr = _as_matrix(values, len(directions))
+    total = hypervolume(arr, directions, reference)
+    out = np.zeros(arr.shape[0], dtype=float)
+    for i in range(arr.shape[0]):
+        out[i] = total - hypervolume(np.delete(arr, i, axis=0), directions, reference)
+    return np.maximum(out, 0.0)

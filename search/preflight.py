@@ -199,6 +199,12 @@ ASHA_KEYS: dict[str, CheckFn] = {
     "enabled": boolean,
     "grace_period": integer(1),
     "reduction_factor": number(1, strict=True),
+    "tie_break": text,  # choices: search/schedulers.py
+}
+
+BUDGET_KEYS: dict[str, CheckFn] = {
+    "amount": optional(number(0, strict=True)),
+    "unit": text,  # choices: search/budget.py
 }
 
 SEARCH_KEYS: dict[str, CheckFn] = {
@@ -216,6 +222,9 @@ SEARCH_KEYS: dict[str, CheckFn] = {
     "storage": optional(text),
     "optuna_storage": optional(text),
     "methods": optional(str_list),
+    "scheduler": optional(text),  # choices: search/schedulers.py
+    "budget": mapping,
+    "seeds": integer(1),
 }
 
 TRIAL_KEYS: dict[str, CheckFn] = {
@@ -347,6 +356,8 @@ def validate_schema(cfg: Mapping[str, Any]) -> None:
         if required not in search and not (required == "objectives" and (cfg.get("method") or {}).get("objectives")):
             raise ConfigError(f"search.{required}: required")
     _check_section("search.asha", search.get("asha") or {}, ASHA_KEYS)
+    _check_section("search.budget", search.get("budget") or {}, BUDGET_KEYS)
+    _check_early_stopping_and_budget(search, cfg.get("trial") or {})
     trial = cfg.get("trial") or {}
     _check_section("trial", trial, {**TRIAL_KEYS, **_train_config_keys()})
     if "epochs" not in trial:
@@ -370,6 +381,16 @@ def validate_schema(cfg: Mapping[str, Any]) -> None:
     _check_section("module", module, MODULE_KEYS, allowed=set(module) if module.get("_target_") else None)
     if cfg.get("method") is not None:
         mapping("method", cfg["method"])
+
+
+def _check_early_stopping_and_budget(search: Mapping[str, Any], trial: Mapping[str, Any]) -> None:
+    """``search.scheduler`` with ``search.asha`` (rungs), ``search.budget`` against the trial's resources."""
+    from search.budget import Budget
+    from search.schedulers import rung_settings, scheduler_kind
+
+    scheduler_kind(dict(search))
+    rung_settings(dict(search))
+    Budget.from_config(dict(search), dict(trial))
 
 
 def _check_data_schema(data: Mapping[str, Any]) -> None:

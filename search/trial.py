@@ -37,7 +37,7 @@ from prunelib.models import model_from_config
 from prunelib.robustness import fgsm_accuracy
 from prunelib.surgery import export_onnx, has_structured_masks, surgery
 from prunelib.targets import call_target
-from prunelib.training import SPEED_SETTINGS, TrainConfig, network_of, run_pruning
+from prunelib.training import SPEED_SETTINGS, TrainConfig, evaluate_masked, network_of, run_pruning
 from search.faults import FaultPlan
 from search.space import ConfigError, SearchSpace, settings_from_params
 from search.storage import SweepStorage, atomic_write_text
@@ -139,14 +139,17 @@ def build_module(module_cfg: Mapping[str, Any], model: torch.nn.Module, input_sh
 
 
 class _EpochReporter(L.Callback):
-    """Reports the logged validation metrics and current costs after every validation (for ASHA)."""
+    """Reports the logged validation metrics and current costs after every validation (for ASHA),
+    and the figures of the masks the method is heading for (``projected_*``, for mo_asha)."""
 
     def __init__(self, report: Callable[[dict[str, Any]], None], input_shape: tuple[int, ...],
-                 method: Any, extra: Callable[[torch.nn.Module], dict[str, float]] | None = None) -> None:
+                 method: Any, extra: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+                 val_batches: Callable[[], Any] | None = None) -> None:
         self.report = report
         self.input_shape = input_shape
         self.method = method
         self.extra = extra  # objectives measured on the model itself (latency)
+        self.val_batches = val_batches  # validation data, to score the projected masks
         self.epochs = 0
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -164,7 +167,22 @@ class _EpochReporter(L.Callback):
         cost = model_cost(network, self.input_shape, self.method.masks).as_dict()
         extra = self.extra(network) if self.extra else {}
         # Tune checks every result for all objectives, so intermediate ones carry them too.
-        self.report({**logged, "epoch": self.epochs, **cost, **extra, "final_result": False})
+        self.report({**logged, "epoch": self.epochs, **cost, **extra,
+                     **self.projected(network, cost), "final_result": False})
+
+    def projected(self, model: torch.nn.Module, cost: dict[str, int]) -> dict[str, float]:
+        """``projected_<cost>``, ``projected_sparsity`` and, when they differ from the current
+        masks, ``projected_val_acc``: the model the method is heading for, cut now (mo_asha
+        compares trials by one consistent model, not a dense model's accuracy at a sparse one's
+        FLOPs). The accuracy is before any recovery, so pessimistic for methods that recover."""
+        target = self.method.projected_masks(model)
+        out: dict[str, float] = {}
+        if target is not self.method.masks:
+            cost = model_cost(model, self.input_shape, target).as_dict()
+            if target is not None and self.val_batches is not None:
+                out["projected_val_acc"] = evaluate_masked(model, target, self.val_batches())["acc"]
+        out["projected_sparsity"] = target.sparsity(model) if target is not None else 0.0
+        return {**{f"projected_{k}": v for k, v in cost.items()}, **out}
 
 
 @torch.no_grad()
@@ -272,7 +290,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
 
     callbacks = []
     if report is not None and ctx.report_every_epoch:
-        callbacks.append(_EpochReporter(report, input_shape, method, latency))
+        callbacks.append(_EpochReporter(report, input_shape, method, latency, datamodule.val_dataloader))
     try:
         result = run_pruning(model, datamodule, method, config, seed=seed, callbacks=callbacks,
                              evaluate_test=bool(trial_cfg.get("evaluate_test", True)), module=module)

@@ -75,6 +75,9 @@ class SweepResult:
         parent_run_id: the MLflow parent run (None without tracking).
         output_dir: where the front's masks and the sweep state were written.
         hypervolume: of the final front, against the default reference.
+        cost: what the trials spent, by budget unit (trial_epochs, cpu_seconds, gpu_seconds).
+        budget_spent: the sweep stopped starting trials because ``search.budget`` was spent.
+        front_seeds: with ``search.seeds > 1``, mean and std of each front point over seeds.
     """
 
     rows: list[dict[str, Any]]
@@ -82,6 +85,9 @@ class SweepResult:
     parent_run_id: str | None
     output_dir: Path
     hypervolume: float
+    cost: dict[str, float] | None = None
+    budget_spent: bool = False
+    front_seeds: pd.DataFrame | None = None
 
 
 def objectives_of(cfg: dict[str, Any]) -> list[tuple[str, str]]:
@@ -691,20 +697,22 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
           tracking: dict[str, str] | None, abort_file: str) -> SweepResult:
     """Run (or restore) the Tuner, then collect, print and export the front."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
+
+    from search.budget import Budget, BudgetLedger, BudgetSearcher
+    from search.schedulers import build_scheduler, scheduler_kind
 
     search = cfg["search"]
     name = state["name"]
     if cfg["trial"].get("gpus") == "auto":
         cfg = {**cfg, "trial": {**cfg["trial"], "gpus": _auto_gpu_fraction(cfg)}}
-    asha = search.get("asha") or {}
     ctx = TrialContext(data=dict(cfg["data"]), model=dict(cfg["model"]), trial=dict(cfg["trial"]),
                        space=space, objectives=objectives, tracking=tracking,
-                       report_every_epoch=bool(asha.get("enabled")),
+                       report_every_epoch=scheduler_kind(search) != "none",
                        module=dict(cfg.get("module") or {}) or None, sweep_root=storage.root,
                        resumed=resuming, driver=_driver_identity())
     resources = {"cpu": float(cfg["trial"].get("cpus", 1)), "gpu": float(cfg["trial"].get("gpus", 0) or 0)}
+    budget = Budget.from_config(search, cfg["trial"])
     trainable = tune.with_resources(tune.with_parameters(ray_trainable, ctx=ctx), resources)
     n_trials = int(search["n_trials"])
     experiment_path = storage.path("ray")
@@ -729,12 +737,8 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
                                 if state.get("optuna_storage") else None)
         searcher = _make_budget_limiter_class()(searcher, int(search.get("concurrency", 1)), n_trials, tracking,
                                                 storage.root)
-        scheduler = None
-        if asha.get("enabled"):
-            scheduler = ASHAScheduler(metric=objectives[0][0], mode=objectives[0][1],
-                                      time_attr="training_iteration",
-                                      grace_period=int(asha.get("grace_period", 2)),
-                                      reduction_factor=float(asha.get("reduction_factor", 3)))
+        searcher = BudgetSearcher(searcher, BudgetLedger(budget, resources["cpu"], resources["gpu"]))
+        scheduler = build_scheduler(search, objectives)
         callback = _make_callback_class()(objectives, n_trials, tracking, dense_ref, abort_file)
         tuner = tune.Tuner(
             trainable,
@@ -751,9 +755,13 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
         reason = json.loads(Path(abort_file).read_text()).get("reason", "a trial hit a configuration error")
         raise ConfigError(reason)
     rows = []
+    configs: dict[str, dict[str, Any]] = {}  # trial id -> sampled params (for seed reruns)
+    ledger = BudgetLedger(budget, resources["cpu"], resources["gpu"])  # from the results: also right on resume
     for result in results:
         metrics = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, (dict, list))}
         row = {**metrics, "trial_id": metrics.get("trial_id") or (result.path or "").rsplit("/", 1)[-1]}
+        configs[str(row["trial_id"])] = dict(result.config or {})
+        ledger.record(str(row["trial_id"]), metrics)
         row.setdefault("method", (result.config or {}).get("method"))
         if result.error is not None:
             row["status"], row["error"] = "failed", exception_line(result.error)
@@ -764,8 +772,9 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
     orphans = _orphan_rows(tracking, storage.root, {str(r["trial_id"]) for r in rows}) if resuming else []
     rows += orphans
     # Trials that ended (finished, stopped early or failed, orphans included); fewer than asked
-    # for means Ctrl-C stopped the sweep (a trial Tune stopped mid-run has no final result).
-    interrupted = len(rows) < n_trials
+    # for means Ctrl-C stopped the sweep (a trial Tune stopped mid-run has no final result),
+    # unless the budget was spent.
+    interrupted = len(rows) < n_trials and not ledger.exhausted
     ended = rows
     ok_rows = [r for r in rows if r["status"] in ("ok", "early_stopped")]
     front = pareto.pareto_front(ok_rows, objectives) if ok_rows else pd.DataFrame()
@@ -788,6 +797,9 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
     exported = _export_front(front, rows, front_dir, tracking) if len(front) else []
     print(f"\n{len(rows)} trials in {time.perf_counter() - start:.0f}s; hypervolume {hv:.5g}; "
           f"front masks in {front_dir}", flush=True)
+    if ledger.exhausted:
+        print(f"budget spent: {ledger.describe()}; no trial started after that ({len(rows)} trials ran, "
+              f"search.n_trials={n_trials})", flush=True)
     if interrupted:
         # Ctrl-C: Tune saved its state and returned early; keep the sweep resumable.
         print(f"\ninterrupted after {len(ended)} of {n_trials} trials; continue with:\n"
@@ -796,7 +808,15 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
         state.update({"finished": False, "n_trials": len(rows)})
         _write_state(output_dir / STATE_FILE, state)
         raise SweepInterrupted(f"{len(ended)} of {n_trials} trials ended")
-    state.update({"finished": True, "n_trials": len(rows), "exported": [str(p) for p in exported]})
+    front_seeds = None
+    if int(search.get("seeds", 1)) > 1 and len(front):
+        from search.seeds import rerun_front
+
+        front_seeds = rerun_front(front, configs, ctx, seeds=int(search["seeds"]), objectives=objectives,
+                                  output_dir=output_dir, front_dir=front_dir, resources=resources,
+                                  concurrency=int(search.get("concurrency", 1)), tracking=tracking)
+    state.update({"finished": True, "n_trials": len(rows), "exported": [str(p) for p in exported],
+                  "cost": ledger.totals(), "budget_spent": ledger.exhausted})
     _write_state(output_dir / STATE_FILE, state)
     if not ok_rows:
         reasons = sorted({_last_line(r.get("error")) for r in failed})
@@ -816,4 +836,5 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
     if state.get("optuna_storage"):
         print(f"Optuna study {name!r}: " + shell_command(["optuna-dashboard", state["optuna_storage"]]), flush=True)
     return SweepResult(rows=rows, front=front, parent_run_id=tracking and tracking["parent_run_id"],
-                       output_dir=output_dir, hypervolume=float(hv))
+                       output_dir=output_dir, hypervolume=float(hv), cost=ledger.totals(),
+                       budget_spent=ledger.exhausted, front_seeds=front_seeds)

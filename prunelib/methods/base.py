@@ -235,6 +235,17 @@ class PruningMethod:
     def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:
         """Called after each phase (one-shot cuts at the end of training happen here)."""
 
+    def projected_masks(self, model: nn.Module) -> MaskSet | None:
+        """The masks this method is heading for, judged from the model as it is now, without
+        changing the model or the method (None = dense).
+
+        Early stopping compares trials by the FLOPs they will end at, not by those of a model
+        still dense or half-way up a sparsity ramp. Default: the current masks (right for
+        methods whose masks are set at ``setup``, and all a method can say before a cut it
+        cannot preview); methods with a sparsity target cut to it now, by magnitude.
+        """
+        return self.masks
+
     def write_artifacts(self, directory: str | os.PathLike) -> list[Path]:
         """Write what the method learned besides masks (pictures, logs) into ``directory``;
         returns the files written. Nothing by default (RL-Pruner writes its distribution)."""

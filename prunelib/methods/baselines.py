@@ -78,6 +78,16 @@ class _ScoredMethod(PruningMethod):
 
     Settings = ScoredSettings
 
+    def projected_masks(self, model: nn.Module) -> MaskSet | None:
+        """The current masks once they reach ``sparsity``; before that, the target cut now by
+        magnitude under the method's distribution (not applied). Per-layer densities, hence
+        effective FLOPs, follow the distribution exactly except under one global ranking."""
+        if self.masks is not None and self.masks.sparsity(model) >= self.sparsity - 1e-9:
+            return self.masks
+        names = getattr(self, "_scored", None) or scored_names(model, self.exclude)
+        return select_distributed(model, magnitude_scores(model, names), self.sparsity, self.layer_distribution,
+                                  scope=self.scope, min_density=self.min_density, previous=self.masks)
+
     def _cut(self, model: nn.Module, scores: dict[str, torch.Tensor], sparsity: float,
              previous: MaskSet | None = None) -> MaskSet:
         masks = select_distributed(model, scores, sparsity, self.settings.layer_distribution(),

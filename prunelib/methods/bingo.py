@@ -511,13 +511,43 @@ class BINGO(PruningMethod):
         """Prune to ``sparsity`` (see ``allocation``) and apply the masks."""
         self._ensure_probed(model)
         params = prunable_parameters(model)
-        distribution = self.settings.layer_distribution()
         weights = self.damage_weights() if self.allocation == "damage" else None
         if self.allocation == "damage":  # magnitude ranks inside each layer
             scores = (magnitude_scores(model, self._names) if self.unit == "weight"
                       else {n: filter_l1(params[n]) for n in self._names})
         else:
             scores = self._tie_broken(self.significance(), params)
+        masks = self._select(model, scores, weights)
+        masks.metadata.update({"method": self.name, "config": self.config(),
+                               "coverage": self.coverage(), "probing_steps": self._probing_steps,
+                               "extra_forward_passes": self.cost.extra_forward_passes,
+                               "layer_damage": self.layer_damage()})
+        masks.apply(model)
+        self.masks = masks
+        log.info("bingo: cut to sparsity %.4f (coverage %.3f, %d probing steps, allocation %s)",
+                 masks.sparsity(model), self.coverage(), self._probing_steps, self.allocation)
+        return masks
+
+    def projected_masks(self, model: nn.Module) -> MaskSet | None:
+        """Before the cut: the cut ``|w|`` (neurons: row norms) would give now, not applied;
+        the allocation per layer (hence FLOPs) is the cut's except under a global ranking
+        (``allocation="damage"``: from the damage measured so far)."""
+        if self.masks is not None or not self._ready:
+            return self.masks
+        params = prunable_parameters(model)
+        scores = {n: params[n].detach().abs() if self.unit == "weight" else params[n].detach().flatten(1).norm(dim=1)
+                  for n in self._names}
+        weights = self.damage_weights() if self.allocation == "damage" else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the cut itself warns about an unreachable target
+            return self._select(model, scores, weights)
+
+    def _select(self, model: nn.Module, scores: dict[str, Tensor],
+                weights: dict[str, float] | None = None) -> MaskSet:
+        """Masks keeping the highest-scored weights (neurons) at ``sparsity`` (not applied);
+        ``weights``: relative sparsity per tensor (the damage allocation)."""
+        params = prunable_parameters(model)
+        distribution = self.settings.layer_distribution()
         if self.unit == "weight":
             masks = select_distributed(model, scores, self.sparsity, distribution,
                                        min_density=self.min_density, layer_weights=weights)
@@ -532,7 +562,7 @@ class BINGO(PruningMethod):
                 # the sparsity reached.
                 warnings.warn(f"bingo: sparsity {self.sparsity} is beyond what neuron pruning can "
                               f"reach on this model ({most / total:.4f}); pruning to that",
-                              stacklevel=2)
+                              stacklevel=3)
                 target = most
             budgets = None
             if weights is not None or not distribution.ranked:
@@ -544,14 +574,6 @@ class BINGO(PruningMethod):
             masks = MaskSet()
             for n in self._names:
                 masks.set(n, keep[n].to(params[n].device), "channel")
-        masks.metadata.update({"method": self.name, "config": self.config(),
-                               "coverage": self.coverage(), "probing_steps": self._probing_steps,
-                               "extra_forward_passes": self.cost.extra_forward_passes,
-                               "layer_damage": self.layer_damage()})
-        masks.apply(model)
-        self.masks = masks
-        log.info("bingo: cut to sparsity %.4f (coverage %.3f, %d probing steps, allocation %s)",
-                 masks.sparsity(model), self.coverage(), self._probing_steps, self.allocation)
         return masks
 
     def on_phase_end(self, model: nn.Module, phase: Phase, index: int) -> None:

@@ -308,6 +308,19 @@ class GrowAndPrune(PruningMethod):
             self.masks = self._union(skip=None)
         return super().finalize(model)
 
+    def projected_masks(self, model: nn.Module) -> MaskSet | None:
+        """Every group at its target: pruned groups keep their masks, the grown one and any
+        not pruned yet are cut now by magnitude (not applied)."""
+        if not self.groups:
+            return self.masks
+        out = MaskSet()
+        for g in range(len(self.groups)):
+            masks = self._group_masks.get(g) if g != self._grown else None
+            masks = masks if masks is not None else self._prune_group(model, g)
+            for n in masks.names():
+                out.set(n, masks.masks[n], masks.granularity[n])
+        return out
+
     def group_sparsity(self) -> list[float]:
         """Fraction of each group's weights its own mask removes (0 for a group not yet pruned)."""
         out = []

@@ -1,0 +1,365 @@
+"""Early stopping for sweeps: accuracy-only ASHA (Ray's) and multi-objective ASHA (``mo_asha``).
+
+``search.scheduler`` picks one: ``none``, ``asha`` (Ray's :class:`ASHAScheduler` on the first
+objective alone, today's ``search.asha.enabled=true``) or ``mo_asha``
+(:class:`MultiObjectiveASHA`). Both read their rungs from ``search.asha``: a first rung after
+``grace_period`` epochs, then one every ``reduction_factor`` times as many epochs.
+
+Multi-objective successive halving (asynchronous, like ASHA): when a trial reaches a rung it
+is compared with every trial that reached the same rung before it, on the sweep's objectives
+(accuracy up, FLOPs down by default). It continues when
+
+* it is non-dominated among them (a cheap, slightly less accurate trial stays), or
+* it is within the best ``ceil(n / reduction_factor)`` of the ``n`` trials ordered by
+  non-dominated rank, ties within a rank broken by hypervolume contribution
+  (``tie_break: hypervolume``) or NSGA-II crowding distance (``tie_break: crowding``);
+
+otherwise it stops. The objectives are read from the trial's per-epoch report; a
+``projected_<metric>`` value, when the report carries one, is used instead of ``<metric>``:
+methods whose sparsity ramps during training (or is cut at the end) report the FLOPs of the
+masks they are heading for (:meth:`prunelib.methods.base.PruningMethod.projected_masks`), and
+the validation accuracy of the model with those masks applied now, so a rung compares where
+trials are going, and both objectives describe one model (a dense model's accuracy at a
+sparse one's FLOPs would make the sparsest one-shot trial dominate all its siblings). That
+accuracy is before any recovery: pessimistic for methods that recover after a cut.
+
+Resume: the rungs are kept in ``mo_asha_state.json``, written after every decision into the
+driver's copy of the Ray experiment directory, which Tune uploads with its experiment state
+and downloads on restore (so the rungs and Tune's trial states are saved together); a trial
+that reaches a rung it was already judged at (restarted after the driver died) gets the same
+decision again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from search import pareto
+from search.space import ConfigError
+
+__all__ = ["SCHEDULERS", "TIE_BREAKS", "RungSettings", "RungDecision", "RungBook", "MultiObjectiveASHA",
+           "scheduler_kind", "rung_settings", "build_scheduler"]
+
+
+SCHEDULERS = ("none", "asha", "mo_asha")
+TIE_BREAKS = ("hypervolume", "crowding")
+STATE_FILE = "mo_asha_state.json"
+PROJECTED_PREFIX = "projected_"
+
+
+@dataclass(frozen=True)
+class RungSettings:
+    """Where the rungs are and how many trials pass each.
+
+    Attributes:
+        grace_period: epochs before the first rung (no trial stops earlier).
+        reduction_factor: rung ``k`` sits at ``grace_period * reduction_factor ** k`` epochs
+            (rounded up); about ``1 / reduction_factor`` of the trials at a rung pass it by rank
+            (the non-dominated ones always pass).
+        tie_break: ``"hypervolume"`` (exclusive hypervolume contribution within a rank) or
+            ``"crowding"`` (NSGA-II crowding distance within a rank).
+    """
+
+    grace_period: int = 2
+    reduction_factor: float = 3.0
+    tie_break: str = "hypervolume"
+
+    def __post_init__(self) -> None:
+        g = self.grace_period
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or int(g) != g or g < 1:
+            raise ValueError(f"grace_period must be an integer >= 1 (epochs), got {self.grace_period!r}")
+        if isinstance(self.reduction_factor, bool) or not isinstance(self.reduction_factor, (int, float)) \
+                or not self.reduction_factor > 1.0:
+            raise ValueError(f"reduction_factor must be > 1, got {self.reduction_factor!r}")
+        if self.tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break must be one of {list(TIE_BREAKS)}, got {self.tie_break!r}")
+
+    def milestones_upto(self, epoch: float) -> list[int]:
+        """The rungs (epochs, increasing) at or below ``epoch``."""
+        out: list[int] = []
+        k = 0
+        while True:
+            m = int(math.ceil(self.grace_period * self.reduction_factor ** k - 1e-9))
+            if m > epoch:
+                return out
+            if not out or m > out[-1]:
+                out.append(m)
+            k += 1
+
+
+@dataclass(frozen=True)
+class RungDecision:
+    """One rung decision (also what the state file and the log keep).
+
+    Attributes:
+        trial_id: the trial judged.
+        milestone: the rung, in epochs.
+        keep: continue (True) or stop (False).
+        rank: the trial's non-dominated rank among the ``size`` trials at the rung (0 = front).
+        position: its place (0 = best) in the rung's order (rank, then tie-break).
+        size: trials at the rung, itself included.
+        quota: how many of them pass by order (``ceil(size / reduction_factor)``).
+        repeated: the trial was judged at this rung before (restarted after a resume): the
+            earlier decision stands.
+    """
+
+    trial_id: str
+    milestone: int
+    keep: bool
+    rank: int
+    position: int
+    size: int
+    quota: int
+    repeated: bool = False
+
+    def reason(self) -> str:
+        """One line saying why."""
+        if self.repeated:
+            return f"stopped at epoch {self.milestone} before the sweep was resumed"
+        if self.rank == 0:
+            return f"non-dominated among the {self.size} trials at epoch {self.milestone}"
+        verdict = "within" if self.keep else "outside"
+        return (f"front {self.rank + 1}, place {self.position + 1} of the {self.size} trials at epoch "
+                f"{self.milestone}: {verdict} the best {self.quota}")
+
+
+class RungBook:
+    """The rungs of a multi-objective successive-halving run: records and decisions.
+
+    Plain Python (no Ray): :class:`MultiObjectiveASHA` feeds it each trial's progress.
+
+    Args:
+        objectives: ``[(metric, "max"|"min"), ...]``, the sweep's.
+        settings: rung placement and tie-break.
+    """
+
+    def __init__(self, objectives: list[tuple[str, str]], settings: RungSettings) -> None:
+        self.objectives = [(str(m), str(d)) for m, d in objectives]
+        self.settings = settings
+        #: milestone -> trial id -> {"values": [...], "keep": bool}, in arrival order.
+        self.rungs: dict[int, dict[str, dict[str, Any]]] = {}
+        self.stopped: list[str] = []
+
+    def on_progress(self, trial_id: str, epoch: float, values: list[float]) -> RungDecision | None:
+        """A trial reports ``values`` (one per objective; NaN = not measured) after ``epoch``
+        epochs; returns the decision when this reaches a rung, else None (continue)."""
+        milestones = self.settings.milestones_upto(epoch)
+        if not milestones:
+            return None
+        milestone = milestones[-1]
+        recorded = self.rungs.setdefault(milestone, {})
+        if trial_id in recorded:
+            if recorded[trial_id]["keep"]:
+                return None  # already passed this rung
+            return RungDecision(trial_id, milestone, False, -1, -1, len(recorded), 0, repeated=True)
+        recorded[trial_id] = {"values": [float(v) for v in values], "keep": True}
+        decision = self.decide(milestone, trial_id)
+        recorded[trial_id]["keep"] = decision.keep
+        if not decision.keep:
+            self.stopped.append(trial_id)
+        return decision
+
+    def decide(self, milestone: int, trial_id: str) -> RungDecision:
+        """Judge ``trial_id`` against every trial recorded at ``milestone`` (see module doc)."""
+        recorded = self.rungs[milestone]
+        ids = list(recorded)
+        values = np.array([recorded[i]["values"] for i in ids], dtype=float)
+        me = ids.index(trial_id)
+        # Objectives the trial did not report (measured at the end only) are left out of this
+        # comparison; other trials missing one that is used rank last.
+        cols = [j for j in range(values.shape[1]) if math.isfinite(values[me, j])]
+        size = len(ids)
+        quota = max(1, math.ceil(size / float(self.settings.reduction_factor)))
+        if not cols:
+            return RungDecision(trial_id, milestone, True, 0, 0, size, quota)
+        vals = values[:, cols]
+        dirs = [self.objectives[j][1] for j in cols]
+        ranks = pareto.non_dominated_ranks(vals, dirs)
+        score = self._tie_break_scores(vals, dirs, ranks)
+        order = sorted(range(size), key=lambda i: (ranks[i], -score[i], i))
+        position = order.index(me)
+        keep = bool(ranks[me] == 0 or position < quota)
+        return RungDecision(trial_id, milestone, keep, int(ranks[me]), position, size, quota)
+
+    def _tie_break_scores(self, vals: np.ndarray, dirs: list[str], ranks: np.ndarray) -> np.ndarray:
+        score = np.zeros(vals.shape[0], dtype=float)
+        finite = np.isfinite(vals).all(axis=1)
+        if not finite.any():
+            return score
+        reference = _rung_reference(vals[finite], dirs)
+        for rank in np.unique(ranks[finite]):
+            members = np.flatnonzero((ranks == rank) & finite)
+            if self.settings.tie_break == "crowding":
+                lo, hi = vals[finite].min(axis=0), vals[finite].max(axis=0)
+                span = np.where(hi > lo, hi - lo, 1.0)
+                score[members] = pareto.crowding_distance((vals[members] - lo) / span)
+            else:
+                score[members] = pareto.hypervolume_contributions(vals[members], dirs, reference)
+        return score
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """A JSON-friendly copy of the records (for the state file)."""
+        return {"objectives": self.objectives, "rungs": {str(m): r for m, r in self.rungs.items()},
+                "stopped": list(self.stopped)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Replace the records with a saved :meth:`state`."""
+        self.rungs = {int(m): {t: {"values": [float(v) for v in rec["values"]], "keep": bool(rec["keep"])}
+                               for t, rec in r.items()} for m, r in state.get("rungs", {}).items()}
+        self.stopped = list(state.get("stopped", []))
+
+
+def _rung_reference(vals: np.ndarray, dirs: list[str]) -> list[float]:
+    """A hypervolume reference just past the worst value of each objective at a rung (10 % of
+    the range, so the extreme trials still contribute)."""
+    ref = []
+    for j, d in enumerate(dirs):
+        col = vals[:, j]
+        span = float(col.max() - col.min())
+        pad = 0.1 * span if span > 0 else max(0.1 * abs(float(col.max())), 1e-12)
+        ref.append(float(col.min()) - pad if d == "max" else float(col.max()) + pad)
+    return ref
+
+
+class MultiObjectiveASHA(FIFOScheduler):
+    """Ray Tune scheduler: asynchronous successive halving on several objectives.
+
+    Trials run in submission order (FIFO); at each rung the :class:`RungBook` decides. Results
+    without the progress key (``time_attr``, the per-epoch ``epoch`` count) or marked
+    ``final_result`` are not judged.
+
+    Args:
+        objectives: the sweep's ``[(metric, mode), ...]``.
+        settings: rungs and tie-break.
+        time_attr: the result key that counts epochs.
+        verbose: print one line per stopped trial.
+    """
+
+    def __init__(self, objectives: list[tuple[str, str]], settings: RungSettings, time_attr: str = "epoch",
+                 verbose: bool = True) -> None:
+        super().__init__()
+        self.book = RungBook(objectives, settings)
+        self.time_attr = time_attr
+        self.verbose = verbose
+        self.state_path: str | None = None
+        self._loaded = False
+
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
+        # The objectives come with the scheduler; Tune's single metric/mode do not apply.
+        return True
+
+    def _ensure_state(self, trial: Any) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            # The driver's staging copy of the experiment directory: Tune uploads it to the
+            # storage path with its own state, and downloads it there again on restore.
+            folder = Path(trial.local_experiment_path)
+        except Exception:  # a trial without storage (unit tests): keep the rungs in memory
+            return
+        folder.mkdir(parents=True, exist_ok=True)  # Tune makes it at its first checkpoint
+        self.state_path = str(folder / STATE_FILE)
+        if os.path.isfile(self.state_path):
+            with open(self.state_path) as f:
+                self.book.load_state(json.load(f))
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        tmp = f"{self.state_path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.book.state(), f)
+        os.replace(tmp, self.state_path)
+
+    def objective_values(self, result: dict[str, Any]) -> list[float]:
+        """The rung's view of a result: ``projected_<metric>`` when reported, else ``<metric>``."""
+        out = []
+        for metric, _ in self.book.objectives:
+            value = result.get(PROJECTED_PREFIX + metric, result.get(metric))
+            try:
+                out.append(float(value))
+            except (TypeError, ValueError):
+                out.append(math.nan)
+        return out
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self._ensure_state(trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
+        self._ensure_state(trial)
+        if result.get("final_result") or self.time_attr not in result:
+            return TrialScheduler.CONTINUE
+        decision = self.book.on_progress(trial.trial_id, float(result[self.time_attr]),
+                                         self.objective_values(result))
+        if decision is None:
+            return TrialScheduler.CONTINUE
+        self._save()
+        if decision.keep:
+            return TrialScheduler.CONTINUE
+        if self.verbose:
+            print(f"mo_asha: stopping {trial.trial_id} after {decision.milestone} epochs "
+                  f"({decision.reason()})", flush=True)
+        return TrialScheduler.STOP
+
+    def debug_string(self) -> str:
+        sizes = ", ".join(f"epoch {m}: {len(r)}" for m, r in sorted(self.book.rungs.items()))
+        return f"MultiObjectiveASHA: {len(self.book.stopped)} stopped; trials per rung {sizes or 'none yet'}"
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as f:
+            json.dump(self.book.state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            self.book.load_state(json.load(f))
+
+
+def scheduler_kind(search: dict[str, Any]) -> str:
+    """``none``, ``asha`` or ``mo_asha`` from ``search.scheduler`` (``null`` = ``asha`` when
+    the older ``search.asha.enabled`` is true, else ``none``)."""
+    kind = search.get("scheduler")
+    enabled = bool((search.get("asha") or {}).get("enabled"))
+    if kind is None:
+        return "asha" if enabled else "none"
+    if kind not in SCHEDULERS:
+        raise ConfigError(f"search.scheduler: {kind!r} is not one of {list(SCHEDULERS)}")
+    if enabled and kind != "asha":
+        raise ConfigError(f"search.asha.enabled: true asks for the accuracy-only ASHA but search.scheduler is "
+                          f"{kind!r}; drop one of them")
+    return str(kind)
+
+
+def rung_settings(search: dict[str, Any]) -> RungSettings:
+    """The ``search.asha`` rung settings (ConfigError naming the key when one is bad)."""
+    asha = search.get("asha") or {}
+    factor = asha.get("reduction_factor", 3)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)):
+        raise ConfigError(f"search.asha.reduction_factor: {factor!r} is not a number")
+    try:
+        return RungSettings(grace_period=asha.get("grace_period", 2), reduction_factor=float(factor),
+                            tie_break=asha.get("tie_break", "hypervolume"))
+    except (TypeError, ValueError) as exc:
+        key = str(exc).split(" ", 1)[0]
+        raise ConfigError(f"search.asha.{key}: {exc}") from exc
+
+
+def build_scheduler(search: dict[str, Any], objectives: list[tuple[str, str]]) -> TrialScheduler | None:
+    """The sweep's Tune scheduler (None = run every trial to the end)."""
+    kind = scheduler_kind(search)
+    if kind == "none":
+        return None
+    settings = rung_settings(search)
+    if kind == "asha":
+        return ASHAScheduler(metric=objectives[0][0], mode=objectives[0][1], time_attr="training_iteration",
+                             grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
+    return MultiObjectiveASHA(objectives, settings)
