@@ -203,7 +203,7 @@ ASHA_KEYS: dict[str, CheckFn] = {
 }
 
 BUDGET_KEYS: dict[str, CheckFn] = {
-    "amount": optional(number(0, strict=True)),
+    "amount": anything,  # checked by search.budget.Budget
     "unit": text,  # choices: search/budget.py
 }
 

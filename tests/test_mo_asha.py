@@ -203,7 +203,7 @@ def test_scheduler_choice_and_its_errors():
     ("search.budget.amount=0", "search.budget.amount: 0 must be a number > 0"),
     ("search.budget.amount=10 search.budget.unit=gpu_seconds", "search.budget.unit: gpu_seconds, but trial.gpus is 0"),
     ("search.seeds=0", "search.seeds: 0 must be >= 1"),
-    ("search.methods=[magnitude,nope]", "search.methods: unknown method(s) ['nope']"),
+    ("search.methods=[magnitude,nope]", "search.methods: ['nope'] not found"),
 ])
 def test_preflight_names_the_bad_key(override, message):
     from search.config import validate_config

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import REPO
 
 # Optional extras: imported lazily, only when their feature is used.
-EXTRAS = {"transformers": "hf", "torchvision": "vision"}
+EXTRAS = {"transformers": "hf", "tokenizers": "hf", "torchvision": "vision"}
 
 
 def _imports(root: Path) -> set[str]:
