@@ -100,7 +100,8 @@ def format_trial_line(record: Mapping[str, Any]) -> str:
             f"epoch {record.get('epoch', 0)}/{record.get('epochs', 0)} {100 * float(record.get('done', 0.0)):3.0f}%  "
             f"sparsity {_value('sparsity', record.get('sparsity'))}  {metric} {_value(metric, record.get('value'))}  "
             f"loss {_value('loss', record.get('loss'))}  {format_duration(record.get('elapsed_s'))}"
-            f"  ETA {format_duration(eta) if eta is not None else '?'}")
+            + ("  (export, test split, tracking)" if record.get("phase") == "measure"
+               else f"  ETA {format_duration(eta) if eta is not None else '?'}"))
 
 
 def format_epoch_line(record: Mapping[str, Any]) -> str:
@@ -412,10 +413,12 @@ def forget(board: str, trial_id: str | None = None) -> None:
 
 class BoardReader:
     """Turns the board's states into new records for :meth:`ProgressDisplay.update`: each epoch
-    record once (a retried trial, with another ``run``, starts over), the live record always."""
+    record once (a retried trial, with another ``run``, starts over), a live record when it
+    changed."""
 
     def __init__(self) -> None:
         self._printed: dict[str, tuple[float, int]] = {}  # trial -> (run, last epoch printed)
+        self._live: dict[str, tuple[Any, Any]] = {}  # trial -> (run, elapsed) of the last live record
 
     def records(self, states: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -430,7 +433,9 @@ class BoardReader:
                     out.append(dict(record))
                     seen_epoch = int(record["epoch"])
             self._printed[trial] = (run, seen_epoch)
-            if live:
+            version = (live.get("run"), live.get("elapsed_s"))
+            if live and self._live.get(trial) != version:  # news only
+                self._live[trial] = version
                 out.append(dict(live))
         return out
 
@@ -598,6 +603,15 @@ class TrialProgress(L.Callback):
                 sent = True
         if not sent and record["kind"] == "epoch":  # not in a sweep: the epoch line goes here
             print(format_epoch_line(record), flush=True)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Training is over after the last phase: the line says the trial is measuring now
+        # (export, test split, tracking), not a stale ETA.
+        if self.board is not None and self._epoch(trainer) > self.total \
+                and time.perf_counter() - self.start >= self.send_after_s:
+            record = self.record(trainer, pl_module, "live", 0.0)
+            record.update({"phase": "measure", "epoch": self.total, "done": 1.0, "eta_s": None})
+            self._send(record)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._trained_from is None:

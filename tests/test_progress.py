@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from search.progress import (BoardReader, ProgressDisplay, TrialProgress, format_duration, format_epoch_line,
+from search.progress import (QUIET_S, BoardReader, ProgressDisplay, TrialProgress, format_duration, format_epoch_line,
                              format_sweep_bar, format_trial_line, live_progress)
 from search.space import SearchSpace, load_method_configs
 
@@ -34,6 +34,8 @@ def test_lines_say_epoch_phase_sparsity_metric_and_eta():
         assert part in line, (part, line)
     assert "val_acc -" in format_trial_line(_record(value=None))
     assert "ETA ?" in format_trial_line(_record(eta_s=None))
+    measuring = format_trial_line(_record(phase="measure", epoch=13, done=1.0, eta_s=None))
+    assert "measure" in measuring and "100%" in measuring and "ETA" not in measuring
     # An epoch line shows the metric only when that epoch was validated.
     assert "val_acc 0.9123" in format_epoch_line(_record())
     assert "val_acc" not in format_epoch_line(_record(value_epoch=2))
@@ -121,7 +123,9 @@ def test_board_reader_gives_each_epoch_record_once():
     first = reader.records({"t1": state})
     assert [(r["kind"], r["epoch"]) for r in first] == [("epoch", 1), ("epoch", 2), ("live", 2)]
     state["epochs"].append(_record(kind="epoch", epoch=3))
-    assert [(r["kind"], r["epoch"]) for r in reader.records({"t1": state})] == [("epoch", 3), ("live", 2)]
+    assert [(r["kind"], r["epoch"]) for r in reader.records({"t1": state})] == [("epoch", 3)]  # live: no news
+    state["live"] = _record(epoch=3, elapsed=4.0)
+    assert [(r["kind"], r["epoch"]) for r in reader.records({"t1": state})] == [("live", 3)]
     retried = {"live": _record(epoch=1, run=2.0), "epochs": [_record(kind="epoch", epoch=1, run=2.0)]}
     assert [r["kind"] for r in reader.records({"t1": retried})] == ["epoch", "live"]
 
@@ -215,3 +219,50 @@ def test_inactive_setting_is_absent_from_console_rows_mlflow_and_csvs(tmp_path, 
     u1 = next(line.split() for line in table if line.split()[:1] == ["u1"])
     assert u1[header.index("param.end_protection")] == "-"
     assert u1[header.index("flops_effective")] == "1.00k" and u1[header.index("val_acc")] == "0.9000"
+
+
+# ---------------------------------------------------------------------------------------------
+# In a sweep
+# ---------------------------------------------------------------------------------------------
+
+
+def _sweep(tmp_path, capsys, overrides):
+    from search.tuner import run_sweep
+    from tests.conftest import compose
+
+    cfg = compose(["+method=gmp", "search.n_trials=2", "search.concurrency=2",
+                   f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *overrides])
+    capsys.readouterr()
+    result = run_sweep(cfg, tmp_path / "out")
+    out = capsys.readouterr().out.splitlines()
+    return result, out[:next(i for i, line in enumerate(out) if line.startswith("Pareto front"))]  # while it ran
+
+
+@pytest.mark.slow
+def test_sweep_prints_live_lines_of_long_trials_and_epoch_lines_under_verbose(tmp_path, capsys, ray_local):
+    result, out = _sweep(tmp_path, capsys, ["trial.epochs=30", "trial.finetune_epochs=1", "trial.verbose=true"])
+    assert any(line.startswith("sweep [") for line in out), out
+    long = [r for r in result.rows if r["trial_wall_s"] >= 4.0]
+    assert long, [r["trial_wall_s"] for r in result.rows]  # the setting must give trials past the quiet threshold
+    for row in result.rows:
+        mine = [line for line in out if line.startswith(f"  {row['trial_id']} gmp")]
+        live = [line for line in mine if "%" in line]  # live lines say how far the trial is
+        epochs = [line.split()[4] for line in mine if "%" not in line]
+        assert epochs == [f"{e}/31" for e in range(1, 32)], mine  # each epoch once, in order
+        if row in long:
+            assert live, out
+            end = next(i for i, line in enumerate(out) if line.startswith("[") and row["trial_id"] in line)
+            assert all(out.index(line) < end for line in mine)  # progress before the trial's end line
+
+
+@pytest.mark.slow
+def test_sweep_of_fast_trials_prints_no_progress(tmp_path, capsys, ray_local):
+    result, out = _sweep(tmp_path, capsys, ["trial.epochs=2", "trial.finetune_epochs=1", "data.limit_train=400"])
+    # A trial is shown once it has run QUIET_S; the digits trials here take well under a second.
+    fast = [r["trial_id"] for r in result.rows if r["trial_wall_s"] < QUIET_S]
+    assert fast, [r["trial_wall_s"] for r in result.rows]
+    for trial_id in fast:
+        assert [line for line in out if trial_id in line and not line.startswith("[")] == [], out
+    if len(fast) == len(result.rows):
+        assert not [line for line in out if line.startswith("sweep [")], out
+    assert sum(line.startswith("[") and "/2]" in line for line in out) == 2  # the end lines
