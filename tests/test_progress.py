@@ -266,3 +266,13 @@ def test_sweep_of_fast_trials_prints_no_progress(tmp_path, capsys, ray_local):
     if len(fast) == len(result.rows):
         assert not [line for line in out if line.startswith("sweep [")], out
     assert sum(line.startswith("[") and "/2]" in line for line in out) == 2  # the end lines
+
+
+def test_trial_verbose_is_a_checked_boolean():
+    from search.preflight import validate_schema
+    from search.space import ConfigError
+    from tests.conftest import compose
+
+    validate_schema(compose(["trial.verbose=true"]))
+    with pytest.raises(ConfigError, match=r"trial\.verbose"):
+        validate_schema(compose(["trial.verbose=loud"]))
