@@ -45,8 +45,8 @@ from search import pareto
 from search.commands import export_command, shell_command
 from search.formatting import format_count as _fmt_flops
 from search.formatting import format_metric
-from search.progress import board_name, live_progress, make_progress_callback, note_front
 from search.preflight import PreflightResult, check_cluster_resources, preflight
+from search.progress import board_name, live_progress, make_progress_callback, note_front
 from search.space import ConfigError
 from search.storage import SweepLock, SweepLocked, SweepStorage, atomic_write_text, copy_out
 from search.trial import TrialContext, ray_trainable
