@@ -117,7 +117,9 @@ def check_sqlite_file(path: Path, uri: str, must_exist: bool = False, mlflow_sto
     if not os.access(path, os.W_OK):
         raise TrackingUnavailableError(f"{uri!r}: database {path} is not writable")
     try:
-        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        # Read-write, never create: a driver killed inside a write leaves a hot journal, which
+        # SQLite rolls back only on a connection that may write (read-only fails on it).
+        con = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)
         try:
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         finally:

@@ -341,3 +341,26 @@ def test_an_objective_the_module_stops_logging_stops_the_sweep_as_a_config_error
     runs = find_trial_runs(cfg["tracking"]["uri"], parent_id)
     assert len(runs) < 3  # stopped at the first such trial, not after the whole budget
     assert MlflowClient(cfg["tracking"]["uri"]).get_run(parent_id).info.status == "FAILED"
+
+
+def test_a_store_left_with_a_hot_journal_by_a_killed_writer_passes_the_check(tmp_path):
+    """A driver killed inside an SQLite write leaves a hot journal; the pre-flight's probe
+    must roll it back (read-write open), not refuse the store and block the resume."""
+    import sqlite3
+
+    from search.tracking import check_sqlite_file
+
+    db = tmp_path / "optuna.db"
+    writer = ("import os, signal, sqlite3, sys\n"
+              "con = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+              "con.execute('CREATE TABLE t (x TEXT)'); con.execute('INSERT INTO t VALUES (1)')\n"
+              "con.execute('PRAGMA cache_size=1'); con.execute('BEGIN')\n"
+              "for i in range(2000):\n    con.execute('INSERT INTO t VALUES (?)', ('x' * 500,))\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    subprocess.run([sys.executable, "-c", writer, str(db)], check=False)
+    assert (tmp_path / "optuna.db-journal").is_file()  # the killed transaction's hot journal
+    with pytest.raises(sqlite3.OperationalError):  # what a read-only probe met
+        sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute("SELECT count(*) FROM t").fetchall()
+    check_sqlite_file(db, f"sqlite:///{db}", mlflow_store=False)
+    assert not (tmp_path / "optuna.db-journal").exists()
+    assert sqlite3.connect(db).execute("SELECT count(*) FROM t").fetchone() == (1,)  # rolled back
