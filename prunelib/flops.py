@@ -17,9 +17,10 @@ element-wise ops, norms and pooling are not counted). Three figures per model:
 
 What a user gets is one artifact: :func:`deployable` makes it (the surgered model for
 structured masks, the masked model otherwise) and measures its cost. **deployed** is that
-artifact's own figure (:data:`DEPLOYED_CONVENTION`): ``flops_deployed`` / ``params_deployed``
-equal the physical figures for a surgered model and the effective ones for masks only; they
-are the numbers trials report, fronts are drawn on and exports select on by default.
+artifact's own figure: ``flops_deployed`` / ``params_deployed`` equal the physical figures for
+a surgered model and the effective ones for masks only; they are the numbers trials report,
+fronts are drawn on and exports select on by default (declared in README's Conventions and in
+each sweep's MLflow parent, ``search.tracking.CONVENTIONS``).
 """
 
 from __future__ import annotations
@@ -34,16 +35,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from prunelib.masks import MaskSet, prunable_modules
 
 
-__all__ = ["ARTIFACT_KINDS", "DEPLOYED_CONVENTION", "Deployable", "ModelCost", "count_flops", "deployable",
-           "layer_flops", "pruned_cost", "count_params", "model_cost"]
+__all__ = ["ARTIFACT_KINDS", "Deployable", "ModelCost", "count_flops", "deployable", "layer_flops", "pruned_cost",
+           "count_params", "model_cost"]
 
 #: What :func:`deployable` hands out: a physically smaller model, or the masked original.
 ARTIFACT_KINDS = ("surgered", "masked")
-
-#: The one statement of what ``flops_deployed`` / ``params_deployed`` mean (README's
-#: Conventions and each sweep's MLflow parent print it).
-DEPLOYED_CONVENTION = ("flops_deployed / params_deployed: measured on the exported artifact: physical for a "
-                       "surgered model (structured masks), effective for masks only; the default FLOPs objective")
 
 
 def _example_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
@@ -146,9 +142,8 @@ class ModelCost:
         params_effective: parameters that are nonzero and kept by the masks.
         params_physical: parameters of the physical model (after surgery; = dense if none).
         flops_dense / flops_effective / flops_physical: FLOPs per sample (see module doc).
-        params_deployed / flops_deployed: the figures of the artifact a user gets
-            (:data:`DEPLOYED_CONVENTION`): the physical ones when a surgered model was counted,
-            else the effective ones.
+        params_deployed / flops_deployed: the figures of the artifact a user gets: the
+            physical ones when a surgered model was counted, else the effective ones.
     """
 
     params_dense: int
