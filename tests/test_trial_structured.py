@@ -42,18 +42,17 @@ def test_rl_pruner_trial_writes_its_learned_distribution_and_a_smaller_model(tmp
     assert (tmp_path / "surgered" / "structure.json").is_file()
 
 
-def _bingo_neuron_trial(tmp_path, *overrides: str):
-    """A BINGO neuron-mode trial (whole neurons / filters cut: structured) and its context."""
+#: A BINGO neuron-mode trial: whole neurons / filters cut, so structured masks.
+BINGO_NEURONS = {"method": "bingo", "bingo.unit": "neuron", "bingo.sparsity": 0.5, "bingo.probe_frac": 0.05}
+
+
+def _bingo_context(*overrides: str) -> tuple[dict, TrialContext]:
+    """A small BINGO config and its trial context, on the shipped default objectives."""
     cfg = compose(["+method=bingo", "trial.epochs=2", "trial.finetune_epochs=1", "data.limit_train=400",
                    "trial.fgsm_epsilon=0.1", *overrides])
-    objectives = [(o["metric"], o["mode"]) for o in cfg["search"]["objectives"]]  # the shipped default
-    ctx = TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"], space=build_search_space(cfg),
-                       objectives=objectives)
-    row = run_trial({"method": "bingo", "bingo.unit": "neuron", "bingo.sparsity": 0.5, "bingo.reset_to": "zero",
-                     "bingo.metric": "loss", "bingo.warmup_fraction": 0.1, "bingo.allocation": "scores",
-                     "bingo.distribution": "uniform", "bingo.probe_frac": 0.05},
-                    ctx, trial_id="bingo", trial_dir=tmp_path)
-    return cfg, ctx, row
+    objectives = [(o["metric"], o["mode"]) for o in cfg["search"]["objectives"]]
+    return cfg, TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"],
+                             space=build_search_space(cfg), objectives=objectives)
 
 
 def test_structured_trial_metrics_are_those_of_the_exported_model(tmp_path):
@@ -67,8 +66,8 @@ def test_structured_trial_metrics_are_those_of_the_exported_model(tmp_path):
     # BatchNorm after every conv: a filter BINGO masks still adds its BN shift downstream, so
     # the masked model and the surgered one it ships compute different functions (val_loss
     # 2.312 masked against 2.321 exported in this trial): the row must hold the latter's.
-    cfg, ctx, row = _bingo_neuron_trial(tmp_path, "model=custom",
-                                        "+model._target_=tests.topologies.ResidualDepthwiseConcat")
+    cfg, ctx = _bingo_context("model=custom", "+model._target_=tests.topologies.ResidualDepthwiseConcat")
+    row = run_trial(BINGO_NEURONS, ctx, trial_id="bingo", trial_dir=tmp_path)
     assert row["artifact"] == "surgered"
     # What a user takes home, read back from disk.
     exported = load_surgered(tmp_path / "surgered", base_model=ResidualDepthwiseConcat())
@@ -85,23 +84,36 @@ def test_structured_trial_metrics_are_those_of_the_exported_model(tmp_path):
 
 
 def test_the_physical_flops_front_and_flops_le_select_on_the_exported_model(tmp_path):
+    from prunelib.masks import MaskSet
     from search import pareto
+    from search.export import export_point
+    from search.tracking import SweepTracker
 
-    cfg, ctx, row = _bingo_neuron_trial(tmp_path)
-    assert ctx.objectives == pareto.DEFAULT_OBJECTIVES == [("val_acc", "max"), ("flops_deployed", "min")]
+    # A tracked trial under a sweep parent that declares the shipped default objectives.
+    _, ctx = _bingo_context()
+    objectives = ctx.objectives
+    assert objectives == pareto.DEFAULT_OBJECTIVES == [("val_acc", "max"), ("flops_deployed", "min")]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = SweepTracker(uri, "deployed-flops")
+    parent = tracker.start_parent("sweep", params={}, tags={"prunesearch.objectives": json.dumps(objectives)})
+    ctx.tracking = {"uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent}
+    row = run_trial(BINGO_NEURONS, ctx, trial_id="bingo", trial_dir=tmp_path / "bingo")
     physical, effective = row["flops_deployed"], row["flops_effective"]
-    assert physical < effective  # the masked figure overstates what the surgered model runs
+    assert physical == row["flops_physical"] < effective  # the masked figure overstates what it runs
     dense = {"trial_id": "dense", "method": "magnitude", "val_acc": 1.0, "flops_deployed": row["flops_dense"],
              "flops_effective": row["flops_dense"], "status": "ok"}
     rows = [{**row, "status": "ok"}, dense]
-    front = pareto.pareto_front(rows, ctx.objectives)
-    assert "bingo" in set(front["trial_id"])
+    assert "bingo" in set(pareto.pareto_front(rows, objectives)["trial_id"])
     limit = (physical + effective) / 2  # between what it runs and what its masks alone would say
-    assert pareto.select_point(rows, ctx.objectives, f"flops_le:{limit}")["trial_id"] == "bingo"
-    assert pareto.select_point(rows, ctx.objectives, "min_flops")["trial_id"] == "bingo"
+    assert pareto.select_point(rows, objectives, f"flops_le:{limit}")["trial_id"] == "bingo"
+    assert pareto.select_point(rows, objectives, "min_flops")["trial_id"] == "bingo"
     # On the masked figure the same budget finds nothing: the defect the default fixes.
     with pytest.raises(ValueError, match="no Pareto point has flops_effective"):
         pareto.select_point(rows, [("val_acc", "max"), ("flops_effective", "min")], f"flops_le:{limit}")
+    # The export reads the trial back from MLflow and selects on the same figure.
+    chosen = export_point(uri, parent, f"flops_le:{limit}", tmp_path / "picked.safetensors")
+    assert chosen["trial_id"] == "bingo" and chosen["flops_deployed"] == physical and chosen["artifact"] == "surgered"
+    assert MaskSet.load(tmp_path / "picked.safetensors").metadata["trial_id"] == "bingo"
 
 
 def test_a_cost_that_cannot_be_measured_fails_the_trial_with_its_reason(tmp_path, monkeypatch):
