@@ -245,6 +245,7 @@ TRIAL_KEYS: dict[str, CheckFn] = {
     "evaluate_test": boolean,
     "fgsm_epsilon": optional(number(0)),
     "export_onnx": boolean,
+    "verbose": boolean,
     "faults": _faults,
 }
 

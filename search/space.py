@@ -213,6 +213,20 @@ class MethodSpace:
         """An instance of the method with ``settings``."""
         return self.method_class()(**settings)
 
+    def active_settings(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """``settings`` without the conditional keys whose ``when:`` is false for them.
+
+        A dimension is active when every key it depends on is itself active and holds the
+        required value (so a chain ``allocation -> distribution -> end_protection`` drops the
+        tail with its head); keys no dimension declares are always active. What the console,
+        MLflow and the CSVs show of a trial: an inactive key is absent, not its default.
+        """
+        inactive: set[str] = set()
+        for dim in self.dims:
+            if any(k in inactive or settings.get(k) != v for k, v in dim.when.items()):
+                inactive.add(dim.key)
+        return {k: v for k, v in settings.items() if k not in inactive}
+
     def suggest(self, trial: Any) -> dict[str, Any]:
         """Sample this method's dimensions; returns ``{KEY: value}`` (unprefixed)."""
         values: dict[str, Any] = {}

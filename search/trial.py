@@ -39,6 +39,7 @@ from prunelib.surgery import SurgeryError, export_onnx
 from prunelib.targets import call_target
 from prunelib.training import SPEED_SETTINGS, TrainConfig, evaluate_masked, network_of, run_pruning
 from search.faults import FaultPlan
+from search.progress import trial_progress
 from search.space import ConfigError, SearchSpace, settings_from_params
 from search.storage import SweepStorage, atomic_write_text
 
@@ -289,6 +290,10 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
             if want_latency else {}
 
     callbacks = []
+    progress = trial_progress(trial_id, method_name, method.plan(config.epochs, config.finetune_epochs),
+                              ctx.objectives, trial_cfg, ctx.sweep_root, start)
+    if progress is not None:  # live lines on the driver; epoch lines under trial.verbose
+        callbacks.append(progress)
     if report is not None and ctx.report_every_epoch:
         callbacks.append(_EpochReporter(report, input_shape, method, latency, datamodule.val_dataloader))
     try:
@@ -365,6 +370,12 @@ def record_trial(ctx: TrialContext, trial_id: str, method_name: str, settings: d
         dest, src = storage.trial_location(trial_id), str(out_dir)
         extra = {k: (dest + v[len(src):] if isinstance(v, str) and v.startswith(src) else v) for k, v in extra.items()}
     trial_params = {f"trial.{k}": v for k, v in overrides.items()}
+    # Only the settings this trial used: a conditional key whose `when:` is false is left out.
+    space = ctx.space.spaces.get(method_name)
+    if space is not None:
+        active = space.active_settings({**settings, **trial_params})
+        settings = {k: v for k, v in settings.items() if k in active}
+        trial_params = {k: v for k, v in trial_params.items() if k in active}
     row: dict[str, Any] = {
         **metrics, "method": method_name, "trial_id": trial_id, **extra,
         **{f"param.{k}": v for k, v in settings.items()}, **trial_params,

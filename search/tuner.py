@@ -44,7 +44,9 @@ import pandas as pd
 from search import pareto
 from search.commands import export_command, shell_command
 from search.formatting import format_count as _fmt_flops
+from search.formatting import format_metric
 from search.preflight import PreflightResult, check_cluster_resources, preflight
+from search.progress import board_name, live_progress, make_progress_callback, note_front
 from search.space import ConfigError
 from search.storage import SweepLock, SweepLocked, SweepStorage, atomic_write_text, copy_out
 from search.trial import TrialContext, ray_trainable
@@ -202,6 +204,8 @@ def _make_callback_class() -> type:
                 log.warning("could not compute the front: %s", exc)
                 summary = None
             if not final:
+                if summary is not None:
+                    note_front(len(summary.front), summary.hypervolume_normalised)
                 self._print_line(rows, trial_id, error, summary)
             if self.tracking:
                 self._log_front(rows, summary, final)
@@ -436,15 +440,17 @@ def print_front(front: pd.DataFrame, objectives: list[tuple[str, str]]) -> None:
         c for c in ("sparsity", "test_acc", "epochs", "wall_s") if c in front.columns]
     # Settings that differ across the front say what the points are; constant ones are noise.
     cols += [c for c in front.columns if c.startswith("param.") and c != "param.sparsity"
-             and front[c].nunique(dropna=True) > 1][:4]
+             and front[c].nunique(dropna=False) > 1][:4]
     table = front[[c for c in dict.fromkeys(cols) if c in front.columns]].copy()
     for c in table.columns:
-        if c.startswith("flops") or c.startswith("params"):
-            table[c] = table[c].map(_fmt_flops)
-        elif table[c].dtype.kind == "f":
-            table[c] = table[c].map(lambda v: f"{v:.4f}" if isinstance(v, float) and not math.isnan(v) else v)
+        # As the dashboard writes them; a setting the point did not use (inactive `when:`) is "-".
+        table[c] = [("-" if c.startswith("param.") and _is_missing(v) else format_metric(c, v)) for v in table[c]]
     print(f"\nPareto front ({len(front)} points; " + ", ".join(f"{m} {d}" for m, d in objectives) + "):")
     print(table.to_string(index=False), flush=True)
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 _DECORATION = re.compile(r"^[\s^~\-|]*$")
@@ -740,16 +746,18 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
         searcher = BudgetSearcher(searcher, BudgetLedger(budget, resources["cpu"], resources["gpu"]))
         scheduler = build_scheduler(search, objectives)
         callback = _make_callback_class()(objectives, n_trials, tracking, dense_ref, abort_file)
+        progress = make_progress_callback(board_name(storage.root), n_trials)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n_trials,
                                         reuse_actors=True),
             run_config=tune.RunConfig(
-                name="ray", storage_path=storage.root, callbacks=[callback], verbose=0,
+                name="ray", storage_path=storage.root, callbacks=[progress, callback], verbose=0,
                 stop=_make_abort_stopper_class()(abort_file),
                 failure_config=tune.FailureConfig(max_failures=int(cfg["trial"].get("max_retries", 0)))),
         )
-    results = tuner.fit()
+    with live_progress(n_trials):  # running trials' lines and the sweep bar (search/progress.py)
+        results = tuner.fit()
 
     if os.path.exists(abort_file):
         reason = json.loads(Path(abort_file).read_text()).get("reason", "a trial hit a configuration error")
