@@ -1,22 +1,42 @@
-"""Orchestrator overhead per trial: plain PyTorch loop vs prunelib's Lightning runner vs a full sweep.
+"""A sweep's fixed cost and its marginal cost per trial, against a plain loop and prunelib's runner.
 
-The same work in each column: train ``epochs`` dense, one-shot global magnitude cut to
-``sparsity``, fine-tune ``finetune_epochs``, evaluate on validation and test. Columns:
+The same work in every trial: train ``epochs`` dense, one-shot global magnitude cut to
+``sparsity``, fine-tune ``finetune_epochs``, evaluate on validation and test. Measured:
 
-* plain: a hand-written loop over resident tensors (the floor);
+* plain: a hand-written loop over resident tensors (the floor), seconds per trial;
 * runner: ``prunelib.run_pruning`` (Lightning Trainer per phase, callbacks, FLOPs counting);
-* sweep: ``search.tuner.run_sweep`` with Ray Tune, Optuna and MLflow (concurrency 1, so the
-  per-trial figure is wall time / trials, Ray's start-up reported apart).
+* sweep: the user's command, ``python -m search +method=magnitude ...`` (Hydra, pre-flight, Ray
+  Tune, Optuna, MLflow), run as a subprocess once per (concurrency, actor reuse) setting. Each
+  trial's ``trial_result.json`` is written last (its mtime is when the trial's result exists);
+  from those times:
 
-Prints seconds per trial and the ratios to the plain loop, measured in this one run.
+  - fixed cost: command start to the first trial result (Python and package imports, Hydra,
+    the pre-flight, Ray's start, the parent run, the first worker's start, imports and data,
+    and the first trial itself);
+  - marginal cost per trial: (last result - first result) / (trials - 1), the sweep's
+    throughput once it runs (at concurrency c, c trials share the cores);
+  - tail: last result to the command's exit (the front, its export and plots, Ray's shutdown).
 
-    python benchmarks/search_overhead.py --data digits --model mlp --trials 6
+  Actor reuse is the sweep's own setting (``reuse_actors=True``); "off" runs the same command
+  with Tune's ``reuse_actors=False`` patched in, so every trial starts a fresh worker process.
+  Each row also counts the worker processes that ran the trials (``worker_pid`` of the rows) and
+  gives the in-trial seconds (``trial_wall_s``: data, model, training, measuring, logging) of a
+  worker's first trial against those on a reused worker (imports, data and Lightning warm).
+
+Prints one table; ratios are to the plain loop and the runner measured in this one run.
+
+    python benchmarks/search_overhead.py --data digits --model mlp --trials 12
+    python benchmarks/search_overhead.py --data fashion_mnist --model lenet5 --limit-train 3000 \
+        --epochs 2 --finetune-epochs 1 --trials 6
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,6 +102,53 @@ def runner_trial(dm, model_name: str, epochs: int, finetune: int, sparsity: floa
     return time.perf_counter() - t0
 
 
+# Runs the sweep command with Tune's actor reuse off (the counterfactual of the benchmark only).
+_NO_REUSE = """
+import runpy, sys
+import ray.tune as tune
+_tune_config = tune.TuneConfig
+def _no_reuse(*args, **kwargs):
+    kwargs["reuse_actors"] = False
+    return _tune_config(*args, **kwargs)
+tune.TuneConfig = _no_reuse
+sys.argv = ["search", *sys.argv[1:]]
+runpy.run_module("search", run_name="__main__", alter_sys=True)
+"""
+
+
+def default_concurrency() -> int:
+    """``concurrency`` of the default search config (conf/search/mo_tpe.yaml)."""
+    import yaml
+
+    return int(yaml.safe_load((REPO / "conf" / "search" / "mo_tpe.yaml").read_text())["concurrency"])
+
+
+def sweep_costs(overrides: list[str], trials: int, concurrency: int, reuse: bool) -> dict[str, float]:
+    """Run the sweep command once; its fixed, marginal and tail seconds from the trials' result files."""
+    with tempfile.TemporaryDirectory(prefix="prunesearch-overhead-") as tmp:
+        out = Path(tmp) / "out"
+        args = [*overrides, f"search.n_trials={trials}", f"search.concurrency={concurrency}",
+                f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={out}"]
+        cmd = [sys.executable, "-m", "search", *args] if reuse else [sys.executable, "-c", _NO_REUSE, *args]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+        t_end = time.time()
+        if proc.returncode != 0:
+            raise RuntimeError(f"sweep command failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        files = sorted((out / "trials").glob("*/trial_result.json"), key=lambda f: f.stat().st_mtime)
+        if len(files) != trials:
+            raise RuntimeError(f"expected {trials} trial results, found {len(files)} in {out / 'trials'}")
+        done = [f.stat().st_mtime for f in files]
+        rows = [json.loads(f.read_text()) for f in files]
+    first_on_worker = [float(r["trial_wall_s"]) for r in rows if int(r["worker_trials"]) == 1]
+    reused = [float(r["trial_wall_s"]) for r in rows if int(r["worker_trials"]) > 1]
+    return {"fixed": done[0] - t0, "marginal": (done[-1] - done[0]) / max(1, trials - 1),
+            "tail": t_end - done[-1], "total": t_end - t0, "workers": len({r["worker_pid"] for r in rows}),
+            "in_trial_first": statistics.mean(first_on_worker) if first_on_worker else float("nan"),
+            "in_trial_reused": statistics.mean(reused) if reused else float("nan")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="digits")
@@ -89,48 +156,49 @@ def main() -> None:
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--finetune-epochs", type=int, default=3)
-    ap.add_argument("--trials", type=int, default=6)
+    ap.add_argument("--trials", type=int, default=12, help="trials per sweep")
+    ap.add_argument("--baseline-trials", type=int, default=4, help="trials of the plain loop and the runner")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None,
+                    help="sweep concurrencies to measure (default: 1 and conf/search/mo_tpe.yaml's)")
+    ap.add_argument("--reuse", choices=["on", "off", "both"], default="both", help="Tune actor reuse")
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--lr", type=float, default=0.05)
     args = ap.parse_args()
+    if args.trials < 2:
+        ap.error("--trials: at least 2 (the marginal cost is the slope between the first and last result)")
+    concurrencies = args.concurrency or sorted({1, default_concurrency()})
     torch.set_num_threads(1)  # a sweep trial gets one CPU (trial.cpus=1); compare like with like
     dm = build_datamodule(args.data, limit_train=args.limit_train, batch_size=64 if args.data == "digits" else 128)
     common = (args.model, args.epochs, args.finetune_epochs, args.sparsity, args.lr)
 
     plain_trial(dm, *common, seed=0)  # warm-up: first-touch costs belong to no column
-    plain = [plain_trial(dm, *common, seed=s) for s in range(args.trials)]
-    print(f"plain loop  : {sum(plain) / len(plain):.3f} s/trial", flush=True)
-    runner = [runner_trial(dm, *common, seed=s) for s in range(args.trials)]
-    print(f"prunelib run: {sum(runner) / len(runner):.3f} s/trial", flush=True)
+    plain = statistics.mean(plain_trial(dm, *common, seed=s) for s in range(args.baseline_trials))
+    print(f"plain loop  : {plain:.3f} s/trial", flush=True)
+    runner = statistics.mean(runner_trial(dm, *common, seed=s) for s in range(args.baseline_trials))
+    print(f"prunelib run: {runner:.3f} s/trial", flush=True)
 
-    from tests.conftest import compose
-    from search.tuner import run_sweep
-    import ray
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose(["+method=magnitude", f"data={args.data}", f"model={args.model}",
-                       f"search.n_trials={args.trials}", "search.concurrency=1", "search.search_settings=false",
-                       f"method.settings.sparsity={args.sparsity}", f"trial.epochs={args.epochs}",
-                       f"trial.finetune_epochs={args.finetune_epochs}", f"trial.lr={args.lr}",
-                       f"tracking.uri=sqlite:///{tmp}/mlflow.db"]
-                      + ([f"data.limit_train={args.limit_train}"] if args.limit_train else []))
-        t0 = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-        ray_init = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        run_sweep(cfg, Path(tmp) / "out")
-        sweep_total = time.perf_counter() - t1
-        ray.shutdown()
-    sweep = sweep_total / args.trials
-    p, r = sum(plain) / len(plain), sum(runner) / len(runner)
-    print("\n| data/model | epochs+ft | plain s/trial | prunelib runner s/trial | sweep s/trial | runner/plain | sweep/plain | ray.init s |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.data}/{args.model} | {args.epochs}+{args.finetune_epochs} | {p:.3f} | {r:.3f} | {sweep:.3f} | "
-          f"{r / p:.2f} | {sweep / p:.2f} | {ray_init:.1f} |")
-    print("(sweep s/trial = run_sweep wall time / trials at concurrency 1: Tune scheduling, Optuna, "
-          "MLflow parent/children/front logging, Lightning, Ray worker start)")
+    overrides = ["+method=magnitude", f"data={args.data}", f"model={args.model}", "search.search_settings=false",
+                 f"method.settings.sparsity={args.sparsity}", f"trial.epochs={args.epochs}",
+                 f"trial.finetune_epochs={args.finetune_epochs}", f"trial.lr={args.lr}"] + \
+        ([f"data.limit_train={args.limit_train}"] if args.limit_train else [])
+    table = []
+    for concurrency in concurrencies:
+        for reuse in {"on": [True], "off": [False], "both": [True, False]}[args.reuse]:
+            c = sweep_costs(overrides, args.trials, concurrency, reuse)
+            print(f"sweep concurrency {concurrency}, reuse {'on' if reuse else 'off'}: {c}", flush=True)
+            table.append((concurrency, reuse, c))
+    print(f"\n{args.data}/{args.model}, {args.epochs}+{args.finetune_epochs} epochs"
+          + (f", {args.limit_train} train images" if args.limit_train else "")
+          + f"; plain loop {plain:.3f} s/trial, prunelib runner {runner:.3f} s/trial (1 thread)")
+    print("| concurrency | actor reuse | trials | command -> first result s | marginal s/trial | marginal/plain "
+          "| marginal/runner | last result -> exit s | total s | worker processes | in-trial s: first on a worker "
+          "/ reused |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for concurrency, reuse, c in table:
+        print(f"| {concurrency} | {'on' if reuse else 'off'} | {args.trials} | {c['fixed']:.1f} | {c['marginal']:.3f} | "
+              f"{c['marginal'] / plain:.2f} | {c['marginal'] / runner:.2f} | {c['tail']:.1f} | {c['total']:.1f} | "
+              f"{c['workers']} | {c['in_trial_first']:.2f} / {c['in_trial_reused']:.2f} |")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
     main()

@@ -11,7 +11,8 @@ element-wise ops, norms and pooling are not counted). Three figures per model:
 * **physical**: the dense FLOPs of the model after surgery (physically removed channels);
   what a GPU actually runs. :func:`model_cost` makes that model itself with
   :func:`prunelib.surgery.surgery` when the masks hold any ``"channel"`` granularity entry
-  (structured pruning), or counts a ``physical_model`` the caller already made. For
+  (structured pruning; the model's dependency graph is traced once and reused, so a cost per
+  epoch costs a copy and a cut, not a trace), or counts a ``physical_model`` the caller already made. For
   unstructured masks (nothing to remove) physical equals dense. A surgery that fails raises
   (:class:`prunelib.surgery.SurgeryError`): a cost is never silently reported as dense.
 

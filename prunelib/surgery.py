@@ -32,6 +32,13 @@ back, lowest index first; they stay zero, so outputs do not change): GPU kernels
 channel counts that are multiples of 8. ``round_to="auto"`` (the default) means 8 when the
 model's parameters are on a CUDA device and no rounding on CPU.
 
+Tracing once. DepGraph's trace is the slow step (seconds for a ResNet on a CPU), and the groups,
+every cost (:func:`prunelib.flops.model_cost`), every surgery and the methods that need groups
+read the same graph. It is traced once per model object and layout (module names and types,
+parameter and buffer shapes, dtypes and devices, the input shape) on a copy of the model, and
+kept as long as the model lives; a surgery maps it onto a fresh copy of the model as it is now
+and cuts that. A model whose layout changes (a module added, a tensor moved) is traced again.
+
 Files. :meth:`SurgeryResult.save` writes the smaller model as a safetensors state dict plus a
 JSON *structure file* (the pruning operations and the kept channel indices per layer);
 :func:`load_surgered` rebuilds the original model from its code (:func:`prunelib.models.build_model`
@@ -47,6 +54,7 @@ import json
 import logging
 import math
 import os
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,8 +289,81 @@ def _groups_from_graph(graph: Any, model: nn.Module) -> list[ChannelGroup]:
     return groups
 
 
+@dataclass
+class _Trace:
+    """DepGraph's graph of one model layout, traced on ``template`` (a copy of the model, so
+    the cache never holds the model it is keyed by), and the groups read from it."""
+
+    template: nn.Module
+    graph: Any
+    groups: list[ChannelGroup]
+
+
+# model -> {layout: trace}; an entry goes with its model. A few layouts per model: a method may
+# add modules during training (polarization's gates) and take them out again.
+_TRACES: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Trace]] = weakref.WeakKeyDictionary()
+_LAYOUTS_PER_MODEL = 4
+
+
+def _layout(model: nn.Module, input_shape: Sequence[int]) -> tuple:
+    """What a trace depends on besides the code: module names and types, tensor shapes,
+    dtypes and devices, and the traced input shape."""
+    def tensors(named: Iterator[tuple[str, Tensor]]) -> tuple:
+        return tuple((n, tuple(t.shape), t.dtype, t.device) for n, t in named)
+
+    return (tuple(int(s) for s in input_shape), tuple((n, type(m)) for n, m in model.named_modules()),
+            tensors(model.named_parameters()), tensors(model.named_buffers()))
+
+
+def _trace(model: nn.Module, input_shape: Sequence[int]) -> _Trace:
+    """The model's trace at its current layout, traced now if there is none (see the module doc).
+
+    Raises:
+        SurgeryError: the model's forward cannot be traced with that input shape.
+    """
+    layout = _layout(model, input_shape)
+    traces = _TRACES.get(model)
+    if traces is not None and layout in traces:
+        return traces[layout]
+    try:
+        with _autograd_on():
+            template = copy.deepcopy(model)
+    except Exception:  # a model that cannot be copied: traced as it is, not kept
+        graph = _build_graph(model, input_shape)
+        return _Trace(model, graph, _groups_from_graph(graph, model))
+    graph = _build_graph(template, input_shape)
+    trace = _Trace(template, graph, _groups_from_graph(graph, template))
+    traces = _TRACES.setdefault(model, {})
+    if len(traces) >= _LAYOUTS_PER_MODEL:
+        traces.pop(next(iter(traces)))
+    traces[layout] = trace
+    return trace
+
+
+def _working_copy(trace: _Trace, model: nn.Module) -> tuple[nn.Module, Any]:
+    """A deep copy of ``model`` as it is now, and the trace's graph mapped onto that copy (the
+    same layout: the template's modules, parameters and buffers stand for the copy's)."""
+    with _autograd_on():
+        work = copy.deepcopy(model)
+    graph = trace.graph
+    memo: dict[int, Any] = {id(graph.ops): graph.ops}  # Torch-Pruning's ops module: shared
+    for named in ("named_modules", "named_parameters", "named_buffers"):
+        now = dict(getattr(work, named)())
+        for name, obj in getattr(trace.template, named)():
+            memo[id(obj)] = now[name]
+    for node in graph.module2node.values():
+        memo[id(node.grad_fn)] = None  # autograd's record of the trace: cutting does not read it
+    for pruner in (*graph.REGISTERED_PRUNERS.values(), *graph.CUSTOMIZED_PRUNERS.values()):
+        memo[id(pruner)] = pruner  # stateless handlers, shared by every graph as in Torch-Pruning
+    with _autograd_on():
+        return work, copy.deepcopy(graph, memo)
+
+
 def channel_groups(model: nn.Module, input_shape: Sequence[int]) -> list[ChannelGroup]:
     """The coupled output-channel groups of ``model`` (one per independent channel set).
+
+    Traced once per model and layout and shared with surgery and costs (see the module doc):
+    treat the groups as read-only.
 
     Args:
         model: any module DepGraph can trace with one ``(1, *input_shape)`` tensor.
@@ -291,7 +372,7 @@ def channel_groups(model: nn.Module, input_shape: Sequence[int]) -> list[Channel
     Raises:
         SurgeryError: the model's forward cannot be traced with that input shape.
     """
-    return _groups_from_graph(_build_graph(model, input_shape), model)
+    return list(_trace(model, input_shape).groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,9 +640,9 @@ def surgery(model: nn.Module, masks: MaskSet, input_shape: Sequence[int],
 
 def _surgery(model: nn.Module, masks: MaskSet, input_shape: Sequence[int], step: int | None,
              verify: bool) -> SurgeryResult:
-    work = copy.deepcopy(model)
-    graph = _build_graph(work, input_shape)
-    groups = _groups_from_graph(graph, work)
+    trace = _trace(model, input_shape)
+    work, graph = _working_copy(trace, model)
+    groups = trace.groups
     completed = complete_channel_masks(work, masks, input_shape, groups=groups)
     completed.apply(work)  # the smaller model computes what the (completed) masked model does
     reference = copy.deepcopy(work) if verify else None

@@ -32,6 +32,7 @@ import lightning as L
 import torch
 
 from prunelib.data import datamodule_from_config
+from prunelib.data import StreamingDataModule
 from prunelib.flops import model_cost
 from prunelib.models import model_from_config
 from prunelib.robustness import fgsm_accuracy
@@ -50,6 +51,8 @@ log = logging.getLogger("search")
 
 # Per-process cache: (data config, device) -> datamodule. Kept across trials on one worker.
 _DATA_CACHE: dict[str, Any] = {}
+# Trials this process recorded: 1 on a fresh worker, more where Ray reused it (actor reuse).
+_PROCESS_TRIALS = 0
 
 #: Keys offered to a user's LightningModule (``module._target_``), each passed only when its
 #: signature names it: the network to train, the data's shape and classes, and the trial's
@@ -110,6 +113,8 @@ def get_datamodule(data_cfg: dict[str, Any], device: str, seed: int) -> Any:
     key = json.dumps({"data": data_cfg, "device": device, "seed": seed}, sort_keys=True, default=str)
     if key not in _DATA_CACHE:
         _DATA_CACHE[key] = datamodule_from_config(data_cfg, seed=seed, device=device)
+    elif isinstance(_DATA_CACHE[key], StreamingDataModule):
+        _DATA_CACHE[key].restart()  # a reused worker shuffles as a fresh one would
     return _DATA_CACHE[key]
 
 
@@ -362,7 +367,9 @@ def record_trial(ctx: TrialContext, trial_id: str, method_name: str, settings: d
     maps MLflow artifact folders to local files or directories. A tracking outage does not
     lose the trial: the row records ``mlflow_unlogged`` and ``trial_result.json`` is written anyway.
     With a sweep storage the files are published there (``trials/<trial_id>/``, uploaded for a
-    remote storage) and ``trial_result.json`` is written last, atomically.
+    remote storage) and ``trial_result.json`` is written last, atomically. The row names the
+    worker process (``worker_pid``) and the trials it has recorded so far (``worker_trials``: 1 on
+    a fresh worker, more where Ray reused it).
     """
     storage = SweepStorage(ctx.sweep_root) if ctx.sweep_root else None
     if storage is not None and not storage.is_local:
@@ -376,8 +383,11 @@ def record_trial(ctx: TrialContext, trial_id: str, method_name: str, settings: d
         active = space.active_settings({**settings, **trial_params})
         settings = {k: v for k, v in settings.items() if k in active}
         trial_params = {k: v for k, v in trial_params.items() if k in active}
+    global _PROCESS_TRIALS
+    _PROCESS_TRIALS += 1
     row: dict[str, Any] = {
         **metrics, "method": method_name, "trial_id": trial_id, **extra,
+        "worker_pid": os.getpid(), "worker_trials": _PROCESS_TRIALS,
         **{f"param.{k}": v for k, v in settings.items()}, **trial_params,
     }
     if ctx.tracking:

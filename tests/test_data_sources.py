@@ -52,6 +52,18 @@ def test_user_datasets_too_big_stream_through_workers():
     assert 0.0 < _train_one_epoch(dm) <= 1.0
 
 
+def test_a_streamed_data_set_reused_by_the_next_trial_shuffles_as_a_fresh_one():
+    from search.trial import get_datamodule
+
+    cfg = {**DATASETS, "resident": False, "num_workers": 0}
+    dm = get_datamodule(cfg, "cpu", 3)
+    assert isinstance(dm, StreamingDataModule)
+    first = next(iter(dm.train_dataloader()))[1]
+    assert not torch.equal(next(iter(dm.train_dataloader()))[1], first)  # the next epoch differs
+    assert get_datamodule(cfg, "cpu", 3) is dm  # the worker's cached data: the next trial restarts it
+    assert torch.equal(next(iter(dm.train_dataloader()))[1], first)
+
+
 def test_user_lightning_datamodule_keeps_its_loaders():
     dm = datamodule_from_config({"name": "mine", "_target_": "tests.user_code.DigitsDataModule", "batch_size": 32})
     assert isinstance(dm, LightningDataAdapter)

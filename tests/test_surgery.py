@@ -362,3 +362,43 @@ def test_a_cost_that_cannot_be_measured_raises_instead_of_reporting_dense():
         model_cost(model, (3, 5, 5), masks)  # the forward fails at this shape: no trace
     with pytest.raises(SurgeryError, match="no deployable model"):
         deployable(model, masks, (3, 5, 5))
+
+
+def test_one_trace_serves_groups_costs_and_surgeries_until_the_layout_changes(monkeypatch):
+    import gc
+
+    import prunelib.surgery as surgery_module
+
+    traced = []
+    build = surgery_module._build_graph
+    monkeypatch.setattr(surgery_module, "_build_graph", lambda m, s: traced.append(id(m)) or build(m, s))
+    model = _randomise_bn(build_model("vgg_small", SHAPE, 10, width=0.25))
+    groups = channel_groups(model, SHAPE)
+    assert len(traced) == 1
+    for seed in range(3):
+        masks = _random_channel_masks(model, 0.5, seed=seed)
+        with torch.no_grad():  # training moves the weights; the trace stays, the copy is of now
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        before = len(traced)
+        cost = model_cost(model, SHAPE, masks, round_to=None)
+        result = surgery(model, masks, SHAPE, round_to=None)
+        assert channel_groups(model, SHAPE) == groups
+        assert len(traced) == before  # the model's one trace serves every cost and cut
+        fresh = copy.deepcopy(model)  # a new object: traced on its own, as every call was before
+        assert model_cost(fresh, SHAPE, masks, round_to=None) == cost
+        again = surgery(fresh, masks, SHAPE, round_to=None)
+        assert len(traced) == before + 1
+        assert again.structure == result.structure and again.removed == result.removed
+        assert cost.flops_physical == count_flops(result.model, SHAPE)
+        x = torch.randn(4, *SHAPE)
+        torch.testing.assert_close(result.model.eval()(x), _masked_reference(model, masks)(x), rtol=1e-4, atol=1e-5)
+    before = len(traced)
+    model.double()  # another layout: traced again, and the first one is still kept
+    assert channel_groups(model, SHAPE)[0].root == groups[0].root and len(traced) == before + 1
+    model.float()
+    assert channel_groups(model, SHAPE) == groups and len(traced) == before + 1
+    kept = len(surgery_module._TRACES)
+    del model, fresh
+    gc.collect()
+    assert len(surgery_module._TRACES) < kept  # the trace goes with its model

@@ -82,6 +82,14 @@ def test_pinned_sweep_tracks_parent_children_and_front(pinned_sweep):
         assert masks.metadata["method"] == "magnitude"
 
 
+def test_trials_reuse_their_worker_process(pinned_sweep):
+    _tmp, _cfg, result = pinned_sweep
+    # Three trials at concurrency 2: two workers, and the third trial runs on one of them (Tune's
+    # actor reuse keeps the process: its imports, data and MLflow store stay warm).
+    assert len({r["worker_pid"] for r in result.rows}) == 2
+    assert sorted(r["worker_trials"] for r in result.rows) == [1, 1, 2]
+
+
 def test_export_picks_a_point_and_writes_a_loadable_masks_file(pinned_sweep):
     tmp, cfg, result = pinned_sweep
     uri = f"sqlite:///{tmp}/mlflow.db"

@@ -131,3 +131,25 @@ def test_a_cost_that_cannot_be_measured_fails_the_trial_with_its_reason(tmp_path
     with pytest.raises(TrialFailed, match="cost of the exported model cannot be measured.*feeds an op"):
         run_trial({"method": "paoding", "paoding.dense_ratio": 0.5}, ctx, trial_id="cut", trial_dir=tmp_path)
     assert not (tmp_path / "trial_result.json").exists()  # no row with a dense stand-in
+
+
+def test_a_structured_trial_traces_its_model_once_for_every_cost_report_and_the_export(tmp_path, monkeypatch):
+    import prunelib.surgery as surgery_module
+    from prunelib.flops import count_flops
+
+    traced = []
+    build = surgery_module._build_graph
+    monkeypatch.setattr(surgery_module, "_build_graph", lambda m, s: traced.append(type(m).__name__) or build(m, s))
+    cfg = compose(["+method=bingo", "method.settings.unit=neuron", "trial.epochs=2", "trial.finetune_epochs=1",
+                   "data.limit_train=400"])
+    ctx = TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"], space=build_search_space(cfg),
+                       objectives=[("val_acc", "max"), ("flops_physical", "min")], report_every_epoch=True)
+    reports = []
+    row = run_trial({"method": "bingo", "bingo.sparsity": 0.5}, ctx, trial_id="once", trial_dir=tmp_path,
+                    report=reports.append)
+    assert len(reports) == 3 and all(r["projected_flops_physical"] < r["flops_dense"] for r in reports)
+    assert reports[-1]["flops_physical"] == row["flops_physical"] < row["flops_dense"]  # the fine-tune epoch: cut
+    # One trace: the per-epoch costs (current and projected), the final cost and the export.
+    assert traced == ["MLP"]
+    smaller = load_surgered(tmp_path / "surgered")
+    assert count_flops(smaller, (1, 8, 8)) == row["flops_physical"]

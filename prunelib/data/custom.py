@@ -167,6 +167,11 @@ class StreamingDataModule(lightning.LightningDataModule):
         """Samples per split."""
         return {s: len(d) for s, d in self.datasets.items()}  # type: ignore[arg-type]
 
+    def restart(self) -> None:
+        """Start the shuffling again at epoch 0: a new run on the same data (a trial on a reused
+        worker) draws the batches a fresh data module would."""
+        self._epoch = 0
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         gen = None
         if shuffle:
