@@ -206,6 +206,7 @@ def sweep_detail(client: MlflowClient, uri: str, run_id: str) -> dict[str, Any]:
     overall = [str(t) for t in pareto.pareto_front(ok, objectives)["trial_id"]] if ok else []
     keep = {m for m, _ in objectives} | {"val_acc", "test_acc", "sparsity", "flops_dense", "flops_effective",
                                          "flops_physical", "params_dense", "params_effective", "params_physical",
+                                         "flops_deployed", "params_deployed", "artifact",
                                          "method", "trial_id", "run_id", "status", "error", "reverted_fraction",
                                          "val_fgsm_acc", "wall_s", "epochs"}
     trials = []

@@ -17,9 +17,11 @@ element-wise ops, norms and pooling are not counted). Three figures per model:
   (:class:`prunelib.surgery.SurgeryError`): a cost is never silently reported as dense.
 
 What a user gets is one artifact: :func:`deployable` makes it (the surgered model for
-structured masks, the masked model otherwise) and measures its cost; its ``flops`` and
-``params`` are the artifact's own figures (physical for a surgered model, effective for masks
-only), the numbers to report, select and export on.
+structured masks, the masked model otherwise) and measures its cost. **deployed** is that
+artifact's own figure: ``flops_deployed`` / ``params_deployed`` equal the physical figures for
+a surgered model and the effective ones for masks only; they are the numbers trials report,
+fronts are drawn on and exports select on by default (declared in README's Conventions and in
+each sweep's MLflow parent, ``search.tracking.CONVENTIONS``).
 """
 
 from __future__ import annotations
@@ -141,6 +143,8 @@ class ModelCost:
         params_effective: parameters that are nonzero and kept by the masks.
         params_physical: parameters of the physical model (after surgery; = dense if none).
         flops_dense / flops_effective / flops_physical: FLOPs per sample (see module doc).
+        params_deployed / flops_deployed: the figures of the artifact a user gets: the
+            physical ones when a surgered model was counted, else the effective ones.
     """
 
     params_dense: int
@@ -149,6 +153,8 @@ class ModelCost:
     flops_dense: int
     flops_effective: int
     flops_physical: int
+    params_deployed: int
+    flops_deployed: int
 
     def as_dict(self) -> dict[str, int]:
         """The counts as a flat dict (metric names used by search and MLflow)."""
@@ -199,14 +205,18 @@ def model_cost(model: nn.Module, input_shape: tuple[int, ...] | None, masks: Mas
     saved = sum(flops * (1.0 - _weight_density(modules[name], name, masks))
                 for name, flops in per_layer.items())
     params_dense, params_effective = count_params(model, masks)
-    if physical_model is not None:
+    flops_effective = int(round(total - saved))
+    if physical_model is not None:  # the artifact is the surgered model
         flops_physical = count_flops(physical_model, input_shape, example_input)
         params_physical = sum(p.numel() for p in physical_model.parameters())
-    else:
+        flops_deployed, params_deployed = flops_physical, params_physical
+    else:  # the artifact is the masked model
         flops_physical, params_physical = total, params_dense
+        flops_deployed, params_deployed = flops_effective, params_effective
     return ModelCost(params_dense=params_dense, params_effective=params_effective,
                      params_physical=params_physical, flops_dense=total,
-                     flops_effective=int(round(total - saved)), flops_physical=flops_physical)
+                     flops_effective=flops_effective, flops_physical=flops_physical,
+                     params_deployed=params_deployed, flops_deployed=flops_deployed)
 
 
 class Deployable(NamedTuple):
@@ -228,18 +238,20 @@ class Deployable(NamedTuple):
 
     @property
     def flops(self) -> int:
-        """FLOPs per sample of the artifact: physical when surgered, effective when masked."""
-        return self.cost.flops_physical if self.kind == "surgered" else self.cost.flops_effective
+        """FLOPs per sample of the artifact (``flops_deployed``: physical when surgered,
+        effective when masked)."""
+        return self.cost.flops_deployed
 
     @property
     def params(self) -> int:
-        """Parameters of the artifact: physical when surgered, effective (nonzero) when masked."""
-        return self.cost.params_physical if self.kind == "surgered" else self.cost.params_effective
+        """Parameters of the artifact (``params_deployed``: physical when surgered, effective
+        (nonzero) when masked)."""
+        return self.cost.params_deployed
 
     def metrics(self) -> dict[str, Any]:
-        """``flops``, ``params`` (the artifact's figures), ``artifact`` (its kind) and every
-        :class:`ModelCost` figure, flat."""
-        return {"flops": self.flops, "params": self.params, "artifact": self.kind, **self.cost.as_dict()}
+        """``artifact`` (its kind) and every :class:`ModelCost` figure (``flops_deployed``,
+        ``params_deployed`` included), flat."""
+        return {"artifact": self.kind, **self.cost.as_dict()}
 
 
 def deployable(model: nn.Module, masks: MaskSet | None, input_shape: tuple[int, ...],

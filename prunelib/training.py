@@ -4,6 +4,9 @@
 Lightning ``Trainer`` per phase with a :class:`~prunelib.callbacks.PruningCallback`, then
 measures the result on the validation split (and the test split only when asked, for the
 final report). The method never owns a trainer; the runner does.
+
+The result is measured on what the run ships (:func:`prunelib.flops.deployable`): the surgered,
+physically smaller model for structured masks, the masked model otherwise.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunelib.callbacks import PruningCallback
-from prunelib.flops import ModelCost, model_cost
+from prunelib.flops import Deployable, ModelCost, deployable
 from prunelib.masks import MaskSet
 from prunelib.methods.base import PruningMethod
 
@@ -209,7 +212,8 @@ class PruningResult:
         model: the trained, pruned network (original shapes).
         val_acc / val_loss: on the validation split, after the last phase.
         test_acc: on the test split, only when ``evaluate_test=True`` (final report), else None.
-        cost: params and FLOPs per sample (dense / effective / physical).
+            Both accuracies (and ``logged``) are measured on :attr:`deployed`'s model.
+        cost: params and FLOPs per sample (dense / effective / physical / deployed).
         sparsity: global weight sparsity of Conv/Linear weights (fraction).
         epochs: epochs trained over all phases.
         extra_forward_passes / extra_backward_passes: method overhead in batch passes.
@@ -219,6 +223,8 @@ class PruningResult:
         logged: with a user's LightningModule, what it logged in the final validation (and test)
             passes, by the names it logged them under (``val_loss``, ``val_f1``...); ``val_acc``
             and ``val_loss`` above are NaN unless it logged them.
+        deployed: the artifact (the surgered model for structured masks, else ``model``) and
+            its cost; ``cost`` is ``deployed.cost``.
     """
 
     masks: MaskSet
@@ -235,6 +241,7 @@ class PruningResult:
     extra_params: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     logged: dict[str, float] = field(default_factory=dict)
+    deployed: Deployable | None = None
 
     def metrics(self) -> dict[str, float]:
         """Flat numeric metrics (the names used by search, MLflow and the benchmarks)."""
@@ -403,6 +410,24 @@ def validate_module(module: L.LightningModule, datamodule: Any, config: TrainCon
     return logged
 
 
+@contextlib.contextmanager
+def _module_of(module: L.LightningModule, net: nn.Module) -> Iterator[L.LightningModule]:
+    """``module`` training ``net`` instead of its own network for the time of the block (its
+    ``model`` attribute swapped, then restored); a module that is its own network yields
+    ``net``, its surgered copy."""
+    if network_of(module) is module:
+        if not isinstance(net, L.LightningModule):
+            raise TypeError(f"the deployed copy of {type(module).__name__} is not a LightningModule")
+        yield net
+        return
+    own = module.model
+    module.model = net
+    try:
+        yield module
+    finally:
+        module.model = own
+
+
 def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
                 config: TrainConfig | None = None, *, evaluate_test: bool = False,
                 callbacks: Sequence[L.Callback] = (), seed: int | None = 0,
@@ -483,18 +508,20 @@ def run_pruning(model: nn.Module, datamodule: Any, method: PruningMethod,
         log.info("phase %-8s %3d epochs  val_acc %.4f  sparsity %.3f  (%.1fs)", phase.name,
                  phase.epochs, val_acc, sparsity, time.perf_counter() - t0)
     masks = method.finalize(model)
+    shape = tuple(input_shape or datamodule.input_shape)
+    # Measured on what is shipped: a structured run's surgered model (SurgeryError if it cannot be cut).
+    art = deployable(model, masks, shape)
     logged: dict[str, float] = {}
     if own_module:
-        val = evaluate(model, datamodule.val_dataloader())
-        test_acc = evaluate(model, datamodule.test_dataloader())["acc"] if evaluate_test else None
+        val = evaluate(art.model, datamodule.val_dataloader())
+        test_acc = evaluate(art.model, datamodule.test_dataloader())["acc"] if evaluate_test else None
     else:
-        logged = validate_module(module, datamodule, config, test=evaluate_test)
+        with _module_of(module, art.model) as deployed_module:
+            logged = validate_module(deployed_module, datamodule, config, test=evaluate_test)
         val = {"acc": logged.get("val_acc", float("nan")), "loss": logged.get("val_loss", float("nan"))}
         test_acc = logged.get("test_acc") if evaluate_test else None
-    shape = tuple(input_shape or datamodule.input_shape)
-    cost = model_cost(model, shape, masks)
     return PruningResult(masks=masks, model=model, val_acc=val["acc"], val_loss=val["loss"],
-                         test_acc=test_acc, cost=cost, sparsity=masks.sparsity(model),
+                         test_acc=test_acc, cost=art.cost, deployed=art, sparsity=masks.sparsity(model),
                          epochs=epochs_done, extra_forward_passes=method.cost.extra_forward_passes,
                          extra_backward_passes=method.cost.extra_backward_passes,
                          extra_params=method.cost.extra_params,

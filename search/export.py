@@ -8,7 +8,9 @@ Usage::
 ``select`` is ``knee`` (default), ``max_acc``, ``min_flops`` or ``flops_le:<FLOPs per
 sample>``. The point is chosen among the sweep's finished trials (read back from MLflow)
 on the sweep's own objectives, and its masks file is written to ``out``; load it with
-``prunelib.MaskSet.load(out, model)``.
+``prunelib.MaskSet.load(out, model)``. ``min_flops`` and ``flops_le:`` read the sweep's FLOPs
+objective: by default ``flops_deployed``, the FLOPs of the model the trial exports (physical
+for a surgered model, effective for masks only).
 
 The store is checked first (an unreachable server fails in seconds; a SQLite path that holds
 no store is refused, never created), ``out`` must be writable before anything is downloaded,
@@ -131,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"export: {str(exc).splitlines()[0] if str(exc) else exc}", file=sys.stderr)
         return 2
-    shown = {k: row.get(k) for k in ("trial_id", "method", "val_acc", "test_acc", "sparsity",
-                                      "flops_effective", "flops_dense") if k in row}
+    shown = {k: row.get(k) for k in ("trial_id", "method", "val_acc", "test_acc", "sparsity", "artifact",
+                                      "flops_deployed", "flops_effective", "flops_dense") if k in row}
     print(f"wrote {args.get('out', 'masks.safetensors')}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
     return 0
 

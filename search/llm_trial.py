@@ -269,7 +269,7 @@ def run_llm_trial(params: dict[str, Any], ctx: Any, *, trial_id: str = "local", 
         "dense_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "prune_s": prune_s, "calibration_tokens": result.calibration_tokens if result is not None else 0,
         "epochs": 0, "extra_forward_passes": method.cost.extra_forward_passes, "extra_backward_passes": 0,
-        "extra_params": 0, **cost.as_dict()}
+        "extra_params": 0, **cost.as_dict(), "artifact": "masked"}  # masks only: flops_deployed = effective
     if bool(trial_cfg.get("evaluate_test", True)):
         metrics.update({f"test_{k}": v for k, v in _scores(model, dm, "test").items()})
     out_dir = trial_output_dir(trial_dir, trial_id)

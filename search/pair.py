@@ -379,7 +379,8 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
         "sparsity": sparsity_report(ft)["global"]["sparsity"], "epochs": 0,
         "pair_epochs": int(pair_info.get("pretrain_epochs", 0)) + int(pair_info.get("finetune_epochs", 0)),
         "pair_cached": bool(pair_info.get("cached")), "select_s": select_s,
-        "extra_forward_passes": 0, "extra_backward_passes": 0, "extra_params": 0, **dense_cost.as_dict()}
+        "extra_forward_passes": 0, "extra_backward_passes": 0, "extra_params": 0, **dense_cost.as_dict(),
+        "artifact": "masked"}  # flops_deployed = effective: the KEN model keeps its shapes
     if bool(trial_cfg.get("evaluate_test", True)):
         metrics.update({f"test_{k}": v for k, v in score(ft, "test").items() if k in ("acc", "loss", "ppl")})
     if extra is not None:

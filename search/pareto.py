@@ -4,9 +4,9 @@ Pure numpy/pandas plus ``moocore`` (C implementations of the non-dominated sort 
 hypervolume: O(n log n) in 2-D and 3-D, O(n^2) in 4-D): importable without MLflow, Ray or Hydra.
 
 A trial result is a flat mapping of metrics (``val_acc`` as a fraction in [0, 1],
-``flops_effective`` as FLOPs per sample for one forward pass with 1 multiply-add = 2 FLOPs,
-...). An objective is a pair ``(metric_name, "max" | "min")``; the default objectives are
-``[("val_acc", "max"), ("flops_effective", "min")]``.
+``flops_deployed`` as FLOPs per sample of the exported model for one forward pass with
+1 multiply-add = 2 FLOPs, ...). An objective is a pair ``(metric_name, "max" | "min")``; the
+default objectives are ``[("val_acc", "max"), ("flops_deployed", "min")]``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pandas as pd
 Objective = tuple[str, str]
 Objectives = Sequence[Objective]
 
-DEFAULT_OBJECTIVES: list[Objective] = [("val_acc", "max"), ("flops_effective", "min")]
+DEFAULT_OBJECTIVES: list[Objective] = [("val_acc", "max"), ("flops_deployed", "min")]
 
 # Trial statuses that count as finished. "ok" is the trial-result convention, "finished" is
 # what MLflow reports for a run that ended normally (see search.tracking.find_trial_runs).
@@ -163,7 +163,7 @@ def pareto_front(rows: Sequence[Mapping] | pd.DataFrame, objectives: Objectives 
     Args:
         rows: trial results (flat mappings or a DataFrame, one row per trial).
         objectives: ``[(metric, "max"|"min"), ...]``; defaults to
-            ``[("val_acc", "max"), ("flops_effective", "min")]``.
+            ``[("val_acc", "max"), ("flops_deployed", "min")]``.
 
     Returns:
         The front rows (all columns, original index labels; for a list input the label is the

@@ -32,7 +32,7 @@ __all__ = ["rerun_plan", "summarise_seeds", "rerun_front"]
 log = logging.getLogger("search")
 
 # Reported with their spread besides the objectives, when the trials measure them.
-_EXTRA = ("test_acc", "sparsity", "flops_effective", "flops_physical")
+_EXTRA = ("test_acc", "sparsity", "flops_deployed", "flops_effective", "flops_physical")
 
 
 def rerun_plan(front: pd.DataFrame, configs: dict[str, dict[str, Any]], seeds: int,

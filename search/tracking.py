@@ -59,7 +59,10 @@ TAG_INFO = "prunesearch.info."
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 CONVENTIONS = (
     "FLOPs: per sample, forward pass, 1 multiply-add = 2 FLOPs (dense / effective = zeros "
-    "skipped / physical = after surgery); sparsity: fraction of zeroed Conv+Linear weights; "
+    "skipped / physical = after surgery); flops_deployed / params_deployed: measured on the artifact a "
+    "trial exports (physical for a surgered model, effective for masks only), the default FLOPs objective; "
+    "every metric of a structured trial is measured on its surgered model; sparsity: fraction of zeroed "
+    "Conv+Linear weights; "
     "accuracies: fractions in [0, 1]; selection on the validation split, test split for reporting"
 )
 SERVER_HINT = "mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db"

@@ -36,7 +36,7 @@ from prunelib.data import StreamingDataModule
 from prunelib.flops import model_cost
 from prunelib.models import model_from_config
 from prunelib.robustness import fgsm_accuracy
-from prunelib.surgery import export_onnx, has_structured_masks, surgery
+from prunelib.surgery import SurgeryError, export_onnx
 from prunelib.targets import call_target
 from prunelib.training import SPEED_SETTINGS, TrainConfig, evaluate_masked, network_of, run_pruning
 from search.faults import FaultPlan
@@ -307,24 +307,27 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     except torch.OutOfMemoryError as exc:
         raise TrialFailed(f"trial {trial_id}: out of memory ({str(exc)[:300]}); use a smaller batch or "
                           "model, or give each trial more of a GPU (trial.gpus)") from exc
+    except SurgeryError as exc:  # never a silent dense cost: the trial fails with the reason
+        raise TrialFailed(f"trial {trial_id}: the cost of the exported model cannot be measured: {exc}") from exc
     metrics = result.metrics()
     if module is None and (not math.isfinite(metrics["val_loss"]) or math.isnan(metrics["val_acc"])):
         raise TrialFailed(f"trial {trial_id}: loss became NaN (lr={config.lr}); the result is unusable")
 
     out_dir = trial_output_dir(trial_dir, trial_id)
-    # Structured masks: the physically smaller model is the one to keep, time and export.
-    deployed, artifacts = model, {}
-    if has_structured_masks(result.masks):
-        smaller = surgery(model, result.masks, input_shape)
+    # The artifact run_pruning measured (surgered for structured masks) is the one kept, timed, exported.
+    deployed, artifacts = result.deployed.model, {}
+    if result.deployed.kind == "surgered":
+        smaller = result.deployed.surgery
         smaller.save(out_dir / "surgered", model_spec={
             "name": ctx.model["name"], "input_shape": list(input_shape), "num_classes": datamodule.num_classes,
             "width": model_args.get("width", 1.0), "kwargs": {k: v for k, v in model_args.items() if k != "width"}}
             if not ctx.model.get("_target_") else None)
         if trial_cfg.get("export_onnx"):
             export_onnx(smaller.model, out_dir / "surgered" / "model.onnx", input_shape)
-        deployed, artifacts["surgered"] = smaller.model, str(out_dir / "surgered")
+        artifacts["surgered"] = str(out_dir / "surgered")
     if method.write_artifacts(out_dir / method_name):  # e.g. RL-Pruner's learned layer distribution
         artifacts[method_name] = str(out_dir / method_name)
+    metrics["artifact"] = result.deployed.kind  # what flops_deployed / params_deployed were counted on
     metrics.update(latency(deployed))
     if trial_cfg.get("fgsm_epsilon") is not None:
         robust = fgsm_accuracy(deployed, datamodule.val_dataloader(), epsilon=float(trial_cfg["fgsm_epsilon"]))

@@ -314,6 +314,7 @@ def test_trial_makes_the_pair_once_then_loads_it(tmp_path):
     assert first["finetuned_val_acc"] == second["finetuned_val_acc"]  # the same pair
     for row in (first, second):
         assert row["flops_effective"] == row["flops_dense"] and row["epochs"] == 0
+        assert row["flops_deployed"] == row["flops_effective"] and row["artifact"] == "masked"
         assert 0.0 < row["reverted_fraction"] < 1.0 and row["ken_file_bytes"] > 0
         assert (tmp_path / row["trial_id"] / "ken_viz" / "ken_heatmaps.png").is_file()
     assert first["reverted_fraction"] > second["reverted_fraction"]

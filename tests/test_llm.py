@@ -402,6 +402,7 @@ def test_llm_trial_reports_perplexity_flops_and_bytes(lm_dirs, tmp_path):
         assert row["dense_val_ppl"] > 1 and row["val_ppl"] != row["dense_val_ppl"] and 0 <= row["val_acc"] <= 1
         assert row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]))
         assert row["flops_effective"] < row["flops_dense"] and row["sparse_bytes"] < row["dense_bytes"]
+        assert row["flops_deployed"] == row["flops_effective"] and row["artifact"] == "masked"  # masks only
         assert 0 < row["sparsity"] < row["block_sparsity"] and "test_ppl" in row
         masks = MaskSet.load(row["masks_path"])
         assert masks.metadata["method"] == "wanda" and len(masks) == 8

@@ -339,15 +339,16 @@ def test_deployable_is_the_surgered_model_or_the_masked_one_with_its_own_cost():
     assert art.kind == "surgered" and art.model is not model and art.surgery is not None
     assert art.flops == count_flops(art.model, SHAPE) == art.cost.flops_physical < art.cost.flops_dense
     assert art.params == _n_params(art.model) == art.cost.params_physical
-    assert art.metrics()["flops"] == art.flops and art.metrics()["artifact"] == "surgered"
+    assert art.metrics()["flops_deployed"] == art.flops and art.metrics()["artifact"] == "surgered"
+    assert art.metrics()["params_deployed"] == art.params
     x = torch.randn(4, *SHAPE)
     torch.testing.assert_close(art.model(x), _masked_reference(model, masks)(x), rtol=1e-4, atol=1e-5)
     weights = MaskSet.ones_like(model)
     weights.masks["features.0.weight"].view(-1)[::2] = False
     art = deployable(model, weights, SHAPE)
     assert art.kind == "masked" and art.model is model and art.surgery is None
-    assert art.flops == art.cost.flops_effective < art.cost.flops_dense
-    assert art.params == art.cost.params_effective
+    assert art.flops == art.cost.flops_effective == art.cost.flops_deployed < art.cost.flops_dense
+    assert art.params == art.cost.params_effective == art.cost.params_deployed
     assert float(model.features[0].weight.detach().view(-1)[::2].abs().sum()) == 0  # applied
 
 

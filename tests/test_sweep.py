@@ -51,8 +51,9 @@ def test_pinned_sweep_tracks_parent_children_and_front(pinned_sweep):
     assert sorted(c["trial_id"] for c in children) == sorted(r["trial_id"] for r in result.rows)
     assert all(c["method"] == "magnitude" and 0 < c["val_acc"] <= 1 for c in children)
     for c in children:
-        for key in ("test_acc", "flops_dense", "flops_effective", "flops_physical", "params_effective",
-                    "sparsity", "epochs", "wall_s", "extra_forward_passes"):
+        for key in ("test_acc", "flops_dense", "flops_effective", "flops_physical", "flops_deployed",
+                    "params_effective", "params_deployed", "artifact", "sparsity", "epochs", "wall_s",
+                    "extra_forward_passes"):
             assert key in c, key
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(result.parent_run_id)
@@ -96,12 +97,13 @@ def test_export_picks_a_point_and_writes_a_loadable_masks_file(pinned_sweep):
     assert row["val_acc"] == pytest.approx(max(r["val_acc"] for r in result.rows))
     masks = MaskSet.load(tmp / "best.safetensors", build_model("mlp", (1, 8, 8), 10))
     assert masks.metadata["trial_id"] == row["trial_id"]
-    with pytest.raises(ValueError, match="smallest"):
+    with pytest.raises(ValueError, match="smallest flops_deployed"):  # the default figure selects
         export_point(uri, result.parent_run_id, "flops_le:1", tmp / "none.safetensors")
     proc = subprocess.run([sys.executable, "-m", "search.export", f"run_id={result.parent_run_id}",
                            "select=knee", f"out={tmp}/knee.safetensors", f"tracking.uri={uri}"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
+    assert "artifact=masked" in proc.stdout and "flops_deployed=" in proc.stdout
     assert (tmp / "knee.safetensors").is_file()
 
 

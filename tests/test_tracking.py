@@ -82,6 +82,7 @@ def test_parent_params_flattened_and_truncated(sweep):
     assert params["optim.betas_0_"] == "0.9"  # characters MLflow rejects in keys are replaced
     assert run.data.tags["dataset"] == "digits" and "1 multiply-add = 2 FLOPs" in run.data.tags[
         "prunesearch.conventions"]
+    assert "flops_deployed" in run.data.tags["prunesearch.conventions"]  # the default objective, declared
     artifact_uri = run.info.artifact_uri
     assert artifact_uri.startswith((sweep["root"] / "artifacts").as_uri())
 
