@@ -155,7 +155,9 @@ def killed_driver(out: Path) -> dict:
 
     case = out / "killed"
     case.mkdir()
-    cmd = _sweep(case, "+trial.faults.plan='999:raise'", f"+trial.faults.state_dir={case}/faults", epochs=120)
+    # ~15 s per trial: at 120 epochs (2-6 s) the resumed driver finished all six trials while the
+    # rival driver was still being refused, so there was no trial left to kill mid-run.
+    cmd = _sweep(case, "+trial.faults.plan='999:raise'", f"+trial.faults.state_dir={case}/faults", epochs=500)
     resume = ("search.resume=true", f"search.resume_dir={case}/run")
     popen = dict(cwd=case, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     notes, tried, recovered = [], 0, 0
@@ -271,7 +273,12 @@ def main() -> None:
     rows = []
     for part in (bad_inputs, lambda o: faults(o, args.trials), killed_driver, all_fail, racing_stores, exports):
         t0 = time.perf_counter()
-        row = part(out)
+        try:
+            row = part(out)
+        except Exception as exc:  # a drill that could not place its fault: said, and the other parts still run
+            row = {"case": f"{getattr(part, '__name__', 'faults')}: DRILL ERROR", "tried": 0, "refused": 0,
+                   "recovered": 0, "lost": 0, "notes": [f"drill error: {type(exc).__name__}: {str(exc)[:300]}"],
+                   "outcomes": {}, "examples": []}
         row["seconds"] = round(time.perf_counter() - t0)
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}, default=str), flush=True)
         rows.append(row)
