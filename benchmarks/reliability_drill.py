@@ -148,16 +148,18 @@ def faults(out: Path, n_trials: int) -> dict:
             "outcomes": dict(outcomes), "wall_s": round(wall, 1)}
 
 
-def killed_driver(out: Path) -> dict:
-    """kill -9 just after a trial finished, a rival driver, kill -9 mid-trial, then resume."""
+def killed_driver(out: Path, epochs: int = 2000) -> dict:
+    """kill -9 just after a trial finished, a rival driver, kill -9 mid-trial, then resume.
+
+    ``epochs``: per trial. Three trials must outlast the rival driver's refusal (its pre-flight
+    builds the model and data first: about a minute on a loaded 2-core machine), or the resumed
+    driver finishes the sweep before there is a trial left to kill mid-run."""
     from search.tracking import find_trial_runs
     from tests.test_resume_cluster import _assert_gone, _cleanup, _counts, _kill_driver, _wait
 
     case = out / "killed"
     case.mkdir()
-    # ~15 s per trial: at 120 epochs (2-6 s) the resumed driver finished all six trials while the
-    # rival driver was still being refused, so there was no trial left to kill mid-run.
-    cmd = _sweep(case, "+trial.faults.plan='999:raise'", f"+trial.faults.state_dir={case}/faults", epochs=500)
+    cmd = _sweep(case, "+trial.faults.plan='999:raise'", f"+trial.faults.state_dir={case}/faults", epochs=epochs)
     resume = ("search.resume=true", f"search.resume_dir={case}/run")
     popen = dict(cwd=case, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     notes, tried, recovered = [], 0, 0
@@ -261,38 +263,49 @@ def exports(out: Path) -> dict:
             "refused": 0, "recovered": clean, "lost": len(tries) - clean, "notes": notes}
 
 
+PARTS = ("bad_inputs", "faults", "killed", "all_fail", "race", "exports")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "reliability")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    parser.add_argument("--kill-epochs", type=int, default=2000, help="epochs per trial of the driver-kill sweep")
     args = parser.parse_args()
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     start = time.perf_counter()
-    rows = []
-    for part in (bad_inputs, lambda o: faults(o, args.trials), killed_driver, all_fail, racing_stores, exports):
+    rows, by_part = [], {}
+    runs = {"bad_inputs": bad_inputs, "faults": lambda o: faults(o, args.trials),
+            "killed": lambda o: killed_driver(o, args.kill_epochs), "all_fail": all_fail, "race": racing_stores,
+            "exports": exports}
+    for name in args.parts:
         t0 = time.perf_counter()
         try:
-            row = part(out)
+            row = runs[name](out)
         except Exception as exc:  # a drill that could not place its fault: said, and the other parts still run
-            row = {"case": f"{getattr(part, '__name__', 'faults')}: DRILL ERROR", "tried": 0, "refused": 0,
+            row = {"case": f"{name}: DRILL ERROR", "tried": 0, "refused": 0,
                    "recovered": 0, "lost": 0, "notes": [f"drill error: {type(exc).__name__}: {str(exc)[:300]}"],
                    "outcomes": {}, "examples": []}
         row["seconds"] = round(time.perf_counter() - t0)
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}, default=str), flush=True)
         rows.append(row)
+        by_part[name] = row
     print("\n| case | tried | refused before Ray | recovered | lost |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['tried']} | {r['refused']} | {r['recovered']} | {r['lost']} |")
     total = {k: sum(r[k] for r in rows) for k in ("tried", "refused", "recovered", "lost")}
     print(f"| **total** | {total['tried']} | {total['refused']} | {total['recovered']} | **{total['lost']}** |")
-    faults_row = rows[1]
-    print("\nInjected faults: " + "; ".join(f"{n}x {o}" for o, n in faults_row["outcomes"].items()))
-    print(f"Driver kills: trials run to the end once each: {rows[2].get('executions')}")
-    print("\nBad-input messages (first 8):")
-    for name, message in rows[0]["examples"][:8]:
-        print(f"- {name}: `config error: {message[:150]}`")
+    if "faults" in by_part:
+        print("\nInjected faults: " + "; ".join(f"{n}x {o}" for o, n in by_part["faults"]["outcomes"].items()))
+    if "killed" in by_part:
+        print(f"Driver kills: trials run to the end once each: {by_part['killed'].get('executions')}")
+    if "bad_inputs" in by_part:
+        print("\nBad-input messages (first 8):")
+        for name, message in by_part["bad_inputs"]["examples"][:8]:
+            print(f"- {name}: `config error: {message[:150]}`")
     print(f"\ndrill wall time {time.perf_counter() - start:.0f} s")
     for r in rows:
         for note in r["notes"]:
