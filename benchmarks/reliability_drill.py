@@ -173,13 +173,19 @@ def killed_driver(out: Path, epochs: int = 2000) -> dict:
         _cleanup(first)
     second = subprocess.Popen(cmd + list(resume), **popen)
     try:
-        _wait(lambda: len(_counts(case, "completions")) >= 2, second, what="a trial of the resumed sweep")
-        rival = subprocess.run(cmd + list(resume), cwd=case, env=ENV, capture_output=True, text=True, timeout=300)
+        # The rival starts once the resumed driver runs a trial (it holds the sweep's lock by then) and
+        # runs beside it: its refusal comes after its own pre-flight, which can outlast several trials.
+        _wait(lambda: set(_counts(case, "attempts")) - set(_counts(case, "completions"))
+              and len(_counts(case, "attempts")) >= 2, second, what="a trial of the resumed sweep")
+        with open(case / "rival.err", "w") as err:
+            rival = subprocess.Popen(cmd + list(resume), cwd=case, env=ENV, stdout=subprocess.DEVNULL, stderr=err,
+                                     text=True)
+            rival_code = rival.wait(timeout=600)
         tried += 1
-        if rival.returncode == 2 and "another driver" in rival.stderr:
+        if rival_code == 2 and "another driver" in (case / "rival.err").read_text():
             recovered += 1
         else:
-            notes.append(f"rival driver exit {rival.returncode}")
+            notes.append(f"rival driver exit {rival_code}")
         _wait(lambda: len(_counts(case, "completions")) >= 3 and
               set(_counts(case, "attempts")) - set(_counts(case, "completions")), second,
               what="a trial in progress after three finished")
