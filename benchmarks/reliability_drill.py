@@ -148,14 +148,18 @@ def faults(out: Path, n_trials: int) -> dict:
             "outcomes": dict(outcomes), "wall_s": round(wall, 1)}
 
 
-def killed_driver(out: Path) -> dict:
-    """kill -9 just after a trial finished, a rival driver, kill -9 mid-trial, then resume."""
+def killed_driver(out: Path, epochs: int = 2000) -> dict:
+    """kill -9 just after a trial finished, a rival driver, kill -9 mid-trial, then resume.
+
+    ``epochs``: per trial. Three trials must outlast the rival driver's refusal (its pre-flight
+    builds the model and data first: about a minute on a loaded 2-core machine), or the resumed
+    driver finishes the sweep before there is a trial left to kill mid-run."""
     from search.tracking import find_trial_runs
     from tests.test_resume_cluster import _assert_gone, _cleanup, _counts, _kill_driver, _wait
 
     case = out / "killed"
     case.mkdir()
-    cmd = _sweep(case, "+trial.faults.plan='999:raise'", f"+trial.faults.state_dir={case}/faults", epochs=120)
+    cmd = _sweep(case, "+trial.faults.plan='999:raise'", f"+trial.faults.state_dir={case}/faults", epochs=epochs)
     resume = ("search.resume=true", f"search.resume_dir={case}/run")
     popen = dict(cwd=case, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     notes, tried, recovered = [], 0, 0
@@ -169,13 +173,19 @@ def killed_driver(out: Path) -> dict:
         _cleanup(first)
     second = subprocess.Popen(cmd + list(resume), **popen)
     try:
-        _wait(lambda: len(_counts(case, "completions")) >= 2, second, what="a trial of the resumed sweep")
-        rival = subprocess.run(cmd + list(resume), cwd=case, env=ENV, capture_output=True, text=True, timeout=300)
+        # The rival starts once the resumed driver runs a trial (it holds the sweep's lock by then) and
+        # runs beside it: its refusal comes after its own pre-flight, which can outlast several trials.
+        _wait(lambda: set(_counts(case, "attempts")) - set(_counts(case, "completions"))
+              and len(_counts(case, "attempts")) >= 2, second, what="a trial of the resumed sweep")
+        with open(case / "rival.err", "w") as err:
+            rival = subprocess.Popen(cmd + list(resume), cwd=case, env=ENV, stdout=subprocess.DEVNULL, stderr=err,
+                                     text=True)
+            rival_code = rival.wait(timeout=600)
         tried += 1
-        if rival.returncode == 2 and "another driver" in rival.stderr:
+        if rival_code == 2 and "another driver" in (case / "rival.err").read_text():
             recovered += 1
         else:
-            notes.append(f"rival driver exit {rival.returncode}")
+            notes.append(f"rival driver exit {rival_code}")
         _wait(lambda: len(_counts(case, "completions")) >= 3 and
               set(_counts(case, "attempts")) - set(_counts(case, "completions")), second,
               what="a trial in progress after three finished")
@@ -259,33 +269,49 @@ def exports(out: Path) -> dict:
             "refused": 0, "recovered": clean, "lost": len(tries) - clean, "notes": notes}
 
 
+PARTS = ("bad_inputs", "faults", "killed", "all_fail", "race", "exports")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "reliability")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    parser.add_argument("--kill-epochs", type=int, default=2000, help="epochs per trial of the driver-kill sweep")
     args = parser.parse_args()
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     start = time.perf_counter()
-    rows = []
-    for part in (bad_inputs, lambda o: faults(o, args.trials), killed_driver, all_fail, racing_stores, exports):
+    rows, by_part = [], {}
+    runs = {"bad_inputs": bad_inputs, "faults": lambda o: faults(o, args.trials),
+            "killed": lambda o: killed_driver(o, args.kill_epochs), "all_fail": all_fail, "race": racing_stores,
+            "exports": exports}
+    for name in args.parts:
         t0 = time.perf_counter()
-        row = part(out)
+        try:
+            row = runs[name](out)
+        except Exception as exc:  # a drill that could not place its fault: said, and the other parts still run
+            row = {"case": f"{name}: DRILL ERROR", "tried": 0, "refused": 0,
+                   "recovered": 0, "lost": 0, "notes": [f"drill error: {type(exc).__name__}: {str(exc)[:300]}"],
+                   "outcomes": {}, "examples": []}
         row["seconds"] = round(time.perf_counter() - t0)
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}, default=str), flush=True)
         rows.append(row)
+        by_part[name] = row
     print("\n| case | tried | refused before Ray | recovered | lost |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['tried']} | {r['refused']} | {r['recovered']} | {r['lost']} |")
     total = {k: sum(r[k] for r in rows) for k in ("tried", "refused", "recovered", "lost")}
     print(f"| **total** | {total['tried']} | {total['refused']} | {total['recovered']} | **{total['lost']}** |")
-    faults_row = rows[1]
-    print("\nInjected faults: " + "; ".join(f"{n}x {o}" for o, n in faults_row["outcomes"].items()))
-    print(f"Driver kills: trials run to the end once each: {rows[2].get('executions')}")
-    print("\nBad-input messages (first 8):")
-    for name, message in rows[0]["examples"][:8]:
-        print(f"- {name}: `config error: {message[:150]}`")
+    if "faults" in by_part:
+        print("\nInjected faults: " + "; ".join(f"{n}x {o}" for o, n in by_part["faults"]["outcomes"].items()))
+    if "killed" in by_part:
+        print(f"Driver kills: trials run to the end once each: {by_part['killed'].get('executions')}")
+    if "bad_inputs" in by_part:
+        print("\nBad-input messages (first 8):")
+        for name, message in by_part["bad_inputs"]["examples"][:8]:
+            print(f"- {name}: `config error: {message[:150]}`")
     print(f"\ndrill wall time {time.perf_counter() - start:.0f} s")
     for r in rows:
         for note in r["notes"]:
