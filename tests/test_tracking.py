@@ -300,3 +300,14 @@ def test_a_trial_whose_tracking_is_unreachable_finishes_and_keeps_its_result(tmp
     assert row["mlflow_unlogged"] and "mlflow_run_id" not in row
     kept = json.loads((tmp_path / "trial_result.json").read_text())
     assert kept["val_acc"] == pytest.approx(row["val_acc"]) and Path(kept["masks_path"]).is_file()
+
+
+def test_mlflow_info_lines_are_off_unless_asked_for():
+    import logging
+
+    import search.tracking  # noqa: F401  (quiets MLflow when imported)
+
+    assert logging.getLogger("mlflow").getEffectiveLevel() >= logging.WARNING
+    record = logging.LogRecord("mlflow.pytorch", logging.WARNING, "", 0, "Saving pytorch model by Pickle or ...",
+                               None, None)
+    assert not all(f.filter(record) for f in logging.getLogger("mlflow.pytorch").filters)
