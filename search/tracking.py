@@ -411,9 +411,9 @@ class SweepTracker:
 
     def __init__(self, uri: str, experiment: str, artifact_location: str | None = None) -> None:
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
         location = _as_artifact_uri(artifact_location) if artifact_location else _default_artifact_location(uri)
         with _creation_lock(uri):  # two sweeps starting on one fresh store would race in its migration
+            self.client = MlflowClient(tracking_uri=uri)  # opening the store migrates its schema
             self.experiment_id: str = _retry(
                 lambda: get_or_create_experiment(self.client, experiment, location), "create experiment"
             )

@@ -85,8 +85,9 @@ class _ScoredMethod(PruningMethod):
         if self.masks is not None and self.masks.sparsity(model) >= self.sparsity - 1e-9:
             return self.masks
         names = getattr(self, "_scored", None) or scored_names(model, self.exclude)
-        return select_distributed(model, magnitude_scores(model, names), self.sparsity, self.layer_distribution,
-                                  scope=self.scope, min_density=self.min_density, previous=self.masks)
+        return select_distributed(model, magnitude_scores(model, names), self.sparsity,
+                                  self.settings.layer_distribution(), min_density=self.min_density,
+                                  previous=self.masks)
 
     def _cut(self, model: nn.Module, scores: dict[str, torch.Tensor], sparsity: float,
              previous: MaskSet | None = None) -> MaskSet:
