@@ -93,15 +93,19 @@ class TrialRun:
 
         return MlflowClient(tracking_uri=self.uri)
 
-    def _guard(self, what: str, fn: Any) -> Any:
+    def _guard(self, what: str, fn: Any, outage: bool = True) -> Any:
+        """``fn()``, or None when it fails: a failed metrics write (``outage``) stops the live
+        logging of this trial; a model or system-metrics failure only warns."""
         if self.failed is not None:
             return None
         try:
             return fn()
-        except Exception as exc:  # an outage: the trial goes on; its end falls back to the file
-            self.failed = f"{type(exc).__name__}: {exc}"[:300]
-            log.warning("trial %s: MLflow %s failed (%s); no more live logging for this trial", self.trial_id,
-                        what, self.failed)
+        except Exception as exc:  # the trial goes on; its end falls back to the file if MLflow is gone
+            reason = f"{type(exc).__name__}: {exc}"[:300]
+            if outage:
+                self.failed = reason
+            log.warning("trial %s: MLflow %s failed (%s)%s", self.trial_id, what, reason,
+                        "; no more live logging for this trial" if outage else "")
             return None
 
     def _start_system_metrics(self, interval_s: float) -> None:
@@ -112,7 +116,7 @@ class TrialRun:
             monitor.start()
             return monitor
 
-        self._monitor = self._guard("system metrics", start)
+        self._monitor = self._guard("system metrics", start, outage=False)
 
     def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
         """Log the metrics of epoch ``step``: the previous epoch's held-back ones are written now,
@@ -188,7 +192,7 @@ class TrialRun:
                                                 pip_requirements=[requirement], serialization_format="pickle")
             return info.model_uri
 
-        return self._guard("model logging", log_it)
+        return self._guard("model logging", log_it, outage=False)
 
 
 class _EpochLogger(L.Callback):
