@@ -371,8 +371,13 @@ def check_mlflow_ui(browser, ui: str, uri: str, parent_run_id: str, rows: dict[s
     browser.save_screenshot(str(SCREENSHOTS / "mlflow-run-list.png"))
 
     # A trial's model metrics: val_acc charted over the epochs (one point per epoch).
-    child = max(children, key=lambda c: c["epochs"])
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    steps = {c["run_id"]: sorted(m.step for m in client.get_metric_history(c["run_id"], "val_acc")) for c in children}
+    child = max(children, key=lambda c: len(steps[c["run_id"]]))  # a trial that trained (not a KEN pair's)
     epochs = int(child["epochs"])
+    assert steps[child["run_id"]] == list(range(epochs)) and epochs >= 2  # one entry per epoch
     browser.get(ui_url(uri, experiment_id, child["run_id"], ui=ui).replace(
         f"/runs/{child['run_id']}?", f"/runs/{child['run_id']}/model-metrics?"))
     card = "[data-testid='experiment-view-compare-runs-card']"
