@@ -382,7 +382,8 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            # MLflow 3's UI opens GenAI (traces) pages unless the experiment says it trains models.
+            # The experiment trains models. (MLflow 3.17's UI reads its view from its own sidebar
+            # switch instead, see UI_TRAINING_VIEW; the tag still tells other clients.)
             return client.create_experiment(name, artifact_location=artifact_location,
                                             tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         except MlflowException:
