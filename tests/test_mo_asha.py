@@ -239,7 +239,7 @@ def test_mo_asha_sweep_under_a_budget_with_seed_reruns(tmp_path, ray_local, caps
     assert result.budget_spent and "budget spent:" in out and "of 15 trial_epochs" in out
     assert result.cost["trial_epochs"] >= 15 and len(result.rows) < 30
     assert {r["method"] for r in result.rows} <= {"magnitude", "gmp"}
-    state = json.loads(next((tmp_path / "out" / "ray").glob(f"*/{STATE_FILE}")).read_text())
+    state = json.loads(next((tmp_path / "out" / "ray").rglob(STATE_FILE)).read_text())
     judged = set().union(*(set(r) for r in state["rungs"].values()))
     assert judged == {r["trial_id"] for r in result.rows if r["status"] != "failed"}
     assert {r["trial_id"] for r in result.rows if r["status"] == "early_stopped"} == set(state["stopped"])
