@@ -289,6 +289,9 @@ TRACKING_KEYS: dict[str, CheckFn] = {
     "uri": optional(text),
     "experiment": text,
     "artifact_location": optional(text),
+    "epoch_metrics": boolean,
+    "log_model": boolean,
+    "system_metrics_s": number(low=0),
 }
 
 EXPORT_KEYS: dict[str, CheckFn] = {"front_dir": text}

@@ -40,6 +40,28 @@ from search import pareto, plots
 
 log = logging.getLogger(__name__)
 
+
+class _PickleCaution(logging.Filter):
+    """Drops mlflow.pytorch's caution about pickled models, printed for every logged model."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Saving pytorch model by Pickle")
+
+
+def quiet_mlflow_logging() -> None:
+    """MLflow's own INFO lines (database creation and migration, system metrics started and
+    stopped) are not a sweep user's business: show its warnings and errors only, unless
+    ``MLFLOW_LOGGING_LEVEL`` says otherwise."""
+    if os.environ.get("MLFLOW_LOGGING_LEVEL"):
+        return
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    pytorch_log = logging.getLogger("mlflow.pytorch")
+    if not any(isinstance(f, _PickleCaution) for f in pytorch_log.filters):
+        pytorch_log.addFilter(_PickleCaution())
+
+
+quiet_mlflow_logging()
+
 # MLflow 3 limits (mlflow.utils.validation): param values 6000 chars, keys 250 chars,
 # tag values 8000 chars, 100 params/tags and 1000 metrics per log_batch call.
 MAX_PARAM_VALUE = 6000
@@ -57,6 +79,10 @@ TAG_ERROR = "prunesearch.error"
 # can be overwritten when a trial is logged again, params cannot.
 TAG_INFO = "prunesearch.info."
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+# A trial's earlier attempt (killed with its driver, failed before a retry) points at the run
+# that replaced it.
+TAG_SUPERSEDED_BY = "prunesearch.superseded_by"
 CONVENTIONS = (
     "FLOPs: per sample, forward pass, 1 multiply-add = 2 FLOPs (dense / effective = zeros "
     "skipped / physical = after surgery); flops_deployed / params_deployed: measured on the artifact a "
@@ -361,7 +387,8 @@ def get_or_create_experiment(client: MlflowClient, name: str, artifact_location:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            # MLflow 3's UI opens GenAI (traces) pages unless the experiment says it trains models.
+            # The experiment trains models. (MLflow 3.17's UI reads its view from its own sidebar
+            # switch instead, see UI_TRAINING_VIEW; the tag still tells other clients.)
             return client.create_experiment(name, artifact_location=artifact_location,
                                             tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         except MlflowException:
@@ -417,8 +444,7 @@ class SweepTracker:
         all_tags: dict[str, Any] = {TAG_ROLE: "sweep", "prunesearch.conventions": CONVENTIONS}
         commit = _git_commit()
         if commit:
-            all_tags["mlflow.source.git.commit"] = commit
-            all_tags["git_commit"] = commit
+            all_tags[TAG_GIT_COMMIT] = commit  # the one tag MLflow's UI shows (no second copy)
         all_tags.update(tags)
         tag_list = [RunTag(_safe_key(str(k)), _truncate(str(v), MAX_TAG_VALUE)) for k, v in all_tags.items()]
         if resume_run_id:
@@ -545,13 +571,15 @@ def log_trial_run(
     artifacts: Mapping[str, str] | None = None,
     status: str = "FINISHED",
     error: str | None = None,
+    step: int = 0,
 ) -> str:
     """Log one finished (or failed) trial as a child run of ``parent_run_id``; returns its id.
 
     Safe to call from a Ray worker. Idempotent per ``trial_id``: an existing child of the
-    parent with the tag ``prunesearch.trial_id == trial_id`` is reused (new params are added,
-    metrics are logged again at step 0, status and tags updated). Two processes logging the
-    *same* trial at the same instant may still race; distinct trials never do.
+    parent with the tag ``prunesearch.trial_id == trial_id`` (the run :func:`start_trial_run`
+    made when the trial started) is reused (new params are added, metrics are logged again at
+    ``step``, status and tags updated). Two processes logging the *same* trial at the same
+    instant may still race; distinct trials never do.
 
     Args:
         params: the trial's sampled params (nested dicts flattened with dots).
@@ -560,6 +588,8 @@ def log_trial_run(
         artifacts: artifact sub-directory -> local file (or directory) path.
         status: MLflow run status, FINISHED or FAILED (or KILLED).
         error: for a failed trial, the error text, stored (first 5000 chars) in ``prunesearch.error``.
+        step: the step of the metrics: the trial's last epoch when its per-epoch history was
+            logged (the final values are that epoch's entry), else 0.
     """
     artifacts = dict(artifacts or {})
     missing = {sub: p for sub, p in artifacts.items() if not Path(p).exists()}
@@ -585,7 +615,7 @@ def log_trial_run(
     for key, value in flatten(metrics).items():
         k = _safe_key(str(key))
         if _is_number(value):
-            metric_list.append(Metric(k, float(value), ts, 0))
+            metric_list.append(Metric(k, float(value), ts, int(step)))
         elif value is not None:
             tag_list.append(RunTag(_safe_key(TAG_INFO + str(key)), _truncate(str(value), MAX_TAG_VALUE)))
     if error is not None:
@@ -600,6 +630,69 @@ def log_trial_run(
             _retry(lambda: client.log_artifact(run_id, str(p), artifact_path=sub or None), "log artifact")
     _retry(lambda: client.set_terminated(run_id, status=status), "terminate run")
     return run_id
+
+
+def start_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str,
+                    params: Mapping[str, Any]) -> str:
+    """Create a trial's child run as the trial starts (RUNNING, start time now); returns its id.
+
+    MLflow then shows the trial while it runs and its real duration once
+    :func:`log_trial_run` ends it. An earlier attempt's run of the same trial (RUNNING when its
+    driver or worker died, FAILED before a retry, KILLED) is ended KILLED if it was still
+    RUNNING, tagged ``prunesearch.superseded_by`` with the new run and moved to MLflow's
+    deleted runs (restorable in the UI), so the trial keeps one run whose history is this
+    attempt's. A FINISHED run of the trial is reused as it is.
+    """
+    client = MlflowClient(tracking_uri=uri)
+    earlier = _child_runs(client, experiment_id, parent_run_id, f"tags.`{TAG_TRIAL}` = {_quote(str(trial_id))}")
+    finished = [r for r in earlier if r.info.status == "FINISHED"]
+    if finished:
+        return finished[0].info.run_id
+    run = _retry(lambda: client.create_run(experiment_id, run_name=str(trial_id), tags={
+        TAG_PARENT: parent_run_id, TAG_TRIAL: str(trial_id), TAG_ROLE: "trial"}), "create run")
+    run_id = run.info.run_id
+    for old in earlier:
+        old_id = old.info.run_id
+        if old.info.status == "RUNNING":
+            _retry(lambda: client.set_terminated(old_id, status="KILLED"), "end an earlier attempt")
+        _retry(lambda: client.set_tag(old_id, TAG_SUPERSEDED_BY, run_id), "tag an earlier attempt")
+        _retry(lambda: client.delete_run(old_id), "retire an earlier attempt")
+    _log_batch(client, run_id, params=_new_params(client, None, params))
+    return run_id
+
+
+def end_unfinished_trial_runs(uri: str, parent_run_id: str, reason: str) -> list[str]:
+    """End KILLED the sweep's child runs still RUNNING (call once no trial runs any more: a
+    trial the scheduler stopped early, or whose worker or driver died, never ended its run);
+    ``reason`` goes into ``prunesearch.error``. Returns the trial ids it ended."""
+    client = MlflowClient(tracking_uri=uri)
+    parent = _retry(lambda: client.get_run(parent_run_id), "get run")
+    ended = []
+    for run in _child_runs(client, parent.info.experiment_id, parent_run_id, "attributes.status = 'RUNNING'"):
+        run_id = run.info.run_id
+        _retry(lambda: client.set_tag(run_id, TAG_ERROR, _truncate(reason, MAX_ERROR_CHARS)), "set reason")
+        _retry(lambda: client.set_terminated(run_id, status="KILLED"), "terminate run")
+        ended.append(run.data.tags.get(TAG_TRIAL, run.info.run_name))
+    return ended
+
+
+#: The MLflow UI's query parameter for its "Model training" view. MLflow 3.17's UI picks an
+#: experiment's pages (runs table, or GenAI overview and traces) from its sidebar switch, which
+#: the browser remembers and which starts on GenAI; it ignores the experiment's
+#: ``mlflow.experimentKind`` tag. A link with this parameter opens the runs table.
+UI_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None,
+           ui: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of an experiment's runs (or of one run), in the training view.
+
+    ``ui`` is where ``mlflow ui`` serves (its default); a tracking server's own URI is used
+    as it is.
+    """
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else ui.rstrip("/")
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base}/{page}?{UI_TRAINING_VIEW}"
 
 
 def _parse_param(text: str) -> Any:

@@ -243,7 +243,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         ObjectiveNotLoggedError: an objective was never reported (a user's module did not log it).
     """
     from search.llm_trial import is_text_config, run_llm_trial  # Hugging Face text models
+    from search.mlflow_trial import TrialRun
 
+    mlflow_run = TrialRun.start(ctx, trial_id, params)  # the child run exists (RUNNING) from the start
     if is_text_config(ctx.data, ctx.model):
         return run_llm_trial(params, ctx, trial_id=trial_id, trial_dir=trial_dir, report=report)
     start = time.perf_counter()
@@ -301,6 +303,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         callbacks.append(progress)
     if report is not None and ctx.report_every_epoch:
         callbacks.append(_EpochReporter(report, input_shape, method, latency, datamodule.val_dataloader))
+    epoch_logger = mlflow_run.epoch_logger(method, datamodule.val_dataloader, module is None) if mlflow_run else None
+    if epoch_logger is not None:
+        callbacks.append(epoch_logger)
     try:
         result = run_pruning(model, datamodule, method, config, seed=seed, callbacks=callbacks,
                              evaluate_test=bool(trial_cfg.get("evaluate_test", True)), module=module)
@@ -325,6 +330,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         if trial_cfg.get("export_onnx"):
             export_onnx(smaller.model, out_dir / "surgered" / "model.onnx", input_shape)
         artifacts["surgered"] = str(out_dir / "surgered")
+        if mlflow_run is not None:
+            mlflow_run.log_model(smaller.model, input_shape)
     if method.write_artifacts(out_dir / method_name):  # e.g. RL-Pruner's learned layer distribution
         artifacts[method_name] = str(out_dir / method_name)
     metrics["artifact"] = result.deployed.kind  # what flops_deployed / params_deployed were counted on
@@ -391,14 +398,18 @@ def record_trial(ctx: TrialContext, trial_id: str, method_name: str, settings: d
         **{f"param.{k}": v for k, v in settings.items()}, **trial_params,
     }
     if ctx.tracking:
+        from search.mlflow_trial import TrialRun
         from search.tracking import log_trial_run
 
+        live = TrialRun.pop(trial_id)
         try:
+            # The final results are the last epoch's entry of the per-epoch history.
+            step = live.close(metrics) if live is not None else 0
             row["mlflow_run_id"] = log_trial_run(
                 ctx.tracking["uri"], ctx.tracking["experiment_id"], ctx.tracking["parent_run_id"],
                 trial_id, params={"method": method_name, **settings, **trial_params},
                 metrics={**metrics, "method": method_name, "masks_path": extra["masks_path"]},
-                artifacts=artifacts)
+                artifacts=artifacts, step=step)
         except Exception as exc:  # a tracking outage must not throw away a finished trial
             row["mlflow_unlogged"] = f"{type(exc).__name__}: {exc}"[:500]
             log.warning("trial %s: could not log to MLflow (%s); its result stays in %s", trial_id,
@@ -492,10 +503,15 @@ def ray_trainable(params: dict[str, Any], ctx: TrialContext) -> None:
     except Exception as exc:
         if ctx.tracking:
             try:
+                from search.mlflow_trial import TrialRun
                 from search.tracking import log_trial_run
 
+                live = TrialRun.pop(trial_id)
+                if live is not None:
+                    live.close({})
                 log_trial_run(ctx.tracking["uri"], ctx.tracking["experiment_id"],
-                              ctx.tracking["parent_run_id"], trial_id, params=dict(params),
+                              ctx.tracking["parent_run_id"], trial_id,
+                              params=dict(params) if live is None else {},  # a started run has them
                               metrics={}, status="FAILED",
                               error="".join(traceback.format_exception(exc))[-5000:])
             except Exception:  # tracking trouble must not hide the trial's own error

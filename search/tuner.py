@@ -297,7 +297,8 @@ def _make_budget_limiter_class() -> type:
 
         def _count_orphans(self) -> list[str]:
             # Finished in MLflow or by their own trial_result.json (a tracking outage), unknown here.
-            known = {r["trial_id"] for r in _logged_trials(self.tracking)}
+            # A run still RUNNING is an attempt its killed driver left behind: it never ended.
+            known = {r["trial_id"] for r in _logged_trials(self.tracking) if r["status"] != "running"}
             known |= {str(r["trial_id"]) for r in _stored_rows(self.sweep_root)}
             return sorted(known - self.suggested_ids)
 
@@ -534,6 +535,49 @@ def _orphan_rows(tracking: dict[str, str] | None, sweep_root: str | None, known_
     return list(rows.values())
 
 
+def _tune_file_loggers() -> list[Any]:
+    """Tune's per-trial result.json and progress.csv (its result grid reads them), without its
+    TensorBoard logger: see :func:`_no_tensorboard_logger`."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
+def _no_tensorboard_logger() -> Any:
+    """Tune adds its CSV, JSON and TensorBoard loggers unless TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1:
+    with the variable set during ``fit`` (the first two are passed explicitly), no event file
+    is written per trial and no TensorBoard hint into a temporary Ray folder is printed
+    (MLflow holds the curves)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scoped() -> Any:
+        old = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
+            else:
+                os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = old
+
+    return scoped()
+
+
+def _end_unfinished_runs(tracking: dict[str, Any]) -> None:
+    """End KILLED the child runs still RUNNING once Tune is done (trials stopped early by the
+    scheduler, or whose worker or driver died); a store outage only warns."""
+    from search.tracking import end_unfinished_trial_runs
+
+    try:
+        end_unfinished_trial_runs(tracking["uri"], tracking["parent_run_id"],
+                                  "the trial ended without a result: stopped early by the scheduler, interrupted, "
+                                  "or its worker or driver died")
+    except Exception as exc:
+        log.warning("could not end the trials' unfinished MLflow runs: %s", exc)
+
+
 def _make_abort_stopper_class() -> type:
     from ray.tune import Stopper
 
@@ -670,7 +714,10 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
                   "prunesearch.optuna_storage": optuna_url or "", "prunesearch.optuna_study": name},
             resume_run_id=state.get("parent_run_id"))
         tracking = {"uri": pre.tracking_uri, "experiment": tracking_cfg.get("experiment", "prunesearch"),
-                    "experiment_id": tracker.experiment_id, "parent_run_id": parent}
+                    "experiment_id": tracker.experiment_id, "parent_run_id": parent,
+                    # What a trial logs while it runs (search.mlflow_trial).
+                    **{k: tracking_cfg[k] for k in ("epoch_metrics", "log_model", "system_metrics_s")
+                       if k in tracking_cfg}}
     state = {"name": name, "sweep_root": storage.root, "storage_path": storage.path("ray"),
              "parent_run_id": tracking and tracking["parent_run_id"],
              "experiment_id": tracking and tracking["experiment_id"], "optuna_storage": optuna_url,
@@ -752,12 +799,15 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n_trials,
                                         reuse_actors=True),
             run_config=tune.RunConfig(
-                name="ray", storage_path=storage.root, callbacks=[progress, callback], verbose=0,
-                stop=_make_abort_stopper_class()(abort_file),
+                name="ray", storage_path=storage.root, callbacks=[progress, callback, *_tune_file_loggers()],
+                verbose=0, stop=_make_abort_stopper_class()(abort_file),
                 failure_config=tune.FailureConfig(max_failures=int(cfg["trial"].get("max_retries", 0)))),
         )
-    with live_progress(n_trials):  # running trials' lines and the sweep bar (search/progress.py)
+    # Running trials' lines and the sweep bar (search/progress.py); no TensorBoard event files.
+    with live_progress(n_trials), _no_tensorboard_logger():
         results = tuner.fit()
+    if tracking:  # no trial runs now: a run still RUNNING belongs to a trial that ended without a result
+        _end_unfinished_runs(tracking)
 
     if os.path.exists(abort_file):
         reason = json.loads(Path(abort_file).read_text()).get("reason", "a trial hit a configuration error")
@@ -834,8 +884,11 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
             tracker.client.log_artifacts(tracker.run_id, str(front_dir), artifact_path="front_export")
             tracker.client.log_metric(tracker.run_id, "final_hypervolume", float(hv))
             tracker.finish("FINISHED")
+            from search.tracking import ui_url
+
             print(f"MLflow: {shell_command(['mlflow', 'ui', '--backend-store-uri', tracking['uri']])}  (parent run "
-                  f"{tracking['parent_run_id']})", flush=True)
+                  f"{tracking['parent_run_id']}), then {ui_url(tracking['uri'], tracking['experiment_id'])}",
+                  flush=True)
             print("export one point: " + export_command(tracking["parent_run_id"], "knee", "masks.safetensors",
                                                          tracking["uri"]), flush=True)
         except Exception as exc:

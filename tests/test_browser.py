@@ -305,30 +305,97 @@ def test_dashboard_two_methods_dense_point_at_1024px(logged_sweep, browser):
         os.killpg(server.pid, signal.SIGKILL)
 
 
-def test_mlflow_ui_shows_the_sweep_and_its_trials(finished_sweep, browser):
-    from selenium.webdriver.common.by import By
-
+def test_mlflow_ui_opens_on_the_runs_and_charts_a_trials_epochs(finished_sweep, browser):
     tmp, uri, result = finished_sweep
-    children = find_trial_runs(uri, result.parent_run_id)
-    experiment_id = _experiment_id(uri, result.parent_run_id)
     port = free_port()
     server = serve([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                      "--port", str(port), "--workers", "1"], port, tmp)
     try:
-        browser.get(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs")
-        parent_name = _run_name(uri, result.parent_run_id)
-        runs_text = f"{len(children) + 1} matching runs"  # the sweep's parent run and its trials
-        _wait(browser, lambda d: parent_name in d.find_element(By.TAG_NAME, "body").text
-              and runs_text in d.find_element(By.TAG_NAME, "body").text,
-              what=f"the sweep {parent_name} and {runs_text} in the MLflow UI")
-        browser.save_screenshot(str(SCREENSHOTS / "mlflow-experiment.png"))
-        child = children[0]
-        browser.get(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{child['run_id']}")
-        _wait(browser, lambda d: child["trial_id"] in d.find_element(By.TAG_NAME, "body").text
-              and "val_acc" in d.find_element(By.TAG_NAME, "body").text, what="a trial run with its val_acc")
-        browser.save_screenshot(str(SCREENSHOTS / "mlflow-trial.png"))
+        rows = {str(r["trial_id"]): r for r in result.rows}
+        check_mlflow_ui(browser, f"http://127.0.0.1:{port}", uri, result.parent_run_id, rows)
     finally:
+        browser.get("about:blank")
         os.killpg(server.pid, signal.SIGKILL)
+
+
+def _seconds(text: str) -> float:
+    """MLflow's Duration cell ("840ms", "2.4s", "1.2min", "1.0h") in seconds."""
+    number, unit = re.fullmatch(r"([\d.]+)\s*(ms|s|min|h)", text.strip()).groups()
+    return float(number) * {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0}[unit]
+
+
+def check_mlflow_ui(browser, ui: str, uri: str, parent_run_id: str, rows: dict[str, dict]) -> None:
+    """The sweep as MLflow's UI shows it, from the link the sweep prints: the runs table (not
+    the GenAI overview) with the parent, its trials nested under it with their real durations,
+    and a trial's model-metrics page charting val_acc at one point per epoch."""
+    from selenium.webdriver.common.by import By
+
+    from search.tracking import ui_url
+
+    children = find_trial_runs(uri, parent_run_id)
+    experiment_id = _experiment_id(uri, parent_run_id)
+    browser.get(ui_url(uri, experiment_id, ui=ui))
+    parent_name = _run_name(uri, parent_run_id)
+    runs_text = f"{len(children) + 1} matching runs"  # the sweep's parent run and its trials
+    _wait(browser, lambda d: parent_name in d.find_element(By.TAG_NAME, "body").text
+          and runs_text in d.find_element(By.TAG_NAME, "body").text,
+          what=f"the sweep {parent_name} and {runs_text} in the MLflow runs table")
+    assert "/runs" in browser.current_url and "overview" not in browser.current_url
+    headers = {e.text for e in browser.find_elements(By.CSS_SELECTOR, "[role=columnheader]")}
+    assert {"Run Name", "Duration"} <= headers, headers
+    # Unfold the parent: its trials are nested under it.
+    browser.find_element(By.CSS_SELECTOR, "button[data-component-id$='runnamecellrenderer.tsx_46']").click()
+
+    def durations(d) -> dict[str, str]:
+        # The grid draws a row in parts (pinned name column, scrolling columns) sharing its row-index.
+        return d.execute_script("""
+            const names = {}, durations = {};
+            for (const row of document.querySelectorAll("[role=row][row-index]")) {
+              const i = row.getAttribute("row-index");
+              const link = row.querySelector("a[href*='/runs/']");
+              if (link && link.innerText.trim()) names[i] = link.innerText.trim();
+              const cell = row.querySelector("[col-id='duration']");
+              if (cell && cell.innerText.trim()) durations[i] = cell.innerText.trim();
+            }
+            const out = {};
+            for (const i in names) if (i in durations) out[names[i]] = durations[i];
+            return out;""")
+
+    _wait(browser, lambda d: {str(c["trial_id"]) for c in children} <= set(durations(d)),
+          what="the trials nested under the parent with their durations")
+    shown = durations(browser)
+    for c in children:
+        # The run covers the trial: created when it started, ended when it finished.
+        wall = float(rows[str(c["trial_id"])]["trial_wall_s"])
+        assert _seconds(shown[str(c["trial_id"])]) >= 0.9 * wall - 0.05, (c["trial_id"], shown, wall)
+    browser.save_screenshot(str(SCREENSHOTS / "mlflow-run-list.png"))
+
+    # A trial's model metrics: val_acc charted over the epochs (one point per epoch).
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    steps = {c["run_id"]: sorted(m.step for m in client.get_metric_history(c["run_id"], "val_acc")) for c in children}
+    child = max(children, key=lambda c: len(steps[c["run_id"]]))  # a trial that trained (not a KEN pair's)
+    epochs = int(child["epochs"])
+    assert steps[child["run_id"]] == list(range(epochs)) and epochs >= 2  # one entry per epoch
+    browser.get(ui_url(uri, experiment_id, child["run_id"], ui=ui).replace(
+        f"/runs/{child['run_id']}?", f"/runs/{child['run_id']}/model-metrics?"))
+    card = "[data-testid='experiment-view-compare-runs-card']"
+
+    def val_acc_points(d) -> list | None:
+        return d.execute_script("""
+            const cards = Array.from(document.querySelectorAll(arguments[0]));
+            const card = cards.find((c) => (c.innerText || "").trim().split("\\n")[0] === "val_acc");
+            if (!card) { if (cards.length) cards[cards.length - 1].scrollIntoView(); return null; }
+            card.scrollIntoView();
+            const plot = card.querySelector(".js-plotly-plot");
+            if (!plot || !plot.data || !plot.data.length) return null;
+            return plot.data.map((t) => Array.from(t.x || []));""", card)
+
+    _wait(browser, lambda d: val_acc_points(d), what="the val_acc chart of a trial")
+    xs = [x for x in val_acc_points(browser) if len(x)]
+    assert xs and [float(v) for v in xs[0]] == list(range(epochs)), xs
+    browser.save_screenshot(str(SCREENSHOTS / "mlflow-trial-metrics.png"))
 
 
 def _experiment_id(uri: str, run_id: str) -> str:

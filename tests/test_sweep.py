@@ -66,6 +66,18 @@ def test_pinned_sweep_tracks_parent_children_and_front(pinned_sweep):
     for row in result.rows:
         assert Path(row["masks_path"]).parent == tmp / "out" / "trials" / row["trial_id"]
         assert (tmp / "out" / "trials" / row["trial_id"] / "trial_result.json").is_file()
+    # Each child run lasted its trial (created as it started), with one val_acc entry per epoch,
+    # and its artifacts exist where MLflow says they are; Tune wrote no TensorBoard event files.
+    rows = {r["trial_id"]: r for r in result.rows}
+    for c in children:
+        run = client.get_run(c["run_id"])
+        assert run.info.status == "FINISHED"
+        assert (run.info.end_time - run.info.start_time) / 1000 >= rows[c["trial_id"]]["trial_wall_s"]
+        steps = [m.step for m in client.get_metric_history(c["run_id"], "val_acc")]
+        assert sorted(steps) == list(range(int(c["epochs"]))), steps
+        artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+        assert (artifacts / "masks" / "masks.safetensors").is_file() and Path(c["masks_path"]).is_file()
+    assert not list((tmp / "out" / "ray").rglob("events.out.tfevents*"))
     # The Optuna study is stored beside the MLflow store and opens with optuna.load_study.
     import optuna
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -172,3 +173,142 @@ def test_check_tracking_local_stores(tmp_path):
         check_tracking(f"sqlite:///{blocker}/mlflow.db")
     with pytest.raises(TrackingUnavailableError, match="not_a_dir"):
         check_tracking((blocker / "mlruns").as_uri())
+
+
+def test_a_rerun_trial_retires_its_earlier_attempt_and_the_sweep_ends_unfinished_runs(sweep):
+    from search.tracking import TAG_SUPERSEDED_BY, end_unfinished_trial_runs, start_trial_run
+
+    uri, parent, exp = sweep["uri"], sweep["parent"], sweep["tracker"].experiment_id
+    client = MlflowClient(tracking_uri=uri)
+    first = start_trial_run(uri, exp, parent, "rerun_me", {"method": "magnitude", "sparsity": 0.5})
+    assert client.get_run(first).info.status == "RUNNING"  # its driver is killed here, say
+    second = start_trial_run(uri, exp, parent, "rerun_me", {"method": "magnitude", "sparsity": 0.5})
+    old = client.get_run(first)
+    assert second != first and old.info.status == "KILLED" and old.info.lifecycle_stage == "deleted"
+    assert old.data.tags[TAG_SUPERSEDED_BY] == second
+    assert [r["run_id"] for r in find_trial_runs(uri, parent) if r["trial_id"] == "rerun_me"] == [second]
+    assert client.get_run(second).data.params == {"method": "magnitude", "sparsity": "0.5"}
+    # The sweep is over and the trial never ended its run: it is ended KILLED with the reason.
+    assert end_unfinished_trial_runs(uri, parent, "stopped early") == ["rerun_me"]
+    run = client.get_run(second)
+    assert run.info.status == "KILLED" and run.data.tags["prunesearch.error"] == "stopped early"
+    assert end_unfinished_trial_runs(uri, parent, "again") == []
+    # A finished trial's run is reused, never replaced.
+    done = sweep["children"]["trial_00000"]
+    assert start_trial_run(uri, exp, parent, "trial_00000", {}) == done
+
+
+def test_parent_has_one_git_tag_and_the_ui_link_opens_the_training_runs_view(sweep):
+    from search.tracking import ui_url
+
+    tags = MlflowClient(tracking_uri=sweep["uri"]).get_run(sweep["parent"]).data.tags
+    assert [k for k, v in tags.items() if "git" in k.lower()] in ([], ["mlflow.source.git.commit"])
+    assert ui_url(sweep["uri"], "7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert ui_url("http://mlflow:8080/", "7", "abc") == \
+        "http://mlflow:8080/#/experiments/7/runs/abc?workflowType=machine_learning"
+
+
+def _tracked_ctx(cfg: dict, uri: str, tracker: SweepTracker, parent: str, objectives: list) -> object:
+    from search.config import build_search_space
+    from search.trial import TrialContext
+
+    options = {k: cfg["tracking"][k] for k in ("epoch_metrics", "log_model", "system_metrics_s")}
+    return TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"], space=build_search_space(cfg),
+                        objectives=objectives,
+                        tracking={"uri": uri, "experiment_id": tracker.experiment_id, "parent_run_id": parent,
+                                  **options})
+
+
+def test_a_trial_run_lives_from_start_to_end_with_one_entry_per_epoch(sweep, tmp_path):
+    from search.trial import run_trial
+    from tests.conftest import compose
+
+    uri, tracker, parent = sweep["uri"], sweep["tracker"], sweep["parent"]
+    cfg = compose(["+method=gmp", "trial.epochs=9", "trial.finetune_epochs=1", "data.limit_train=1000",
+                   "tracking.system_metrics_s=0.2"])
+    ctx = _tracked_ctx(cfg, uri, tracker, parent, [("val_acc", "max"), ("flops_effective", "min")])
+    client = MlflowClient(tracking_uri=uri)
+    out: dict = {}
+    trial = threading.Thread(target=lambda: out.update(run_trial({"method": "gmp", "gmp.sparsity": 0.8}, ctx,
+                                                                 trial_id="curves", trial_dir=tmp_path)))
+    trial.start()
+    seen = set()  # the trial's run as seen from outside while the trial trains
+    while trial.is_alive():
+        seen |= {(r["mlflow_status"], "val_acc" in r) for r in find_trial_runs(uri, parent) if r["trial_id"] == "curves"}
+        time.sleep(0.3)
+    trial.join()
+    row = out
+    assert ("RUNNING", True) in seen  # listed while running, with its first epochs' metrics
+    run = client.get_run(row["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    duration_s = (run.info.end_time - run.info.start_time) / 1000
+    assert duration_s == pytest.approx(row["trial_wall_s"], rel=0.2)
+    epochs = int(row["epochs"])
+    assert epochs == 10
+    history = {k: sorted(client.get_metric_history(run.info.run_id, k), key=lambda m: m.step)
+               for k in ("val_acc", "val_loss", "train_loss", "sparsity")}
+    for key, entries in history.items():
+        assert [m.step for m in entries] == list(range(epochs)), key  # one entry per epoch
+    # The last epoch's entry is the trial's result; the latest value is what the sweep reads.
+    assert history["val_acc"][-1].value == pytest.approx(row["val_acc"]) == run.data.metrics["val_acc"]
+    sparsity = [m.value for m in history["sparsity"]]
+    assert sparsity == sorted(sparsity) and sparsity[0] < 0.5 * sparsity[-1]  # the schedule's ramp
+    assert sparsity[-1] == pytest.approx(row["sparsity"])
+    assert all(m.value > 0 for m in history["train_loss"])
+    assert any(k.startswith("system/cpu") for k in run.data.metrics)  # system metrics on
+    assert Path(row["masks_path"]).is_file()
+
+
+def test_a_structured_trial_logs_its_surgered_model_which_loads_back(sweep, tmp_path):
+    import mlflow
+    import torch
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    from prunelib.surgery import load_surgered
+    from search.trial import run_trial
+    from tests.conftest import compose
+
+    uri, tracker, parent = sweep["uri"], sweep["tracker"], sweep["parent"]
+    cfg = compose(["+method=polarization", "trial.epochs=2", "trial.finetune_epochs=1", "data.limit_train=400",
+                   "tracking.system_metrics_s=0"])
+    ctx = _tracked_ctx(cfg, uri, tracker, parent, [("val_acc", "max"), ("flops_physical", "min")])
+    row = run_trial({"method": "polarization"}, ctx, trial_id="structured", trial_dir=tmp_path)
+    run = MlflowClient(tracking_uri=uri).get_run(row["mlflow_run_id"])
+    [output] = run.outputs.model_outputs
+    with _use_tracking_uri(uri):
+        logged = mlflow.pytorch.load_model(f"models:/{output.model_id}")
+    surgered = load_surgered(tmp_path / "surgered").eval()
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.allclose(logged.eval()(x), surgered(x), atol=1e-5)
+    assert sum(p.numel() for p in logged.parameters()) == row["params_physical"] < row["params_dense"]
+
+
+def test_a_trial_whose_tracking_is_unreachable_finishes_and_keeps_its_result(tmp_path, monkeypatch):
+    import json
+
+    from search.config import build_search_space
+    from search.trial import TrialContext, run_trial
+    from tests.conftest import compose
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    cfg = compose(["+method=magnitude", "trial.epochs=2", "trial.finetune_epochs=1", "data.limit_train=200"])
+    ctx = TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"], space=build_search_space(cfg),
+                       objectives=[("val_acc", "max"), ("flops_effective", "min")],
+                       tracking={"uri": f"http://127.0.0.1:{_free_port()}", "experiment_id": "1",
+                                 "parent_run_id": "0" * 32, "system_metrics_s": 0.2})
+    row = run_trial({"method": "magnitude", "magnitude.sparsity": 0.5}, ctx, trial_id="offline", trial_dir=tmp_path)
+    assert row["mlflow_unlogged"] and "mlflow_run_id" not in row
+    kept = json.loads((tmp_path / "trial_result.json").read_text())
+    assert kept["val_acc"] == pytest.approx(row["val_acc"]) and Path(kept["masks_path"]).is_file()
+
+
+def test_mlflow_info_lines_are_off_unless_asked_for():
+    import logging
+
+    import search.tracking  # noqa: F401  (quiets MLflow when imported)
+
+    assert logging.getLogger("mlflow").getEffectiveLevel() >= logging.WARNING
+    record = logging.LogRecord("mlflow.pytorch", logging.WARNING, "", 0, "Saving pytorch model by Pickle or ...",
+                               None, None)
+    assert not all(f.filter(record) for f in logging.getLogger("mlflow.pytorch").filters)

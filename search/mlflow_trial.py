@@ -1,0 +1,247 @@
+"""A trial's MLflow run while it trains: created when the trial starts, per-epoch metrics,
+system metrics, the surgered model; :func:`search.tracking.log_trial_run` ends it.
+
+:meth:`TrialRun.start` makes the child run (RUNNING) at the trial's start, so MLflow shows a
+running trial and its real duration. :meth:`TrialRun.epoch_logger` is a Lightning callback
+that logs, after every epoch (``step`` = the trial's epoch index from 0, over all its
+phases), ``train_loss`` (the mean training loss of the epoch), ``val_acc`` and ``val_loss``
+(the masked model after the epoch's pruning step, on the validation split) and ``sparsity``
+(the schedule's curve); a user's LightningModule logs its own metrics (those Lightning holds
+at the epoch's end) instead of ``val_acc``/``val_loss``. The last epoch's entry is held back:
+the trial's final results (measured after the method's ``finalize``) take its place, so each
+per-epoch metric has one entry per epoch and its latest value is the trial's result.
+
+A tracking outage never stops a trial: any MLflow error here is logged once and the trial
+goes on without the run; :func:`search.trial.record_trial` then falls back to
+``trial_result.json`` as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Any
+
+import lightning as L
+import torch
+
+__all__ = ["TrialRun"]
+
+log = logging.getLogger("search")
+
+# The trials of this process that have a run open (a Ray worker runs one trial at a time).
+_OPEN: dict[str, TrialRun] = {}
+_LOCK = threading.Lock()
+
+
+class TrialRun:
+    """The MLflow child run of one trial in progress (see the module doc).
+
+    Args:
+        uri: the tracking URI.
+        run_id: the child run.
+        trial_id: the trial's id.
+        options: the sweep's tracking options (``epoch_metrics``, ``log_model``,
+            ``system_metrics_s``; see ``conf/tracking``).
+    """
+
+    def __init__(self, uri: str, run_id: str, trial_id: str, options: dict[str, Any]) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.trial_id = trial_id
+        self.epoch_metrics = bool(options.get("epoch_metrics", True))
+        self.log_models = bool(options.get("log_model", True))
+        self.failed: str | None = None  # the first MLflow error: later calls are skipped
+        self.pending: tuple[int, dict[str, float]] | None = None  # the last epoch, held back
+        self._monitor: Any = None
+        interval = float(options.get("system_metrics_s", 0) or 0)
+        if interval > 0:
+            self._start_system_metrics(interval)
+
+    @classmethod
+    def start(cls, ctx: Any, trial_id: str, params: dict[str, Any]) -> TrialRun | None:
+        """The run of a trial starting now (None without tracking, or when MLflow is unreachable:
+        the trial goes on and its result is logged at the end, or kept in ``trial_result.json``)."""
+        if not ctx.tracking:
+            return None
+        from search.space import settings_from_params
+        from search.tracking import start_trial_run
+
+        try:
+            method_name, settings, overrides = settings_from_params(ctx.space, params)
+            run_params = {"method": method_name, **settings, **{f"trial.{k}": v for k, v in overrides.items()}}
+            run_id = start_trial_run(ctx.tracking["uri"], ctx.tracking["experiment_id"],
+                                     ctx.tracking["parent_run_id"], trial_id, run_params)
+        except Exception as exc:  # the result is logged (or kept on disk) at the end
+            log.warning("trial %s: could not create its MLflow run at the start (%s: %s)", trial_id,
+                        type(exc).__name__, str(exc)[:300])
+            return None
+        run = cls(ctx.tracking["uri"], run_id, trial_id, ctx.tracking)
+        with _LOCK:
+            _OPEN[str(trial_id)] = run
+        return run
+
+    @classmethod
+    def pop(cls, trial_id: str) -> TrialRun | None:
+        """The open run of ``trial_id`` in this process, removed from the open ones (or None)."""
+        with _LOCK:
+            return _OPEN.pop(str(trial_id), None)
+
+    def _client(self) -> Any:
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def _guard(self, what: str, fn: Any, outage: bool = True) -> Any:
+        """``fn()``, or None when it fails: a failed metrics write (``outage``) stops the live
+        logging of this trial; a model or system-metrics failure only warns."""
+        if self.failed is not None:
+            return None
+        try:
+            return fn()
+        except Exception as exc:  # the trial goes on; its end falls back to the file if MLflow is gone
+            reason = f"{type(exc).__name__}: {exc}"[:300]
+            if outage:
+                self.failed = reason
+            log.warning("trial %s: MLflow %s failed (%s)%s", self.trial_id, what, reason,
+                        "; no more live logging for this trial" if outage else "")
+            return None
+
+    def _start_system_metrics(self, interval_s: float) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        def start() -> Any:
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, tracking_uri=self.uri)
+            monitor.start()
+            return monitor
+
+        self._monitor = self._guard("system metrics", start, outage=False)
+
+    def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
+        """Log the metrics of epoch ``step``: the previous epoch's held-back ones are written now,
+        these are held back until the next epoch or :meth:`close`."""
+        if self.pending is not None:
+            self._write(*self.pending)
+        self.pending = (int(step), {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
+
+    def _write(self, step: int, metrics: dict[str, float]) -> None:
+        if not metrics:
+            return
+        from mlflow.entities import Metric
+
+        from search.tracking import _log_batch, _now_ms, _safe_key
+
+        ts = _now_ms()
+        batch = [Metric(_safe_key(k), v, ts, step) for k, v in metrics.items()]
+        self._guard("epoch metrics", lambda: _log_batch(self._client(), self.run_id, metrics=batch))
+
+    def close(self, final: dict[str, Any]) -> int:
+        """Stop the system metrics and write the held-back last epoch, less the keys the trial's
+        ``final`` results hold (those are logged at the same step by ``log_trial_run``).
+
+        Returns:
+            The step for the final results: the last epoch logged, or 0 without epochs.
+        """
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            try:
+                monitor.finish()
+            except Exception as exc:
+                log.warning("trial %s: stopping MLflow's system metrics failed (%s)", self.trial_id, exc)
+        if self.pending is None:
+            return 0
+        step, metrics = self.pending
+        self.pending = None
+        self._write(step, {k: v for k, v in metrics.items() if k not in final})
+        return step
+
+    def epoch_logger(self, method: Any, val_batches: Any, own_module: bool) -> L.Callback | None:
+        """The Lightning callback that logs per-epoch metrics (None when ``epoch_metrics`` is off).
+
+        Args:
+            method: the trial's pruning method (its masks give the sparsity).
+            val_batches: a callable returning the validation batches (for the built-in classifier).
+            own_module: the built-in classifier trains (True), or a user's LightningModule (False).
+        """
+        return _EpochLogger(self, method, val_batches, own_module) if self.epoch_metrics else None
+
+    def log_model(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> str | None:
+        """Log ``model`` (a structured trial's surgered network) as the MLflow model ``model`` of
+        this run (``mlflow.pytorch``, pickled: loading it needs this project's packages), with a
+        signature for a batch of ``input_shape`` samples; returns its ``models:/`` URI, or None
+        when ``log_model`` is off or MLflow failed. Load it with ``mlflow.pytorch.load_model(uri)``."""
+        if not self.log_models:
+            return None
+
+        def log_it() -> str:
+            import mlflow
+            from mlflow.models import infer_signature
+            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+            device = next(model.parameters()).device
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                example = torch.zeros((2, *input_shape), device=device)
+                signature = infer_signature(example.cpu().numpy(), model(example).cpu().numpy())
+            model.train(was_training)
+            requirement = f"torch=={torch.__version__.split('+', 1)[0]}"
+            with _use_tracking_uri(self.uri):
+                info = mlflow.pytorch.log_model(model, name="model", run_id=self.run_id, signature=signature,
+                                                pip_requirements=[requirement], serialization_format="pickle")
+            return info.model_uri
+
+        return self._guard("model logging", log_it, outage=False)
+
+
+class _EpochLogger(L.Callback):
+    """Per-epoch metrics of a trial to its MLflow run (see the module doc); the step counts
+    epochs over all of the trial's phases (one Lightning fit per phase)."""
+
+    def __init__(self, run: TrialRun, method: Any, val_batches: Any, own_module: bool) -> None:
+        self.run = run
+        self.method = method
+        self.val_batches = val_batches
+        self.own_module = own_module
+        self.step = 0
+        self._loss_sum: torch.Tensor | None = None
+        self._batches = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._loss_sum, self._batches = None, 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            # Summed on the device: one transfer per epoch, not one per step.
+            value = loss.detach().float()
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+            self._batches += 1
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # After the pruning callback's epoch step (it comes first in the trainer's callbacks):
+        # the masks, the sparsity and the validation figures describe the same model.
+        from prunelib.training import evaluate, network_of
+
+        network = network_of(pl_module)
+        metrics: dict[str, float] = {}
+        if not self.own_module:
+            for key, value in trainer.callback_metrics.items():
+                if str(key).endswith("_step"):
+                    continue
+                try:
+                    metrics[str(key).removesuffix("_epoch")] = float(value)
+                except (TypeError, ValueError):
+                    continue
+        if self._batches and "train_loss" not in metrics:
+            metrics["train_loss"] = float(self._loss_sum) / self._batches
+        if self.own_module:
+            with torch.no_grad():
+                val = evaluate(network, self.val_batches())
+            metrics.update(val_acc=val["acc"], val_loss=val["loss"])
+        masks = self.method.masks
+        metrics["sparsity"] = masks.sparsity(network) if masks is not None else 0.0
+        self.run.log_epoch(self.step, metrics)
+        self.step += 1
