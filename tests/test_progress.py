@@ -239,8 +239,13 @@ def _sweep(tmp_path, capsys, overrides):
 
 
 @pytest.mark.slow
-def test_sweep_prints_live_lines_of_long_trials_and_epoch_lines_under_verbose(tmp_path, capsys, ray_local):
+def test_sweep_prints_live_lines_of_long_trials_and_epoch_lines_under_verbose(tmp_path, capsys, ray_local,
+                                                                             monkeypatch):
+    import search.progress
+
     # About 5 s per trial on an idle 2-core machine (the digits MLP trains ~25 epochs a second).
+    # A log line every second (not 5): a trial past the 2 s quiet time then always gets one.
+    monkeypatch.setattr(search.progress, "LOG_INTERVAL_S", 1.0)
     result, out = _sweep(tmp_path, capsys, ["trial.epochs=120", "trial.finetune_epochs=1", "trial.verbose=true"])
     long = [r for r in result.rows if r["trial_wall_s"] >= 4.0]
     assert long, [r["trial_wall_s"] for r in result.rows]  # the setting must give trials past the quiet threshold

@@ -92,7 +92,7 @@ def test_a_pinned_method_can_bring_its_own_objectives():
     from tests.conftest import compose
 
     assert objectives_of(compose(["+method=ken"])) == [("val_acc", "max"), ("reverted_fraction", "max")]
-    assert objectives_of(compose(["+method=magnitude"])) == [("val_acc", "max"), ("flops_effective", "min")]
+    assert objectives_of(compose(["+method=magnitude"])) == [("val_acc", "max"), ("flops_deployed", "min")]
     bad = compose(["+method=ken", "method.objectives.1.metric=nonsense"])
     with pytest.raises(ConfigError, match=r"method.objectives\[1\].metric: 'nonsense'"):
         validate_config(bad)
