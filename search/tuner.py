@@ -231,16 +231,29 @@ def _make_callback_class() -> type:
                       flush=True)
                 return
             acc_key, flops_key = self.objectives[0][0], self.objectives[-1][0]
+            stopped = row.get("status") == "early_stopped"
+            if stopped:
+                from search.schedulers import PROJECTED_PREFIX
+
+                # The rung judged the model the method is heading for (projected_*), not the
+                # current one (dense for one-shot methods before their cut); show what it judged
+                # and the seconds the trial ran (it never reached the end-of-trial timer).
+                row = {**row, **{key: row[f"{PROJECTED_PREFIX}{key}"] for key in (acc_key, flops_key)
+                                 if f"{PROJECTED_PREFIX}{key}" in row}}
+                seconds = row.get("time_total_s", 0.0)
+            else:
+                seconds = row.get("trial_wall_s", row.get("wall_s", 0.0))
             dense = row.get("flops_dense")
             share = (f" ({100 * float(row[flops_key]) / float(dense):.0f}% of dense)"
                      if dense and flops_key in row and flops_key.startswith("flops") else "")
             size = len(summary.front) if summary is not None else 0
             hv_text = (f"  hv {summary.hypervolume:.4g} ({summary.hypervolume_normalised:.4f} of the box)"
                        if summary is not None and size else "")
+            status = (f"stopped at epoch {row.get('epoch', '?')} (projected) " if stopped else "")
             print(f"[{len(rows)}/{self.n_trials}] {trial_id} {row.get('method', '?'):<10} "
-                  f"{_settings_text(row):<34} {acc_key} {float(row.get(acc_key, float('nan'))):.4f}  "
+                  f"{_settings_text(row):<34} {status}{acc_key} {float(row.get(acc_key, float('nan'))):.4f}  "
                   f"{flops_key} {_fmt_flops(row.get(flops_key))}{share}  "
-                  f"{float(row.get('trial_wall_s', row.get('wall_s', 0.0))):.1f}s  front {size}{hv_text}",
+                  f"{float(seconds or 0.0):.1f}s  front {size}{hv_text}",
                   flush=True)
 
         def flush(self) -> None:
