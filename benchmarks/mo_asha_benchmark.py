@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from sampler_hypervolume import mean_sd, sweep_overrides  # noqa: E402
 
-METHODS = ["magnitude", "random", "snip", "gmp", "imp", "gap", "bingo"]
+METHODS = ["magnitude", "random", "snip", "gmp", "imp", "bingo", "polarization"]  # five baselines, two seed methods
 VARIANTS = ["none", "asha", "mo_asha"]
 KEEP = ("trial_id", "method", "status", "val_acc", "test_acc", "flops_deployed", "flops_effective", "flops_dense",
         "time_total_s", "timestamp", "epochs", "epoch")

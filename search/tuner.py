@@ -2,9 +2,10 @@
 
 :func:`run_sweep` takes the resolved config (a plain dict) and an output directory, and:
 
-1. runs the pre-flight (:mod:`search.preflight`): every key, the objectives, data and model
-   built once, the stores opened; a failure is one ``ConfigError`` line and nothing starts;
-2. takes the sweep's lock (one driver per sweep), starts its own Ray (``cluster=local``) or
+1. takes the sweep's lock (one driver per sweep: a rival is refused before its pre-flight),
+   then runs the pre-flight (:mod:`search.preflight`): every key, the objectives, data and
+   model built once, the stores opened; a failure is one ``ConfigError`` line and nothing starts;
+2. starts its own Ray (``cluster=local``) or
    joins the configured cluster (user code shipped by ``runtime_env``) and checks the trial's
    resources against it;
 3. creates the MLflow parent run (or re-opens it on resume) and the Optuna study (an RDB
@@ -659,30 +660,35 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         SweepInterrupted: Ctrl-C; the sweep can be resumed.
     """
     output_dir = Path(output_dir).resolve()
-    pre = checked or preflight(cfg, output_dir)
-    cfg, space, objectives = pre.cfg, pre.space, pre.objectives
-    search = cfg["search"]
-    state_path = output_dir / STATE_FILE
-    state = _read_state(state_path)
-    resuming = bool(search.get("resume"))
-    if resuming and not state:
-        raise ConfigError(f"search.resume_dir: {output_dir} holds no sweep (no {STATE_FILE}); pass the output "
-                          "directory of the sweep to continue")
-    if resuming and state.get("finished"):
-        raise ConfigError(f"search.resume_dir: the sweep in {output_dir} finished ({state.get('n_trials')} trials); "
-                          "nothing to resume")
-    if state and not resuming:
-        raise ConfigError(f"search.resume: {output_dir} already holds a sweep; pass search.resume=true "
-                          "to continue it, or choose another output directory")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    resuming = bool((cfg.get("search") or {}).get("resume"))
+    if not resuming:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    # The lock comes before the pre-flight: a rival driver is refused at once, not after its own
+    # pre-flight (which builds the data and model: minutes on a loaded machine). A resume of a
+    # directory that does not exist takes no lock and is refused below.
+    lock = None
+    if output_dir.is_dir():
+        try:
+            lock = SweepLock(output_dir).acquire()
+        except SweepLocked as exc:
+            raise ConfigError(f"search.resume_dir: {exc}") from exc
     try:
-        lock = SweepLock(output_dir).acquire()
-    except SweepLocked as exc:
-        raise ConfigError(f"search.resume_dir: {exc}") from exc
-    try:
+        pre = checked or preflight(cfg, output_dir)
+        cfg, space, objectives = pre.cfg, pre.space, pre.objectives
+        state = _read_state(output_dir / STATE_FILE)
+        if resuming and not state:
+            raise ConfigError(f"search.resume_dir: {output_dir} holds no sweep (no {STATE_FILE}); pass the output "
+                              "directory of the sweep to continue")
+        if resuming and state.get("finished"):
+            raise ConfigError(f"search.resume_dir: the sweep in {output_dir} finished ({state.get('n_trials')} "
+                              "trials); nothing to resume")
+        if state and not resuming:
+            raise ConfigError(f"search.resume: {output_dir} already holds a sweep; pass search.resume=true "
+                              "to continue it, or choose another output directory")
         return _run_locked(cfg, pre, space, objectives, output_dir, state, resuming)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objectives: list[tuple[str, str]],
