@@ -123,6 +123,24 @@ def default_concurrency() -> int:
     return int(yaml.safe_load((REPO / "conf" / "search" / "mo_tpe.yaml").read_text())["concurrency"])
 
 
+def _missing_results(out: Path, proc: subprocess.CompletedProcess, trials: int, found: int) -> str:
+    """Keep the sweep's log and console output where they survive the temporary directory, and say
+    which trials left no result (a trial that failed, or one the sweep never started)."""
+    keep = Path(tempfile.mkdtemp(prefix="prunesearch-overhead-missing-"))
+    (keep / "stdout.txt").write_text(proc.stdout)
+    (keep / "stderr.txt").write_text(proc.stderr)
+    for name in ("__main__.log", "sweep.json"):
+        if (out / name).exists():
+            (keep / name).write_bytes((out / name).read_bytes())
+    trial_dirs = sorted(d.name for d in (out / "trials").iterdir()) if (out / "trials").exists() else []
+    without = [d for d in trial_dirs if not (out / "trials" / d / "trial_result.json").exists()]
+    errors = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines()
+              if "error" in line.lower() or "failed" in line.lower()]
+    return (f"expected {trials} trial results, found {found}; {len(trial_dirs)} trial folders, "
+            f"without a result: {without or 'none'}; lines naming an error:\n" + "\n".join(errors[-20:])
+            + f"\nthe sweep's output is kept in {keep}")
+
+
 def sweep_costs(overrides: list[str], trials: int, concurrency: int, reuse: bool) -> dict[str, float]:
     """Run the sweep command once; its fixed, marginal and tail seconds from the trials' result files."""
     with tempfile.TemporaryDirectory(prefix="prunesearch-overhead-") as tmp:
@@ -138,7 +156,7 @@ def sweep_costs(overrides: list[str], trials: int, concurrency: int, reuse: bool
             raise RuntimeError(f"sweep command failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         files = sorted((out / "trials").glob("*/trial_result.json"), key=lambda f: f.stat().st_mtime)
         if len(files) != trials:
-            raise RuntimeError(f"expected {trials} trial results, found {len(files)} in {out / 'trials'}")
+            raise RuntimeError(_missing_results(out, proc, trials, len(files)))
         done = [f.stat().st_mtime for f in files]
         rows = [json.loads(f.read_text()) for f in files]
     first_on_worker = [float(r["trial_wall_s"]) for r in rows if int(r["worker_trials"]) == 1]

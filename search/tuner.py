@@ -2,9 +2,10 @@
 
 :func:`run_sweep` takes the resolved config (a plain dict) and an output directory, and:
 
-1. runs the pre-flight (:mod:`search.preflight`): every key, the objectives, data and model
-   built once, the stores opened; a failure is one ``ConfigError`` line and nothing starts;
-2. takes the sweep's lock (one driver per sweep), starts its own Ray (``cluster=local``) or
+1. takes the sweep's lock (one driver per sweep: a rival is refused before its pre-flight),
+   then runs the pre-flight (:mod:`search.preflight`): every key, the objectives, data and
+   model built once, the stores opened; a failure is one ``ConfigError`` line and nothing starts;
+2. starts its own Ray (``cluster=local``) or
    joins the configured cluster (user code shipped by ``runtime_env``) and checks the trial's
    resources against it;
 3. creates the MLflow parent run (or re-opens it on resume) and the Optuna study (an RDB
@@ -231,16 +232,29 @@ def _make_callback_class() -> type:
                       flush=True)
                 return
             acc_key, flops_key = self.objectives[0][0], self.objectives[-1][0]
+            stopped = row.get("status") == "early_stopped"
+            if stopped:
+                from search.schedulers import PROJECTED_PREFIX
+
+                # The rung judged the model the method is heading for (projected_*), not the
+                # current one (dense for one-shot methods before their cut); show what it judged
+                # and the seconds the trial ran (it never reached the end-of-trial timer).
+                row = {**row, **{key: row[f"{PROJECTED_PREFIX}{key}"] for key in (acc_key, flops_key)
+                                 if f"{PROJECTED_PREFIX}{key}" in row}}
+                seconds = row.get("time_total_s", 0.0)
+            else:
+                seconds = row.get("trial_wall_s", row.get("wall_s", 0.0))
             dense = row.get("flops_dense")
             share = (f" ({100 * float(row[flops_key]) / float(dense):.0f}% of dense)"
                      if dense and flops_key in row and flops_key.startswith("flops") else "")
             size = len(summary.front) if summary is not None else 0
             hv_text = (f"  hv {summary.hypervolume:.4g} ({summary.hypervolume_normalised:.4f} of the box)"
                        if summary is not None and size else "")
+            status = (f"stopped at epoch {row.get('epoch', '?')} (projected) " if stopped else "")
             print(f"[{len(rows)}/{self.n_trials}] {trial_id} {row.get('method', '?'):<10} "
-                  f"{_settings_text(row):<34} {acc_key} {float(row.get(acc_key, float('nan'))):.4f}  "
+                  f"{_settings_text(row):<34} {status}{acc_key} {float(row.get(acc_key, float('nan'))):.4f}  "
                   f"{flops_key} {_fmt_flops(row.get(flops_key))}{share}  "
-                  f"{float(row.get('trial_wall_s', row.get('wall_s', 0.0))):.1f}s  front {size}{hv_text}",
+                  f"{float(seconds or 0.0):.1f}s  front {size}{hv_text}",
                   flush=True)
 
         def flush(self) -> None:
@@ -646,30 +660,35 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         SweepInterrupted: Ctrl-C; the sweep can be resumed.
     """
     output_dir = Path(output_dir).resolve()
-    pre = checked or preflight(cfg, output_dir)
-    cfg, space, objectives = pre.cfg, pre.space, pre.objectives
-    search = cfg["search"]
-    state_path = output_dir / STATE_FILE
-    state = _read_state(state_path)
-    resuming = bool(search.get("resume"))
-    if resuming and not state:
-        raise ConfigError(f"search.resume_dir: {output_dir} holds no sweep (no {STATE_FILE}); pass the output "
-                          "directory of the sweep to continue")
-    if resuming and state.get("finished"):
-        raise ConfigError(f"search.resume_dir: the sweep in {output_dir} finished ({state.get('n_trials')} trials); "
-                          "nothing to resume")
-    if state and not resuming:
-        raise ConfigError(f"search.resume: {output_dir} already holds a sweep; pass search.resume=true "
-                          "to continue it, or choose another output directory")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    resuming = bool((cfg.get("search") or {}).get("resume"))
+    if not resuming:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    # The lock comes before the pre-flight: a rival driver is refused at once, not after its own
+    # pre-flight (which builds the data and model: minutes on a loaded machine). A resume of a
+    # directory that does not exist takes no lock and is refused below.
+    lock = None
+    if output_dir.is_dir():
+        try:
+            lock = SweepLock(output_dir).acquire()
+        except SweepLocked as exc:
+            raise ConfigError(f"search.resume_dir: {exc}") from exc
     try:
-        lock = SweepLock(output_dir).acquire()
-    except SweepLocked as exc:
-        raise ConfigError(f"search.resume_dir: {exc}") from exc
-    try:
+        pre = checked or preflight(cfg, output_dir)
+        cfg, space, objectives = pre.cfg, pre.space, pre.objectives
+        state = _read_state(output_dir / STATE_FILE)
+        if resuming and not state:
+            raise ConfigError(f"search.resume_dir: {output_dir} holds no sweep (no {STATE_FILE}); pass the output "
+                              "directory of the sweep to continue")
+        if resuming and state.get("finished"):
+            raise ConfigError(f"search.resume_dir: the sweep in {output_dir} finished ({state.get('n_trials')} "
+                              "trials); nothing to resume")
+        if state and not resuming:
+            raise ConfigError(f"search.resume: {output_dir} already holds a sweep; pass search.resume=true "
+                              "to continue it, or choose another output directory")
         return _run_locked(cfg, pre, space, objectives, output_dir, state, resuming)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objectives: list[tuple[str, str]],

@@ -111,3 +111,25 @@ def test_front_callback_prints_every_trial_and_uploads_plots_only_for_new_fronts
     assert callback.unlogged == []
     history = MlflowClient(tracking_uri=store["uri"]).get_metric_history(parent, "front_size")
     assert sorted((m.step, m.value) for m in history)[-1] == (8, 4.0)
+
+
+def test_a_stopped_trial_line_shows_what_the_rung_judged_and_the_seconds_it_ran(capsys):
+    """A trial mo_asha stopped before its cut: the line gives the projected accuracy and FLOPs the
+    rung compared (not the dense model's) and the trial's run time (it has no end-of-trial timer)."""
+    from search.tuner import _make_callback_class
+
+    callback = _make_callback_class()(OBJ, 2, None, None)
+    finished, stopped = _Trial(0, 0.80, 500.0), _Trial(1, 0.82, 1000.0)
+    stopped.last_result = {"val_acc": 0.82, "flops_effective": 1000.0, "flops_dense": 1000.0, "epoch": 2,
+                           "projected_val_acc": 0.61, "projected_flops_effective": 200.0,
+                           "time_total_s": 3.7, "final_result": False, "param.sparsity": 0.8}
+    trials = [finished, stopped]
+    for trial in trials:
+        callback.on_trial_complete(0, trials, trial)
+        trial.status = "TERMINATED"
+    callback.flush()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert "stopped" not in lines[0] and "0.8000" in lines[0] and "0.1s" in lines[0]
+    assert "stopped at epoch 2 (projected)" in lines[1]
+    assert "val_acc 0.6100" in lines[1] and "(20% of dense)" in lines[1] and "3.7s" in lines[1]
+    assert "0.8200" not in lines[1]

@@ -495,3 +495,25 @@ def test_ken_trial_on_a_causal_lm_pair_reports_perplexity(lm_dirs, tmp_path):
                     trial_dir=tmp_path / "g")
     assert row["val_ppl"] > 1 and row["finetuned_val_ppl"] > 1 and row["pretrained_val_ppl"] > 1
     assert 0.3 < row["reverted_fraction"] < 0.6 and row["ken_file_bytes"] < row["finetuned_bytes"]
+
+
+@pytest.mark.parametrize("name", ["llm_magnitude", "wanda", "sparsegpt"])
+def test_an_llm_method_hands_every_shared_setting_to_the_block_pruner(name):
+    """The method's settings reach prune_model's OneShotSettings by field name (SparseGPT's column
+    block and damping included), so a setting cannot be declared and then silently dropped."""
+    from dataclasses import fields
+
+    from prunelib.methods import build_method
+
+    given = {"sparsity": 0.3, "pattern": "unstructured", "distribution": "owl", "owl_m": 3.0, "owl_lambda": 0.05,
+             "group": "layer", "sequential": False, "blocks_path": "model.layers"}
+    if name == "sparsegpt":
+        given.update(blocksize=32, percdamp=0.05)
+    method = build_method(name, **given)
+    assert method.oneshot.method == method.score
+    for key, value in given.items():
+        assert getattr(method.oneshot, key) == value, key
+    shared = {f.name for f in fields(type(method.settings))} & {f.name for f in fields(OneShotSettings)}
+    assert shared == set(given)
+    with pytest.raises(ValueError, match="blocksize"):
+        build_method("sparsegpt", blocksize=0)

@@ -47,6 +47,7 @@ class _Probe(L.Callback):
     ("gap", {"sparsity": 0.75, "num_partitions": 3, "epochs_per_step": 1}, 3),
     ("bingo", {"sparsity": 0.7, "probe_every_n_steps": 2}, 2),
     ("bingo", {"sparsity": 0.5, "unit": "neuron", "probe_every_n_steps": 2}, 2),
+    ("polarization", {"sparsity": 0.5}, 2),
 ])
 def test_projection_is_the_target_from_the_first_epoch(dm, name, settings, epochs):
     torch.manual_seed(0)
@@ -61,6 +62,31 @@ def test_projection_is_the_target_from_the_first_epoch(dm, name, settings, epoch
     assert all(p == pytest.approx(target, abs=0.02) for _, p in probe.seen), probe.seen
     # ...while the masks themselves were still behind at the first epoch (dense, mid-ramp, round 1).
     assert probe.seen[0][0] < target - 0.05
+
+
+def test_polarization_projection_is_costed_on_the_surgered_model_while_gates_train(dm):
+    """Mid-training (gates attached) the projection's cost is counted on a surgered copy: the
+    gates' hooks must leave that copy alone, and the projected FLOPs are those of the target."""
+    from prunelib.flops import model_cost
+
+    torch.manual_seed(0)
+    model = build_model("lenet5", dm.input_shape, dm.num_classes)
+    method = build_method("polarization", sparsity=0.6)
+    costs: list = []
+
+    class _Cost(L.Callback):
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            if method._gates is not None:
+                projected = method.projected_masks(pl_module.model)
+                costs.append(model_cost(pl_module.model, dm.input_shape, projected))
+
+    result = run_pruning(model, dm, method, TrainConfig(epochs=2, finetune_epochs=1, accelerator="cpu"),
+                         callbacks=[_Cost()])
+    assert costs, "no epoch was observed with the gates attached"
+    final = model_cost(result.model, dm.input_shape, result.masks)
+    for cost in costs:
+        assert cost.flops_deployed < cost.flops_dense  # the surgered copy is smaller
+        assert cost.flops_deployed == pytest.approx(final.flops_deployed, rel=0.25)
 
 
 def test_default_projection_is_the_current_masks():

@@ -269,6 +269,30 @@ def test_one_driver_per_sweep_and_a_killed_driver_frees_it(tmp_path):
         pass
 
 
+def test_a_rival_driver_is_refused_before_its_preflight(tmp_path, monkeypatch):
+    """The lock is taken first: a second driver on a running sweep's directory gets the refusal
+    at once, without building the data and model of its own pre-flight."""
+    import search.tuner as tuner
+    from search.space import ConfigError
+    from search.storage import SweepLock
+
+    def no_preflight(*args, **kwargs):
+        raise AssertionError("the pre-flight ran although another driver holds the sweep")
+
+    monkeypatch.setattr(tuner, "preflight", no_preflight)
+    out = tmp_path / "run"
+    cfg = compose(["+method=magnitude", *FAST, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
+    with SweepLock(out):
+        with pytest.raises(ConfigError, match="another driver"):
+            run_sweep(cfg, out)
+    with pytest.raises(AssertionError, match="the pre-flight ran"):  # free again: the pre-flight runs
+        run_sweep(cfg, out)
+    missing = compose(["+method=magnitude", *FAST, "search.resume=true"])
+    with pytest.raises(AssertionError, match="the pre-flight ran"):
+        run_sweep(missing, tmp_path / "never")
+    assert not (tmp_path / "never").exists()  # a resume of a missing directory creates nothing
+
+
 def test_two_sweeps_starting_on_one_fresh_store(tmp_path):
     uri = f"sqlite:///{tmp_path}/fresh/mlflow.db"
     code = ("import sys; from search.tracking import SweepTracker; "

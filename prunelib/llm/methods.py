@@ -14,7 +14,7 @@ Use::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from torch import nn
@@ -77,6 +77,13 @@ class SparseGPTSettings(LLMPruningSettings):
     blocksize: int = 128
     percdamp: float = 0.01
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.blocksize, bool) or int(self.blocksize) < 1:
+            raise ValueError(f"blocksize must be >= 1, got {self.blocksize!r}")
+        set_field(self, "blocksize", int(self.blocksize))
+        set_field(self, "percdamp", float(self.percdamp))
+
 
 class OneShotLLMPruning(PruningMethod):
     """Block-by-block one-shot pruning of a transformer; subclasses fix the score.
@@ -96,11 +103,11 @@ class OneShotLLMPruning(PruningMethod):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         s = self.settings
-        # What prune_model reads; its own checks (pattern, distribution, group) run here.
-        self.oneshot = OneShotSettings(method=self.score, sparsity=s.sparsity, pattern=str(s.pattern),
-                                       distribution=str(s.distribution), owl_m=s.owl_m, owl_lambda=s.owl_lambda,
-                                       group=s.group, sequential=bool(s.sequential), blocks_path=s.blocks_path,
-                                       **self._score_settings())
+        # What prune_model reads, taken from the settings by field name (SparseGPT's blocksize
+        # and percdamp included); its own checks (pattern, distribution, group) run here.
+        shared = {f.name: getattr(s, f.name) for f in fields(OneShotSettings)
+                  if f.name != "method" and hasattr(s, f.name)}
+        self.oneshot = OneShotSettings(method=self.score, **shared)
         self.device: str | None = None
         self._batches: list[Any] | None = None
         self.result: OneShotResult | None = None
@@ -109,10 +116,6 @@ class OneShotLLMPruning(PruningMethod):
     def target_sparsity(self) -> float:
         """The fraction of pruned-layer weights zeroed (1 - N/M for an N:M pattern)."""
         return self.oneshot.target_sparsity
-
-    def _score_settings(self) -> dict[str, Any]:
-        """Settings of :class:`OneShotSettings` only this score uses (SparseGPT's)."""
-        return {}
 
     def config(self) -> dict[str, Any]:
         """The settings as a JSON-friendly dict (stored with the masks)."""
@@ -166,9 +169,6 @@ class SparseGPT(OneShotLLMPruning):
     name: ClassVar[str] = "sparsegpt"
     score: ClassVar[str] = "sparsegpt"
     Settings = SparseGPTSettings
-
-    def _score_settings(self) -> dict[str, Any]:
-        return {"blocksize": int(self.settings.blocksize), "percdamp": float(self.settings.percdamp)}
 
 
 LLM_METHODS: tuple[type[OneShotLLMPruning], ...] = (LLMMagnitude, Wanda, SparseGPT)

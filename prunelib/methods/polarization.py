@@ -194,8 +194,9 @@ class GateModule(nn.Module):
     def attach(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
         self._handles.append(model.register_forward_pre_hook(self._start))
+        self._handles.append(model.register_forward_hook(self._end))
         for host in self.hosts:
-            self._handles.append(modules[host.name].register_forward_hook(self._hook(host)))
+            self._handles.append(modules[host.name].register_forward_hook(self._hook(host, modules[host.name])))
 
     def detach_hooks(self) -> None:
         for h in self._handles:
@@ -205,10 +206,17 @@ class GateModule(nn.Module):
     def _start(self, _module: nn.Module, _inputs: Any) -> None:
         self._values = self.values() if self.active else None
 
-    def _hook(self, host: _Host):
-        def hook(_module: nn.Module, _inputs: Any, out: Tensor) -> Tensor | None:
+    def _end(self, _module: nn.Module, _inputs: Any, _out: Any) -> None:
+        # Not kept past the forward: a non-leaf tensor would make the model impossible to
+        # deep-copy (surgery and FLOPs counting work on copies).
+        self._values = None
+
+    def _hook(self, host: _Host, owner: nn.Module):
+        def hook(module: nn.Module, _inputs: Any, out: Tensor) -> Tensor | None:
             values = self._values
-            if values is None:
+            # A deep copy of the model carries this hook along (a surgered copy counting the
+            # projected masks' FLOPs, with fewer channels): gate only the module attached to.
+            if values is None or module is not owner:
                 return None
             if host.block:
                 return out * values[host.units[0]]
@@ -684,13 +692,19 @@ class PolarizationGates(PruningMethod):
 
     # ------------------------------------------------------------------------ conversion
     @torch.no_grad()
-    def export_masks(self, model: nn.Module) -> MaskSet:
-        """The hard state training ended with -> masks (completed for surgery)."""
-        gates = self._gates
-        if gates is None:
-            raise RuntimeError("no gates to export (setup not run, or already removed)")
-        self._final_probs = self.gate_states()
-        state = gates.state.detach().cpu().double()
+    def projected_masks(self, model: nn.Module) -> MaskSet | None:
+        """While the gates train: the masks of the projection at the target budget from the
+        logits as they are now (not applied, the gates untouched), i.e. what training would
+        export if the budget stood at its target already; after the gates leave, the exported
+        masks. Early stopping then compares this trial by the FLOPs it heads for, not by the
+        dense count a gated model reports before its export."""
+        if self._gates is None or self._floor is None:
+            return self.masks
+        return self._masks_for_state(model, self.project(self.sparsity))
+
+    def _masks_for_state(self, model: nn.Module, state: Tensor) -> MaskSet:
+        """Masks (completed for surgery) of a hard gate state: closed channels' filters, biases,
+        the BatchNorm after them and, with ``prune_inputs``, their consumers' inputs."""
         ext = self._effective(state).bool()
         raw = torch.cat([state, torch.ones(1, dtype=torch.float64)]).bool()
         masks = MaskSet()
@@ -726,6 +740,16 @@ class PolarizationGates(PruningMethod):
                 masks.set(f"{norm}.weight", keep_out.to(modules[norm].weight.device), "channel")
         if len(masks):
             masks = complete_channel_masks(model, masks, self._input_shape, self._groups)
+        return masks
+
+    def export_masks(self, model: nn.Module) -> MaskSet:
+        """The hard state training ended with -> masks (completed for surgery)."""
+        gates = self._gates
+        if gates is None:
+            raise RuntimeError("no gates to export (setup not run, or already removed)")
+        self._final_probs = self.gate_states()
+        state = gates.state.detach().cpu().double()
+        masks = self._masks_for_state(model, state)
         closed_blocks = [name for name, unit in self._blocks if state[unit] <= 0]
         stats = self.polarization_stats()
         masks.metadata.update({"method": self.name, "config": self.config()})
