@@ -100,6 +100,19 @@ def cpu_of(rows: list[dict], cpus: float = 1.0) -> float:
     return cpus * sum(float(r.get("time_total_s") or 0.0) for r in rows)
 
 
+def cpu_to_reach(rows: list[dict], target: float) -> float | None:
+    """CPU seconds (summed run time of the trials ended so far, in end order) at which the
+    front's normalised HV first reaches ``target``; None if it never does."""
+    dense = _dense(rows)
+    ended = sorted(rows, key=lambda r: float(r.get("timestamp") or 0))
+    spent = 0.0
+    for i, row in enumerate(ended, 1):
+        spent += float(row.get("time_total_s") or 0.0)
+        if row.get("status") == "ok" and hv_of(ended[:i], dense) >= target - 1e-12:
+            return spent
+    return None
+
+
 def first_trials(rows: list[dict], n: int) -> list[dict]:
     """The ``n`` trials that started first (start = end timestamp - run time)."""
     started = sorted(rows, key=lambda r: float(r.get("timestamp") or 0) - float(r.get("time_total_s") or 0))
@@ -163,11 +176,22 @@ def report(results: dict[str, dict], args: argparse.Namespace) -> None:
         print(f"| mo_asha / none | | | | {_ratio_cells(eq['mo_asha'], eq['none'])} |")
         print(f"| mo_asha / asha | | | | {_ratio_cells(eq['mo_asha'], eq['asha'])} |")
 
+        print("\n(c) CPU seconds until the front's HV first reaches the final HV of the sweep without early "
+              "stopping (same seed); trials in order of their end, CPU = their summed run time\n")
+        print("| early stopping | CPU s to that HV, per seed | reached | mean over the seeds that reached it |")
+        print("|---|---|---|---|")
+        for v in VARIANTS:
+            need = [cpu_to_reach(early[(v, s)]["rows"], hv_of(early[("none", s)]["rows"],
+                                                              _dense(early[("none", s)]["rows"]))) for s in seeds]
+            got = [c for c in need if c is not None]
+            print(f"| {v} | {', '.join('never' if c is None else f'{c:.0f}' for c in need)} | {len(got)}/{len(seeds)} "
+                  f"| {mean_sd(got, '.0f') if got else 'n/a'} |")
+
     joint = {s: results.get(f"early/{args.joint_scheduler}/seed{s}") for s in seeds}
     split = {(m, s): results.get(f"single/{m}/split/seed{s}") for m in methods for s in seeds}
     whole = {(m, s): results.get(f"single/{m}/whole/seed{s}") for m in methods for s in seeds}
     if all(joint.values()) and all(split.values()) and all(whole.values()):
-        print(f"\n(c) joint search vs single-method sweeps, {args.joint_scheduler}, HV (val) mean ± sd\n")
+        print(f"\n(d) joint search vs single-method sweeps, {args.joint_scheduler}, HV (val) mean ± sd\n")
         print("| sweep | budget each | total budget | HV (val) | HV (test) |")
         print("|---|---|---|---|---|")
 
