@@ -31,8 +31,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
-from prunelib.data import datamodule_from_config
-from prunelib.data import StreamingDataModule
+from prunelib.data import StreamingDataModule, datamodule_from_config
 from prunelib.flops import model_cost
 from prunelib.models import model_from_config
 from prunelib.robustness import fgsm_accuracy

@@ -26,6 +26,7 @@ missed it (:class:`BudgetLimiter` counts those against the budget).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -557,26 +559,21 @@ def _tune_file_loggers() -> list[Any]:
     return [CSVLoggerCallback(), JsonLoggerCallback()]
 
 
-def _no_tensorboard_logger() -> Any:
+@contextlib.contextmanager
+def _no_tensorboard_logger() -> Iterator[None]:
     """Tune adds its CSV, JSON and TensorBoard loggers unless TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1:
     with the variable set during ``fit`` (the first two are passed explicitly), no event file
     is written per trial and no TensorBoard hint into a temporary Ray folder is printed
     (MLflow holds the curves)."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def scoped() -> Any:
-        old = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
-        os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
-            else:
-                os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = old
-
-    return scoped()
+    old = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = old
 
 
 def _end_unfinished_runs(tracking: dict[str, Any]) -> None:
