@@ -10,7 +10,7 @@
    resources against it;
 3. creates the MLflow parent run (or re-opens it on resume) and the Optuna study (an RDB
    store, beside the MLflow store by default);
-4. runs ``Tuner(OptunaSearch(define-by-run space, metric=[...], mode=[...]))`` with a
+4. runs ``Tuner(StudySearcher(define-by-run space, objectives))`` (search.sampling) with a
    concurrency limit, per-trial resources, actor reuse and optional ASHA; Tune's state and
    every trial's files live under the sweep's root (:mod:`search.storage`);
 5. after every ended trial prints one line and logs the recomputed front to MLflow;
@@ -50,6 +50,7 @@ from search.formatting import format_count as _fmt_flops
 from search.formatting import format_metric
 from search.preflight import PreflightResult, check_cluster_resources, preflight
 from search.progress import board_name, live_progress, make_progress_callback, note_front
+from search.sampling import StudySearcher, make_sampler
 from search.space import ConfigError
 from search.storage import SweepLock, SweepLocked, SweepStorage, atomic_write_text, copy_out
 from search.trial import TrialContext, ray_trainable
@@ -100,27 +101,6 @@ def objectives_of(cfg: dict[str, Any]) -> list[tuple[str, str]]:
     so it trades accuracy against the reverted fraction), else ``search.objectives``."""
     objectives = (cfg.get("method") or {}).get("objectives") or cfg["search"]["objectives"]
     return [(o["metric"], o["mode"]) for o in objectives]
-
-
-def make_sampler(search: dict[str, Any]) -> Any:
-    """The Optuna sampler named by ``search.sampler`` (seeded by ``search.seed``).
-
-    NSGA-II's population defaults to a quarter of the budget (at least 4): Optuna's default
-    of 50 would make every trial of a small sweep random.
-    """
-    import optuna
-
-    seed = int(search.get("seed", 0))
-    kind = search["sampler"]
-    if kind == "mo_tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(search.get("n_startup_trials", 4)),
-                                          multivariate=True, group=True, constant_liar=True)
-    if kind == "nsga2":
-        pop = search.get("population_size") or max(4, int(search["n_trials"]) // 4)
-        return optuna.samplers.NSGAIISampler(population_size=int(pop), seed=seed)
-    if kind == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ConfigError(f"search.sampler: {kind!r} is not one of ['mo_tpe', 'nsga2', 'random']")
 
 
 def _settings_text(row: dict[str, Any], limit: int = 3) -> str:
@@ -627,18 +607,6 @@ def _driver_identity() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "create_time": psutil.Process().create_time()}
 
 
-def _optuna_storage(url: str) -> Any:
-    """The sweep's Optuna RDB storage, created under a lock (a fresh SQLite file would race)."""
-    import optuna
-
-    from search.storage import store_creation_lock
-
-    if url.startswith("sqlite:///"):
-        with store_creation_lock(Path(url[len("sqlite:///"):])):
-            return optuna.storages.RDBStorage(url)
-    return optuna.storages.RDBStorage(url)
-
-
 def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
               checked: PreflightResult | None = None) -> SweepResult:
     """Run (or resume) a sweep described by a resolved config; see the module docstring.
@@ -766,7 +734,6 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
           tracking: dict[str, str] | None, abort_file: str) -> SweepResult:
     """Run (or restore) the Tuner, then collect, print and export the front."""
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
 
     from search.budget import Budget, BudgetLedger, BudgetSearcher
     from search.schedulers import build_scheduler, scheduler_kind
@@ -800,10 +767,9 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
                                    resume_errored=False, restart_errored=False)
     else:
         dense_ref = None
-        searcher = OptunaSearch(space=space, metric=[m for m, _ in objectives],
-                                mode=[d for _, d in objectives], sampler=make_sampler(search),
-                                study_name=name, storage=_optuna_storage(state["optuna_storage"])
-                                if state.get("optuna_storage") else None)
+        # Saved by its recipe, never by pickling the sampler (search/sampling.py).
+        searcher = StudySearcher(space, objectives, search, study_name=name,
+                                 storage_url=state.get("optuna_storage") or None, sampler_factory=make_sampler)
         searcher = _make_budget_limiter_class()(searcher, int(search.get("concurrency", 1)), n_trials, tracking,
                                                 storage.root)
         searcher = BudgetSearcher(searcher, BudgetLedger(budget, resources["cpu"], resources["gpu"]))
