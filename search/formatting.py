@@ -1,6 +1,7 @@
 """How numbers are written for people: one place for the console and the dashboard.
 
-FLOPs and parameter counts are written with a unit (``100.40k``, ``3.21M``), fractions and
+Errors are written as their one meaningful line (:func:`exception_line`). FLOPs and parameter
+counts are written with a unit (``100.40k``, ``3.21M``), fractions and
 other floats with four decimals, hypervolumes with four significant digits, exactly as the
 sweep's console lines and front table print them.
 """
@@ -8,9 +9,10 @@ sweep's console lines and front table print them.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
-__all__ = ["format_count", "format_metric"]
+__all__ = ["exception_line", "format_count", "format_metric"]
 
 _COUNT_PREFIXES = ("flops", "params", "dense_flops", "dense_params")
 
@@ -59,3 +61,34 @@ def format_metric(name: str, value: Any) -> str:
             return str(int(v))
         return f"{v:.4f}"
     return str(value)
+
+
+_DECORATION = re.compile(r"^[\s^~\-|]*$")
+
+
+def _last_line(error: Any) -> str:
+    """The exception line of a traceback text (what a person needs first), at most 200 chars.
+
+    Python 3.11+ tracebacks underline the failing expression with ``^^^^`` lines, and Ray adds
+    its own frames; the exception's own line is the last line that is not decoration.
+    """
+    lines = [line.strip() for line in str(error or "").strip().splitlines()]
+    lines = [line for line in lines if line and not _DECORATION.match(line)]
+    return lines[-1][:200] if lines else "no reason recorded"
+
+
+def exception_line(error: Any) -> str:
+    """``Type: message`` of an exception (Ray's wrappers unwrapped to the trial's own
+    exception), or the last meaningful line of an error text; at most 200 characters."""
+    if isinstance(error, BaseException):
+        exc: BaseException = error
+        for _ in range(8):  # RayTaskError -> .cause; TuneError / chained -> __cause__
+            inner = getattr(exc, "cause", None) or exc.__cause__
+            if not isinstance(inner, BaseException) or inner is exc:
+                break
+            exc = inner
+        if type(exc).__name__ in ("RayTaskError", "TuneError") or "Traceback" in str(exc):
+            return _last_line(str(exc))
+        message = _last_line(str(exc)) if str(exc).strip() else ""
+        return f"{type(exc).__name__}: {message}"[:200] if message else type(exc).__name__
+    return _last_line(error)

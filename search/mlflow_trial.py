@@ -11,6 +11,13 @@ at the epoch's end) instead of ``val_acc``/``val_loss``. The last epoch's entry 
 the trial's final results (measured after the method's ``finalize``) take its place, so each
 per-epoch metric has one entry per epoch and its latest value is the trial's result.
 
+Epoch metrics are written by one background thread per worker process (:class:`_MetricWriter`),
+which merges whatever epochs queued up while it wrote into one ``log_batch``: a trial's epochs
+never wait for the store, and a fast trial's dozen epochs cost a few writes, not a dozen.
+:meth:`TrialRun.close` waits for them before the run ends, so every curve point is kept.
+(MLflow's own ``synchronous=False`` logging was tried: it flushes on a timer, and waiting for it
+at the end of a sub-second trial cost more than writing synchronously.)
+
 A tracking outage never stops a trial: any MLflow error here is logged once and the trial
 goes on without the run; :func:`search.trial.record_trial` then falls back to
 ``trial_result.json`` as before.
@@ -55,6 +62,7 @@ class TrialRun:
         self.failed: str | None = None  # the first MLflow error: later calls are skipped
         self.pending: tuple[int, dict[str, float]] | None = None  # the last epoch, held back
         self._monitor: Any = None
+        self._client_cache: Any = None
         interval = float(options.get("system_metrics_s", 0) or 0)
         if interval > 0:
             self._start_system_metrics(interval)
@@ -89,9 +97,11 @@ class TrialRun:
             return _OPEN.pop(str(trial_id), None)
 
     def _client(self) -> Any:
-        from mlflow import MlflowClient
+        if self._client_cache is None:
+            from mlflow import MlflowClient
 
-        return MlflowClient(tracking_uri=self.uri)
+            self._client_cache = MlflowClient(tracking_uri=self.uri)
+        return self._client_cache
 
     def _guard(self, what: str, fn: Any, outage: bool = True) -> Any:
         """``fn()``, or None when it fails: a failed metrics write (``outage``) stops the live
@@ -101,12 +111,15 @@ class TrialRun:
         try:
             return fn()
         except Exception as exc:  # the trial goes on; its end falls back to the file if MLflow is gone
-            reason = f"{type(exc).__name__}: {exc}"[:300]
-            if outage:
-                self.failed = reason
-            log.warning("trial %s: MLflow %s failed (%s)%s", self.trial_id, what, reason,
-                        "; no more live logging for this trial" if outage else "")
+            self._failed(what, exc, outage)
             return None
+
+    def _failed(self, what: str, exc: BaseException, outage: bool = True) -> None:
+        reason = f"{type(exc).__name__}: {exc}"[:300]
+        if outage:
+            self.failed = reason
+        log.warning("trial %s: MLflow %s failed (%s)%s", self.trial_id, what, reason,
+                    "; no more live logging for this trial" if outage else "")
 
     def _start_system_metrics(self, interval_s: float) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -126,15 +139,24 @@ class TrialRun:
         self.pending = (int(step), {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
 
     def _write(self, step: int, metrics: dict[str, float]) -> None:
-        if not metrics:
+        """Queue one epoch's metrics for the background writer: training does not wait for the
+        store; :meth:`close` does."""
+        if not metrics or self.failed is not None:
             return
         from mlflow.entities import Metric
 
-        from search.tracking import _log_batch, _now_ms, _safe_key
+        from search.tracking import _now_ms, _safe_key
 
         ts = _now_ms()
         batch = [Metric(_safe_key(k), v, ts, step) for k, v in metrics.items()]
-        self._guard("epoch metrics", lambda: _log_batch(self._client(), self.run_id, metrics=batch))
+        _MetricWriter.instance().submit(self._client(), self.run_id, batch)
+
+    def _confirm_writes(self) -> None:
+        """Wait for the queued epoch writes; a failed one stops the live logging (and the trial's
+        end falls back to ``trial_result.json`` as for any outage)."""
+        error = _MetricWriter.instance().flush(self.run_id)
+        if error is not None and self.failed is None:
+            self._failed("epoch metrics", error)
 
     def close(self, final: dict[str, Any]) -> int:
         """Stop the system metrics and write the held-back last epoch, less the keys the trial's
@@ -150,10 +172,12 @@ class TrialRun:
             except Exception as exc:
                 log.warning("trial %s: stopping MLflow's system metrics failed (%s)", self.trial_id, exc)
         if self.pending is None:
+            self._confirm_writes()
             return 0
         step, metrics = self.pending
         self.pending = None
         self._write(step, {k: v for k, v in metrics.items() if k not in final})
+        self._confirm_writes()  # every curve point is in the store before the run ends
         return step
 
     def epoch_logger(self, method: Any, val_batches: Any, own_module: bool) -> L.Callback | None:
@@ -193,6 +217,59 @@ class TrialRun:
             return info.model_uri
 
         return self._guard("model logging", log_it, outage=False)
+
+
+class _MetricWriter:
+    """One thread per process writing queued metrics to MLflow, merged per run (see the module
+    doc). ``flush(run_id)`` returns once that run's metrics are written, with the first error a
+    write of it raised (None when all went through)."""
+
+    _instance: _MetricWriter | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queued: dict[str, tuple[Any, list[Any]]] = {}  # run id -> (client, metrics)
+        self._writing: set[str] = set()
+        self._errors: dict[str, BaseException] = {}
+        threading.Thread(target=self._loop, name="prunesearch-mlflow-metrics", daemon=True).start()
+
+    @classmethod
+    def instance(cls) -> _MetricWriter:
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def submit(self, client: Any, run_id: str, metrics: list[Any]) -> None:
+        with self._cond:
+            _, queued = self._queued.setdefault(run_id, (client, []))
+            queued.extend(metrics)
+            self._cond.notify_all()
+
+    def flush(self, run_id: str) -> BaseException | None:
+        with self._cond:
+            self._cond.wait_for(lambda: run_id not in self._queued and run_id not in self._writing)
+            return self._errors.pop(run_id, None)
+
+    def _loop(self) -> None:
+        from search.tracking import _log_batch
+
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._queued))
+                run_id = next(iter(self._queued))
+                client, metrics = self._queued.pop(run_id)
+                self._writing.add(run_id)
+            try:
+                _log_batch(client, run_id, metrics=metrics)
+            except Exception as exc:  # reported to the trial by flush()
+                with self._cond:
+                    self._errors.setdefault(run_id, exc)
+            finally:
+                with self._cond:
+                    self._writing.discard(run_id)
+                    self._cond.notify_all()
 
 
 class _EpochLogger(L.Callback):

@@ -39,8 +39,8 @@ from typing import Any
 
 from search.space import ConfigError, SearchSpace, load_method_configs, method_class, method_space
 
-__all__ = ["CheckFn", "PreflightResult", "SAMPLERS", "TRIAL_KINDS", "TrialKind", "check_cluster_resources",
-           "method_pool", "preflight", "register_trial_kind", "reported_metrics", "validate_schema"]
+__all__ = ["CheckFn", "PreflightResult", "SAMPLERS", "TRIAL_KINDS", "TrialKind", "apply_build", "build_check",
+           "check_cluster_resources", "method_pool", "open_sweep_stores", "preflight", "register_trial_kind", "reported_metrics", "validate_schema"]
 
 SAMPLERS = ("mo_tpe", "nsga2", "random")
 CheckFn = Callable[[str, Any], None]
@@ -158,7 +158,14 @@ def _lightning_precisions() -> tuple[str, ...]:
         return ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine")
 
 
+#: Precision strings every Lightning 2 takes: accepted without importing Lightning (5 s of the
+#: driver's start); any other value is looked up in Lightning's own list.
+_COMMON_PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+
+
 def precision(where: str, v: Any) -> None:
+    if str(v) in _COMMON_PRECISIONS:
+        return
     allowed = _lightning_precisions()
     if str(v) not in allowed:
         raise ConfigError(f"{where}: {v!r} is not a Lightning precision; one of {list(allowed)}")
@@ -309,7 +316,7 @@ METHOD_TOP_KEYS = ("name", "_target_", "settings", "space", "objectives")
 
 def _train_config_keys() -> dict[str, CheckFn]:
     """``TrainConfig`` fields not in TRIAL_KEYS, checked by their annotation (bool/int/float/str)."""
-    from prunelib.training import TrainConfig
+    from prunelib.train_config import TrainConfig
 
     out: dict[str, CheckFn] = {}
     hints = typing.get_type_hints(TrainConfig)
@@ -437,7 +444,7 @@ def _check_text_schema(cfg: Mapping[str, Any]) -> None:
 
 def _check_speed_settings(trial: Mapping[str, Any]) -> None:
     """The speed settings' own checks (``TrainConfig``), named as trial keys."""
-    from prunelib.training import SPEED_SETTINGS, TrainConfig
+    from prunelib.train_config import SPEED_SETTINGS, TrainConfig
 
     try:
         TrainConfig(**{key: trial[key] for key in SPEED_SETTINGS if key in trial})
@@ -835,6 +842,7 @@ class PreflightResult:
         tracking_uri: the MLflow store (None: tracking off).
         optuna_storage: the Optuna RDB URL.
         notes: lines worth printing (e.g. a module that builds its own network).
+        pool: the method configs the sweep covers, by name.
     """
 
     cfg: dict[str, Any]
@@ -846,6 +854,7 @@ class PreflightResult:
     tracking_uri: str | None = None
     optuna_storage: str | None = None
     notes: list[str] = field(default_factory=list)
+    pool: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 _PATH_KEYS = {"data": ("root", "path", "test_path"), "search": ("storage", "resume_dir")}
@@ -905,7 +914,7 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
     _, objectives = _objectives_of(cfg)
     if not build and not user_module:
         _check_objectives(cfg, pool, None)
-    result = PreflightResult(cfg=cfg, space=space, objectives=objectives, notes=notes)
+    result = PreflightResult(cfg=cfg, space=space, objectives=objectives, notes=notes, pool=pool)
     if search.get("resume") and search.get("resume_dir"):
         state = Path(search["resume_dir"]) / "sweep.json"
         if not state.is_file():
@@ -913,35 +922,68 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
                               "pass the output directory of the sweep to continue")
     if cfg.get("cluster", {}).get("kind", "local") == "local":
         check_cluster_resources(cfg["trial"], local_resources(cfg.get("cluster") or {}), "this machine")
+    if build:
+        apply_build(result, build_check(cfg))
+    if open_stores:
+        open_sweep_stores(result, output_dir)
+    return result
+
+
+def build_check(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The pre-flight's building step on a config that passed :func:`preflight` ``(build=False)``:
+    a text config's file and tokenizer, else data, model and module built once on a batch
+    (:func:`build_once`). A sweep runs it in a Ray worker (the driver imports no Lightning or
+    transformers); returns what :func:`apply_build` takes.
+
+    Raises:
+        ConfigError: naming the key at fault.
+    """
     from search.llm_trial import check_text_data, is_text_config
 
-    if build and is_text_config(cfg["data"], cfg["model"]):
+    if is_text_config(cfg["data"], cfg["model"]):
         check_text_data(cfg)  # the text file and the model's tokenizer
-        _check_objectives(cfg, pool, None)
-    elif build:
-        built = build_once(cfg)
-        result.input_shape, result.num_classes = built["input_shape"], built["num_classes"]
-        result.logged = built["logged"]
-        result.notes += built["notes"]
-        _check_objectives(cfg, pool, result.logged)
-    if open_stores:
-        from search.storage import SweepStorage
-        from search.tracking import TrackingUnavailableError, check_tracking
+        return {"text": True}
+    return build_once(cfg)
 
-        result.tracking_uri = tracking_uri(cfg.get("tracking") or {})
-        if result.tracking_uri is not None:
-            try:
-                check_tracking(result.tracking_uri)
-            except TrackingUnavailableError as exc:
-                raise ConfigError(f"tracking.uri: {_one_line(exc) if 'Start one' not in str(exc) else exc}") from exc
-        out = Path(output_dir).absolute() if output_dir is not None else Path.cwd()
-        result.optuna_storage = optuna_storage_url(search, result.tracking_uri, out)
-        _check_optuna_storage(result.optuna_storage)
-        if search.get("storage"):
-            try:
-                SweepStorage(search["storage"]).check()
-            except Exception as exc:
-                raise ConfigError(f"search.storage: {search['storage']!r} cannot be written: "
-                                  f"{type(exc).__name__}: {_one_line(exc)}") from exc
-    return result
+
+def apply_build(result: PreflightResult, built: Mapping[str, Any]) -> None:
+    """Record what :func:`build_check` learned and check the objectives against it (a user's
+    module reports what it logged).
+
+    Raises:
+        ConfigError: an objective no chosen method reports.
+    """
+    if not built.get("text"):
+        result.input_shape, result.num_classes = tuple(built["input_shape"]), int(built["num_classes"])
+        result.logged = built["logged"]
+        result.notes += list(built["notes"])
+    _check_objectives(result.cfg, result.pool, result.logged)
+
+
+def open_sweep_stores(result: PreflightResult, output_dir: str | os.PathLike | None) -> None:
+    """Open the tracking store, the Optuna store and ``search.storage`` (their URLs go into
+    ``result``).
+
+    Raises:
+        ConfigError: naming ``tracking.uri``, ``search.optuna_storage`` or ``search.storage``.
+    """
+    from search.storage import SweepStorage
+    from search.tracking import TrackingUnavailableError, check_tracking
+
+    cfg, search = result.cfg, result.cfg["search"]
+    result.tracking_uri = tracking_uri(cfg.get("tracking") or {})
+    if result.tracking_uri is not None:
+        try:
+            check_tracking(result.tracking_uri)
+        except TrackingUnavailableError as exc:
+            raise ConfigError(f"tracking.uri: {_one_line(exc) if 'Start one' not in str(exc) else exc}") from exc
+    out = Path(output_dir).absolute() if output_dir is not None else Path.cwd()
+    result.optuna_storage = optuna_storage_url(search, result.tracking_uri, out)
+    _check_optuna_storage(result.optuna_storage)
+    if search.get("storage"):
+        try:
+            SweepStorage(search["storage"]).check()
+        except Exception as exc:
+            raise ConfigError(f"search.storage: {search['storage']!r} cannot be written: "
+                              f"{type(exc).__name__}: {_one_line(exc)}") from exc
 

@@ -24,7 +24,6 @@ import threading
 import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,12 +38,13 @@ from prunelib.surgery import SurgeryError, export_onnx
 from prunelib.targets import call_target
 from prunelib.training import SPEED_SETTINGS, TrainConfig, evaluate_masked, network_of, run_pruning
 from search.faults import FaultPlan
-from search.progress import trial_progress
+from search.trial_context import TrialContext
+from search.trial_progress import trial_progress
 from search.space import ConfigError, SearchSpace, settings_from_params
 from search.storage import SweepStorage, atomic_write_text
 
 __all__ = ["DOCUMENTED_MODULE_KEYS", "ObjectiveNotLoggedError", "TrialContext", "TrialFailed", "adopt_finished",
-           "build_module", "get_datamodule", "ray_trainable", "record_trial", "run_trial"]
+           "build_module", "get_datamodule", "record_trial", "run_trial", "run_tune_trial"]
 
 log = logging.getLogger("search")
 
@@ -67,39 +67,6 @@ class TrialFailed(RuntimeError):
 class ObjectiveNotLoggedError(ConfigError):
     """An objective is a metric the trial never reported (a user's module did not log it):
     a configuration error, which stops the sweep instead of leaving its front empty."""
-
-
-@dataclass
-class TrialContext:
-    """Everything a trial needs besides its sampled parameters (picklable, sent once).
-
-    Attributes:
-        data: the ``data`` config section (see :func:`prunelib.data.datamodule_from_config`).
-        model: the ``model`` config section (``name``, or ``_target_`` and its own keys).
-        trial: the ``trial`` config section (epochs, optimizer, resources...).
-        space: the search space, to turn sampled params into method settings.
-        objectives: ``[(metric, "max"|"min"), ...]`` reported with every intermediate result.
-        tracking: ``{"uri", "experiment_id", "parent_run_id"}`` or None to skip MLflow.
-        report_every_epoch: send per-epoch validation results (for ASHA early stopping).
-        module: the ``module`` config section (``_target_`` = the user's LightningModule) or None.
-        sweep_root: the sweep's storage root (a path or URI); trial files go to its ``trials/``.
-        resumed: the sweep is being resumed: trials that finished before are adopted.
-        driver: ``{"pid", "host", "create_time"}`` of the driver: a worker on its host stops
-            when the driver is gone.
-    """
-
-    data: dict[str, Any]
-    model: dict[str, Any]
-    trial: dict[str, Any]
-    space: SearchSpace
-    objectives: list[tuple[str, str]]
-    tracking: dict[str, str] | None = None
-    report_every_epoch: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-    module: dict[str, Any] | None = None
-    sweep_root: str | None = None
-    resumed: bool = False
-    driver: dict[str, Any] | None = None
 
 
 def _device(trial_cfg: dict[str, Any]) -> str:
@@ -474,8 +441,9 @@ def _watch_driver(driver: Mapping[str, Any] | None, interval_s: float = 2.0) -> 
     threading.Thread(target=loop, name="prunesearch-driver-watch", daemon=True).start()
 
 
-def ray_trainable(params: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: runs :func:`run_trial` and reports its final result.
+def run_tune_trial(params: dict[str, Any], ctx: TrialContext) -> None:
+    """The body of the Ray Tune trainable (:func:`search.trial_context.ray_trainable`): runs
+    :func:`run_trial` and reports its final result.
 
     A trial that already finished (resume) is adopted, not run again. A failing trial logs a
     FAILED child run with its reason before re-raising, so MLflow and Optuna both record the

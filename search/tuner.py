@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import socket
 import sys
@@ -46,14 +45,14 @@ import pandas as pd
 
 from search import pareto
 from search.commands import export_command, shell_command
+from search.formatting import _last_line, exception_line, format_metric
 from search.formatting import format_count as _fmt_flops
-from search.formatting import format_metric
 from search.preflight import PreflightResult, check_cluster_resources, preflight
 from search.progress import board_name, live_progress, make_progress_callback, note_front
 from search.sampling import StudySearcher, make_sampler
 from search.space import ConfigError
 from search.storage import SweepLock, SweepLocked, SweepStorage, atomic_write_text, copy_out
-from search.trial import TrialContext, ray_trainable
+from search.trial_context import TrialContext, ray_trainable
 
 __all__ = ["SweepFailed", "SweepInterrupted", "SweepResult", "run_sweep", "find_resume_dir", "make_sampler",
            "exception_line"]
@@ -327,51 +326,6 @@ def find_resume_dir(output_root: Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def runtime_env_for(cluster: dict[str, Any], launch_dir: Path) -> dict[str, Any] | None:
-    """The Ray ``runtime_env`` that brings the user's code to the workers.
-
-    ``cluster.runtime_env`` when set (``{}`` = none). By default: a Ray cluster gets the launch
-    directory as ``working_dir`` (uploaded; ``.gitignore`` is honoured and sweep outputs are
-    excluded); a local cluster, whose workers share this machine, gets it on ``PYTHONPATH``.
-    """
-    env = cluster.get("runtime_env")
-    if env is not None:
-        return dict(env) or None
-    if cluster.get("kind") == "ray":
-        return {"working_dir": str(launch_dir),
-                "excludes": ["outputs/", "multirun/", "mlruns/", "mlartifacts/", "*.db", "*.db.lock", ".git/",
-                             ".venv/", "__pycache__/"]}
-    path = os.pathsep.join(p for p in (str(launch_dir), os.environ.get("PYTHONPATH", "")) if p)
-    return {"env_vars": {"PYTHONPATH": path}}
-
-
-def _init_ray(cluster: dict[str, Any], launch_dir: Path) -> None:
-    """Start this sweep's own Ray (``cluster=local``: never an existing one on the machine) or
-    join the configured cluster; a Ray already initialised in this process is used as it is."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                              "log_to_driver": bool(cluster.get("log_to_driver", False))}
-    env = runtime_env_for(cluster, launch_dir)
-    if env:
-        kwargs["runtime_env"] = env
-    try:
-        if cluster.get("kind") == "ray":
-            ray.init(address=cluster.get("address") or "auto", **kwargs)
-        else:
-            for key in ("num_cpus", "num_gpus"):
-                if cluster.get(key) is not None:
-                    kwargs[key] = cluster[key]
-            ray.init(address="local", **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        key = "cluster.address" if cluster.get("kind") == "ray" else "cluster"
-        if "runtime_env" in str(exc) or "working_dir" in str(exc):
-            key = "cluster.runtime_env"
-        raise ConfigError(f"{key}: Ray did not start ({type(exc).__name__}: {exception_line(exc)})") from exc
-
-
 def _auto_gpu_fraction(cfg: dict[str, Any]) -> float:
     """``trial.gpus=auto``: probe the model on one GPU of the cluster (see search.packing)."""
     import ray
@@ -450,37 +404,6 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-_DECORATION = re.compile(r"^[\s^~\-|]*$")
-
-
-def _last_line(error: Any) -> str:
-    """The exception line of a traceback text (what a person needs first), at most 200 chars.
-
-    Python 3.11+ tracebacks underline the failing expression with ``^^^^`` lines, and Ray adds
-    its own frames; the exception's own line is the last line that is not decoration.
-    """
-    lines = [line.strip() for line in str(error or "").strip().splitlines()]
-    lines = [line for line in lines if line and not _DECORATION.match(line)]
-    return lines[-1][:200] if lines else "no reason recorded"
-
-
-def exception_line(error: Any) -> str:
-    """``Type: message`` of an exception (Ray's wrappers unwrapped to the trial's own
-    exception), or the last meaningful line of an error text; at most 200 characters."""
-    if isinstance(error, BaseException):
-        exc: BaseException = error
-        for _ in range(8):  # RayTaskError -> .cause; TuneError / chained -> __cause__
-            inner = getattr(exc, "cause", None) or exc.__cause__
-            if not isinstance(inner, BaseException) or inner is exc:
-                break
-            exc = inner
-        if type(exc).__name__ in ("RayTaskError", "TuneError") or "Traceback" in str(exc):
-            return _last_line(str(exc))
-        message = _last_line(str(exc)) if str(exc).strip() else ""
-        return f"{type(exc).__name__}: {message}"[:200] if message else type(exc).__name__
-    return _last_line(error)
-
-
 def trial_error_line(trial: Any) -> str:
     """The exception line of a Tune trial that errored."""
     for getter in ("get_pickled_error", "get_error"):
@@ -533,27 +456,33 @@ def _orphan_rows(tracking: dict[str, str] | None, sweep_root: str | None, known_
 
 def _tune_file_loggers() -> list[Any]:
     """Tune's per-trial result.json and progress.csv (its result grid reads them), without its
-    TensorBoard logger: see :func:`_no_tensorboard_logger`."""
+    TensorBoard logger: see :func:`_quiet_tune`."""
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     return [CSVLoggerCallback(), JsonLoggerCallback()]
 
 
+#: Environment set while Tune runs the sweep (``_quiet_tune``): Tune's legacy output engine at
+#: ``verbose=0`` prints nothing (the new engine prints its configuration box and a results
+#: path whatever the verbosity; the sweep prints its own lines), and Tune's automatic loggers are
+#: off (the CSV and JSON ones are passed explicitly; no TensorBoard event file per trial, and no
+#: TensorBoard hint into a temporary Ray folder: MLflow holds the curves).
+_TUNE_QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+
+
 @contextlib.contextmanager
-def _no_tensorboard_logger() -> Iterator[None]:
-    """Tune adds its CSV, JSON and TensorBoard loggers unless TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1:
-    with the variable set during ``fit`` (the first two are passed explicitly), no event file
-    is written per trial and no TensorBoard hint into a temporary Ray folder is printed
-    (MLflow holds the curves)."""
-    old = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+def _quiet_tune() -> Iterator[None]:
+    """Set :data:`_TUNE_QUIET_ENV` during ``fit`` (read by Tune when it starts), restored after."""
+    old = {key: os.environ.get(key) for key in _TUNE_QUIET_ENV}
+    os.environ.update(_TUNE_QUIET_ENV)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
-        else:
-            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = old
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _end_unfinished_runs(tracking: dict[str, Any]) -> None:
@@ -624,6 +553,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         SweepFailed: no trial finished.
         SweepInterrupted: Ctrl-C; the sweep can be resumed.
     """
+    clock = StartupClock()
     output_dir = Path(output_dir).resolve()
     resuming = bool((cfg.get("search") or {}).get("resume"))
     if not resuming:
@@ -638,7 +568,9 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         except SweepLocked as exc:
             raise ConfigError(f"search.resume_dir: {exc}") from exc
     try:
-        pre = checked or preflight(cfg, output_dir)
+        # The checks that need nothing built (schema, methods, objectives): a refusal in seconds.
+        pre = checked or preflight(cfg, output_dir, build=False, open_stores=False)
+        clock.mark("config_checked")
         cfg, space, objectives = pre.cfg, pre.space, pre.objectives
         state = _read_state(output_dir / STATE_FILE)
         if resuming and not state:
@@ -650,20 +582,20 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         if state and not resuming:
             raise ConfigError(f"search.resume: {output_dir} already holds a sweep; pass search.resume=true "
                               "to continue it, or choose another output directory")
-        return _run_locked(cfg, pre, space, objectives, output_dir, state, resuming)
+        return _run_locked(cfg, pre, space, objectives, output_dir, state, resuming, clock, built=checked is not None)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objectives: list[tuple[str, str]],
-                output_dir: Path, state: dict[str, Any], resuming: bool) -> SweepResult:
-    """Ray, the parent run and the Optuna store; then the tuner. Holds the sweep's lock."""
+                output_dir: Path, state: dict[str, Any], resuming: bool, clock: StartupClock,
+                built: bool = False) -> SweepResult:
+    """Ray and the rest of the pre-flight, the parent run and the Optuna store; then the tuner.
+    Holds the sweep's lock."""
     search = cfg["search"]
     if resuming:
         print(f"resuming the sweep in {output_dir}", flush=True)
-    for note in pre.notes:
-        print(f"note: {note}", flush=True)
     method_label = cfg["method"]["name"] if cfg.get("method") else "all"
     name = state.get("name") or cfg.get("sweep_name") or \
         f"{method_label}-{cfg['data']['name']}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -674,11 +606,17 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
     abort_file.unlink(missing_ok=True)
 
     cluster = dict(cfg.get("cluster") or {})
-    _init_ray(cluster, Path.cwd())
     import ray
 
-    if cluster.get("kind") == "ray":
-        check_cluster_resources(cfg["trial"], ray.cluster_resources(), f"the Ray cluster at {cluster.get('address')}")
+    own_ray = not ray.is_initialized()
+    try:
+        _start_ray_and_check(cfg, pre, output_dir, cluster, clock, built)
+    except BaseException:
+        if own_ray and ray.is_initialized():  # a refusal leaves nothing running
+            ray.shutdown()
+        raise
+    for note in pre.notes:
+        print(f"note: {note}", flush=True)
 
     tracker = None
     tracking: dict[str, str] | None = None
@@ -687,6 +625,7 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
         from search.tracking import SweepTracker
 
         tracking_cfg = dict(cfg.get("tracking") or {})
+        # Only now, with every check passed, is the store written to (created, migrated).
         tracker = SweepTracker(pre.tracking_uri, tracking_cfg.get("experiment", "prunesearch"),
                                tracking_cfg.get("artifact_location"))
         parent = tracker.start_parent(
@@ -707,6 +646,8 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
              "experiment_id": tracking and tracking["experiment_id"], "optuna_storage": optuna_url,
              "optuna_study": name, "finished": False,
              "started": state.get("started", datetime.now().isoformat(timespec="seconds"))}
+    clock.mark("tracking_started")
+    state["startup_s"] = clock.marks
     _write_state(output_dir / STATE_FILE, state)
     try:
         return _tune(cfg, space, objectives, output_dir, state, resuming, storage, tracker, tracking, str(abort_file))
@@ -720,6 +661,66 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
             _end_parent(tracker, "FAILED", exception_line(exc) if not isinstance(exc, (ConfigError, SweepFailed))
                         else str(exc))
         raise
+
+
+def _start_ray_and_check(cfg: dict[str, Any], pre: PreflightResult, output_dir: Path, cluster: dict[str, Any],
+                         clock: StartupClock, built: bool) -> None:
+    """The rest of the pre-flight, around Ray's start: the stores are checked on a thread while
+    Ray starts (on this thread: Ray's processes die with the thread that started them), then
+    data, model and module are built once on a Ray worker, whose Python has imported what
+    trials import, so this process never loads Lightning or transformers.
+
+    Raises:
+        ConfigError: a store, Ray, the cluster's resources, or what the build found.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    from search.llm_trial import is_text_config
+    from search.preflight import apply_build, build_check, open_sweep_stores
+    from search.ray_session import TEXT_TRIAL_IMPORTS, TRIAL_IMPORTS, init_ray
+
+    text = is_text_config(cfg["data"], cfg["model"])
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stores") as pool:
+        stores = pool.submit(open_sweep_stores, pre, output_dir) if not built else None
+        try:
+            init_ray(cluster, Path.cwd(), preload=TEXT_TRIAL_IMPORTS if text else TRIAL_IMPORTS)
+            clock.mark("ray_started")
+        finally:
+            if stores is not None:
+                stores.result()  # its ConfigError first: the store is what the user must fix
+                clock.mark("stores_checked")
+    if cluster.get("kind") == "ray":
+        check_cluster_resources(cfg["trial"], ray.cluster_resources(), f"the Ray cluster at {cluster.get('address')}")
+    if built:
+        return
+    task = ray.remote(num_cpus=min(1.0, float(cfg["trial"].get("cpus", 1) or 1)), max_retries=0)(build_check)
+    try:
+        found = ray.get(task.remote(pre.cfg))
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, ConfigError):
+            raise ConfigError(str(cause)) from None
+        raise ConfigError(f"pre-flight: building the data and the model on a Ray worker failed: "
+                          f"{exception_line(exc)}") from None
+    apply_build(pre, found)
+    clock.mark("built_on_worker")
+
+
+class StartupClock:
+    """Seconds from this process's start to each step of a sweep's start (``sweep.json``'s
+    ``startup_s``; ``benchmarks/search_overhead.py`` reads them)."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._t0 = psutil.Process().create_time()
+        self.marks: dict[str, float] = {}
+        self.mark("sweep_called")
+
+    def mark(self, step: str) -> None:
+        self.marks[step] = round(time.time() - self._t0, 3)
 
 
 def _end_parent(tracker: Any, status: str, reason: str) -> None:
@@ -785,8 +786,8 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
                 verbose=0, stop=_make_abort_stopper_class()(abort_file),
                 failure_config=tune.FailureConfig(max_failures=int(cfg["trial"].get("max_retries", 0)))),
         )
-    # Running trials' lines and the sweep bar (search/progress.py); no TensorBoard event files.
-    with live_progress(n_trials), _no_tensorboard_logger():
+    # Running trials' lines and the sweep bar (search/progress.py); Tune itself prints nothing.
+    with live_progress(n_trials), _quiet_tune():
         results = tuner.fit()
     if tracking:  # no trial runs now: a run still RUNNING belongs to a trial that ended without a result
         _end_unfinished_runs(tracking)

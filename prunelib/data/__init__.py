@@ -19,25 +19,41 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
 
 from prunelib.data.custom import (
     DataSourceError,
-    LightningDataAdapter,
-    StreamingDataModule,
     datamodule_from_datasets,
     datamodule_from_target,
     image_folder_datamodule,
     table_datamodule,
 )
-from prunelib.data.datamodule import ArrayDataModule, ResidentBatches
 from prunelib.data.idx import IDXFormatError, read_idx, write_idx
 from prunelib.data.sources import DATASETS, DatasetNotFoundError, RawDataset
+
+if TYPE_CHECKING:
+    import lightning
+
+    from prunelib.data.datamodule import ArrayDataModule, ResidentBatches
+    from prunelib.data.streaming import LightningDataAdapter, StreamingDataModule
+
+# The Lightning data modules are imported on first use (PEP 562): a sweep's driver checks data
+# configs against the builders' signatures below without importing Lightning.
+_LIGHTNING_CLASSES = {"ArrayDataModule": "prunelib.data.datamodule", "ResidentBatches": "prunelib.data.datamodule",
+                      "LightningDataAdapter": "prunelib.data.streaming",
+                      "StreamingDataModule": "prunelib.data.streaming"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LIGHTNING_CLASSES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prunelib.data' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
 
 __all__ = [
     "DATASETS",
@@ -71,6 +87,8 @@ DIGITS_TEST_SEED = 0
 
 def _split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(keep, held_out)``; stratified by label when every class can be (else plain random)."""
+    from sklearn.model_selection import train_test_split
+
     idx = np.arange(y.shape[0])
     try:
         keep, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=y)
@@ -158,6 +176,8 @@ def build_datamodule(
         xf -= mean32
         xf /= std32
         return torch.from_numpy(xf), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
+    from prunelib.data.datamodule import ArrayDataModule
 
     dm = ArrayDataModule(
         name,

@@ -1,6 +1,7 @@
 """Any data: a user's LightningDataModule or Datasets, a folder of images, a CSV/Parquet table.
 
-Every source ends as a Lightning data module with what the pruning methods use besides the
+Every source ends as a Lightning data module (built here; this module itself imports no
+Lightning, so configs are checked without it) with what the pruning methods use besides the
 loaders: ``input_shape`` and ``num_classes`` (read from the data), and
 ``sample_batch(split, n, generator)`` (SNIP, BINGO, polarization probes).
 
@@ -18,19 +19,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from prunelib.data.datamodule import ArrayDataModule
+if TYPE_CHECKING:
+    import lightning
 
-__all__ = ["DOCUMENTED_DATA_KEYS", "IMAGE_SUFFIXES", "DataSourceError", "ImageFileDataset", "LightningDataAdapter",
-           "StreamingDataModule", "datamodule_from_datasets", "datamodule_from_target", "image_folder_datamodule",
-           "table_datamodule"]
+__all__ = ["DOCUMENTED_DATA_KEYS", "IMAGE_SUFFIXES", "DataSourceError", "ImageFileDataset",
+           "datamodule_from_datasets", "datamodule_from_target", "image_folder_datamodule", "table_datamodule"]
 
 #: Keys the project offers a user's data target (each passed only when its signature names it).
 DOCUMENTED_DATA_KEYS = ("seed", "batch_size", "eval_batch_size", "val_fraction", "num_workers")
@@ -130,157 +130,6 @@ class _Normalised(Dataset):
         return (x.float() - self.mean.view(view)) / self.std.view(view), y
 
 
-class StreamingDataModule(lightning.LightningDataModule):
-    """Train/val/test Datasets read through DataLoaders with worker processes.
-
-    For data sets too big to hold in memory. Training batches are shuffled by a generator seeded
-    with ``seed + epoch``. ``sample_batch`` draws random items for the methods' probes.
-
-    Args:
-        name: a label.
-        train, val, test: Datasets of ``(input, label)`` items.
-        num_classes: labels are ``0 .. num_classes - 1``.
-        input_shape: one input's shape.
-        batch_size / eval_batch_size: samples per training / evaluation batch.
-        num_workers: DataLoader worker processes (0 = load in the training process).
-        seed: shuffling seed.
-        pin_memory: pin host batches (for GPU training).
-    """
-
-    def __init__(self, name: str, train: Dataset, val: Dataset, test: Dataset, num_classes: int,
-                 input_shape: Sequence[int], batch_size: int = 128, eval_batch_size: int = 1024,
-                 num_workers: int = 2, seed: int = 0, pin_memory: bool = False) -> None:
-        super().__init__()
-        self.name = name
-        self.datasets = {"train": train, "val": val, "test": test}
-        self.num_classes = int(num_classes)
-        self.input_shape: tuple[int, ...] = tuple(int(s) for s in input_shape)
-        self.batch_size, self.eval_batch_size = int(batch_size), int(eval_batch_size)
-        self.num_workers, self.seed, self.pin_memory = int(num_workers), int(seed), bool(pin_memory)
-        self.mean: list[float] | None = None
-        self.std: list[float] | None = None
-        self.input_range: tuple[float, float] | None = None
-        self._epoch = 0
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        """Samples per split."""
-        return {s: len(d) for s, d in self.datasets.items()}  # type: ignore[arg-type]
-
-    def restart(self) -> None:
-        """Start the shuffling again at epoch 0: a new run on the same data (a trial on a reused
-        worker) draws the batches a fresh data module would."""
-        self._epoch = 0
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        gen = None
-        if shuffle:
-            gen = torch.Generator().manual_seed(self.seed + self._epoch)
-            self._epoch += 1
-        return DataLoader(self.datasets[split], batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-                          shuffle=shuffle, generator=gen, num_workers=self.num_workers, collate_fn=_pair_collate,
-                          pin_memory=self.pin_memory, persistent_workers=False)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches of ``batch_size``."""
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches of ``eval_batch_size`` in stored order."""
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches of ``eval_batch_size`` in stored order."""
-        return self._loader("test", False)
-
-    def sample_batch(self, split: str = "train", n: int | None = None,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """A random batch of ``n`` items (default ``batch_size``) from one split, on the CPU."""
-        ds = self.datasets[split]
-        total = len(ds)  # type: ignore[arg-type]
-        n = min(self.batch_size if n is None else int(n), total)
-        generator = generator or torch.Generator().manual_seed(self.seed)
-        idx = torch.randperm(total, generator=generator)[:n].tolist()
-        return _collate([ds[i] for i in idx], f"{self.name} {split}")
-
-    def __repr__(self) -> str:
-        return (f"StreamingDataModule(name={self.name!r}, input_shape={self.input_shape}, "
-                f"num_classes={self.num_classes}, sizes={self.sizes}, workers={self.num_workers})")
-
-
-class LightningDataAdapter(lightning.LightningDataModule):
-    """A user's LightningDataModule with what the pruning methods need added around it.
-
-    The user's module is not changed: its loaders and batch-transfer hooks are used as they
-    are; ``input_shape``/``num_classes`` come from its attributes or a first training batch;
-    ``sample_batch`` reads items from its loaders.
-    """
-
-    def __init__(self, inner: lightning.LightningDataModule, name: str, num_classes: int | None = None) -> None:
-        super().__init__()
-        self.inner = inner
-        self.name = name
-        self._stages: set[str] = set()
-        self.prepare_data()
-        self.setup("fit")
-        x, y = _item(next(iter(inner.train_dataloader())), f"{name} train_dataloader()")
-        self.input_shape: tuple[int, ...] = tuple(int(s) for s in x.shape[1:])
-        classes = num_classes or getattr(inner, "num_classes", None)
-        if classes is None:
-            labels = torch.cat([_item(b, name)[1].reshape(-1) for b in inner.train_dataloader()])
-            classes = int(labels.max()) + 1
-        self.num_classes = int(classes)
-        self.batch_size = int(getattr(inner, "batch_size", x.shape[0]))
-        self.mean = getattr(inner, "mean", None)
-        self.std = getattr(inner, "std", None)
-        self.input_range = getattr(inner, "input_range", None)
-
-    def prepare_data(self) -> None:
-        if "prepare" not in self._stages:
-            self.inner.prepare_data()
-            self._stages.add("prepare")
-
-    def setup(self, stage: str) -> None:
-        if stage not in self._stages:
-            self.inner.setup(stage)
-            self._stages.add(stage)
-
-    def train_dataloader(self) -> Any:
-        return self.inner.train_dataloader()
-
-    def val_dataloader(self) -> Any:
-        self.setup("validate")
-        return self.inner.val_dataloader()
-
-    def test_dataloader(self) -> Any:
-        self.setup("test")
-        return self.inner.test_dataloader()
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return self.inner.transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return self.inner.on_before_batch_transfer(batch, dataloader_idx)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return self.inner.on_after_batch_transfer(batch, dataloader_idx)
-
-    def sample_batch(self, split: str = "train", n: int | None = None,
-                     generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """About ``n`` items (default one batch) from the split's loader, in its own order."""
-        loader = {"train": self.train_dataloader, "val": self.val_dataloader, "test": self.test_dataloader}[split]()
-        want = self.batch_size if n is None else int(n)
-        xs, ys, have = [], [], 0
-        for batch in loader:
-            x, y = _item(batch, f"{self.name} {split}")
-            xs.append(x)
-            ys.append(y)
-            have += int(y.shape[0])
-            if have >= want:
-                break
-        return torch.cat(xs)[:want], torch.cat(ys)[:want]
-
-
 def datamodule_from_datasets(name: str, train: Dataset, val: Dataset | None, test: Dataset | None, *,
                              batch_size: int = 128, eval_batch_size: int = 1024, val_fraction: float = 0.1,
                              seed: int = 0, device: str = "cpu", num_workers: int = 0,
@@ -325,6 +174,8 @@ def datamodule_from_datasets(name: str, train: Dataset, val: Dataset | None, tes
             view = (1, -1) + (1,) * (arrays[0][0].dim() - 2)
             m, s = torch.tensor(mean).view(view).float(), torch.tensor(std).view(view).float()
             arrays = [((x - m) / s, y) for x, y in arrays]
+        from prunelib.data.datamodule import ArrayDataModule
+
         dm = ArrayDataModule(name, *arrays, num_classes=classes, batch_size=batch_size,
                              eval_batch_size=eval_batch_size, seed=seed, device=device)
         dm.mean, dm.std = mean, std
@@ -335,6 +186,8 @@ def datamodule_from_datasets(name: str, train: Dataset, val: Dataset | None, tes
         probe = Subset(train, torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:1024].tolist())  # type: ignore[arg-type]
         mean, std = _channel_stats(_materialise(probe, num_workers, where)[0])
         train, val, test = (_Normalised(d, mean, std) for d in (train, val, test))
+    from prunelib.data.streaming import StreamingDataModule
+
     dm = StreamingDataModule(name, train, val, test, num_classes=classes, input_shape=shape, batch_size=batch_size,
                              eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
                              pin_memory=device.startswith("cuda"))
@@ -364,6 +217,10 @@ def datamodule_from_target(target: str | Callable[..., Any], own: Mapping[str, A
     documented = {"seed": seed, **{k: door[k] for k in DOCUMENTED_DATA_KEYS if k in door}}
     out = call_target(target, documented, own, "data._target_")
     label = target if isinstance(target, str) else getattr(target, "__qualname__", "target")
+    import lightning  # noqa: F811  (at run time: only when a user's data is built)
+
+    from prunelib.data.streaming import LightningDataAdapter
+
     if isinstance(out, lightning.LightningDataModule):
         return LightningDataAdapter(out, name, num_classes=door.get("num_classes"))
     if isinstance(out, (tuple, list)) and len(out) == 3 and all(d is None or hasattr(d, "__getitem__") for d in out) \
