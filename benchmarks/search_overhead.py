@@ -23,11 +23,19 @@ The same work in every trial: train ``epochs`` dense, one-shot global magnitude 
   gives the in-trial seconds (``trial_wall_s``: data, model, training, measuring, logging) of a
   worker's first trial against those on a reused worker (imports, data and Lightning warm).
 
-Prints one table; ratios are to the plain loop and the runner measured in this one run.
+The first seconds (``--baseline REV`` adds the same sweeps run from a git worktree of ``REV``,
+in the same run): each sweep's driver runs under a wrapper that notes, in seconds from the
+command's start, when it got to the sweep function (imports and Hydra done), when its config was
+checked, when Ray was up, when data and model were built on a worker (the driver of ``REV`` may
+build them itself), when the MLflow parent run existed, and when Tune's ``fit`` began; then the
+first and last trial results and the exit. ``--ray-start`` also times ``ray.init`` of a local
+Ray alone, as the sweep starts it (the target "first result at most Ray's start + 3 s").
 
-    python benchmarks/search_overhead.py --data digits --model mlp --trials 12
+Prints tables; ratios are to the plain loop and the runner measured in this one run.
+
+    python benchmarks/search_overhead.py --data digits --model mlp --trials 12 --baseline 35f58f3 --ray-start
     python benchmarks/search_overhead.py --data fashion_mnist --model lenet5 --limit-train 3000 \
-        --epochs 2 --finetune-epochs 1 --trials 6
+        --epochs 2 --finetune-epochs 1 --trials 6 --baseline 35f58f3
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -116,6 +125,92 @@ runpy.run_module("search", run_name="__main__", alter_sys=True)
 """
 
 
+# Runs the sweep command with its steps timed (see the module doc): each probe wraps a function
+# the driver calls and notes the time it was entered or returned from, once.
+_TIMED = """
+import atexit, importlib, json, runpy, sys, time
+out = sys.argv.pop(1)
+seen = {}
+PROBES = [
+    ("sweep called", "search.tuner", "run_sweep", "enter"),
+    ("config checked", "search.tuner", "preflight", "exit"),
+    ("Ray up", "search.tuner", "_init_ray", "exit"),
+    ("Ray up", "search.ray_session", "init_ray", "exit"),
+    ("built on a worker", "search.preflight", "apply_build", "exit"),
+    ("parent run", "search.tracking", "SweepTracker.start_parent", "exit"),
+    ("fit", "ray.tune", "Tuner.fit", "enter"),
+]
+def probe(label, fn, when):
+    def wrapped(*args, **kwargs):
+        if when == "enter":
+            seen.setdefault(label, time.time())
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if when == "exit":
+                seen.setdefault(label, time.time())
+    return wrapped
+for label, module, name, when in PROBES:
+    try:
+        owner = importlib.import_module(module)
+    except ImportError:
+        continue
+    *path, attr = name.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    if hasattr(owner, attr):
+        setattr(owner, attr, probe(label, getattr(owner, attr), when))
+atexit.register(lambda: open(out, "w").write(json.dumps(seen)))
+sys.argv = ["search", *sys.argv[1:]]
+runpy.run_module("search", run_name="__main__", alter_sys=True)
+"""
+
+#: The columns of the first-seconds table, in order.
+STEPS = ("sweep called", "config checked", "Ray up", "built on a worker", "parent run", "fit", "first result")
+
+
+def ray_start_seconds(repeats: int = 3) -> float:
+    """Median seconds of ``ray.init`` of a local Ray as a sweep starts it (2 CPUs, no dashboard),
+    each in a fresh process: the floor of a sweep's first result."""
+    code = ("import time, logging, ray; t = time.time(); "
+            "ray.init(address='local', include_dashboard=False, logging_level=logging.WARNING); "
+            "print(time.time() - t); ray.shutdown()")
+    times = []
+    for _ in range(repeats):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        times.append(float(proc.stdout.strip().splitlines()[-1]))
+    return statistics.median(times)
+
+
+def command_seconds(code: Path, demo: bool) -> dict[str, float]:
+    """Wall seconds of ``python -m search --help``, of a pre-flight refusal (exit 2 expected) and,
+    with ``demo``, of the README's demo (``./setup.sh``'s last line: ten digits trials), run with
+    the package in ``code`` from an empty directory."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
+    commands = {"--help": (["--help"], 0),
+                "refusal (exit 2)": (["+method=magnitude", "method.settings.sparsity=1.5"], 2)}
+    if demo:
+        commands["README demo"] = (["+method=magnitude"], 0)
+    out = {}
+    for label, (args, expected) in commands.items():
+        with tempfile.TemporaryDirectory(prefix="prunesearch-cli-") as tmp:
+            t0 = time.time()
+            proc = subprocess.run([sys.executable, "-m", "search", *args], cwd=tmp, env=env, capture_output=True,
+                                  text=True)
+            out[label] = time.time() - t0
+        if proc.returncode != expected:
+            raise RuntimeError(f"{label}: exit {proc.returncode}, expected {expected}:\n{proc.stderr[-2000:]}")
+    return out
+
+
+def worktree(rev: str) -> Path:
+    """A git worktree of ``rev`` (the code the sweeps of a baseline run import)."""
+    path = Path(tempfile.mkdtemp(prefix=f"prunesearch-{rev[:10]}-"))
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), rev], check=True,
+                   capture_output=True)
+    return path
+
+
 def default_concurrency() -> int:
     """``concurrency`` of the default search config (conf/search/mo_tpe.yaml)."""
     import yaml
@@ -141,14 +236,18 @@ def _missing_results(out: Path, proc: subprocess.CompletedProcess, trials: int, 
             + f"\nthe sweep's output is kept in {keep}")
 
 
-def sweep_costs(overrides: list[str], trials: int, concurrency: int, reuse: bool) -> dict[str, float]:
-    """Run the sweep command once; its fixed, marginal and tail seconds from the trials' result files."""
+def sweep_costs(overrides: list[str], trials: int, concurrency: int, reuse: bool,
+                code: Path = REPO) -> dict[str, float]:
+    """Run the sweep command once (the package in ``code``); its first seconds (:data:`STEPS`),
+    fixed, marginal and tail seconds from the trials' result files."""
     with tempfile.TemporaryDirectory(prefix="prunesearch-overhead-") as tmp:
         out = Path(tmp) / "out"
+        steps_file = Path(tmp) / "steps.json"
         args = [*overrides, f"search.n_trials={trials}", f"search.concurrency={concurrency}",
                 f"tracking.uri=sqlite:///{tmp}/mlflow.db", f"hydra.run.dir={out}"]
-        cmd = [sys.executable, "-m", "search", *args] if reuse else [sys.executable, "-c", _NO_REUSE, *args]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        cmd = [sys.executable, "-c", _TIMED, str(steps_file), *args] if reuse else \
+            [sys.executable, "-c", _NO_REUSE, *args]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
         t_end = time.time()
@@ -159,12 +258,23 @@ def sweep_costs(overrides: list[str], trials: int, concurrency: int, reuse: bool
             raise RuntimeError(_missing_results(out, proc, trials, len(files)))
         done = [f.stat().st_mtime for f in files]
         rows = [json.loads(f.read_text()) for f in files]
+        steps = {k: v - t0 for k, v in json.loads(steps_file.read_text()).items()} if steps_file.exists() else {}
+        console = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if line.strip()]
+    steps["first result"] = done[0] - t0
     first_on_worker = [float(r["trial_wall_s"]) for r in rows if int(r["worker_trials"]) == 1]
     reused = [float(r["trial_wall_s"]) for r in rows if int(r["worker_trials"]) > 1]
     return {"fixed": done[0] - t0, "marginal": (done[-1] - done[0]) / max(1, trials - 1),
             "tail": t_end - done[-1], "total": t_end - t0, "workers": len({r["worker_pid"] for r in rows}),
             "in_trial_first": statistics.mean(first_on_worker) if first_on_worker else float("nan"),
-            "in_trial_reused": statistics.mean(reused) if reused else float("nan")}
+            "in_trial_reused": statistics.mean(reused) if reused else float("nan"), "steps": steps,
+            "console_lines": len(console),
+            "foreign_lines": [line for line in console if not _ours(line)]}
+
+
+def _ours(line: str) -> bool:
+    """A console line the sweep prints itself (not Tune's box, Ray's notices or a traceback)."""
+    return bool(re.match(r"^(\[\d+/\d+\]|sweep |files: |tracking: |Pareto front|trial_id |\s*\S+\s+\S+\s+[\d.]+|"
+                         r"\d+ trials in|MLflow: |export one point|Optuna study|note: |$)", line))
 
 
 def main() -> None:
@@ -181,6 +291,11 @@ def main() -> None:
     ap.add_argument("--reuse", choices=["on", "off", "both"], default="both", help="Tune actor reuse")
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--baseline", default=None, metavar="REV",
+                    help="also run the sweeps (actor reuse on) with the code of this git revision")
+    ap.add_argument("--ray-start", action="store_true", help="time ray.init of a local Ray alone (3 runs)")
+    ap.add_argument("--commands", action="store_true",
+                    help="time --help, a pre-flight refusal and the README's digits demo (each code)")
     args = ap.parse_args()
     if args.trials < 2:
         ap.error("--trials: at least 2 (the marginal cost is the slope between the first and last result)")
@@ -199,23 +314,57 @@ def main() -> None:
                  f"method.settings.sparsity={args.sparsity}", f"trial.epochs={args.epochs}",
                  f"trial.finetune_epochs={args.finetune_epochs}", f"trial.lr={args.lr}"] + \
         ([f"data.limit_train={args.limit_train}"] if args.limit_train else [])
+    ray_start = ray_start_seconds() if args.ray_start else None
+    if ray_start is not None:
+        print(f"ray.init of a local Ray alone: {ray_start:.2f} s (median of 3)", flush=True)
+    codes = [("this checkout", REPO)] + ([(args.baseline, worktree(args.baseline))] if args.baseline else [])
+    commands = {label: command_seconds(code, demo=True) for label, code in codes} if args.commands else {}
+    for label, times in commands.items():
+        print(f"{label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()), flush=True)
     table = []
     for concurrency in concurrencies:
-        for reuse in {"on": [True], "off": [False], "both": [True, False]}[args.reuse]:
-            c = sweep_costs(overrides, args.trials, concurrency, reuse)
-            print(f"sweep concurrency {concurrency}, reuse {'on' if reuse else 'off'}: {c}", flush=True)
-            table.append((concurrency, reuse, c))
+        for label, code in codes:
+            for reuse in {"on": [True], "off": [False], "both": [True, False]}[args.reuse]:
+                if code != REPO and not reuse:
+                    continue
+                c = sweep_costs(overrides, args.trials, concurrency, reuse, code)
+                print(f"{label}, sweep concurrency {concurrency}, reuse {'on' if reuse else 'off'}: {c}", flush=True)
+                table.append((label, concurrency, reuse, c))
     print(f"\n{args.data}/{args.model}, {args.epochs}+{args.finetune_epochs} epochs"
           + (f", {args.limit_train} train images" if args.limit_train else "")
           + f"; plain loop {plain:.3f} s/trial, prunelib runner {runner:.3f} s/trial (1 thread)")
-    print("| concurrency | actor reuse | trials | command -> first result s | marginal s/trial | marginal/plain "
+    print("| code | concurrency | actor reuse | trials | command -> first result s | marginal s/trial | marginal/plain "
           "| marginal/runner | last result -> exit s | total s | worker processes | in-trial s: first on a worker "
-          "/ reused |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for concurrency, reuse, c in table:
-        print(f"| {concurrency} | {'on' if reuse else 'off'} | {args.trials} | {c['fixed']:.1f} | {c['marginal']:.3f} | "
-              f"{c['marginal'] / plain:.2f} | {c['marginal'] / runner:.2f} | {c['tail']:.1f} | {c['total']:.1f} | "
-              f"{c['workers']} | {c['in_trial_first']:.2f} / {c['in_trial_reused']:.2f} |")
+          "/ reused | console lines not the sweep's |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, concurrency, reuse, c in table:
+        print(f"| {label} | {concurrency} | {'on' if reuse else 'off'} | {args.trials} | {c['fixed']:.1f} | "
+              f"{c['marginal']:.3f} | {c['marginal'] / plain:.2f} | {c['marginal'] / runner:.2f} | {c['tail']:.1f} | "
+              f"{c['total']:.1f} | {c['workers']} | {c['in_trial_first']:.2f} / {c['in_trial_reused']:.2f} | "
+              f"{len(c['foreign_lines'])} |")
+    print("\nThe first seconds (from the command's start; '-' = no such step in that code):")
+    print("| code | concurrency | " + " | ".join(STEPS) + " | exit | first result - Ray's start alone |")
+    print("|---|---|" + "---|" * (len(STEPS) + 2))
+    for label, concurrency, reuse, c in table:
+        if not reuse:
+            continue
+        cells = [f"{c['steps'][k]:.1f}" if k in c["steps"] else "-" for k in STEPS]
+        over = f"{c['fixed'] - ray_start:.1f}" if ray_start is not None else "-"
+        print(f"| {label} | {concurrency} | " + " | ".join(cells) + f" | {c['total']:.1f} | {over} |")
+    if commands:
+        names = list(next(iter(commands.values())))
+        print("\nWhole commands, wall seconds:")
+        print("| code | " + " | ".join(names) + " |")
+        print("|---|" + "---|" * len(names))
+        for label, times in commands.items():
+            print(f"| {label} | " + " | ".join(f"{times[n]:.2f}" for n in names) + " |")
+        if len(commands) == 2:
+            new, old = commands.values()
+            print(f"README demo, this checkout / {args.baseline}: {new['README demo'] / old['README demo']:.2f}")
+    for label, concurrency, reuse, c in table:
+        if c["foreign_lines"]:
+            print(f"\n{label}, concurrency {concurrency}: lines not the sweep's own:\n  "
+                  + "\n  ".join(c["foreign_lines"][:12]))
 
 
 if __name__ == "__main__":

@@ -143,7 +143,9 @@ def test_fault_plan_claims_ordinals_once_per_trial(tmp_path):
 
 @pytest.mark.slow
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, ray_local):
-    from ray.tune.search.optuna import OptunaSearch
+    import optuna
+
+    from search.sampling import StudySearcher
 
     cfg = compose(["+method=magnitude", "search.n_trials=6", "search.concurrency=1", "trial.max_retries=1",
                    "+trial.faults.plan='2:raise,3:nan,4:oom,5:kill'", f"+trial.faults.state_dir={tmp_path}/faults",
@@ -165,10 +167,15 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, ray_local):
     assert {r["trial_id"] for r in runs if r["status"] == "ok"} == {by_ordinal[i] for i in (1, 5, 6)}
     assert set(result.front["trial_id"]) <= {by_ordinal[i] for i in (1, 5, 6)}  # the front ignores failures
 
-    searcher = OptunaSearch()
+    # The searcher Tune saved restores onto the sweep's Optuna study (search/sampling.py), which
+    # recorded the three failures.
+    searcher = StudySearcher.__new__(StudySearcher)
     searcher.restore_from_dir(str(tmp_path / "out" / "ray"))
-    states = [t.state.name for t in searcher._ot_study.trials]
+    states = [t.state.name for t in searcher.study.trials]
     assert states.count("FAIL") == 3 and states.count("COMPLETE") == 3
+    state = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    stored = optuna.load_study(study_name=state["optuna_study"], storage=state["optuna_storage"])
+    assert [t.state.name for t in stored.trials] == states
 
 
 def _start_mlflow_server(tmp: Path, port: int) -> subprocess.Popen:
