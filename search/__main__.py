@@ -38,6 +38,12 @@ def _quiet() -> None:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     for name in ("lightning.pytorch", "lightning.fabric", "ray", "ray.tune", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Hydra logs INFO to the console and to <output>/__main__.log; the console shows warnings
+    # only (a library's INFO line, such as matplotlib building its font cache on a first run,
+    # is not the sweep's), the log file keeps everything.
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -50,9 +56,9 @@ def _fail(message: str, code: int) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
     """Resolve the config, pick the output directory (resume or new) and run the sweep."""
+    _quiet()
     from search.tuner import SweepFailed, find_resume_dir, run_sweep
 
-    _quiet()
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
     except Exception as exc:  # an interpolation that does not resolve
@@ -85,13 +91,9 @@ def _app(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
-        try:
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
-        except ImportError:
-            pass
+        ray = sys.modules.get("ray")  # a refusal before Ray started need not import it
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
 
 
 def main() -> None:

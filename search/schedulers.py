@@ -2,7 +2,9 @@
 
 ``search.scheduler`` picks one: ``none``, ``asha`` (Ray's :class:`ASHAScheduler` on the first
 objective alone, today's ``search.asha.enabled=true``) or ``mo_asha``
-(:class:`MultiObjectiveASHA`). Both read their rungs from ``search.asha``: a first rung after
+(:class:`~search.mo_asha.MultiObjectiveASHA`, the Ray Tune scheduler, built by
+:func:`~search.mo_asha.build_scheduler`; this module holds the rungs' bookkeeping and settings
+and imports no Ray). Both read their rungs from ``search.asha``: a first rung after
 ``grace_period`` epochs, then one every ``reduction_factor`` times as many epochs.
 
 Multi-objective successive halving (asynchronous, like ASHA): when a trial reaches a rung it
@@ -32,17 +34,12 @@ decision again.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from search import pareto
 from search.space import ConfigError
 
 __all__ = ["SCHEDULERS", "TIE_BREAKS", "RungSettings", "RungDecision", "RungBook", "MultiObjectiveASHA",
@@ -182,6 +179,8 @@ class RungBook:
             return RungDecision(trial_id, milestone, True, 0, 0, size, quota)
         vals = values[:, cols]
         dirs = [self.objectives[j][1] for j in cols]
+        from search import pareto  # not at import: checking a config's rungs needs none of it
+
         ranks = pareto.non_dominated_ranks(vals, dirs)
         score = self._tie_break_scores(vals, dirs, ranks)
         order = sorted(range(size), key=lambda i: (ranks[i], -score[i], i))
@@ -190,6 +189,8 @@ class RungBook:
         return RungDecision(trial_id, milestone, keep, int(ranks[me]), position, size, quota)
 
     def _tie_break_scores(self, vals: np.ndarray, dirs: list[str], ranks: np.ndarray) -> np.ndarray:
+        from search import pareto
+
         score = np.zeros(vals.shape[0], dtype=float)
         finite = np.isfinite(vals).all(axis=1)
         if not finite.any():
@@ -230,100 +231,6 @@ def _rung_reference(vals: np.ndarray, dirs: list[str]) -> list[float]:
     return ref
 
 
-class MultiObjectiveASHA(FIFOScheduler):
-    """Ray Tune scheduler: asynchronous successive halving on several objectives.
-
-    Trials run in submission order (FIFO); at each rung the :class:`RungBook` decides. Results
-    without the progress key (``time_attr``, the per-epoch ``epoch`` count) or marked
-    ``final_result`` are not judged.
-
-    Args:
-        objectives: the sweep's ``[(metric, mode), ...]``.
-        settings: rungs and tie-break.
-        time_attr: the result key that counts epochs.
-        verbose: print one line per stopped trial.
-    """
-
-    def __init__(self, objectives: list[tuple[str, str]], settings: RungSettings, time_attr: str = "epoch",
-                 verbose: bool = True) -> None:
-        super().__init__()
-        self.book = RungBook(objectives, settings)
-        self.time_attr = time_attr
-        self.verbose = verbose
-        self.state_path: str | None = None
-        self._loaded = False
-
-    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
-        # The objectives come with the scheduler; Tune's single metric/mode do not apply.
-        return True
-
-    def _ensure_state(self, trial: Any) -> None:
-        if self._loaded:
-            return
-        self._loaded = True
-        try:
-            # The driver's staging copy of the experiment directory: Tune uploads it to the
-            # storage path with its own state, and downloads it there again on restore.
-            folder = Path(trial.local_experiment_path)
-        except Exception:  # a trial without storage (unit tests): keep the rungs in memory
-            return
-        folder.mkdir(parents=True, exist_ok=True)  # Tune makes it at its first checkpoint
-        self.state_path = str(folder / STATE_FILE)
-        if os.path.isfile(self.state_path):
-            with open(self.state_path) as f:
-                self.book.load_state(json.load(f))
-
-    def _save(self) -> None:
-        if self.state_path is None:
-            return
-        tmp = f"{self.state_path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.book.state(), f)
-        os.replace(tmp, self.state_path)
-
-    def objective_values(self, result: dict[str, Any]) -> list[float]:
-        """The rung's view of a result: ``projected_<metric>`` when reported, else ``<metric>``."""
-        out = []
-        for metric, _ in self.book.objectives:
-            value = result.get(PROJECTED_PREFIX + metric, result.get(metric))
-            try:
-                out.append(float(value))
-            except (TypeError, ValueError):
-                out.append(math.nan)
-        return out
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        self._ensure_state(trial)
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict[str, Any]) -> str:
-        self._ensure_state(trial)
-        if result.get("final_result") or self.time_attr not in result:
-            return TrialScheduler.CONTINUE
-        decision = self.book.on_progress(trial.trial_id, float(result[self.time_attr]),
-                                         self.objective_values(result))
-        if decision is None:
-            return TrialScheduler.CONTINUE
-        self._save()
-        if decision.keep:
-            return TrialScheduler.CONTINUE
-        if self.verbose:
-            print(f"mo_asha: stopping {trial.trial_id} after {decision.milestone} epochs "
-                  f"({decision.reason()})", flush=True)
-        return TrialScheduler.STOP
-
-    def debug_string(self) -> str:
-        sizes = ", ".join(f"epoch {m}: {len(r)}" for m, r in sorted(self.book.rungs.items()))
-        return f"MultiObjectiveASHA: {len(self.book.stopped)} stopped; trials per rung {sizes or 'none yet'}"
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "w") as f:
-            json.dump(self.book.state(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path) as f:
-            self.book.load_state(json.load(f))
-
-
 def scheduler_kind(search: dict[str, Any]) -> str:
     """``none``, ``asha`` or ``mo_asha`` from ``search.scheduler`` (``null`` = ``asha`` when
     the older ``search.asha.enabled`` is true, else ``none``)."""
@@ -353,13 +260,11 @@ def rung_settings(search: dict[str, Any]) -> RungSettings:
         raise ConfigError(f"search.asha.{key}: {exc}") from exc
 
 
-def build_scheduler(search: dict[str, Any], objectives: list[tuple[str, str]]) -> TrialScheduler | None:
-    """The sweep's Tune scheduler (None = run every trial to the end)."""
-    kind = scheduler_kind(search)
-    if kind == "none":
-        return None
-    settings = rung_settings(search)
-    if kind == "asha":
-        return ASHAScheduler(metric=objectives[0][0], mode=objectives[0][1], time_attr="training_iteration",
-                             grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)
-    return MultiObjectiveASHA(objectives, settings)
+def __getattr__(name: str) -> Any:
+    # The Ray Tune schedulers are built in search/mo_asha.py: checking a config's rungs does not
+    # import Ray Tune.
+    if name in ("MultiObjectiveASHA", "build_scheduler"):
+        from search import mo_asha
+
+        return getattr(mo_asha, name)
+    raise AttributeError(f"module 'search.schedulers' has no attribute {name!r}")

@@ -26,7 +26,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -661,18 +661,29 @@ def start_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: 
     return run_id
 
 
-def end_unfinished_trial_runs(uri: str, parent_run_id: str, reason: str) -> list[str]:
+def end_unfinished_trial_runs(uri: str, parent_run_id: str, reason: str,
+                              known: Collection[str] | None = None) -> list[str]:
     """End KILLED the sweep's child runs still RUNNING (call once no trial runs any more: a
     trial the scheduler stopped early, or whose worker or driver died, never ended its run);
-    ``reason`` goes into ``prunesearch.error``. Returns the trial ids it ended."""
+    ``reason`` goes into ``prunesearch.error``. Returns the trial ids it ended.
+
+    With ``known`` (a resumed sweep: the trials its Tuner ran or restored), a RUNNING run of any
+    other trial is an attempt a killed driver left behind that Tune's checkpoint never held, so
+    the resumed sweep sampled another trial in its place: it is retired to MLflow's deleted runs
+    (restorable), as a retried trial's earlier attempt is, instead of staying as a trial.
+    """
     client = MlflowClient(tracking_uri=uri)
     parent = _retry(lambda: client.get_run(parent_run_id), "get run")
     ended = []
     for run in _child_runs(client, parent.info.experiment_id, parent_run_id, "attributes.status = 'RUNNING'"):
         run_id = run.info.run_id
+        trial_id = run.data.tags.get(TAG_TRIAL, run.info.run_name)
         _retry(lambda: client.set_tag(run_id, TAG_ERROR, _truncate(reason, MAX_ERROR_CHARS)), "set reason")
         _retry(lambda: client.set_terminated(run_id, status="KILLED"), "terminate run")
-        ended.append(run.data.tags.get(TAG_TRIAL, run.info.run_name))
+        if known is not None and trial_id not in known:
+            _retry(lambda: client.delete_run(run_id), "retire an attempt the resumed sweep replaced")
+            continue
+        ended.append(trial_id)
     return ended
 
 

@@ -3,11 +3,14 @@
 :func:`run_sweep` takes the resolved config (a plain dict) and an output directory, and:
 
 1. takes the sweep's lock (one driver per sweep: a rival is refused before its pre-flight),
-   then runs the pre-flight (:mod:`search.preflight`): every key, the objectives, data and
-   model built once, the stores opened; a failure is one ``ConfigError`` line and nothing starts;
-2. starts its own Ray (``cluster=local``) or
-   joins the configured cluster (user code shipped by ``runtime_env``) and checks the trial's
-   resources against it;
+   then runs the pre-flight's checks that build nothing (:mod:`search.preflight`: every key,
+   the methods, the objectives);
+2. starts its own Ray (``cluster=local``, :mod:`search.ray_session`: its workers import what
+   trials import as they start) or joins the configured cluster (user code shipped by
+   ``runtime_env``) while a thread checks the stores; then builds data, model and module once
+   on a Ray worker (this process never imports Lightning) and checks the trial's resources
+   against the cluster. A failure is one ``ConfigError`` line; nothing is tracked and a Ray
+   this sweep started is shut down;
 3. creates the MLflow parent run (or re-opens it on resume) and the Optuna study (an RDB
    store, beside the MLflow store by default);
 4. runs ``Tuner(StudySearcher(define-by-run space, objectives))`` (search.sampling) with a
@@ -31,6 +34,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import sys
@@ -39,20 +43,25 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
-from search import pareto
 from search.commands import export_command, shell_command
 from search.formatting import _last_line, exception_line, format_metric
 from search.formatting import format_count as _fmt_flops
 from search.preflight import PreflightResult, check_cluster_resources, preflight
 from search.progress import board_name, live_progress, make_progress_callback, note_front
-from search.sampling import StudySearcher, make_sampler
+from search.sampling import make_sampler
 from search.space import ConfigError
 from search.storage import SweepLock, SweepLocked, SweepStorage, atomic_write_text, copy_out
 from search.trial_context import TrialContext, ray_trainable
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from search import pareto
+
+# pandas, the front's maths and Ray Tune are imported where they are used: a config refused by
+# the pre-flight's first checks never waits for them.
 
 __all__ = ["SweepFailed", "SweepInterrupted", "SweepResult", "run_sweep", "find_resume_dir", "make_sampler",
            "exception_line"]
@@ -137,6 +146,8 @@ def trial_rows(trials: list[Any], ended: Any = None, ended_status: str = "TERMIN
 
 def _make_callback_class() -> type:
     from ray.tune import Callback
+
+    from search import pareto
 
     class FrontCallback(Callback):
         """Prints one line per ended trial and logs the front to MLflow.
@@ -351,6 +362,8 @@ def _auto_gpu_fraction(cfg: dict[str, Any]) -> float:
 def _export_front(front: pd.DataFrame, rows: list[dict[str, Any]], out_dir: Path,
                   tracking: dict[str, str] | None) -> list[Path]:
     """Copy the front's masks and settings under ``out_dir``; returns the masks paths."""
+    import pandas as pd
+
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for rank, (_, row) in enumerate(front.iterrows()):
@@ -466,7 +479,9 @@ def _tune_file_loggers() -> list[Any]:
 #: ``verbose=0`` prints nothing (the new engine prints its configuration box and a results
 #: path whatever the verbosity; the sweep prints its own lines), and Tune's automatic loggers are
 #: off (the CSV and JSON ones are passed explicitly; no TensorBoard event file per trial, and no
-#: TensorBoard hint into a temporary Ray folder: MLflow holds the curves).
+#: TensorBoard hint into a temporary Ray folder: MLflow holds the curves). Tune's own log lines
+#: (a failed trial's traceback, "Trials did not complete") are off too: the sweep prints each
+#: failure as one line, and the summary.
 _TUNE_QUIET_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
 
@@ -475,9 +490,13 @@ def _quiet_tune() -> Iterator[None]:
     """Set :data:`_TUNE_QUIET_ENV` during ``fit`` (read by Tune when it starts), restored after."""
     old = {key: os.environ.get(key) for key in _TUNE_QUIET_ENV}
     os.environ.update(_TUNE_QUIET_ENV)
+    tune_log = logging.getLogger("ray.tune")
+    level = tune_log.level
+    tune_log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
+        tune_log.setLevel(level)
         for key, value in old.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -485,15 +504,27 @@ def _quiet_tune() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _end_unfinished_runs(tracking: dict[str, Any]) -> None:
+def _result_trial_id(result: Any) -> str:
+    """The Tune trial id of a ``Result``: from its metrics, else from its folder's name
+    (``ray_trainable_<id>_<n>_<settings>_<date>``: a trial that never reported)."""
+    reported = (result.metrics or {}).get("trial_id")
+    if reported:
+        return str(reported)
+    name = str(result.path or "").rstrip("/").rsplit("/", 1)[-1]
+    match = re.search(r"_([0-9a-f]{8})_\d+_", name)
+    return match.group(1) if match else name
+
+
+def _end_unfinished_runs(tracking: dict[str, Any], known: set[str] | None = None) -> None:
     """End KILLED the child runs still RUNNING once Tune is done (trials stopped early by the
-    scheduler, or whose worker or driver died); a store outage only warns."""
+    scheduler, or whose worker or driver died); on resume, retire those of attempts Tune never
+    knew (``known``: the resumed Tuner's trial ids); a store outage only warns."""
     from search.tracking import end_unfinished_trial_runs
 
     try:
         end_unfinished_trial_runs(tracking["uri"], tracking["parent_run_id"],
                                   "the trial ended without a result: stopped early by the scheduler, interrupted, "
-                                  "or its worker or driver died")
+                                  "or its worker or driver died", known=known)
     except Exception as exc:
         log.warning("could not end the trials' unfinished MLflow runs: %s", exc)
 
@@ -704,6 +735,9 @@ def _start_ray_and_check(cfg: dict[str, Any], pre: PreflightResult, output_dir: 
             raise ConfigError(str(cause)) from None
         raise ConfigError(f"pre-flight: building the data and the model on a Ray worker failed: "
                           f"{exception_line(exc)}") from None
+    except ray.exceptions.RayError as exc:  # the worker or its node died: the cluster is at fault
+        raise ConfigError(f"cluster: the Ray worker building the data and the model was lost "
+                          f"({exception_line(exc)})") from None
     apply_build(pre, found)
     clock.mark("built_on_worker")
 
@@ -734,10 +768,16 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
           state: dict[str, Any], resuming: bool, storage: SweepStorage, tracker: Any,
           tracking: dict[str, str] | None, abort_file: str) -> SweepResult:
     """Run (or restore) the Tuner, then collect, print and export the front."""
+    import pandas as pd
     from ray import tune
 
-    from search.budget import Budget, BudgetLedger, BudgetSearcher
-    from search.schedulers import build_scheduler, scheduler_kind
+    from search import pareto
+
+    from search.budget import Budget, BudgetLedger
+    from search.budget_searcher import BudgetSearcher
+    from search.mo_asha import build_scheduler
+    from search.study_searcher import StudySearcher
+    from search.schedulers import scheduler_kind
 
     search = cfg["search"]
     name = state["name"]
@@ -790,7 +830,7 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
     with live_progress(n_trials), _quiet_tune():
         results = tuner.fit()
     if tracking:  # no trial runs now: a run still RUNNING belongs to a trial that ended without a result
-        _end_unfinished_runs(tracking)
+        _end_unfinished_runs(tracking, known={_result_trial_id(r) for r in results} if resuming else None)
 
     if os.path.exists(abort_file):
         reason = json.loads(Path(abort_file).read_text()).get("reason", "a trial hit a configuration error")
@@ -800,7 +840,7 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
     ledger = BudgetLedger(budget, resources["cpu"], resources["gpu"])  # from the results: also right on resume
     for result in results:
         metrics = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, (dict, list))}
-        row = {**metrics, "trial_id": metrics.get("trial_id") or (result.path or "").rsplit("/", 1)[-1]}
+        row = {**metrics, "trial_id": _result_trial_id(result)}
         configs[str(row["trial_id"])] = dict(result.config or {})
         ledger.record(str(row["trial_id"]), metrics)
         row.setdefault("method", (result.config or {}).get("method"))

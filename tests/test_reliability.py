@@ -145,7 +145,7 @@ def test_fault_plan_claims_ordinals_once_per_trial(tmp_path):
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, ray_local):
     import optuna
 
-    from search.sampling import StudySearcher
+    from search.study_searcher import StudySearcher
 
     cfg = compose(["+method=magnitude", "search.n_trials=6", "search.concurrency=1", "trial.max_retries=1",
                    "+trial.faults.plan='2:raise,3:nan,4:oom,5:kill'", f"+trial.faults.state_dir={tmp_path}/faults",

@@ -12,7 +12,8 @@ import pytest
 import ray.cloudpickle as cloudpickle
 
 from search.config import build_search_space
-from search.sampling import StudySearcher, make_sampler
+from search.sampling import make_sampler
+from search.study_searcher import StudySearcher
 from search.tuner import run_sweep
 from tests.conftest import REPO, compose
 

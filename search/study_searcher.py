@@ -1,0 +1,98 @@
+"""The sweep's Ray Tune searcher: Ray's ``OptunaSearch`` on the sweep's study, saved without
+pickling its sampler or its study.
+
+Ray Tune pickles its search algorithm: into ``tuner.pkl`` when the ``Tuner`` is built, and into
+the experiment directory every few seconds (``Searcher.save``), so that a sweep can resume.
+Ray's ``OptunaSearch`` pickles its whole ``__dict__``: the sampler, the study (which holds the
+sampler again) and one ``optuna.Trial`` per running trial. A sampler is not promised to be
+picklable (optuna 5.1's genetic samplers, NSGA-II and NSGA-III, hold a ``threading.Lock``), so
+:class:`StudySearcher` saves what rebuilds them instead:
+
+- the sampler as its recipe: ``search`` settings and a factory (:func:`make_sampler`); a
+  restored searcher builds a fresh sampler whose seed is shifted by the trials the study already
+  holds, so a seeded random or startup phase does not replay the configurations it already drew;
+- the study as its storage URL and name (the sweep's RDB store holds every trial); an in-memory
+  study (no URL) as its frozen trials, added back on restore;
+- running trials as their trial numbers in the study.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ray.tune.search.optuna import OptunaSearch
+
+from search.sampling import SamplerFactory, make_sampler, open_optuna_storage
+
+__all__ = ["StudySearcher"]
+
+
+class StudySearcher(OptunaSearch):
+    """Ray's ``OptunaSearch`` on the sweep's study, whose saved state holds neither the sampler nor
+    the study (see the module docstring): any sampler works, picklable or not.
+
+    Args:
+        space: the define-by-run search space (``search.space.SearchSpace``).
+        objectives: ``[(metric, "max"|"min"), ...]``.
+        search: the ``search`` settings the sampler is built from (``sampler``, ``seed``, ...).
+        study_name: the Optuna study (the sweep's name).
+        storage_url: the study's RDB URL; None keeps the study in memory.
+        sampler_factory: builds the sampler from ``search`` settings (:func:`make_sampler`).
+    """
+
+    def __init__(self, space: Any, objectives: Sequence[tuple[str, str]], search: Mapping[str, Any],
+                 study_name: str, storage_url: str | None = None,
+                 sampler_factory: SamplerFactory = make_sampler) -> None:
+        self._search_settings = dict(search)
+        self._sampler_factory = sampler_factory
+        self._storage_url = storage_url
+        super().__init__(space=space, metric=[m for m, _ in objectives], mode=[d for _, d in objectives],
+                         sampler=sampler_factory(self._search_settings), study_name=study_name,
+                         storage=open_optuna_storage(storage_url) if storage_url else None)
+
+    @property
+    def study(self) -> Any:
+        """The ``optuna.Study`` the sampler works on."""
+        return self._ot_study
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        study = state.pop("_ot_study", None)
+        state.pop("_sampler", None)
+        state.pop("_storage", None)
+        state["_ot_trials"] = {tid: trial.number for tid, trial in self._ot_trials.items()}
+        if self._storage_url is None:
+            state["_frozen_trials"] = list(study.get_trials(deepcopy=False)) if study is not None else []
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import optuna
+
+        state = dict(state)
+        numbers: dict[str, int] = state.pop("_ot_trials", {})
+        frozen = state.pop("_frozen_trials", None)
+        self.__dict__.update(state)
+        storage = open_optuna_storage(self._storage_url) if self._storage_url else optuna.storages.InMemoryStorage()
+        directions = ["minimize" if m == "min" else "maximize" for m in self._mode]
+        study = optuna.create_study(storage=storage, study_name=self._study_name, directions=directions,
+                                    pruner=optuna.pruners.NopPruner(), load_if_exists=True)
+        if frozen:
+            study.add_trials(frozen)
+        # A fresh sampler; its seed moves on by the trials already drawn (no replayed draws).
+        done = len(study.get_trials(deepcopy=False))
+        seed = int(self._search_settings.get("seed", 0))
+        study.sampler = self._sampler_factory({**self._search_settings, "seed": seed + done})
+        self._storage, self._sampler, self._ot_study = storage, study.sampler, study
+        self._ot_trials = {
+            tid: optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+            for tid, number in numbers.items()}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__getstate__(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__setstate__(pickle.load(f))
