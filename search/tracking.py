@@ -324,16 +324,14 @@ def _is_number(value: Any) -> bool:
 
 def _log_batch(client: MlflowClient, run_id: str, metrics: Sequence[Metric] = (),
                params: Sequence[Param] = (), tags: Sequence[RunTag] = ()) -> None:
-    """log_batch in chunks that respect MLflow's per-request limits."""
-    for i in range(0, len(params), _BATCH_PARAMS):
-        chunk = list(params[i:i + _BATCH_PARAMS])
-        _retry(lambda: client.log_batch(run_id, params=chunk), "log params")
-    for i in range(0, len(tags), _BATCH_PARAMS):
-        chunk_t = list(tags[i:i + _BATCH_PARAMS])
-        _retry(lambda: client.log_batch(run_id, tags=chunk_t), "set tags")
-    for i in range(0, len(metrics), _BATCH_METRICS):
-        chunk_m = list(metrics[i:i + _BATCH_METRICS])
-        _retry(lambda: client.log_batch(run_id, metrics=chunk_m), "log metrics")
+    """log_batch in as few requests as MLflow's per-request limits allow (each request is one
+    store transaction: a trial's results usually fit in one)."""
+    params, tags, metrics = list(params), list(tags), list(metrics)
+    while params or tags or metrics:
+        p, params = params[:_BATCH_PARAMS], params[_BATCH_PARAMS:]
+        t, tags = tags[:_BATCH_PARAMS], tags[_BATCH_PARAMS:]
+        m, metrics = metrics[:_BATCH_METRICS - len(p) - len(t)], metrics[_BATCH_METRICS - len(p) - len(t):]
+        _retry(lambda: client.log_batch(run_id, metrics=m, params=p, tags=t), "log results")
 
 
 def _new_params(client: MlflowClient, run_id: str | None, params: Mapping[str, Any]) -> list[Param]:
@@ -572,6 +570,7 @@ def log_trial_run(
     status: str = "FINISHED",
     error: str | None = None,
     step: int = 0,
+    run_id: str | None = None,
 ) -> str:
     """Log one finished (or failed) trial as a child run of ``parent_run_id``; returns its id.
 
@@ -590,6 +589,8 @@ def log_trial_run(
         error: for a failed trial, the error text, stored (first 5000 chars) in ``prunesearch.error``.
         step: the step of the metrics: the trial's last epoch when its per-epoch history was
             logged (the final values are that epoch's entry), else 0.
+        run_id: the trial's run when the caller holds it (made by :func:`start_trial_run`, still
+            RUNNING): no search for it.
     """
     artifacts = dict(artifacts or {})
     missing = {sub: p for sub, p in artifacts.items() if not Path(p).exists()}
@@ -597,17 +598,20 @@ def log_trial_run(
         # Checked before anything is written so a bad call leaves no half-logged run.
         raise FileNotFoundError(f"trial {trial_id}: artifact files not found: {missing}")
     client = MlflowClient(tracking_uri=uri)
-    existing = _child_runs(client, experiment_id, parent_run_id, f"tags.`{TAG_TRIAL}` = {_quote(str(trial_id))}")
-    if existing:
-        run_id = existing[0].info.run_id
-        if len(existing) > 1:
-            log.warning("trial %s has %d child runs under %s; using %s", trial_id, len(existing),
-                        parent_run_id, run_id)
-        _retry(lambda: client.update_run(run_id, status="RUNNING"), "reopen run")
-    else:
-        run = _retry(lambda: client.create_run(experiment_id, run_name=str(trial_id), tags={
-            TAG_PARENT: parent_run_id, TAG_TRIAL: str(trial_id), TAG_ROLE: "trial"}), "create run")
-        run_id = run.info.run_id
+    created = False
+    if run_id is None:
+        existing = _child_runs(client, experiment_id, parent_run_id,
+                               f"tags.`{TAG_TRIAL}` = {_quote(str(trial_id))}")
+        if existing:
+            run_id = existing[0].info.run_id
+            if len(existing) > 1:
+                log.warning("trial %s has %d child runs under %s; using %s", trial_id, len(existing),
+                            parent_run_id, run_id)
+            _retry(lambda: client.update_run(run_id, status="RUNNING"), "reopen run")
+        else:
+            run = _retry(lambda: client.create_run(experiment_id, run_name=str(trial_id), tags={
+                TAG_PARENT: parent_run_id, TAG_TRIAL: str(trial_id), TAG_ROLE: "trial"}), "create run")
+            run_id, created = run.info.run_id, True
 
     ts = _now_ms()
     metric_list: list[Metric] = []
@@ -621,7 +625,7 @@ def log_trial_run(
     if error is not None:
         tag_list.append(RunTag(TAG_ERROR, _truncate(str(error), MAX_ERROR_CHARS)))
     _log_batch(client, run_id, metrics=metric_list,
-               params=_new_params(client, run_id if existing else None, params), tags=tag_list)
+               params=_new_params(client, None if created else run_id, params), tags=tag_list)
     for sub, local in artifacts.items():
         p = Path(local)
         if p.is_dir():

@@ -375,7 +375,9 @@ def record_trial(ctx: TrialContext, trial_id: str, method_name: str, settings: d
                 ctx.tracking["uri"], ctx.tracking["experiment_id"], ctx.tracking["parent_run_id"],
                 trial_id, params={"method": method_name, **settings, **trial_params},
                 metrics={**metrics, "method": method_name, "masks_path": extra["masks_path"]},
-                artifacts=artifacts, step=step)
+                artifacts=artifacts, step=step,
+                # The run this trial started (None: it could not, or it is not ours to end).
+                run_id=live.run_id if live is not None and live.failed is None else None)
         except Exception as exc:  # a tracking outage must not throw away a finished trial
             row["mlflow_unlogged"] = f"{type(exc).__name__}: {exc}"[:500]
             log.warning("trial %s: could not log to MLflow (%s); its result stays in %s", trial_id,
