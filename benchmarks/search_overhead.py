@@ -26,8 +26,9 @@ The same work in every trial: train ``epochs`` dense, one-shot global magnitude 
 The first seconds (``--baseline REV`` adds the same sweeps run from a git worktree of ``REV``,
 in the same run): each sweep's driver runs under a wrapper that notes, in seconds from the
 command's start, when it got to the sweep function (imports and Hydra done), when its config was
-checked, when Ray was up, when data and model were built on a worker (the driver of ``REV`` may
-build them itself), when the MLflow parent run existed, and when Tune's ``fit`` began; then the
+checked (the driver of ``REV``: its whole pre-flight, data and model built in the driver), when
+Ray was up, when data and model were built (this checkout: in a process of its own, while Ray
+starts), when the MLflow parent run existed, and when Tune's ``fit`` began; then the
 first and last trial results and the exit. ``--ray-start`` also times ``ray.init`` of a local
 Ray alone, as the sweep starts it (the target "first result at most Ray's start + 3 s").
 
@@ -136,7 +137,7 @@ PROBES = [
     ("config checked", "search.tuner", "preflight", "exit"),
     ("Ray up", "search.tuner", "_init_ray", "exit"),
     ("Ray up", "search.ray_session", "init_ray", "exit"),
-    ("built on a worker", "search.preflight", "apply_build", "exit"),
+    ("data, model built", "search.preflight", "apply_build", "exit"),
     ("parent run", "search.tracking", "SweepTracker.start_parent", "exit"),
     ("fit", "ray.tune", "Tuner.fit", "enter"),
 ]
@@ -166,7 +167,7 @@ runpy.run_module("search", run_name="__main__", alter_sys=True)
 """
 
 #: The columns of the first-seconds table, in order.
-STEPS = ("sweep called", "config checked", "Ray up", "built on a worker", "parent run", "fit", "first result")
+STEPS = ("sweep called", "config checked", "Ray up", "data, model built", "parent run", "fit", "first result")
 
 
 def ray_start_seconds(repeats: int = 3) -> float:
@@ -274,7 +275,7 @@ def sweep_costs(overrides: list[str], trials: int, concurrency: int, reuse: bool
 def _ours(line: str) -> bool:
     """A console line the sweep prints itself (not Tune's box, Ray's notices or a traceback)."""
     return bool(re.match(r"^(\[\d+/\d+\]|sweep |files: |tracking: |Pareto front|trial_id |\s*\S+\s+\S+\s+[\d.]+|"
-                         r"\d+ trials in|MLflow: |export one point|Optuna study|note: |$)", line))
+                         r"  [0-9a-f]{8} |\d+ trials in|MLflow: |export one point|Optuna study|note: |$)", line))
 
 
 def main() -> None:

@@ -39,8 +39,9 @@ from typing import Any
 
 from search.space import ConfigError, SearchSpace, load_method_configs, method_class, method_space
 
-__all__ = ["CheckFn", "PreflightResult", "SAMPLERS", "TRIAL_KINDS", "TrialKind", "apply_build", "build_check",
-           "check_cluster_resources", "method_pool", "open_sweep_stores", "preflight", "register_trial_kind", "reported_metrics", "validate_schema"]
+__all__ = ["BuildProcess", "CheckFn", "PreflightResult", "SAMPLERS", "TRIAL_KINDS", "TrialKind", "apply_build",
+           "build_check", "check_cluster_resources", "method_pool", "open_sweep_stores", "preflight",
+           "register_trial_kind", "reported_metrics", "validate_schema"]
 
 SAMPLERS = ("mo_tpe", "nsga2", "random")
 CheckFn = Callable[[str, Any], None]
@@ -932,8 +933,7 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
 def build_check(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The pre-flight's building step on a config that passed :func:`preflight` ``(build=False)``:
     a text config's file and tokenizer, else data, model and module built once on a batch
-    (:func:`build_once`). A sweep runs it in a Ray worker (the driver imports no Lightning or
-    transformers); returns what :func:`apply_build` takes.
+    (:func:`build_once`). Returns what :func:`apply_build` takes (plain JSON types).
 
     Raises:
         ConfigError: naming the key at fault.
@@ -943,7 +943,72 @@ def build_check(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if is_text_config(cfg["data"], cfg["model"]):
         check_text_data(cfg)  # the text file and the model's tokenizer
         return {"text": True}
-    return build_once(cfg)
+    built = build_once(cfg)
+    return {**built, "input_shape": list(built["input_shape"]),
+            "logged": sorted(built["logged"]) if built["logged"] is not None else None}
+
+
+#: What the build process runs: the config on stdin, one JSON line on stdout.
+_BUILD_PROCESS = """
+import json, sys
+request = json.loads(sys.stdin.read())
+sys.path[:0] = [p for p in request["sys_path"] if p not in sys.path]
+try:
+    from search.preflight import build_check
+    from search.space import ConfigError
+    try:
+        reply = {"built": build_check(request["cfg"])}
+    except ConfigError as exc:
+        reply = {"config_error": str(exc)}
+except Exception as exc:
+    reply = {"error": f"{type(exc).__name__}: {exc}"}
+print()  # after anything the build printed
+print(json.dumps(reply, default=str), flush=True)
+"""
+
+
+class BuildProcess:
+    """:func:`build_check` in a process of its own, started at once: a sweep's driver builds
+    nothing itself (no Lightning, torchmetrics or transformers there), and the build, with its
+    imports, runs while Ray starts. :meth:`result` waits for it; :meth:`stop` ends it early (the
+    sweep was refused for another reason).
+    """
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        import json
+        import subprocess
+        import sys
+
+        self._proc = subprocess.Popen([sys.executable, "-c", _BUILD_PROCESS], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self._request = json.dumps({"cfg": cfg, "sys_path": [p for p in sys.path if p]}, default=str)
+
+    def result(self) -> dict[str, Any]:
+        """What :func:`build_check` returned.
+
+        Raises:
+            ConfigError: what the build found, or that the build process failed (one line).
+        """
+        import json
+
+        out, err = self._proc.communicate(self._request)
+        lines = [line for line in out.splitlines() if line.startswith("{")]
+        try:
+            reply = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            last = (err.strip().splitlines() or [f"exit status {self._proc.returncode}"])[-1]
+            raise ConfigError(f"pre-flight: the process building the data and the model died ({last[:200]})") from None
+        if "config_error" in reply:
+            raise ConfigError(reply["config_error"])
+        if "error" in reply:
+            raise ConfigError(f"pre-flight: building the data and the model failed: {reply['error'][:300]}")
+        return reply["built"]
+
+    def stop(self) -> None:
+        """End the build process if it still runs."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+        self._proc.communicate()
 
 
 def apply_build(result: PreflightResult, built: Mapping[str, Any]) -> None:
@@ -955,7 +1020,7 @@ def apply_build(result: PreflightResult, built: Mapping[str, Any]) -> None:
     """
     if not built.get("text"):
         result.input_shape, result.num_classes = tuple(built["input_shape"]), int(built["num_classes"])
-        result.logged = built["logged"]
+        result.logged = set(built["logged"]) if built["logged"] is not None else None
         result.notes += list(built["notes"])
     _check_objectives(result.cfg, result.pool, result.logged)
 

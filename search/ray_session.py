@@ -1,12 +1,13 @@
-"""The sweep's Ray: its own local Ray (``cluster=local``) or a configured cluster, started quietly
-and with its workers' imports done before the first trial asks for them.
+"""The sweep's Ray: its own local Ray (``cluster=local``) or a configured cluster, started quietly.
 
-A local Ray prestarts one Python worker per CPU when it starts. :func:`init_ray` has those
-workers import what a trial imports (torch, Lightning, the methods, MLflow: ``preload``) while
-the driver goes on with its own start (stores, pre-flight), and gives the job no ``runtime_env``
-of its own, so those prestarted workers are the ones Tune's trials land on: Ray puts the
-driver's ``sys.path`` (with the launch directory, where a user's ``mycode.py`` lives) on its
-workers' path itself. A cluster gets the launch directory as ``working_dir`` instead.
+A local Ray's workers get the driver's ``sys.path`` (with the launch directory, where a user's
+``mycode.py`` lives) from Ray itself; a cluster gets the launch directory as ``working_dir``.
+
+Not done, and why: a local Ray prestarts one worker per CPU, and can have its workers import
+modules as they start (``preload_python_modules``), but Tune gives every trainable actor a
+``runtime_env`` of its own (``PL_DISABLE_FORK``), so its trials never land on those prestarted
+workers: preloading only spent the CPUs on workers nobody used (measured: the first trial
+came later, not sooner).
 
 Token authentication: Ray 2.60 turns it on for a new local cluster and says so on every start;
 a sweep that starts its own Ray keeps it on and keeps the notice off the console. Joining a
@@ -20,20 +21,14 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from search.formatting import exception_line
 from search.space import ConfigError
 
-__all__ = ["TRIAL_IMPORTS", "TEXT_TRIAL_IMPORTS", "init_ray", "runtime_env_for"]
-
-#: What a trial's worker imports before it can train (search.trial pulls torch, Lightning,
-#: prunelib); preloaded by a local Ray's workers as they start.
-TRIAL_IMPORTS = ("search.trial", "search.mlflow_trial", "mlflow")
-#: A text trial's worker also loads transformers.
-TEXT_TRIAL_IMPORTS = (*TRIAL_IMPORTS, "search.llm_trial", "transformers")
+__all__ = ["init_ray", "runtime_env_for"]
 
 _AUTH_FAILURE_MARKS = ("InvalidAuthToken", "UNAUTHENTICATED", "authentication token", "auth token")
 
@@ -44,8 +39,7 @@ def runtime_env_for(cluster: Mapping[str, Any], launch_dir: Path) -> dict[str, A
     ``cluster.runtime_env`` when set (``{}`` = none). By default: a Ray cluster gets the launch
     directory as ``working_dir`` (uploaded; ``.gitignore`` is honoured and sweep outputs are
     excluded); a local cluster none: its workers share this machine and get the driver's
-    ``sys.path`` from Ray (a job-level ``runtime_env`` would also keep the trials off the
-    workers a local Ray prestarts and preloads).
+    ``sys.path`` from Ray.
     """
     env = cluster.get("runtime_env")
     if env is not None:
@@ -94,14 +88,13 @@ def _stderr_aside(keep: io.StringIO) -> Iterator[None]:
             keep.write(aside.read().decode(errors="replace"))
 
 
-def init_ray(cluster: Mapping[str, Any], launch_dir: Path, preload: Sequence[str] = TRIAL_IMPORTS) -> None:
+def init_ray(cluster: Mapping[str, Any], launch_dir: Path) -> None:
     """Start this sweep's own Ray (``cluster=local``: never an existing one on the machine) or
     join the configured cluster; a Ray already initialised in this process is used as it is.
 
     Args:
         cluster: the ``cluster`` config section.
         launch_dir: where the sweep was launched (a cluster's ``working_dir``).
-        preload: modules a local Ray's workers import as they start.
 
     Raises:
         ConfigError: Ray did not start or the cluster refused the connection (one line, naming
@@ -121,8 +114,6 @@ def init_ray(cluster: Mapping[str, Any], launch_dir: Path, preload: Sequence[str
         for key in ("num_cpus", "num_gpus"):
             if cluster.get(key) is not None:
                 kwargs[key] = cluster[key]
-        if preload:
-            kwargs["_system_config"] = {"preload_python_modules": list(preload)}
     logs = io.StringIO()
     try:
         # Ray's own start lines (the token-authentication notice it logs on every local start)

@@ -5,12 +5,11 @@
 1. takes the sweep's lock (one driver per sweep: a rival is refused before its pre-flight),
    then runs the pre-flight's checks that build nothing (:mod:`search.preflight`: every key,
    the methods, the objectives);
-2. starts its own Ray (``cluster=local``, :mod:`search.ray_session`: its workers import what
-   trials import as they start) or joins the configured cluster (user code shipped by
-   ``runtime_env``) while a thread checks the stores; then builds data, model and module once
-   on a Ray worker (this process never imports Lightning) and checks the trial's resources
-   against the cluster. A failure is one ``ConfigError`` line; nothing is tracked and a Ray
-   this sweep started is shut down;
+2. starts its own Ray (``cluster=local``, :mod:`search.ray_session`) or joins the configured
+   cluster (user code shipped by ``runtime_env``) while a thread checks the stores and a
+   process of its own builds data, model and module once (this process never imports
+   Lightning); then checks the trial's resources against the cluster. A failure is one
+   ``ConfigError`` line; nothing is tracked and a Ray this sweep started is shut down;
 3. creates the MLflow parent run (or re-opens it on resume) and the Optuna study (an RDB
    store, beside the MLflow store by default);
 4. runs ``Tuner(StudySearcher(define-by-run space, objectives))`` (search.sampling) with a
@@ -696,10 +695,11 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
 
 def _start_ray_and_check(cfg: dict[str, Any], pre: PreflightResult, output_dir: Path, cluster: dict[str, Any],
                          clock: StartupClock, built: bool) -> None:
-    """The rest of the pre-flight, around Ray's start: the stores are checked on a thread while
-    Ray starts (on this thread: Ray's processes die with the thread that started them), then
-    data, model and module are built once on a Ray worker, whose Python has imported what
-    trials import, so this process never loads Lightning or transformers.
+    """The rest of the pre-flight, around Ray's start: data, model and module are built once in a
+    process of their own (:class:`~search.preflight.BuildProcess`: this one never imports
+    Lightning or transformers) and the stores are checked on a thread, both while Ray starts
+    (on this thread: Ray's processes die with the thread that started them). A process that
+    has already imported Lightning (a notebook, a test) builds in place once Ray is up.
 
     Raises:
         ConfigError: a store, Ray, the cluster's resources, or what the build found.
@@ -708,38 +708,29 @@ def _start_ray_and_check(cfg: dict[str, Any], pre: PreflightResult, output_dir: 
 
     import ray
 
-    from search.llm_trial import is_text_config
-    from search.preflight import apply_build, build_check, open_sweep_stores
-    from search.ray_session import TEXT_TRIAL_IMPORTS, TRIAL_IMPORTS, init_ray
+    from search.preflight import BuildProcess, apply_build, build_check, open_sweep_stores
+    from search.ray_session import init_ray
 
-    text = is_text_config(cfg["data"], cfg["model"])
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stores") as pool:
-        stores = pool.submit(open_sweep_stores, pre, output_dir) if not built else None
-        try:
-            init_ray(cluster, Path.cwd(), preload=TEXT_TRIAL_IMPORTS if text else TRIAL_IMPORTS)
-            clock.mark("ray_started")
-        finally:
-            if stores is not None:
-                stores.result()  # its ConfigError first: the store is what the user must fix
-                clock.mark("stores_checked")
-    if cluster.get("kind") == "ray":
-        check_cluster_resources(cfg["trial"], ray.cluster_resources(), f"the Ray cluster at {cluster.get('address')}")
-    if built:
-        return
-    task = ray.remote(num_cpus=min(1.0, float(cfg["trial"].get("cpus", 1) or 1)), max_retries=0)(build_check)
+    builder = BuildProcess(pre.cfg) if not built and "lightning" not in sys.modules else None
     try:
-        found = ray.get(task.remote(pre.cfg))
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, ConfigError):
-            raise ConfigError(str(cause)) from None
-        raise ConfigError(f"pre-flight: building the data and the model on a Ray worker failed: "
-                          f"{exception_line(exc)}") from None
-    except ray.exceptions.RayError as exc:  # the worker or its node died: the cluster is at fault
-        raise ConfigError(f"cluster: the Ray worker building the data and the model was lost "
-                          f"({exception_line(exc)})") from None
-    apply_build(pre, found)
-    clock.mark("built_on_worker")
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stores") as pool:
+            stores = pool.submit(open_sweep_stores, pre, output_dir) if not built else None
+            try:
+                init_ray(cluster, Path.cwd())
+                clock.mark("ray_started")
+            finally:
+                if stores is not None:
+                    stores.result()  # its ConfigError first: the store is what the user must fix
+                    clock.mark("stores_checked")
+        if cluster.get("kind") == "ray":
+            check_cluster_resources(cfg["trial"], ray.cluster_resources(),
+                                    f"the Ray cluster at {cluster.get('address')}")
+        if not built:
+            apply_build(pre, builder.result() if builder is not None else build_check(pre.cfg))
+            clock.mark("built")
+    finally:
+        if builder is not None:
+            builder.stop()
 
 
 class StartupClock:
