@@ -128,7 +128,11 @@ def export_point(uri: str, parent_run_id: str | None, select: str = "knee",
         selector = pareto.Selector.parse(select, objectives)
     except ValueError as exc:
         raise ValueError(f"select: {exc}") from exc
-    chosen = {k: v for k, v in pareto.select_point(rows, objectives, selector).items()}
+    try:
+        picked = pareto.select_point(rows, objectives, selector)
+    except ValueError as exc:
+        raise ValueError(f"select: {exc}") from exc
+    chosen = {k: v for k, v in picked.items()}
     chosen["selected_by"] = selector.describe(objectives)
     chosen["objectives"] = [list(o) for o in objectives]
     chosen["sweep_run_id"] = parent_run_id
@@ -270,8 +274,8 @@ def _write_point(uri: str, chosen: dict[str, Any], out: Path, onnx: bool) -> dic
             except (ArtifactError, RuntimeError, OSError) as exc:
                 raise ValueError(f"run_id: the pruned model of trial {chosen.get('trial_id')} does not load "
                                  f"({str(exc).splitlines()[0][:300]}); {out} was not written") from exc
-            manifest["files"] = sorted({*manifest.get("files", []), MASKS_FILE, "trial.json",
-                                        *([ONNX_FILE] if (tmp / ONNX_FILE).is_file() else [])})
+            onnx_files = [p.name for p in tmp.glob(f"{ONNX_FILE}*") if p.is_file()]  # + external data
+            manifest["files"] = sorted({*manifest.get("files", []), MASKS_FILE, "trial.json", *onnx_files})
             write_manifest(tmp, manifest)
         elif onnx:
             notes.append("no ONNX: the trial kept no weights")
@@ -307,7 +311,8 @@ _ROLES = {"pruned_model.json": "manifest: model spec, artifact kind, settings an
           "surgered/structure.json": "which channels were removed (rebuilds the smaller shapes)",
           "masks.safetensors": "the masks (prunelib.MaskSet.load)",
           "trial.json": "the trial's settings and metrics",
-          "model.onnx": "ONNX, dynamic batch", "surgered/model.onnx": "ONNX of the surgered model"}
+          "model.onnx": "ONNX, dynamic batch", "model.onnx.data": "the ONNX model's weights (beside it)",
+          "surgered/model.onnx": "ONNX of the surgered model"}
 
 
 def describe_export(row: dict[str, Any]) -> str:

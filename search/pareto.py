@@ -567,6 +567,7 @@ def select_point(
     """
     objs = normalise_objectives(objectives)
     parsed = selector if isinstance(selector, Selector) else Selector.parse(selector, objs)
+    selector = parsed.alias or parsed.canonical() if isinstance(selector, Selector) else selector  # for messages
     if parsed.kind == "trial":
         wanted = str(parsed.trial_id)
         table = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
