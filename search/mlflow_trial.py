@@ -192,22 +192,24 @@ class TrialRun:
             from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
             was_training = model.training
-            model.eval()  # pickled as it is loaded back: ready to evaluate
-            signature = None
-            if input_shape is not None:
-                device = next(model.parameters()).device
-                with torch.no_grad():
-                    example = torch.zeros((2, *input_shape), device=device)
-                    out = model(example)
-                if isinstance(out, torch.Tensor):
-                    signature = infer_signature(example.cpu().numpy(), out.cpu().numpy())
-            requirement = f"torch=={torch.__version__.split('+', 1)[0]}"
+            device = next(model.parameters()).device
             client = self._client()
             # Made here in the run's experiment: left to MLflow, a model logged by run id joins the
             # default experiment "0" and its files land in ./mlruns of the worker's directory.
             experiment_id = client.get_run(self.run_id).info.experiment_id
-            logged = client.create_logged_model(experiment_id, name="model", source_run_id=self.run_id)
+            requirement = f"torch=={torch.__version__.split('+', 1)[0]}"
             try:
+                # Pickled as it is loaded back: ready to evaluate, on the CPU (a model pickled on a
+                # GPU does not load on a machine without one). The trial's measurements are done.
+                model.eval().to("cpu")
+                signature = None
+                if input_shape is not None:
+                    with torch.no_grad():
+                        example = torch.zeros((2, *input_shape))
+                        out = model(example)
+                    if isinstance(out, torch.Tensor):
+                        signature = infer_signature(example.numpy(), out.numpy())
+                logged = client.create_logged_model(experiment_id, name="model", source_run_id=self.run_id)
                 with _use_tracking_uri(self.uri):
                     info = mlflow.pytorch.log_model(
                         model, name="model", run_id=self.run_id, model_id=logged.model_id, signature=signature,
@@ -215,7 +217,7 @@ class TrialRun:
                         code_paths=_user_code_files(model) or None,
                         metadata={"prunesearch": manifest} if manifest else None)
             finally:
-                model.train(was_training)
+                model.train(was_training).to(device)
             return info.model_uri
 
         return self._guard("model logging", log_it, outage=False)

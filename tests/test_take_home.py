@@ -220,15 +220,18 @@ def lm_dirs(tmp_path_factory):
     return {"gpt2": save_hf_model(model, tok, tmp_path_factory.mktemp("lm") / "gpt2")}, corpus["txt"]
 
 
-def test_keep_weights_front_removes_the_weights_of_trials_that_leave_the_front(tmp_path):
+@pytest.mark.parametrize("uri_root", [False, True], ids=["local", "file-uri"])
+def test_keep_weights_front_removes_the_weights_of_trials_that_leave_the_front(tmp_path, uri_root):
     from prunelib.artifact import ArtifactError, load_pruned, read_manifest
     from search import pareto
     from search.storage import SweepStorage
 
     cfg = compose(["search.n_trials=3", "trial.epochs=2", "trial.finetune_epochs=1", "trial.keep_weights=front"])
     objectives = [("val_acc", "max"), ("flops_deployed", "min")]
+    # A URI root (pyarrow's filesystems, as s3:// or gs://) stages each trial and uploads it.
+    root = f"file://{tmp_path / 'sweep'}" if uri_root else str(tmp_path / "sweep")
     ctx = TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"], space=build_search_space(cfg),
-                       objectives=objectives, sweep_root=str(tmp_path / "sweep"))
+                       objectives=objectives, sweep_root=root)
     uri, _ = _track(ctx, tmp_path)
     storage = SweepStorage(ctx.sweep_root)
     # Random and magnitude at the same uniform sparsity cost the same FLOPs; magnitude is far
@@ -245,7 +248,8 @@ def test_keep_weights_front_removes_the_weights_of_trials_that_leave_the_front(t
     front = set(pareto.pareto_front(list(rows.values()), objectives)["trial_id"])
     assert "rnd" not in front and "mag" in front
     for trial_id, row in rows.items():
-        folder = Path(row["artifact_dir"])
+        folder = Path(row["artifact_dir"].removeprefix("file://"))
+        assert folder == tmp_path / "sweep" / "trials" / trial_id
         if trial_id in front:
             assert load_pruned(folder) is not None  # front points keep theirs
         else:
@@ -264,6 +268,17 @@ def test_keep_weights_front_removes_the_weights_of_trials_that_leave_the_front(t
             assert not left  # ... and its files too (MLflow alone only marks it deleted)
     kept = [r for t, r in rows.items() if t in front]
     assert all(any(tmp_path.rglob(r["model_uri"].split("/", 1)[1])) for r in kept)
+    # The export takes a front point from the storage folder (a URI too) and it loads.
+    from search.export import export_point
+
+    exported = export_point(uri, ctx.tracking["parent_run_id"], "best:val_acc", tmp_path / "point")
+    assert exported["export"]["source"] == f"the trial's folder {rows[exported['trial_id']]['artifact_dir']}"
+    fresh = _fresh(_image_eval(tmp_path / "point", cfg["data"]), tmp_path)
+    assert abs(fresh["val_acc"] - rows[exported["trial_id"]]["val_acc"]) <= TOL
+    # An off-front trial exports its masks and says its weights are gone.
+    masks_only = export_point(uri, ctx.tracking["parent_run_id"], "trial:rnd", tmp_path / "rnd")
+    assert masks_only["export"]["kind"] == "masks" and "off the front" in masks_only["export"]["source"]
+    assert sorted(masks_only["export"]["files"]) == ["masks.safetensors", "trial.json"]
 
 
 def test_keep_weights_none_keeps_masks_only_and_a_bad_value_is_a_config_error(tmp_path):
