@@ -222,7 +222,11 @@ class CollapseCheck:
         preds, labels = [], []
         try:
             for batch in batches:
+                if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                    return {}  # not (inputs, labels) batches: nothing to judge
                 x, y = batch[0], batch[1]
+                if not isinstance(x, torch.Tensor):
+                    return {}
                 out = model(x.to(device))
                 if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
                     return {}

@@ -107,6 +107,14 @@ def test_a_masked_trial_keeps_its_weights_and_the_export_reproduces_its_accuracy
     assert abs(evaluate(logged, dm.val_dataloader())["acc"] - row["val_acc"]) <= TOL
     info = mlflow.models.get_model_info(row["model_uri"])
     assert info.metadata["prunesearch"]["spec"]["config"]["name"] == "mlp"  # the spec travels with it
+    # The trial folder gone (a lost disk, a remote storage out of reach): the MLflow model is enough.
+    import shutil
+
+    shutil.rmtree(tmp_path / "trials" / "m")
+    again = _export(uri, parent, "best:val_acc", tmp_path / "from_mlflow")
+    assert again["export"]["source"] == f"the trial's MLflow model {row['model_uri']}"
+    fresh = _fresh(_image_eval(tmp_path / "from_mlflow", cfg["data"]), tmp_path)
+    assert abs(fresh["val_acc"] - row["val_acc"]) <= TOL
 
 
 def test_a_surgered_trial_exports_the_smaller_model_and_reproduces_its_accuracy(tmp_path):
@@ -125,6 +133,12 @@ def test_a_surgered_trial_exports_the_smaller_model_and_reproduces_its_accuracy(
         """, tmp_path)
     assert abs(fresh["val_acc"] - row["val_acc"]) <= TOL
     assert fresh["params"] == row["params_physical"] < row["params_dense"]  # the smaller model itself
+    import shutil
+
+    shutil.rmtree(tmp_path / "trials" / "s")  # from the MLflow run alone
+    again = _export(uri, parent, "min:flops_deployed", tmp_path / "from_mlflow")
+    assert again["export"]["source"].startswith("the trial's MLflow model")
+    assert abs(_fresh(_image_eval(tmp_path / "from_mlflow", cfg["data"]), tmp_path)["val_acc"] - row["val_acc"]) <= TOL
 
 
 def test_a_ken_trial_exports_the_ken_model_and_reproduces_its_accuracy(tmp_path):
