@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                           f"flops {r['flops'] / dense_flops:.3f}", flush=True)
     command = "python benchmarks/paoding_depthwise.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "date": datetime.date.today().isoformat(),
-            "before_commit": before_commit, "after_commit": after_commit + (" (+ uncommitted prunelib)" if dirty else ""),
+            "before_commit": before_commit,
+            "after_commit": after_commit + (" (+ uncommitted prunelib)" if dirty else ""),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU",
             "threads": args.threads, "seeds": args.seeds, "epochs": args.epochs, "limit_train": args.limit_train,
             "width": args.width, "ratios": args.ratios, "seconds": time.perf_counter() - start}
