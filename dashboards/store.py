@@ -279,6 +279,6 @@ def trial_detail(client: MlflowClient, run_id: str, parent_run_id: str, uri: str
         "images": [p for p in paths if PurePosixPath(p).suffix.lower() in RASTER_TYPES],
         "files": [{"path": p, "inline": inline_type(p) is not None} for p in paths
                   if PurePosixPath(p).suffix.lower() not in RASTER_TYPES],
-        "export_command": export_command(parent_run_id, f"trial:{trial_id}", f"masks-{trial_id}.safetensors", uri)
+        "export_command": export_command(parent_run_id, f"trial:{trial_id}", f"point-{trial_id}", uri)
         if finished else None,
     }

@@ -12,7 +12,11 @@ the group's producers that write it (a residual stream has several):
 * ``l1``: mean ``|w|`` of the producer's filter / row (L1 per weight, PAODING's score);
 * ``l1_bn``: that times ``|gamma| / sqrt(running_var + eps)`` of the BatchNorm directly after the
   producer (the filter the network effectively applies: a BatchNorm rescales its input, so the
-  raw L1 of the filter before it says little);
+  raw L1 of the filter before it says little). A depthwise producer (one input channel per
+  output channel) scores ``|gamma|`` instead: its ``running_var`` is the spread of its filter
+  times the spread of its one input channel, so the filter cancels out of ``L1 / sigma`` and
+  what is left ranks channels by the inverse of their input's spread (the most active inputs
+  first out); ``|gamma|`` is the spread the BatchNorm gives the channel's output;
 * ``l2``: root mean square of the filter;
 * ``taylor``: first-order Taylor, mean ``|w * dL/dw|`` of the filter, the gradient summed over a
   few calibration batches (:func:`taylor_scores`; RL-Pruner's paper criterion);
@@ -117,6 +121,12 @@ def bn_scale(bn: nn.Module) -> Tensor:
     return scale
 
 
+def _is_depthwise(module: nn.Module) -> bool:
+    """A convolution with one input channel per output channel (``groups == in == out``)."""
+    groups = getattr(module, "groups", 1)
+    return groups > 1 and groups == getattr(module, "in_channels", 0) == getattr(module, "out_channels", -1)
+
+
 def channel_scores(model: nn.Module, group: ChannelGroup, criterion: str = "l1",
                    weight_scores: Mapping[str, Tensor] | None = None,
                    generator: torch.Generator | None = None) -> Tensor:
@@ -147,7 +157,9 @@ def channel_scores(model: nn.Module, group: ChannelGroup, criterion: str = "l1",
         else:
             per = filter_l1(weight)
             norm = group.norm_after.get(name) if criterion == "l1_bn" else None
-            if norm is not None:
+            if norm is not None and _is_depthwise(modules[name]) and modules[norm].weight is not None:
+                per = modules[norm].weight.detach().double().abs().cpu()  # see the module doc
+            elif norm is not None:
                 per = per * bn_scale(modules[norm]).abs()
         covered = index >= 0
         total[covered] += per[index[covered]]

@@ -32,8 +32,8 @@ from prunelib.masks import MaskSet
 from prunelib.methods.base import PruningMethod
 from prunelib.train_config import SPEED_SETTINGS, TrainConfig
 
-__all__ = ["ClassifierModule", "TrainConfig", "PruningResult", "SPEED_SETTINGS", "evaluate", "evaluate_masked",
-           "module_loss", "network_of", "run_pruning", "validate_module"]
+__all__ = ["ClassifierModule", "CollapseCheck", "TrainConfig", "PruningResult", "SPEED_SETTINGS", "evaluate",
+           "evaluate_masked", "module_loss", "network_of", "run_pruning", "validate_module"]
 
 log = logging.getLogger("prunelib")
 
@@ -117,6 +117,69 @@ def evaluate(model: nn.Module, batches: Any, device: torch.device | None = None)
     if total == 0:
         raise ValueError("evaluate() got no samples")
     return {"acc": correct / total, "loss": loss_sum / total}
+
+
+@dataclass(frozen=True)
+class CollapseCheck:
+    """When a pruned classifier has collapsed: it gives one class to nearly every sample, or its
+    accuracy is at chance. A collapsed model can still sit on a front (it is cheap), so a sweep
+    flags it rather than letting its numbers pass for a result.
+
+    Attributes:
+        top_share: a model that gives one class to at least this fraction of the samples has
+            collapsed (0.9: nine in ten).
+        chance_margin: accuracy at most this much (a fraction) above chance has collapsed;
+            chance is the share of the most frequent label (what always answering it scores).
+    """
+
+    top_share: float = 0.9
+    chance_margin: float = 0.02
+
+    @torch.no_grad()
+    def judge(self, model: nn.Module, batches: Any, device: torch.device | None = None) -> dict[str, Any]:
+        """The predictions of ``model`` over ``batches`` of ``(inputs, labels)``, judged.
+
+        Returns:
+            ``{"top_class_share", "classes_predicted", "chance_acc", "collapsed", "collapse"}``
+            (``collapse``: the reason in words, None when not collapsed), or ``{}`` when the
+            model is not a classifier (its output is not ``(N, classes)`` logits).
+        """
+        was_training = model.training
+        model.eval()
+        device = device or next(model.parameters()).device
+        preds, labels = [], []
+        try:
+            for batch in batches:
+                if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                    return {}  # not (inputs, labels) batches: nothing to judge
+                x, y = batch[0], batch[1]
+                if not isinstance(x, torch.Tensor):
+                    return {}
+                out = model(x.to(device))
+                if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[1] < 2:
+                    return {}
+                preds.append(out.argmax(1).cpu())
+                labels.append(torch.as_tensor(y).cpu())
+        finally:
+            model.train(was_training)
+        if not preds:
+            return {}
+        p, y = torch.cat(preds), torch.cat(labels)
+        if y.dim() != 1 or y.dtype.is_floating_point:
+            return {}
+        n = len(p)
+        counts = torch.bincount(p)
+        top = int(counts.argmax())
+        share = float(counts.max()) / n
+        acc = float((p == y).float().mean())
+        chance = float(torch.bincount(y).max()) / n
+        reason = None
+        if share >= self.top_share:
+            reason = f"one class ({top}) for {share:.0%} of the validation samples"
+        elif acc <= chance + self.chance_margin:
+            reason = f"accuracy {acc:.3f} at chance ({chance:.3f}, the most frequent label's share)"
+        return {"top_class_share": share, "classes_predicted": int((counts > 0).sum()), "chance_acc": chance,
+                "collapsed": reason is not None, "collapse": reason}
 
 
 @torch.no_grad()

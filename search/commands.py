@@ -23,8 +23,10 @@ def export_command(parent_run_id: str, select: str, out: str, tracking_uri: str 
 
     Args:
         parent_run_id: the sweep's MLflow parent run.
-        select: ``knee``, ``max_acc``, ``min_flops``, ``flops_le:<FLOPs>`` or ``trial:<id>``.
-        out: the masks file to write.
+        select: a selector of :data:`search.pareto.SELECTOR_GRAMMAR` (``knee``, ``best:val_acc``,
+            ``le:flops_deployed:2e6``, ``trial:<id>``...).
+        out: the directory to write (weights, model spec, masks, settings); a
+            ``.safetensors`` name writes the masks alone.
         tracking_uri: the store; omitted from the line when None.
     """
     argv = ["python", "-m", "search.export", f"run_id={parent_run_id}", f"select={select}", f"out={out}"]

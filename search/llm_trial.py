@@ -34,6 +34,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from prunelib.artifact import HF_DIR, ModelSpec, save_pruned
 from prunelib.data.text import TextDataError, TextDataModule, build_text_datamodule, read_text_records
 from prunelib.llm import evaluate_text, sparse_storage_bytes, text_model_cost
 from prunelib.llm.sparsity import parse_pattern
@@ -218,6 +219,8 @@ def run_llm_trial(params: dict[str, Any], ctx: Any, *, trial_id: str = "local", 
         search.trial.TrialFailed: the pruned model's loss is not finite, or the model and data
             do not fit together.
     """
+    from search.keep import keep_policy
+    from search.mlflow_trial import TrialRun
     from search.trial import TrialFailed, _device, record_trial, trial_output_dir
 
     start = time.perf_counter()
@@ -281,11 +284,22 @@ def run_llm_trial(params: dict[str, Any], ctx: Any, *, trial_id: str = "local", 
                                        "block_sparsity": result.block_sparsity if result is not None else [],
                                        "outlier_ratios": result.outlier_ratios if result is not None else []},
                                       indent=1, default=str))
+    keep = keep_policy(trial_cfg)
+    kept: dict[str, Any] = {"keep_weights": keep}
+    artifacts = {"masks": str(masks_path), "layers": str(layers_path)}
+    if keep != "none":  # the pruned model as measured, zeros in place, loadable by transformers too
+        manifest = save_pruned(out_dir, model, ModelSpec("hf", {"path": HF_DIR, "hf_class": type(model).__name__}),
+                               "masked", tokenizer=tokenizer)
+        kept["artifact_dir"] = str(out_dir)
+        artifacts["pruned"] = str(manifest)
+        live = TrialRun.current(trial_id)
+        if live is not None:
+            kept["model_uri"] = live.log_model(model, None, json.loads(manifest.read_text()))
     metrics["wall_s"] = time.perf_counter() - start
     return record_trial(ctx, trial_id, method_name, settings, overrides, metrics, out_dir,
                         extra={"masks_path": str(masks_path), "data_load_s": data_s,
-                               "trial_wall_s": time.perf_counter() - start},
-                        artifacts={"masks": str(masks_path), "layers": str(layers_path)})
+                               "trial_wall_s": time.perf_counter() - start, **kept},
+                        artifacts=artifacts)
 
 
 def run_hf_ken_trial(method: Any, settings: dict[str, Any], overrides: dict[str, Any], ctx: Any,
@@ -330,4 +344,6 @@ def run_hf_ken_trial(method: Any, settings: dict[str, Any], overrides: dict[str,
                             trial_dir=trial_dir, start=start, data_s=data_s, model_args={},
                             delta_metadata={"hf_class": type(ft).__name__,
                                             "num_labels": getattr(ft.config, "num_labels", None),
-                                            "pretrained_dir": str(plan.pretrained)})
+                                            "pretrained_dir": str(plan.pretrained)},
+                            spec=ModelSpec("hf", {"path": HF_DIR, "hf_class": type(ft).__name__}),
+                            tokenizer=tokenizer)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -89,6 +90,12 @@ class TrialRun:
         with _LOCK:
             _OPEN[str(trial_id)] = run
         return run
+
+    @classmethod
+    def current(cls, trial_id: str) -> TrialRun | None:
+        """The open run of ``trial_id`` in this process (or None), left open."""
+        with _LOCK:
+            return _OPEN.get(str(trial_id))
 
     @classmethod
     def pop(cls, trial_id: str) -> TrialRun | None:
@@ -190,11 +197,16 @@ class TrialRun:
         """
         return _EpochLogger(self, method, val_batches, own_module) if self.epoch_metrics else None
 
-    def log_model(self, model: torch.nn.Module, input_shape: tuple[int, ...]) -> str | None:
-        """Log ``model`` (a structured trial's surgered network) as the MLflow model ``model`` of
-        this run (``mlflow.pytorch``, pickled: loading it needs this project's packages), with a
-        signature for a batch of ``input_shape`` samples; returns its ``models:/`` URI, or None
-        when ``log_model`` is off or MLflow failed. Load it with ``mlflow.pytorch.load_model(uri)``."""
+    def log_model(self, model: torch.nn.Module, input_shape: tuple[int, ...] | None,
+                  manifest: dict[str, Any] | None = None) -> str | None:
+        """Log ``model`` (the network a trial was measured on: the masked model with its zeros,
+        or the surgered one) as the MLflow model ``model`` of this run, in eval mode, so
+        ``mlflow.pytorch.load_model(uri)`` returns it ready to evaluate (pickled: loading needs
+        this project's packages and the model's own code; a user's model defined in a single
+        file is shipped with it). ``manifest`` (:mod:`prunelib.artifact`: the model spec, the
+        artifact kind) goes in the model's metadata under ``prunesearch``. A signature is
+        inferred from a batch of ``input_shape`` samples (none for text models). Returns the
+        model's ``models:/`` URI, or None when ``log_model`` is off or MLflow failed."""
         if not self.log_models:
             return None
 
@@ -203,17 +215,33 @@ class TrialRun:
             from mlflow.models import infer_signature
             from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-            device = next(model.parameters()).device
             was_training = model.training
-            model.eval()
-            with torch.no_grad():
-                example = torch.zeros((2, *input_shape), device=device)
-                signature = infer_signature(example.cpu().numpy(), model(example).cpu().numpy())
-            model.train(was_training)
+            device = next(model.parameters()).device
+            client = self._client()
+            # Made here in the run's experiment: left to MLflow, a model logged by run id joins the
+            # default experiment "0" and its files land in ./mlruns of the worker's directory.
+            experiment_id = client.get_run(self.run_id).info.experiment_id
             requirement = f"torch=={torch.__version__.split('+', 1)[0]}"
-            with _use_tracking_uri(self.uri):
-                info = mlflow.pytorch.log_model(model, name="model", run_id=self.run_id, signature=signature,
-                                                pip_requirements=[requirement], serialization_format="pickle")
+            try:
+                # Pickled as it is loaded back: ready to evaluate, on the CPU (a model pickled on a
+                # GPU does not load on a machine without one). The trial's measurements are done.
+                model.eval().to("cpu")
+                signature = None
+                if input_shape is not None:
+                    with torch.no_grad():
+                        example = torch.zeros((2, *input_shape))
+                        out = model(example)
+                    if isinstance(out, torch.Tensor):
+                        signature = infer_signature(example.numpy(), out.numpy())
+                logged = client.create_logged_model(experiment_id, name="model", source_run_id=self.run_id)
+                with _use_tracking_uri(self.uri):
+                    info = mlflow.pytorch.log_model(
+                        model, name="model", run_id=self.run_id, model_id=logged.model_id, signature=signature,
+                        pip_requirements=[requirement], serialization_format="pickle",
+                        code_paths=_user_code_files(model) or None,
+                        metadata={"prunesearch": manifest} if manifest else None)
+            finally:
+                model.train(was_training).to(device)
             return info.model_uri
 
         return self._guard("model logging", log_it, outage=False)
@@ -270,6 +298,27 @@ class _MetricWriter:
                 with self._cond:
                     self._writing.discard(run_id)
                     self._cond.notify_all()
+
+
+def _user_code_files(model: torch.nn.Module) -> list[str]:
+    """The files of a user's own top-level modules the model's classes come from (``mycode.py``
+    beside the sweep), so its MLflow model loads where that file is not importable. Installed
+    packages (torch, prunelib, transformers, the user's own packages) are not copied."""
+    import sys
+    import sysconfig
+
+    installed = {Path(p).resolve() for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                                              sysconfig.get_paths()["stdlib"])}
+    files = []
+    for name in sorted({type(m).__module__ for m in model.modules()}):
+        module = sys.modules.get(name)
+        path = getattr(module, "__file__", None)
+        if "." in name or not path or name in ("__main__", "builtins"):
+            continue
+        resolved = Path(path).resolve()
+        if resolved.suffix == ".py" and not any(root in resolved.parents for root in installed):
+            files.append(str(resolved))
+    return files
 
 
 class _EpochLogger(L.Callback):

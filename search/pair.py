@@ -321,9 +321,14 @@ def run_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str, An
         return {"latency_ms": measure_latency_ms(net, input_shape, int(trial_cfg.get("latency_batch_size", 256)),
                                                  device=device)}
 
+    from prunelib.training import CollapseCheck
+    from search.keep import model_spec
+
     return finish_ken_trial(method, settings, overrides, ctx, pre, ft, pair_info, score,
                             lambda net: model_cost(net, input_shape, None), trial_cfg, trial_id=trial_id,
-                            trial_dir=trial_dir, start=start, data_s=data_s, model_args=model_args, extra=extra)
+                            trial_dir=trial_dir, start=start, data_s=data_s, model_args=model_args, extra=extra,
+                            spec=model_spec(ctx.model, input_shape, datamodule.num_classes), input_shape=input_shape,
+                            judge=lambda net: CollapseCheck().judge(net, datamodule.val_dataloader()))
 
 
 def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str, Any], ctx: Any,
@@ -331,7 +336,8 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
                      score: Any, cost: Any, trial_cfg: dict[str, Any], *, trial_id: str,
                      trial_dir: str | os.PathLike | None, start: float, data_s: float,
                      model_args: dict[str, Any], extra: Any = None,
-                     delta_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+                     delta_metadata: dict[str, Any] | None = None, spec: Any = None, tokenizer: Any = None,
+                     input_shape: tuple[int, ...] | None = None, judge: Any = None) -> dict[str, Any]:
     """Apply KEN to a loaded pair, measure, write and log; returns the trial's row.
 
     Args:
@@ -341,6 +347,10 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
         cost: ``cost(model) -> ModelCost`` (dense: KEN zeroes nothing).
         extra: ``extra(model) -> dict`` of more metrics (latency), or None.
         delta_metadata: more facts for the delta file's header (a Hugging Face class name).
+        spec: the :class:`prunelib.artifact.ModelSpec` that rebuilds the model (kept with the
+            KEN model's weights unless ``trial.keep_weights=none``); ``tokenizer`` is saved
+            beside a Hugging Face model; ``input_shape`` gives its MLflow model a signature.
+        judge: ``judge(model) -> dict`` (:meth:`prunelib.training.CollapseCheck.judge`), or None.
 
     Metrics (besides the score's, FLOPs and params, all dense): ``reverted_fraction`` (entries
     reset to pretrained / all parameters), ``reverted_fraction_selected`` (/ entries of the
@@ -350,9 +360,12 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
     ``pair_epochs`` and ``pair_cached`` (the shared pair's cost, paid once per config).
     ``sparsity`` is the fraction of weights that are actually zero (about 0).
     """
+    from prunelib.artifact import save_pruned
     from prunelib.ken_storage import save_ken_delta
     from prunelib.ken_viz import ken_pictures
-    from search.trial import TrialFailed, record_trial, trial_output_dir
+    from search.keep import keep_policy
+    from search.mlflow_trial import TrialRun
+    from search.trial import TrialFailed, collapse_metrics, record_trial, trial_output_dir
 
     pre_val = score(pre, "val")
     ft_val = score(ft, "val")
@@ -385,6 +398,8 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
         metrics.update({f"test_{k}": v for k, v in score(ft, "test").items() if k in ("acc", "loss", "ppl")})
     if extra is not None:
         metrics.update(extra(ft))
+    if judge is not None:
+        metrics.update(collapse_metrics(judge(ft)))
 
     out_dir = trial_output_dir(trial_dir, trial_id)
     delta = save_ken_delta(out_dir / "ken_delta.safetensors", pre, ft, masks.masks, finetuned=finetuned_state,
@@ -397,9 +412,19 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
     (out_dir / "layer_kept_fraction.json").write_text(json.dumps(report["layers"], indent=1))
     pictures = out_dir / "ken_viz"
     ken_pictures(masks.masks, finetuned_state, pictures)
+    keep = keep_policy(trial_cfg)
+    kept: dict[str, Any] = {"keep_weights": keep}
+    artifacts = {"masks": str(masks_path), "ken": str(delta.path), "ken_viz": str(pictures),
+                 "layers": str(out_dir / "layer_kept_fraction.json")}
+    if keep != "none":  # the KEN model as measured (reverted entries hold pretrained values)
+        manifest = save_pruned(out_dir, ft, spec, "masked", tokenizer=tokenizer)
+        kept["artifact_dir"] = str(out_dir)
+        artifacts["pruned"] = str(manifest)
+        live = TrialRun.current(trial_id)
+        if live is not None:
+            kept["model_uri"] = live.log_model(ft, input_shape, json.loads(manifest.read_text()))
     metrics["wall_s"] = time.perf_counter() - start
     return record_trial(ctx, trial_id, "ken", settings, overrides, metrics, out_dir,
                         extra={"masks_path": str(masks_path), "ken_delta_path": str(delta.path),
-                               "data_load_s": data_s, "trial_wall_s": time.perf_counter() - start},
-                        artifacts={"masks": str(masks_path), "ken": str(delta.path), "ken_viz": str(pictures),
-                                   "layers": str(out_dir / "layer_kept_fraction.json")})
+                               "data_load_s": data_s, "trial_wall_s": time.perf_counter() - start, **kept},
+                        artifacts=artifacts)

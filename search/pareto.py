@@ -29,9 +29,12 @@ DEFAULT_OBJECTIVES: list[Objective] = [("val_acc", "max"), ("flops_deployed", "m
 OK_STATUSES = frozenset({"ok", "finished"})
 
 SELECTOR_GRAMMAR = (
-    "knee | max_acc | min_flops | flops_le:<float> | trial:<trial id>  (e.g. 'flops_le:1.5e5': "
-    "the most accurate front point with at most 1.5e5 FLOPs per sample; 'trial:ab12cd34': that "
-    "finished trial, on the front or not)"
+    "knee | max_acc | min_flops | flops_le:<float> | trial:<trial id> | best:<objective> | "
+    "min:<objective> | max:<objective> | le:<objective>:<float> | ge:<objective>:<float>  (e.g. "
+    "'best:val_f1': the front point best on val_f1; 'le:flops_deployed:2e6': the front point best on "
+    "the other objectives with flops_deployed <= 2e6; 'trial:ab12cd34': that finished trial, on the "
+    "front or not; max_acc, min_flops and flops_le:<float> are aliases of best:<first max objective>, "
+    "min:<FLOPs objective> and le:<FLOPs objective>:<float>)"
 )
 
 
@@ -451,31 +454,122 @@ def knee_point(front: pd.DataFrame, objectives: Objectives | None = None) -> Has
     return labels[i]
 
 
+@dataclass(frozen=True)
+class Selector:
+    """A parsed ``select=`` (see :data:`SELECTOR_GRAMMAR`), spoken in the sweep's objectives.
+
+    Attributes:
+        kind: ``knee``, ``best``, ``min``, ``max``, ``le``, ``ge`` or ``trial``.
+        metric: the objective it reads (``best``/``min``/``max``/``le``/``ge``).
+        value: the bound of ``le``/``ge``.
+        trial_id: the trial of ``trial``.
+        alias: what was typed when it was an alias (``max_acc``, ``min_flops``, ``flops_le:...``).
+    """
+
+    kind: str
+    metric: str | None = None
+    value: float | None = None
+    trial_id: str | None = None
+    alias: str | None = None
+
+    @classmethod
+    def parse(cls, selector: str, objectives: Objectives | None) -> Selector:
+        """Parse ``selector`` against the sweep's ``objectives``.
+
+        Raises:
+            ValueError: unknown form, a metric that is not an objective, or a bound that is not
+                a number; the message gives the grammar or the objectives.
+        """
+        objs = normalise_objectives(objectives)
+        names = [n for n, _ in objs]
+        sel = str(selector).strip()
+        low = sel.lower()
+        if low == "knee":
+            return cls("knee")
+        if low.startswith("trial:"):
+            return cls("trial", trial_id=sel.split(":", 1)[1].strip())
+        if low == "max_acc":
+            return cls("best", _accuracy_objective(objs)[0], alias="max_acc")
+        if low == "min_flops":
+            return cls("min", _flops_objective(objs)[0], alias="min_flops")
+        if low.startswith("flops_le:"):
+            return cls("le", _flops_objective(objs)[0], _bound(selector, sel.split(":", 1)[1]), alias=sel)
+        kind, _, rest = sel.partition(":")
+        kind = kind.lower()
+        if kind not in ("best", "min", "max", "le", "ge") or not rest:
+            raise ValueError(f"unknown selector {selector!r}; grammar: {SELECTOR_GRAMMAR}")
+        metric, _, bound = rest.partition(":") if kind in ("le", "ge") else (rest, "", "")
+        metric = metric.strip()
+        if metric not in names:
+            raise ValueError(f"selector {selector!r}: {metric!r} is not an objective of this sweep; its "
+                             f"objectives are {names}")
+        if kind in ("le", "ge"):
+            if not bound:
+                raise ValueError(f"selector {selector!r}: {kind}: needs a bound, e.g. {kind}:{metric}:1e6")
+            return cls(kind, metric, _bound(selector, bound))
+        return cls(kind, metric)
+
+    def canonical(self) -> str:
+        """The selector in the objectives' own words (``best:val_f1``, ``le:flops_deployed:2e+06``)."""
+        if self.kind == "knee":
+            return "knee"
+        if self.kind == "trial":
+            return f"trial:{self.trial_id}"
+        if self.kind in ("le", "ge"):
+            return f"{self.kind}:{self.metric}:{self.value:g}"
+        return f"{self.kind}:{self.metric}"
+
+    def describe(self, objectives: Objectives | None) -> str:
+        """One line saying what it reads: ``max_acc = best:val_f1 (val_f1: the first max objective)``."""
+        text = self.canonical()
+        if self.alias is None:
+            return text
+        objs = normalise_objectives(objectives)
+        role = ("the sweep's first max objective" if self.alias.lower() == "max_acc"
+                else "the sweep's FLOPs objective" if "flops" in str(self.metric).lower()
+                else "the sweep's first min objective")
+        direction = dict(objs).get(str(self.metric), "?")
+        return f"{self.alias} = {text} (reads {self.metric}: {role}, {direction})"
+
+
+def _bound(selector: str, raw: str) -> float:
+    try:
+        return float(raw.strip())
+    except ValueError:
+        raise ValueError(f"selector {selector!r}: {raw.strip()!r} is not a number; grammar: {SELECTOR_GRAMMAR}") \
+            from None
+
+
 def select_point(
     rows: Sequence[Mapping] | pd.DataFrame,
     objectives: Objectives | None,
-    selector: str,
+    selector: str | Selector,
 ) -> pd.Series:
-    """Pick one trial from the Pareto front of ``rows``.
+    """Pick one trial, from the Pareto front of ``rows`` unless a trial is named.
 
-    Selector grammar:
+    Selector grammar (:data:`SELECTOR_GRAMMAR`, :class:`Selector`):
         ``knee``: :func:`knee_point` of the front.
-        ``max_acc``: the highest value of the first "max" objective; ties -> fewer FLOPs.
-        ``min_flops``: the lowest value of the FLOPs objective (the first "min" objective whose
-            name contains "flops", else the first "min" objective); ties -> higher accuracy.
-        ``flops_le:<float>``: among front points with FLOPs objective <= the value (FLOPs per
-            sample), the most accurate; ValueError naming the smallest available FLOPs if none.
+        ``best:<objective>``: the front point best on that objective in its direction; ties ->
+            best on the other objectives, in their order.
+        ``min:<objective>`` / ``max:<objective>``: the front point with its lowest / highest
+            value; ties as for ``best``.
+        ``le:<objective>:<float>`` / ``ge:<objective>:<float>``: among front points with the
+            objective at most / at least the value, the best on the other objectives (in their
+            order); ValueError naming the nearest available value if none.
         ``trial:<trial id>``: that finished trial, on the front or not (the dashboard's
             export command for a clicked point).
+        Aliases: ``max_acc`` = ``best:<first max objective>``, ``min_flops`` = ``min:<FLOPs
+        objective>`` (the first min objective whose name holds "flops", else the first min
+        one), ``flops_le:<float>`` = ``le:<FLOPs objective>:<float>``.
 
     Returns:
         The chosen row as a pd.Series whose ``name`` is its index label in ``rows``.
     """
     objs = normalise_objectives(objectives)
-    sel = str(selector).strip()
-    low = sel.lower()
-    if low.startswith("trial:"):
-        wanted = sel.split(":", 1)[1].strip()
+    parsed = selector if isinstance(selector, Selector) else Selector.parse(selector, objs)
+    selector = parsed.alias or parsed.canonical() if isinstance(selector, Selector) else selector  # for messages
+    if parsed.kind == "trial":
+        wanted = str(parsed.trial_id)
         table = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
         if "status" in table:
             status = table["status"]
@@ -485,49 +579,35 @@ def select_point(
             raise ValueError(f"selector {selector!r}: no finished trial {wanted!r} in this sweep")
         return match.iloc[0]
     front = pareto_front(rows, objs)
-    if low not in ("knee", "max_acc", "min_flops") and not low.startswith("flops_le:"):
-        raise ValueError(f"unknown selector {selector!r}; grammar: {SELECTOR_GRAMMAR}")
     if front.empty:
         raise ValueError(f"selector {selector!r}: no finished trial has finite values for {objs}")
-
-    if low == "knee":
+    if parsed.kind == "knee":
         return front.loc[knee_point(front, objs)]
 
-    if low == "max_acc":
-        acc_name = _accuracy_objective(objs)[0]
-        try:
-            cost_name = _flops_objective(objs)[0]
-        except ValueError:
-            return front.loc[front[acc_name].idxmax()]
-        best = front.sort_values([acc_name, cost_name], ascending=[False, True], kind="mergesort")
-        return best.iloc[0]
+    metric = str(parsed.metric)
+    others = [(n, d) for n, d in objs if n != metric]
 
-    cost, _ = _flops_objective(objs)
-    try:
-        acc: str | None = _accuracy_objective(objs)[0]
-    except ValueError:
-        acc = None
-    if low == "min_flops":
-        keys, asc = ([cost, acc], [True, False]) if acc else ([cost], [True])
-        return front.sort_values(keys, ascending=asc, kind="mergesort").iloc[0]
+    def ordered(table: pd.DataFrame, first: list[tuple[str, str]]) -> pd.Series:
+        keys = first + others + ([] if first else [(metric, dict(objs)[metric])])  # last: ties
+        return table.sort_values([n for n, _ in keys], ascending=[d == "min" for _, d in keys],
+                                 kind="mergesort").iloc[0]
 
-    raw = sel.split(":", 1)[1].strip()
-    try:
-        limit = float(raw)
-    except ValueError:
-        raise ValueError(
-            f"selector {selector!r}: {raw!r} is not a number; grammar: {SELECTOR_GRAMMAR}"
-        ) from None
-    within = front[front[cost] <= limit]
+    direction = dict(objs)[metric]
+    if parsed.kind == "best":
+        return ordered(front, [(metric, direction)])
+    if parsed.kind in ("min", "max"):
+        return ordered(front, [(metric, parsed.kind)])
+    limit = float(parsed.value)  # type: ignore[arg-type]
+    within = front[front[metric] <= limit] if parsed.kind == "le" else front[front[metric] >= limit]
     if within.empty:
-        smallest = float(front[cost].min())
-        raise ValueError(
-            f"selector {selector!r}: no Pareto point has {cost} <= {limit:.6g}; "
-            f"the smallest {cost} available is {smallest:.6g}"
-        )
-    if acc is None:
-        return within.sort_values(cost, kind="mergesort").iloc[0]
-    return within.sort_values([acc, cost], ascending=[False, True], kind="mergesort").iloc[0]
+        nearest = float(front[metric].min() if parsed.kind == "le" else front[metric].max())
+        word = "smallest" if parsed.kind == "le" else "largest"
+        sign = "<=" if parsed.kind == "le" else ">="
+        raise ValueError(f"selector {selector!r}: no Pareto point has {metric} {sign} {limit:.6g}; "
+                         f"the {word} {metric} available is {nearest:.6g}")
+    if not others:
+        return ordered(within, [(metric, direction)])
+    return ordered(within, [])
 
 
 def non_dominated_ranks(values: np.ndarray | Sequence[Sequence[float]], directions: Sequence[str]) -> np.ndarray:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from search.keep import KEEP_WEIGHTS
 from search.space import ConfigError, SearchSpace, load_method_configs, method_class, method_space
 
 __all__ = ["BuildProcess", "CheckFn", "PreflightResult", "SAMPLERS", "TRIAL_KINDS", "TrialKind", "apply_build",
@@ -255,6 +256,7 @@ TRIAL_KEYS: dict[str, CheckFn] = {
     "export_onnx": boolean,
     "verbose": boolean,
     "faults": _faults,
+    "keep_weights": one_of(*KEEP_WEIGHTS),  # search/keep.py
 }
 
 DATA_KEYS: dict[str, CheckFn] = {

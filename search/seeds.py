@@ -127,8 +127,9 @@ def rerun_front(front: pd.DataFrame, configs: dict[str, dict[str, Any]], ctx: An
     while queue or pending:
         while queue and len(pending) < max(1, concurrency):
             tid, seed = queue.pop(0)
-            seeded = dataclasses.replace(ctx, trial={**ctx.trial, "seed": seed}, tracking=None,
-                                         report_every_epoch=False)
+            # A rerun is not a sweep point: it keeps no weights (the front point keeps its own).
+            seeded = dataclasses.replace(ctx, trial={**ctx.trial, "seed": seed, "keep_weights": "none"},
+                                         tracking=None, report_every_epoch=False)
             ref = task.remote(configs[tid], seeded, f"{tid}-seed{seed}",
                               str(_rerun_dir(output_dir, tid, seed)), cpus)
             pending[ref] = (tid, seed)

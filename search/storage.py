@@ -274,6 +274,34 @@ class SweepStorage:
         rows = [self.finished_row(i) for i in ids]
         return [r for r in rows if r is not None]
 
+    def write_text(self, relative: str, text: str) -> None:
+        """Write a file under the root (atomically on a local root)."""
+        local = self.local_root()
+        if local is not None:
+            atomic_write_text(local / relative, text)
+            return
+        filesystem, base = self._fs()
+        with filesystem.open_output_stream(_join(base, relative + ".tmp")) as out:
+            out.write(text.encode())
+        filesystem.move(_join(base, relative + ".tmp"), _join(base, relative))
+
+    def delete(self, relative: str) -> bool:
+        """Delete a file under the root; False if it was not there."""
+        local = self.local_root()
+        if local is not None:
+            try:
+                (local / relative).unlink()
+                return True
+            except FileNotFoundError:
+                return False
+        from pyarrow import fs as pafs
+
+        filesystem, base = self._fs()
+        if filesystem.get_file_info(_join(base, relative)).type != pafs.FileType.File:
+            return False
+        filesystem.delete_file(_join(base, relative))
+        return True
+
     def read_text(self, relative: str) -> str:
         """The text of a file under the root."""
         local = self.local_root()

@@ -1,7 +1,7 @@
 """One trial: build data, model and method from a sampled config, train, measure, log.
 
 :func:`run_trial` is plain Python (no Ray needed), so a trial can be run and debugged on its
-own; :func:`ray_trainable` wraps it for Ray Tune. Data sets are loaded once per worker
+own; :func:`run_tune_trial` runs it for Ray Tune. Data sets are loaded once per worker
 process and reused by later trials on the same worker (Ray's actor reuse keeps the process).
 
 A trial's files go to ``<sweep root>/trials/<trial_id>/`` (:mod:`search.storage`), never to
@@ -30,21 +30,24 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
+from prunelib.artifact import ONNX_FILE, SURGERED_DIR, save_pruned
 from prunelib.data import StreamingDataModule, datamodule_from_config
 from prunelib.flops import model_cost
 from prunelib.models import model_from_config
 from prunelib.robustness import fgsm_accuracy
 from prunelib.surgery import SurgeryError, export_onnx
 from prunelib.targets import call_target
-from prunelib.training import SPEED_SETTINGS, TrainConfig, evaluate_masked, network_of, run_pruning
+from prunelib.training import SPEED_SETTINGS, CollapseCheck, TrainConfig, evaluate_masked, network_of, run_pruning
 from search.faults import FaultPlan
+from search.keep import keep_policy, model_spec, prune_off_front
 from search.trial_context import TrialContext
 from search.trial_progress import trial_progress
 from search.space import ConfigError, SearchSpace, settings_from_params
 from search.storage import SweepStorage, atomic_write_text
 
 __all__ = ["DOCUMENTED_MODULE_KEYS", "ObjectiveNotLoggedError", "TrialContext", "TrialFailed", "adopt_finished",
-           "build_module", "get_datamodule", "record_trial", "run_trial", "run_tune_trial"]
+           "build_module", "collapse_metrics", "get_datamodule", "module_args", "record_trial", "run_trial",
+           "run_tune_trial"]
 
 log = logging.getLogger("search")
 
@@ -84,10 +87,21 @@ def get_datamodule(data_cfg: dict[str, Any], device: str, seed: int) -> Any:
     return _DATA_CACHE[key]
 
 
+def module_args(model: torch.nn.Module | None, input_shape: tuple[int, ...], num_classes: int,
+                trial_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The documented keys offered to a user's LightningModule (:data:`DOCUMENTED_MODULE_KEYS`):
+    the network to train, the data's shape and classes, the trial's optimiser settings."""
+    shape = tuple(int(s) for s in input_shape)
+    return {"model": model, "input_shape": shape, "in_channels": shape[0] if shape else None,
+            "num_classes": int(num_classes), "lr": float(trial_cfg.get("lr", 0.05)),
+            "weight_decay": float(trial_cfg.get("weight_decay", 5e-4)),
+            "momentum": float(trial_cfg.get("momentum", 0.9)), "optimizer": trial_cfg.get("optimizer", "sgd")}
+
+
 def build_module(module_cfg: Mapping[str, Any], model: torch.nn.Module, input_shape: tuple[int, ...],
                  num_classes: int, trial_cfg: Mapping[str, Any]) -> L.LightningModule:
     """The user's LightningModule (``module._target_``), called with the documented keys its
-    signature names (:data:`DOCUMENTED_MODULE_KEYS`) and the section's own keys.
+    signature names (:func:`module_args`) and the section's own keys.
 
     A module that does not take ``model`` builds its own network; the trial prunes
     :func:`prunelib.training.network_of` of it (its ``model`` attribute, else the module).
@@ -98,16 +112,23 @@ def build_module(module_cfg: Mapping[str, Any], model: torch.nn.Module, input_sh
     """
     target = module_cfg["_target_"]
     own = {k: v for k, v in module_cfg.items() if k != "_target_"}
-    shape = tuple(int(s) for s in input_shape)
-    documented = {"model": model, "input_shape": shape, "in_channels": shape[0] if shape else None,
-                  "num_classes": int(num_classes), "lr": float(trial_cfg.get("lr", 0.05)),
-                  "weight_decay": float(trial_cfg.get("weight_decay", 5e-4)),
-                  "momentum": float(trial_cfg.get("momentum", 0.9)), "optimizer": trial_cfg.get("optimizer", "sgd")}
-    module = call_target(target, documented, own, "module._target_")
+    module = call_target(target, module_args(model, input_shape, num_classes, trial_cfg), own, "module._target_")
     if not isinstance(module, L.LightningModule):
         raise TypeError(f"module._target_={target}: returned {type(module).__name__}, not a "
                         "lightning.LightningModule")
     return module
+
+
+def collapse_metrics(judged: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's collapse figures from :meth:`prunelib.training.CollapseCheck.judge`:
+    ``top_class_share``, ``classes_predicted``, ``collapsed`` and, when it collapsed, ``collapse``
+    (the reason in words; shown on the trial's line, in MLflow and in the front table)."""
+    if not judged:
+        return {}
+    out = {k: judged[k] for k in ("top_class_share", "classes_predicted", "collapsed")}
+    if judged.get("collapsed"):
+        out["collapse"] = judged["collapse"]
+    return out
 
 
 class _EpochReporter(L.Callback):
@@ -230,7 +251,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     model_args = {k: v for k, v in ctx.model.items() if k not in ("name", "_target_")}
     if ctx.model.get("_target_"):
         model_args["target"] = ctx.model["_target_"]
-    model = model_from_config(ctx.model, input_shape, datamodule.num_classes)
+    model = built = model_from_config(ctx.model, input_shape, datamodule.num_classes)
     module_label = (ctx.module or {}).get("_target_")
     module = build_module(ctx.module, model, input_shape, datamodule.num_classes, trial_cfg) if module_label else None
     if module is not None:
@@ -285,19 +306,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         raise TrialFailed(f"trial {trial_id}: loss became NaN (lr={config.lr}); the result is unusable")
 
     out_dir = trial_output_dir(trial_dir, trial_id)
+    keep = keep_policy(trial_cfg)
     # The artifact run_pruning measured (surgered for structured masks) is the one kept, timed, exported.
     deployed, artifacts = result.deployed.model, {}
-    if result.deployed.kind == "surgered":
-        smaller = result.deployed.surgery
-        smaller.save(out_dir / "surgered", model_spec={
-            "name": ctx.model["name"], "input_shape": list(input_shape), "num_classes": datamodule.num_classes,
-            "width": model_args.get("width", 1.0), "kwargs": {k: v for k, v in model_args.items() if k != "width"}}
-            if not ctx.model.get("_target_") else None)
-        if trial_cfg.get("export_onnx"):
-            export_onnx(smaller.model, out_dir / "surgered" / "model.onnx", input_shape)
-        artifacts["surgered"] = str(out_dir / "surgered")
-        if mlflow_run is not None:
-            mlflow_run.log_model(smaller.model, input_shape)
     if method.write_artifacts(out_dir / method_name):  # e.g. RL-Pruner's learned layer distribution
         artifacts[method_name] = str(out_dir / method_name)
     metrics["artifact"] = result.deployed.kind  # what flops_deployed / params_deployed were counted on
@@ -306,15 +317,34 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
         robust = fgsm_accuracy(deployed, datamodule.val_dataloader(), epsilon=float(trial_cfg["fgsm_epsilon"]))
         metrics["val_fgsm_acc"] = robust.attacked_accuracy
     _check_objectives(ctx, metrics, trial_id, module_label)
+    try:
+        metrics.update(collapse_metrics(CollapseCheck().judge(deployed, datamodule.val_dataloader())))
+    except Exception as exc:  # a model or data the check does not understand: no flag, no failure
+        log.warning("trial %s: could not check the model for collapse (%s: %s)", trial_id, type(exc).__name__,
+                    str(exc)[:200])
     masks_path = result.masks.save(out_dir / "masks.safetensors", model, method=method_name,
                                    config=settings, trial_id=trial_id, data=ctx.data["name"],
                                    model_name=ctx.model["name"], flops=result.cost.as_dict(),
                                    model_args=model_args)
     layer_sparsity = result.masks.layer_sparsity(model)
     (out_dir / "layer_sparsity.json").write_text(json.dumps(layer_sparsity, indent=1))
+    kept: dict[str, Any] = {"keep_weights": keep}
+    if keep != "none":  # the weights the metrics were measured on, with the spec that rebuilds the model
+        spec = model_spec(ctx.model, input_shape, datamodule.num_classes, ctx.module,
+                          module_args(None, input_shape, datamodule.num_classes, trial_cfg),
+                          network_is_model=model is built)
+        if result.deployed.kind == "surgered" and trial_cfg.get("export_onnx"):
+            export_onnx(deployed, out_dir / SURGERED_DIR / ONNX_FILE, input_shape)
+        manifest = save_pruned(out_dir, deployed, spec, result.deployed.kind, surgery=result.deployed.surgery)
+        kept["artifact_dir"] = str(out_dir)
+        artifacts["pruned"] = str(manifest)
+        if result.deployed.kind == "surgered":
+            artifacts["surgered"] = str(out_dir / SURGERED_DIR)
+        if mlflow_run is not None:
+            kept["model_uri"] = mlflow_run.log_model(deployed, input_shape, json.loads(manifest.read_text()))
     return record_trial(ctx, trial_id, method_name, settings, overrides, metrics, out_dir,
                         extra={"masks_path": str(masks_path), "data_load_s": data_s,
-                               "trial_wall_s": time.perf_counter() - start},
+                               "trial_wall_s": time.perf_counter() - start, **kept},
                         artifacts={"masks": str(masks_path), "layers": str(out_dir / "layer_sparsity.json"),
                                    **artifacts})
 
@@ -374,7 +404,8 @@ def record_trial(ctx: TrialContext, trial_id: str, method_name: str, settings: d
             row["mlflow_run_id"] = log_trial_run(
                 ctx.tracking["uri"], ctx.tracking["experiment_id"], ctx.tracking["parent_run_id"],
                 trial_id, params={"method": method_name, **settings, **trial_params},
-                metrics={**metrics, "method": method_name, "masks_path": extra["masks_path"]},
+                metrics={**metrics, "method": method_name, "masks_path": extra["masks_path"],
+                         **{k: extra[k] for k in ("keep_weights", "artifact_dir", "model_uri") if extra.get(k)}},
                 artifacts=artifacts, step=step,
                 # The run this trial started (None: it could not, or it is not ours to end).
                 run_id=live.run_id if live is not None and live.failed is None else None)
@@ -383,9 +414,18 @@ def record_trial(ctx: TrialContext, trial_id: str, method_name: str, settings: d
             log.warning("trial %s: could not log to MLflow (%s); its result stays in %s", trial_id,
                         row["mlflow_unlogged"], out_dir)
     # The result also stays beside the masks, whatever happens to the tracking store.
-    if storage is not None:
-        return storage.publish(out_dir, trial_id, row)
-    atomic_write_text(out_dir / "trial_result.json", json.dumps(row, indent=1, default=str))
+    if storage is None:
+        atomic_write_text(out_dir / "trial_result.json", json.dumps(row, indent=1, default=str))
+        return row
+    row = storage.publish(out_dir, trial_id, row)
+    if row.get("keep_weights") == "front":
+        try:
+            gone = prune_off_front(storage, ctx.objectives, ctx.tracking, trial_id)
+            if gone:
+                log.info("trial %s: weights of %s removed (off the front; trial.keep_weights=front)", trial_id, gone)
+        except Exception as exc:  # disk housekeeping must not lose a finished trial
+            log.warning("trial %s: could not remove the weights of trials off the front (%s: %s)", trial_id,
+                        type(exc).__name__, str(exc)[:300])
     return row
 
 

@@ -242,10 +242,11 @@ def _make_callback_class() -> type:
             hv_text = (f"  hv {summary.hypervolume:.4g} ({summary.hypervolume_normalised:.4f} of the box)"
                        if summary is not None and size else "")
             status = (f"stopped at epoch {row.get('epoch', '?')} (projected) " if stopped else "")
+            flag = f"  COLLAPSED: {row.get('collapse')}" if row.get("collapsed") else ""  # issue 29
             print(f"[{len(rows)}/{self.n_trials}] {trial_id} {row.get('method', '?'):<10} "
                   f"{_settings_text(row):<34} {status}{acc_key} {float(row.get(acc_key, float('nan'))):.4f}  "
                   f"{flops_key} {_fmt_flops(row.get(flops_key))}{share}  "
-                  f"{float(seconds or 0.0):.1f}s  front {size}{hv_text}",
+                  f"{float(seconds or 0.0):.1f}s  front {size}{hv_text}{flag}",
                   flush=True)
 
         def flush(self) -> None:
@@ -405,6 +406,8 @@ def print_front(front: pd.DataFrame, objectives: list[tuple[str, str]]) -> None:
     cols += [c for c in front.columns if c.startswith("param.") and c != "param.sparsity"
              and front[c].nunique(dropna=False) > 1][:4]
     table = front[[c for c in dict.fromkeys(cols) if c in front.columns]].copy()
+    if "collapsed" in front.columns and front["collapsed"].fillna(False).astype(bool).any():  # issue 29
+        table["collapsed"] = ["yes" if v is True or v == 1 else "" for v in front["collapsed"]]
     for c in table.columns:
         # As the dashboard writes them; a setting the point did not use (inactive `when:`) is "-".
         table[c] = [("-" if c.startswith("param.") and _is_missing(v) else format_metric(c, v)) for v in table[c]]
@@ -903,7 +906,7 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
             print(f"MLflow: {shell_command(['mlflow', 'ui', '--backend-store-uri', tracking['uri']])}  (parent run "
                   f"{tracking['parent_run_id']}), then {ui_url(tracking['uri'], tracking['experiment_id'])}",
                   flush=True)
-            print("export one point: " + export_command(tracking["parent_run_id"], "knee", "masks.safetensors",
+            print("export one point: " + export_command(tracking["parent_run_id"], "knee", "knee_point",
                                                          tracking["uri"]), flush=True)
         except Exception as exc:
             print(f"warning: could not log the final front to MLflow ({exc}); it is in {front_dir}",

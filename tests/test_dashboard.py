@@ -132,7 +132,7 @@ def test_trial_details_layers_pictures_and_export_command(store):
     assert t["layer_sparsity"] == {"net.1.weight": 0.6, "net.3.weight": 0.75}
     assert t["params"]["method"] == "magnitude"
     assert t["export_command"] == (f"python -m search.export run_id={parent} select=trial:t2 "
-                                   f"out=masks-t2.safetensors tracking.uri={uri}")
+                                   f"out=point-t2 tracking.uri={uri}")
     assert t["images"] == ["viz/t2.png"]
     png = client.get(f"/api/artifact/{runs['t2']}/viz/t2.png")
     assert png.status_code == 200 and png.get_data()[:4] == b"\x89PNG"

@@ -123,6 +123,26 @@ def test_wheel_installs_and_runs_the_readme_example_from_an_empty_directory(tmp_
     assert len(results) == 4 and all(0 < r["val_hit_rate"] <= 1 and r["flops_effective"] < r["flops_dense"]
                                      for r in results)
     assert (user / "mlflow.db").is_file() and (user / "optuna.db").is_file()
+    # Issue 29: the best point taken home from the installed command reproduces its metric in a
+    # fresh process that imports the loader, the user's own code and Lightning, nothing of search.
+    export = subprocess.run(["prunesearch-export", "select=best:val_hit_rate", "out=point"], cwd=user, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    assert "the model's own code must be importable: mycode.Net" in export.stdout
+    check = subprocess.run([str(python), "-c", (
+        "import json, sys, lightning as L\n"
+        "from prunelib.artifact import load_pruned\n"
+        "import mycode\n"
+        "model = load_pruned('point')\n"
+        "trainer = L.Trainer(accelerator='cpu', logger=False, enable_progress_bar=False, enable_model_summary=False)\n"
+        "logged = trainer.validate(mycode.Classifier(model), datamodule=mycode.Digits(), verbose=False)[0]\n"
+        "assert 'search' not in sys.modules and 'ray' not in sys.modules\n"
+        "print(json.dumps({'val_hit_rate': logged['val_hit_rate']}))")], cwd=user, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert check.returncode == 0, check.stderr[-3000:]
+    reported = json.loads((user / "point" / "trial.json").read_text())["val_hit_rate"]
+    assert reported == max(r["val_hit_rate"] for r in results)
+    assert abs(json.loads(check.stdout.strip().splitlines()[-1])["val_hit_rate"] - reported) <= 1e-6
     # Method configs on Hydra's search path join an unpinned sweep of the installed command.
     (user / "more_conf" / "method").mkdir(parents=True)
     (user / "more_conf" / "method" / "half_magnitude.yaml").write_text(

@@ -383,3 +383,53 @@ def test_stepwise_convolution_mode_interleaves_conv_removal_with_the_dense_steps
         assert method.report["dense_neurons_merged"]["classifier.0"]["merged"] == 60
     small = surgery(stepwise, b.masks, SHAPE, round_to=None)
     assert small.max_abs_diff < 1e-4
+
+
+def test_a_removed_residual_stream_channel_through_depthwise_and_concat_is_compensated():
+    """Every group of a depthwise-separable network has several producers (the depthwise
+    convolution is one of its feeder's group), so compensation must not be limited to
+    single-producer groups: here the residual stream's channel 3 is constant in every writer
+    (its BatchNorms' gamma = 0). Removing it with compensation leaves the outputs unchanged but
+    for the 3x3 consumer's zero-padded border; without, every output moves."""
+    from tests.topologies import SHAPE as TOPO_SHAPE
+    from tests.topologies import ResidualDepthwiseConcat, randomise_bn
+
+    torch.manual_seed(0)
+    model = randomise_bn(ResidualDepthwiseConcat())
+    with torch.no_grad():
+        for bn in (model.bn0, model.bna, model.bnb1, model.bndw):  # channel 3 of each path: 1.5
+            bn.weight[3], bn.bias[3] = 0.0, 1.5
+    x = torch.randn(64, *TOPO_SHAPE)
+    reference = model(x)
+    errors = {}
+    for compensate in (True, False):
+        pruned = copy.deepcopy(model)
+        method = PAODING(conv_ratio=1 / 16, dense_ratio=0.0, input_shape=TOPO_SHAPE, compensate=compensate,
+                         exclude=("c",))
+        method.setup(pruned, None)
+        masks = method.finalize(pruned)
+        assert torch.nonzero(~masks.masks["stem.weight"]).flatten().tolist() == [3]
+        assert method.report["conv_channels_compensated"] == (1 if compensate else 0)
+        small = surgery(pruned, masks, TOPO_SHAPE, round_to=None).model.eval()
+        assert small.stem.out_channels == 15
+        errors[compensate] = float((small(x) - reference).abs().mean())
+    assert errors[False] > 0.05 and errors[True] < errors[False] / 4, errors
+
+
+def test_a_depthwise_filter_scores_the_spread_its_batchnorm_gives_it():
+    """BN-folded L1 of a depthwise filter is |w| |gamma| / sigma with sigma ~ |w| * the spread
+    of its one input: the filter cancels and the score would rank the inputs' spread
+    inverted. The depthwise producer scores |gamma| instead."""
+    from prunelib.importance import channel_scores
+    from prunelib.surgery import channel_groups
+    from tests.topologies import SHAPE as TOPO_SHAPE
+    from tests.topologies import ResidualDepthwiseConcat, randomise_bn
+
+    model = randomise_bn(ResidualDepthwiseConcat())
+    group = next(g for g in channel_groups(model, TOPO_SHAPE) if "dw" in g.producers)
+    alone = copy.deepcopy(group)
+    alone.producers = {"dw": group.producers["dw"]}
+    scores = channel_scores(model, alone, "l1_bn")
+    covered = group.producers["dw"] >= 0
+    expected = model.bndw.weight.detach().double().abs()[group.producers["dw"][covered]]
+    torch.testing.assert_close(scores[covered], expected)

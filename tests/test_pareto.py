@@ -311,3 +311,31 @@ def test_select_a_trial_by_id_on_or_off_the_front():
         select_point(rows, OBJ, "trial:bad")
     with pytest.raises(ValueError, match="no finished trial 'zz'"):
         select_point(rows, OBJ, "trial:zz")
+
+
+def test_selectors_speak_the_sweeps_objectives():
+    from search.pareto import Selector
+
+    objs = [("val_f1", "max"), ("flops_deployed", "min")]
+    rows = [{"trial_id": f"t{i}", "val_f1": f1, "flops_deployed": fl, "status": "ok"}
+            for i, (f1, fl) in enumerate([(0.5, 1e6), (0.8, 3e6), (0.9, 8e6), (0.9, 9e6), (0.4, 2e6)])]
+    assert select_point(rows, objs, "best:val_f1")["trial_id"] == "t2"  # t3 ties on f1 but costs more
+    assert select_point(rows, objs, "min:flops_deployed")["trial_id"] == "t0"
+    assert select_point(rows, objs, "max:flops_deployed")["trial_id"] == "t2"  # t3 is dominated: off the front
+    assert select_point(rows, objs, "le:flops_deployed:2e6")["trial_id"] == "t0"
+    assert select_point(rows, objs, "le:flops_deployed:5e6")["trial_id"] == "t1"
+    assert select_point(rows, objs, "ge:val_f1:0.75")["trial_id"] == "t1"  # cheapest with f1 >= 0.75
+    # The aliases say which metric they read, and pick what their canonical form picks.
+    alias = Selector.parse("max_acc", objs)
+    assert alias.canonical() == "best:val_f1"
+    assert "reads val_f1" in alias.describe(objs) and "first max objective" in alias.describe(objs)
+    assert Selector.parse("min_flops", objs).canonical() == "min:flops_deployed"
+    assert Selector.parse("flops_le:2e6", objs).canonical() == "le:flops_deployed:2e+06"
+    assert select_point(rows, objs, "max_acc")["trial_id"] == select_point(rows, objs, "best:val_f1")["trial_id"]
+    with pytest.raises(ValueError, match=r"'val_acc' is not an objective of this sweep; its objectives are "
+                                         r"\['val_f1', 'flops_deployed'\]"):
+        select_point(rows, objs, "best:val_acc")
+    with pytest.raises(ValueError, match="largest val_f1 available is 0.9"):
+        select_point(rows, objs, "ge:val_f1:0.95")
+    with pytest.raises(ValueError, match="needs a bound"):
+        select_point(rows, objs, "le:flops_deployed")

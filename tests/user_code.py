@@ -147,3 +147,11 @@ class ForgetfulModule(F1Module):
 
     def on_validation_epoch_end(self) -> None:
         open(self.marker, "w").close()
+
+
+class SelfBuiltF1Module(F1Module):
+    """A user's LightningModule that builds its own network (takes no ``model``): the pruned
+    network is its ``model`` attribute, rebuilt from the module's own arguments."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, width: int = 8, lr: float = 1e-3) -> None:
+        super().__init__(PlainNet(in_channels, num_classes, width), num_classes, lr=lr)

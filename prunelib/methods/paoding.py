@@ -33,8 +33,20 @@ Reconstruction of removed convolution channels (``compensate=True``, an extensio
 deletes a filter and the next layer simply loses its input. After a BatchNorm that input is not
 centred on zero, so removing it shifts every consumer. The channel's expected activation is
 known without data (the BatchNorm's ``beta`` and ``gamma`` are the mean and spread of its output
-on the training data) and is folded into the consumers' biases (or their BatchNorm's running
-mean), as the dense merge folds a neuron into its partner. ``compensate=False`` is the paper.
+on the training data; :func:`expected_inputs` carries them through the model's own activations,
+residual adds and concatenations) and is folded into the consumers' biases (or their
+BatchNorm's running mean), as the dense merge folds a neuron into its partner. Every group
+whose writers all have a BatchNorm after them is compensated: plain chains, residual streams,
+concatenated slices and the channels a depthwise convolution carries. ``compensate=False`` is
+the paper.
+
+Depthwise-separable networks (issue 29). Before, only single-producer groups were compensated;
+in a depthwise-separable network every group has several producers (a depthwise convolution is
+one of its feeder's group), so no removed channel was, and each one dropped its BatchNorm-ReLU
+mean (about ``0.4 |gamma|``) from every pointwise consumer. And the BatchNorm-folded score of a
+depthwise filter ranked channels by the inverse of their input's spread (see
+:mod:`prunelib.importance`, ``l1_bn``). Together they left such a model near chance at any
+ratio; benchmarks/RESULTS.md ("PAODING on a depthwise-separable CNN") has the before/after.
 
 Differences from the paper's Keras code: the interval of ``x_i - x_j`` is also bounded through
 the pair's pre-activation difference over the layer's input box (the paper's difference of two
@@ -73,8 +85,8 @@ from prunelib.methods.base import MethodSettings, Phase, PruningMethod, set_fiel
 from prunelib.methods.baselines import check_fraction
 from prunelib.surgery import ChannelGroup, channel_groups, complete_channel_masks, removed_inputs
 
-__all__ = ["PAODING", "PAODINGSettings", "normalized_interval", "pair_saliency", "merge_neurons",
-           "output_impact"]
+__all__ = ["PAODING", "PAODINGSettings", "expected_inputs", "normalized_interval", "pair_saliency",
+           "merge_neurons", "output_impact"]
 
 log = logging.getLogger("prunelib")
 
@@ -211,6 +223,74 @@ def _trace_calls(model: nn.Module, input_shape: Sequence[int]) -> tuple[list[_Ca
         for h in handles:
             h.remove()
     return calls, id(x)
+
+
+@torch.no_grad()
+def expected_inputs(model: nn.Module, input_shape: Sequence[int], samples: int = 256,
+                    batch_size: int = 64, seed: int = 0) -> dict[str, Tensor]:
+    """Expected value of each input channel (feature) of every Conv/Linear module, data-free.
+
+    A trained BatchNorm knows the mean and spread of its output on the training data: it
+    outputs ``beta`` and ``|gamma|`` there. The model is run on ``samples`` inputs drawn from
+    ``N(0, 1)`` (the normalised input) with every BatchNorm's output replaced by independent
+    draws from ``N(beta, gamma^2)``; the model's own activations, residual adds,
+    concatenations and pooling then carry those statistics to every layer, whatever the
+    topology (no pattern of modules is assumed). Channels not downstream of a BatchNorm get
+    the mean of the random input's response, a poor guess: callers use only channels whose
+    writers all have a BatchNorm after them.
+
+    Args:
+        model: the model (its mode is restored afterwards; nothing is changed).
+        input_shape: one sample's shape, e.g. ``(1, 28, 28)``.
+        samples: synthetic samples (the estimate's noise shrinks as ``1/sqrt(samples * H * W)``).
+        batch_size: samples per forward pass.
+        seed: seeds the draws (the same model gives the same estimate).
+
+    Returns:
+        module name -> float64 CPU tensor ``(in_channels,)`` (``(in_features,)`` for Linear).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ref = next(model.parameters())
+    sums: dict[str, Tensor] = {}
+    handles = []
+
+    def bn_draw(module: nn.Module, _inputs: Any, output: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (output.dim() - 2)
+        gamma = module.weight.detach() if module.weight is not None else torch.ones_like(module.running_var)
+        beta = module.bias.detach() if module.bias is not None else torch.zeros_like(module.running_var)
+        z = torch.randn(output.shape, generator=gen, dtype=torch.float32).to(output)
+        return beta.reshape(shape).to(output) + gamma.abs().reshape(shape).to(output) * z
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: Any) -> None:
+            x = inputs[0].detach().double()
+            if isinstance(module, nn.Linear):
+                per = x.reshape(-1, x.shape[-1]).sum(0)
+                n = x.numel() // x.shape[-1]
+            else:
+                per = x.transpose(0, 1).reshape(x.shape[1], -1).sum(1)
+                n = x.numel() // x.shape[1]
+            total, seen = sums.get(name, (0.0, 0))  # type: ignore[misc]
+            sums[name] = (total + per.cpu(), seen + n)  # type: ignore[assignment]
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, _BN) and module.running_var is not None:
+            handles.append(module.register_forward_hook(bn_draw))
+        elif isinstance(module, (nn.Linear,) + _CONV_TYPES):
+            handles.append(module.register_forward_pre_hook(record(name)))
+    was = model.training
+    model.eval()
+    try:
+        for start in range(0, samples, batch_size):
+            n = min(batch_size, samples - start)
+            x = torch.randn((n, *input_shape), generator=gen, dtype=torch.float32).to(ref)
+            model(x)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return {name: total / seen for name, (total, seen) in sums.items()}  # type: ignore[misc]
 
 
 def _dense_chains(calls: list[_Call]) -> list[_DenseChain]:
@@ -380,7 +460,8 @@ class PAODING(PruningMethod):
         compensate: replace a removed convolution channel by its expected activation instead of
             zero (an extension, see the module doc; False = the paper's plain removal).
         fold_bn: score a filter after folding the BatchNorm that follows it into it (criterion
-            ``l1_bn`` of :mod:`prunelib.importance`); False = the paper's raw L1.
+            ``l1_bn`` of :mod:`prunelib.importance`; a depthwise filter scores its BatchNorm's
+            ``|gamma|``); False = the paper's raw L1.
         min_channels: channels/neurons every layer keeps.
         exclude: module-name prefixes left alone.
     """
@@ -446,12 +527,14 @@ class PAODING(PruningMethod):
         removed_conv: dict[str, int] = {}
         compensated = 0
         done: set[tuple[str, int]] = set()  # (group root, channel) already compensated
+        # Of the unpruned model: what a removed channel carried before anything was cut.
+        expected = expected_inputs(model, shape) if self.compensate and self.conv_ratio > 0 else {}
 
         def conv_stage(ratio: float) -> None:
             nonlocal compensated
             removed_conv.update(self._sample_convolutions(model, groups, masks, ratio))
             if self.compensate and len(masks):
-                compensated += self._compensate(model, groups, masks, shape, done)
+                compensated += self._compensate(model, groups, masks, shape, done, expected)
             if len(masks):
                 complete_channel_masks(model, masks, shape, groups).apply(model)
 
@@ -516,67 +599,62 @@ class PAODING(PruningMethod):
 
     @torch.no_grad()
     def _compensate(self, model: nn.Module, groups: list[ChannelGroup], masks: MaskSet,
-                    shape: tuple[int, ...], done: set[tuple[str, int]]) -> int:
+                    shape: tuple[int, ...], done: set[tuple[str, int]],
+                    expected: dict[str, Tensor]) -> int:
         """Fold each newly removed channel's expected activation into its consumers (data-free).
 
-        For a channel ``Conv -> BatchNorm(gamma, beta) -> ReLU`` the BatchNorm output has mean
-        ``beta`` and standard deviation ``|gamma|`` over the data it was trained on; modelled as
-        ``N(beta, gamma^2)``, the ReLU output's mean is ``beta Phi(beta/|gamma|) + |gamma|
-        phi(beta/|gamma|)`` (``beta`` without an activation). The consumers' response to that
-        constant (its weights over the channel, summed over the kernel) is added to their bias,
-        or subtracted from the running mean of the BatchNorm that follows them when they have
-        none. Exact for dense consumers, approximate at a convolution's zero-padded border.
-        Single-producer groups only (a residual stream's post-add activation is not modelled).
-        ``done`` holds the channels compensated before (stepwise mode); it is updated.
-        Returns the number of channels compensated now.
+        A removed channel stops feeding its consumers a signal whose mean is not zero (after a
+        BatchNorm and a ReLU, about ``0.4 |gamma|``); dropping that constant shifts every
+        consumer. ``expected`` holds, per consumer, the expected value of each of its inputs
+        (:func:`expected_inputs`: every BatchNorm output modelled as ``N(beta, gamma^2)``, its
+        training-data statistics, and carried through the model's own ReLUs, adds,
+        concatenations and pooling). The consumers' response to that constant (its weights
+        over the channel, summed over the kernel) is added to their bias, or subtracted from
+        the running mean of the BatchNorm that follows them when they have none. Exact for
+        dense consumers and a constant channel, approximate at a convolution's zero-padded
+        border.
+
+        A channel is compensated when every producer writing it has a BatchNorm right after it
+        (otherwise its distribution is unknown without data): plain chains, residual streams
+        (every writer of the stream), the slices of a concatenation and the channels a
+        depthwise convolution carries from its feeder to its pointwise consumer alike. Grouped
+        consumers (a depthwise convolution reading the channel) lose that output channel with
+        it and need nothing. ``done`` holds the channels compensated before (stepwise mode);
+        it is updated. Returns the number of channels compensated now.
         """
         modules = dict(model.named_modules())
         calls, _ = _trace_calls(model, shape)
         reader = {c.inp: c for c in calls}  # tensor id -> the call that reads it
-        by_name = {c.name: c for c in calls}
         count = 0
         for group in groups:
-            if len(group.producers) != 1 or len(group.norms) > 1:
+            removed = torch.ones(group.size, dtype=torch.bool)
+            for producer, index in group.producers.items():
+                covered = (index >= 0).cpu()
+                key = f"{producer}.weight"
+                if group.norm_after.get(producer) is None or key not in masks:
+                    removed[covered] = False  # unknown distribution, or still written
+                    continue
+                removed[covered] &= ~masks.masks[key].cpu()[index.cpu()[covered]]
+            fresh = [int(c) for c in torch.nonzero(removed).flatten() if (group.root, int(c)) not in done]
+            if not fresh:
                 continue
-            (producer, index), = group.producers.items()
-            key = f"{producer}.weight"
-            if key not in masks or producer not in by_name:
-                continue
-            dropped = [int(c) for c in torch.nonzero(~masks.masks[key].cpu()[index]).flatten()
-                       if (group.root, int(c)) not in done]
-            if not dropped:
-                continue
-            dropped_t = torch.tensor(dropped, dtype=torch.long)
-            bn_name = group.norm_after.get(producer)
-            after = reader.get(by_name[producer].out)
-            if bn_name is None or after is None or after.name != bn_name:
-                continue  # the channel's distribution is only known through its BatchNorm
-            bn = modules[bn_name]
-            if bn.weight is None:
-                continue
-            act = reader.get(after.out)
-            beta = bn.bias.detach().double()[group.norms[bn_name][dropped_t]]
-            gamma = bn.weight.detach().double()[group.norms[bn_name][dropped_t]].abs().clamp_min(1e-12)
-            if act is not None and isinstance(act.module, nn.ReLU):
-                z = beta / gamma
-                normal = torch.distributions.Normal(torch.zeros_like(z), torch.ones_like(z))
-                mean = beta * normal.cdf(z) + gamma * normal.log_prob(z).exp()
-            elif act is not None and isinstance(act.module, (nn.Identity, nn.Dropout) + _POOLS):
-                mean = beta
-            else:
-                continue
-            value = torch.zeros(group.size, dtype=torch.float64, device=mean.device)
-            value[dropped_t.to(mean.device)] = mean
+            now = torch.zeros(group.size, dtype=torch.bool)
+            now[fresh] = True
             for name, (root_idx, in_idx) in group.consumers.items():
                 consumer = modules[name]
-                if isinstance(consumer, _CONV_TYPES) and consumer.groups != 1:
+                if (isinstance(consumer, _CONV_TYPES) and consumer.groups != 1) or name not in expected:
                     continue
+                pick = now[root_idx.cpu()]
+                if not bool(pick.any()):
+                    continue
+                inputs = in_idx.cpu()[pick]
                 w = consumer.weight.detach().double()
                 per_input = w.reshape(w.shape[0], w.shape[1], -1).sum(-1)  # (out, in)
-                shift = (per_input[:, in_idx.to(w.device)] * value[root_idx].to(w.device)[None]).sum(1)
+                value = expected[name].double().to(w.device)[inputs.to(w.device)]
+                shift = (per_input[:, inputs.to(w.device)] * value[None]).sum(1)
                 self._shift_output(modules, calls, reader, name, shift)
-            done.update((group.root, c) for c in dropped)
-            count += len(dropped)
+            done.update((group.root, c) for c in fresh)
+            count += len(fresh)
         return count
 
     @staticmethod
