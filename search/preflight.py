@@ -977,13 +977,20 @@ class BuildProcess:
     """
 
     def __init__(self, cfg: Mapping[str, Any]) -> None:
+        """Start building what ``cfg`` (the resolved config: its relative paths are taken from
+        the launch directory, as :func:`preflight` does) describes."""
         import json
         import subprocess
         import sys
 
+        cfg = _absolute_paths(dict(cfg))
+
         self._proc = subprocess.Popen([sys.executable, "-c", _BUILD_PROCESS], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self._request = json.dumps({"cfg": cfg, "sys_path": [p for p in sys.path if p]}, default=str)
+        assert self._proc.stdin is not None
+        self._proc.stdin.write(json.dumps({"cfg": cfg, "sys_path": [p for p in sys.path if p]}, default=str))
+        self._proc.stdin.close()  # the build starts now
+        self._proc.stdin = None  # (communicate() would flush the closed pipe)
 
     def result(self) -> dict[str, Any]:
         """What :func:`build_check` returned.
@@ -993,7 +1000,7 @@ class BuildProcess:
         """
         import json
 
-        out, err = self._proc.communicate(self._request)
+        out, err = self._proc.communicate()
         lines = [line for line in out.splitlines() if line.startswith("{")]
         try:
             reply = json.loads(lines[-1])
@@ -1007,9 +1014,10 @@ class BuildProcess:
         return reply["built"]
 
     def stop(self) -> None:
-        """End the build process if it still runs."""
-        if self._proc.poll() is None:
-            self._proc.kill()
+        """End the build process if it still runs (after :meth:`result`, it has ended)."""
+        if self._proc.returncode is not None:
+            return
+        self._proc.kill()
         self._proc.communicate()
 
 

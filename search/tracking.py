@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from search import pareto, plots
+from search import pareto
 
 log = logging.getLogger(__name__)
 
@@ -510,6 +510,8 @@ class SweepTracker:
                 out = Path(tmp)
                 front.to_csv(out / "front.csv", index=False)
                 df.to_csv(out / "trials.csv", index=False)
+                from search import plots  # matplotlib and plotly: only when plots are drawn
+
                 dense = plots.DenseReference.from_metrics(
                     _retry(lambda: self.client.get_run(run_id), "get run").data.metrics)
                 plots.write_sweep_plots(df, front, objs, out, title, dense=dense)

@@ -600,7 +600,14 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
             lock = SweepLock(output_dir).acquire()
         except SweepLocked as exc:
             raise ConfigError(f"search.resume_dir: {exc}") from exc
+    builder = None
     try:
+        if checked is None and "lightning" not in sys.modules:
+            # Data, model and module are built once, in a process of their own started now: it
+            # runs while this one checks the config and starts Ray (see _start_ray_and_check).
+            from search.preflight import BuildProcess
+
+            builder = BuildProcess(cfg)
         # The checks that need nothing built (schema, methods, objectives): a refusal in seconds.
         pre = checked or preflight(cfg, output_dir, build=False, open_stores=False)
         clock.mark("config_checked")
@@ -615,15 +622,18 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         if state and not resuming:
             raise ConfigError(f"search.resume: {output_dir} already holds a sweep; pass search.resume=true "
                               "to continue it, or choose another output directory")
-        return _run_locked(cfg, pre, space, objectives, output_dir, state, resuming, clock, built=checked is not None)
+        return _run_locked(cfg, pre, space, objectives, output_dir, state, resuming, clock, builder,
+                           built=checked is not None)
     finally:
+        if builder is not None:
+            builder.stop()
         if lock is not None:
             lock.release()
 
 
 def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objectives: list[tuple[str, str]],
                 output_dir: Path, state: dict[str, Any], resuming: bool, clock: StartupClock,
-                built: bool = False) -> SweepResult:
+                builder: Any = None, built: bool = False) -> SweepResult:
     """Ray and the rest of the pre-flight, the parent run and the Optuna store; then the tuner.
     Holds the sweep's lock."""
     search = cfg["search"]
@@ -643,7 +653,7 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
 
     own_ray = not ray.is_initialized()
     try:
-        _start_ray_and_check(cfg, pre, output_dir, cluster, clock, built)
+        _start_ray_and_check(cfg, pre, output_dir, cluster, clock, builder, built)
     except BaseException:
         if own_ray and ray.is_initialized():  # a refusal leaves nothing running
             ray.shutdown()
@@ -697,12 +707,12 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
 
 
 def _start_ray_and_check(cfg: dict[str, Any], pre: PreflightResult, output_dir: Path, cluster: dict[str, Any],
-                         clock: StartupClock, built: bool) -> None:
-    """The rest of the pre-flight, around Ray's start: data, model and module are built once in a
-    process of their own (:class:`~search.preflight.BuildProcess`: this one never imports
-    Lightning or transformers) and the stores are checked on a thread, both while Ray starts
-    (on this thread: Ray's processes die with the thread that started them). A process that
-    has already imported Lightning (a notebook, a test) builds in place once Ray is up.
+                         clock: StartupClock, builder: Any, built: bool) -> None:
+    """The rest of the pre-flight, around Ray's start: the stores are checked on a thread while
+    Ray starts (on this thread: Ray's processes die with the thread that started them), and
+    what ``builder`` (:class:`~search.preflight.BuildProcess`, started with the sweep: this
+    process never imports Lightning or transformers) found is read once Ray is up. Without a
+    builder (a process that already holds Lightning: a notebook, a test) the build runs here.
 
     Raises:
         ConfigError: a store, Ray, the cluster's resources, or what the build found.
@@ -711,29 +721,23 @@ def _start_ray_and_check(cfg: dict[str, Any], pre: PreflightResult, output_dir: 
 
     import ray
 
-    from search.preflight import BuildProcess, apply_build, build_check, open_sweep_stores
+    from search.preflight import apply_build, build_check, open_sweep_stores
     from search.ray_session import init_ray
 
-    builder = BuildProcess(pre.cfg) if not built and "lightning" not in sys.modules else None
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stores") as pool:
-            stores = pool.submit(open_sweep_stores, pre, output_dir) if not built else None
-            try:
-                init_ray(cluster, Path.cwd())
-                clock.mark("ray_started")
-            finally:
-                if stores is not None:
-                    stores.result()  # its ConfigError first: the store is what the user must fix
-                    clock.mark("stores_checked")
-        if cluster.get("kind") == "ray":
-            check_cluster_resources(cfg["trial"], ray.cluster_resources(),
-                                    f"the Ray cluster at {cluster.get('address')}")
-        if not built:
-            apply_build(pre, builder.result() if builder is not None else build_check(pre.cfg))
-            clock.mark("built")
-    finally:
-        if builder is not None:
-            builder.stop()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stores") as pool:
+        stores = pool.submit(open_sweep_stores, pre, output_dir) if not built else None
+        try:
+            init_ray(cluster, Path.cwd())
+            clock.mark("ray_started")
+        finally:
+            if stores is not None:
+                stores.result()  # its ConfigError first: the store is what the user must fix
+                clock.mark("stores_checked")
+    if cluster.get("kind") == "ray":
+        check_cluster_resources(cfg["trial"], ray.cluster_resources(), f"the Ray cluster at {cluster.get('address')}")
+    if not built:
+        apply_build(pre, builder.result() if builder is not None else build_check(pre.cfg))
+        clock.mark("built")
 
 
 class StartupClock:
