@@ -297,6 +297,9 @@ def main() -> None:
     ap.add_argument("--ray-start", action="store_true", help="time ray.init of a local Ray alone (3 runs)")
     ap.add_argument("--commands", action="store_true",
                     help="time --help, a pre-flight refusal and the README's digits demo (each code)")
+    ap.add_argument("--checkout-overrides", nargs="*", default=[],
+                    help="overrides for this checkout's sweeps only (e.g. tracking.log_model=false "
+                         "trial.keep_weights=none: without the take-home artifacts the baseline does not write)")
     args = ap.parse_args()
     if args.trials < 2:
         ap.error("--trials: at least 2 (the marginal cost is the slope between the first and last result)")
@@ -328,7 +331,8 @@ def main() -> None:
             for reuse in {"on": [True], "off": [False], "both": [True, False]}[args.reuse]:
                 if code != REPO and not reuse:
                     continue
-                c = sweep_costs(overrides, args.trials, concurrency, reuse, code)
+                extra = args.checkout_overrides if code == REPO else []
+                c = sweep_costs(overrides + extra, args.trials, concurrency, reuse, code)
                 print(f"{label}, sweep concurrency {concurrency}, reuse {'on' if reuse else 'off'}: {c}", flush=True)
                 table.append((label, concurrency, reuse, c))
     print(f"\n{args.data}/{args.model}, {args.epochs}+{args.finetune_epochs} epochs"
