@@ -255,7 +255,7 @@ def test_dashboard_two_methods_dense_point_at_1024px(logged_sweep, browser):
         assert settings[::2] == ["method", "sparsity"]  # magnitude has no `scope`: not shown at all
 
         # The whole command is visible and the copy button copies all of it.
-        expected = export_command(parent, "trial:m2", "masks-m2.safetensors", uri)
+        expected = export_command(parent, "trial:m2", "point-m2", uri)  # a directory (issue 29)
         code = browser.find_element(By.ID, "export-command")
         assert code.text == expected
         assert browser.execute_script("const e = arguments[0]; return e.scrollWidth <= e.clientWidth "
