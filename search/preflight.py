@@ -915,7 +915,7 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
         cfg["method_pool"] = pool
     space = SearchSpace(pool, pinned=pinned, search_settings=bool(search.get("search_settings", True)))
     _, objectives = _objectives_of(cfg)
-    if not build and not user_module:
+    if not user_module:  # a user's module reports what it logs: checked once it is built (apply_build)
         _check_objectives(cfg, pool, None)
     result = PreflightResult(cfg=cfg, space=space, objectives=objectives, notes=notes, pool=pool)
     if search.get("resume") and search.get("resume_dir"):
@@ -1022,17 +1022,18 @@ class BuildProcess:
 
 
 def apply_build(result: PreflightResult, built: Mapping[str, Any]) -> None:
-    """Record what :func:`build_check` learned and check the objectives against it (a user's
-    module reports what it logged).
+    """Record what :func:`build_check` learned; with a user's module, check the objectives
+    against what it logged (the others were checked before anything was built).
 
     Raises:
-        ConfigError: an objective no chosen method reports.
+        ConfigError: an objective the user's module does not log.
     """
     if not built.get("text"):
         result.input_shape, result.num_classes = tuple(built["input_shape"]), int(built["num_classes"])
         result.logged = set(built["logged"]) if built["logged"] is not None else None
         result.notes += list(built["notes"])
-    _check_objectives(result.cfg, result.pool, result.logged)
+    if (result.cfg.get("module") or {}).get("_target_"):
+        _check_objectives(result.cfg, result.pool, result.logged)
 
 
 def open_sweep_stores(result: PreflightResult, output_dir: str | os.PathLike | None) -> None:

@@ -12,7 +12,7 @@
    ``ConfigError`` line; nothing is tracked and a Ray this sweep started is shut down;
 3. creates the MLflow parent run (or re-opens it on resume) and the Optuna study (an RDB
    store, beside the MLflow store by default);
-4. runs ``Tuner(StudySearcher(define-by-run space, objectives))`` (search.sampling) with a
+4. runs ``Tuner(StudySearcher(define-by-run space, objectives))`` (search.study_searcher) with a
    concurrency limit, per-trial resources, actor reuse and optional ASHA; Tune's state and
    every trial's files live under the sweep's root (:mod:`search.storage`);
 5. after every ended trial prints one line and logs the recomputed front to MLflow;
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from search import pareto
+    from search.preflight import BuildProcess
 
 # pandas, the front's maths and Ray Tune are imported where they are used: a config refused by
 # the pre-flight's first checks never waits for them.
@@ -586,7 +587,6 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         SweepFailed: no trial finished.
         SweepInterrupted: Ctrl-C; the sweep can be resumed.
     """
-    clock = StartupClock()
     output_dir = Path(output_dir).resolve()
     resuming = bool((cfg.get("search") or {}).get("resume"))
     if not resuming:
@@ -610,7 +610,6 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
             builder = BuildProcess(cfg)
         # The checks that need nothing built (schema, methods, objectives): a refusal in seconds.
         pre = checked or preflight(cfg, output_dir, build=False, open_stores=False)
-        clock.mark("config_checked")
         cfg, space, objectives = pre.cfg, pre.space, pre.objectives
         state = _read_state(output_dir / STATE_FILE)
         if resuming and not state:
@@ -622,7 +621,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         if state and not resuming:
             raise ConfigError(f"search.resume: {output_dir} already holds a sweep; pass search.resume=true "
                               "to continue it, or choose another output directory")
-        return _run_locked(cfg, pre, space, objectives, output_dir, state, resuming, clock, builder,
+        return _run_locked(cfg, pre, space, objectives, output_dir, state, resuming, builder,
                            built=checked is not None)
     finally:
         if builder is not None:
@@ -632,8 +631,8 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
 
 
 def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objectives: list[tuple[str, str]],
-                output_dir: Path, state: dict[str, Any], resuming: bool, clock: StartupClock,
-                builder: Any = None, built: bool = False) -> SweepResult:
+                output_dir: Path, state: dict[str, Any], resuming: bool, builder: BuildProcess | None = None,
+                built: bool = False) -> SweepResult:
     """Ray and the rest of the pre-flight, the parent run and the Optuna store; then the tuner.
     Holds the sweep's lock."""
     search = cfg["search"]
@@ -653,7 +652,7 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
 
     own_ray = not ray.is_initialized()
     try:
-        _start_ray_and_check(cfg, pre, output_dir, cluster, clock, builder, built)
+        _start_ray_and_check(cfg, pre, output_dir, cluster, builder, built)
     except BaseException:
         if own_ray and ray.is_initialized():  # a refusal leaves nothing running
             ray.shutdown()
@@ -689,8 +688,6 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
              "experiment_id": tracking and tracking["experiment_id"], "optuna_storage": optuna_url,
              "optuna_study": name, "finished": False,
              "started": state.get("started", datetime.now().isoformat(timespec="seconds"))}
-    clock.mark("tracking_started")
-    state["startup_s"] = clock.marks
     _write_state(output_dir / STATE_FILE, state)
     try:
         return _tune(cfg, space, objectives, output_dir, state, resuming, storage, tracker, tracking, str(abort_file))
@@ -707,7 +704,7 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
 
 
 def _start_ray_and_check(cfg: dict[str, Any], pre: PreflightResult, output_dir: Path, cluster: dict[str, Any],
-                         clock: StartupClock, builder: Any, built: bool) -> None:
+                         builder: BuildProcess | None, built: bool) -> None:
     """The rest of the pre-flight, around Ray's start: the stores are checked on a thread while
     Ray starts (on this thread: Ray's processes die with the thread that started them), and
     what ``builder`` (:class:`~search.preflight.BuildProcess`, started with the sweep: this
@@ -728,31 +725,13 @@ def _start_ray_and_check(cfg: dict[str, Any], pre: PreflightResult, output_dir: 
         stores = pool.submit(open_sweep_stores, pre, output_dir) if not built else None
         try:
             init_ray(cluster, Path.cwd())
-            clock.mark("ray_started")
         finally:
             if stores is not None:
                 stores.result()  # its ConfigError first: the store is what the user must fix
-                clock.mark("stores_checked")
     if cluster.get("kind") == "ray":
         check_cluster_resources(cfg["trial"], ray.cluster_resources(), f"the Ray cluster at {cluster.get('address')}")
     if not built:
         apply_build(pre, builder.result() if builder is not None else build_check(pre.cfg))
-        clock.mark("built")
-
-
-class StartupClock:
-    """Seconds from this process's start to each step of a sweep's start (``sweep.json``'s
-    ``startup_s``; ``benchmarks/search_overhead.py`` reads them)."""
-
-    def __init__(self) -> None:
-        import psutil
-
-        self._t0 = psutil.Process().create_time()
-        self.marks: dict[str, float] = {}
-        self.mark("sweep_called")
-
-    def mark(self, step: str) -> None:
-        self.marks[step] = round(time.time() - self._t0, 3)
 
 
 def _end_parent(tracker: Any, status: str, reason: str) -> None:
