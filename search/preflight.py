@@ -684,6 +684,7 @@ def build_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
     from lightning import LightningModule
 
     from prunelib.data import DataSourceError, DatasetNotFoundError, datamodule_from_config
+    from prunelib.data.labels import check_datamodule_labels
     from prunelib.models import model_from_config
     from prunelib.targets import TargetError
 
@@ -699,6 +700,12 @@ def build_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(msg if msg.startswith("data") else f"{data_key}: {msg}") from exc
     except (DatasetNotFoundError, OSError, ValueError, TypeError, RuntimeError) as exc:
         raise ConfigError(f"{data_key}: {_one_line(exc)}") from exc
+    try:
+        # Every split's labels within the class count the trials use, two classes or more, lengths
+        # that match what the splits yield: a stray label never silently changes every trial's model.
+        check_datamodule_labels(dm, configured=data.get("num_classes") is not None)
+    except DataSourceError as exc:
+        raise ConfigError(str(exc)) from exc
     try:
         x, _ = dm.sample_batch("train", n=4, generator=torch.Generator().manual_seed(seed))
     except Exception as exc:

@@ -26,6 +26,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from prunelib.data.labels import (
+    DataSourceError,
+    check_labels,
+    check_length,
+    class_count,
+    dataset_labels,
+    declared_classes,
+    reading_error,
+)
+
 if TYPE_CHECKING:
     import lightning
 
@@ -36,10 +46,6 @@ __all__ = ["DOCUMENTED_DATA_KEYS", "IMAGE_SUFFIXES", "DataSourceError", "ImageFi
 DOCUMENTED_DATA_KEYS = ("seed", "batch_size", "eval_batch_size", "val_fraction", "num_workers")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _SPLITS = ("train", "val", "test")
-
-
-class DataSourceError(ValueError):
-    """A data source cannot be read or has the wrong form; the message names the key."""
 
 
 def _item(sample: Any, where: str) -> tuple[Tensor, Tensor]:
@@ -59,32 +65,6 @@ def _pair_collate(items: Sequence[Any]) -> tuple[Tensor, Tensor]:
     return _collate(items, "dataset")
 
 
-def _labels_of(dataset: Dataset, where: str, num_workers: int = 0) -> Tensor:
-    """All labels of a dataset (a ``targets`` attribute if it has one, else one pass)."""
-    base, index = dataset, None
-    if isinstance(dataset, Subset):
-        base, index = dataset.dataset, torch.as_tensor(dataset.indices)
-    targets = getattr(base, "targets", None)
-    if targets is not None:
-        t = torch.as_tensor(np.asarray(targets)).long()
-        return t[index] if index is not None else t
-    labels = [y for _, y in DataLoader(dataset, batch_size=512, num_workers=num_workers, collate_fn=_pair_collate)]
-    return torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-
-
-def _count_classes(datasets: Sequence[Dataset], where: str, num_workers: int) -> int:
-    for ds in datasets:
-        base = ds.dataset if isinstance(ds, Subset) else ds
-        for attr in ("num_classes", "classes"):
-            value = getattr(base, attr, None)
-            if value is not None:
-                return int(value) if isinstance(value, int) else len(value)
-    labels = _labels_of(datasets[0], where, num_workers)
-    if labels.numel() == 0:
-        raise DataSourceError(f"{where}: the training split is empty")
-    return int(labels.max()) + 1
-
-
 def _split_off(train: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
     n = len(train)  # type: ignore[arg-type]
     n_val = max(1, int(round(fraction * n)))
@@ -94,11 +74,18 @@ def _split_off(train: Dataset, fraction: float, seed: int) -> tuple[Subset, Subs
     return Subset(train, order[n_val:]), Subset(train, order[:n_val])
 
 
-def _materialise(dataset: Dataset, num_workers: int, where: str) -> tuple[Tensor, Tensor]:
+def _materialise(dataset: Dataset, num_workers: int, where: str, split: str | None = None) -> tuple[Tensor, Tensor]:
+    """The whole split as ``(x, y)`` tensors; ``split`` names it in a reading error (one line)."""
     xs, ys = [], []
-    for x, y in DataLoader(dataset, batch_size=256, num_workers=num_workers, collate_fn=_pair_collate):
-        xs.append(x.float())
-        ys.append(y)
+    try:
+        for x, y in DataLoader(dataset, batch_size=256, num_workers=num_workers, collate_fn=_pair_collate):
+            xs.append(x.float())
+            ys.append(y)
+    except Exception as exc:
+        if split is None:
+            raise
+        # The lengths were checked at both ends (check_length); what is left is the split's own error.
+        raise reading_error(split, exc) from exc
     if not xs:
         raise DataSourceError(f"{where}: empty split")
     return torch.cat(xs), torch.cat(ys)
@@ -149,6 +136,9 @@ def datamodule_from_datasets(name: str, train: Dataset, val: Dataset | None, tes
         limit_train: keep the first N training samples (fast runs).
     """
     where = f"data[{name}]"
+    for split, ds in zip(_SPLITS, (train, val, test)):
+        if ds is not None:  # a __len__ that lies is refused before anything is split off or read
+            check_length(ds, split)
     if val is None:
         train, val = _split_off(train, val_fraction, seed)
     if limit_train is not None:
@@ -162,12 +152,10 @@ def datamodule_from_datasets(name: str, train: Dataset, val: Dataset | None, tes
     total = sum(len(d) for d in (train, val, test)) * max(1, math.prod(shape)) * 4  # type: ignore[arg-type]
     keep = bool(resident) if resident != "auto" else total <= resident_max_mb * 2**20
     if keep:
-        arrays = [_materialise(ds, num_workers, f"{where} {split}") for split, ds in zip(_SPLITS, (train, val, test))]
-        labels_max = max(int(a[1].max()) for a in arrays)
-        classes = int(num_classes or (_count_classes([train], where, 0) if _has_class_attr(train) else labels_max + 1))
-        if labels_max >= classes:
-            raise DataSourceError(f"{where}: labels go up to {labels_max} but there are {classes} classes "
-                                  "(data.num_classes)")
+        arrays = [_materialise(ds, num_workers, f"{where} {split}", split) for split, ds in zip(_SPLITS, (train, val, test))]
+        classes = class_count(arrays[0][1], num_classes, declared_classes(train))
+        # The labels are in hand: every split is held to the count here, for trials and pre-flight alike.
+        check_labels({split: y for split, (_, y) in zip(_SPLITS, arrays)}, classes, num_classes is not None)
         mean = std = None
         if normalize:
             mean, std = _channel_stats(arrays[0][0])
@@ -180,7 +168,8 @@ def datamodule_from_datasets(name: str, train: Dataset, val: Dataset | None, tes
                              eval_batch_size=eval_batch_size, seed=seed, device=device)
         dm.mean, dm.std = mean, std
         return dm
-    classes = num_classes or _count_classes([train], where, num_workers)
+    declared = declared_classes(train)
+    classes = class_count(None if num_classes or declared else dataset_labels(train, "train"), num_classes, declared)
     mean = std = None
     if normalize:
         probe = Subset(train, torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:1024].tolist())  # type: ignore[arg-type]
@@ -193,11 +182,6 @@ def datamodule_from_datasets(name: str, train: Dataset, val: Dataset | None, tes
                              pin_memory=device.startswith("cuda"))
     dm.mean, dm.std = mean, std
     return dm
-
-
-def _has_class_attr(ds: Dataset) -> bool:
-    base = ds.dataset if isinstance(ds, Subset) else ds
-    return any(getattr(base, a, None) is not None for a in ("num_classes", "classes"))
 
 
 def datamodule_from_target(target: str | Callable[..., Any], own: Mapping[str, Any], *, name: str = "custom",

@@ -147,6 +147,10 @@ class ArrayDataModule(lightning.LightningDataModule):
             raise ValueError(f"unknown split {split!r}; expected one of {list(_SPLITS)}")
         return self._data[split]
 
+    def split_labels(self, split: str) -> Tensor:
+        """Every label of one split (the resident tensor), for the pre-flight's label checks."""
+        return self.split(split)[1]
+
     @property
     def sizes(self) -> dict[str, int]:
         """Samples per split, e.g. ``{"train": 1293, "val": 144, "test": 360}``."""

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from prunelib.data.custom import _collate, _item, _pair_collate
+from prunelib.data.labels import DataSourceError, class_count, dataset_labels, reading_error
 
 __all__ = ["LightningDataAdapter", "StreamingDataModule"]
 
@@ -53,6 +54,11 @@ class StreamingDataModule(lightning.LightningDataModule):
     def sizes(self) -> dict[str, int]:
         """Samples per split."""
         return {s: len(d) for s, d in self.datasets.items()}  # type: ignore[arg-type]
+
+    def split_labels(self, split: str) -> Tensor:
+        """Every label of one split (one pass unless the dataset has ``targets``; its
+        ``__len__`` checked against what it yields), for the pre-flight's label checks."""
+        return dataset_labels(self.datasets[split], split)
 
     def restart(self) -> None:
         """Start the shuffling again at epoch 0: a new run on the same data (a trial on a reused
@@ -112,15 +118,36 @@ class LightningDataAdapter(lightning.LightningDataModule):
         self.setup("fit")
         x, y = _item(next(iter(inner.train_dataloader())), f"{name} train_dataloader()")
         self.input_shape: tuple[int, ...] = tuple(int(s) for s in x.shape[1:])
-        classes = num_classes or getattr(inner, "num_classes", None)
-        if classes is None:
-            labels = torch.cat([_item(b, name)[1].reshape(-1) for b in inner.train_dataloader()])
-            classes = int(labels.max()) + 1
-        self.num_classes = int(classes)
+        declared = getattr(inner, "num_classes", None)
+        train_labels = None
+        if not (num_classes or declared):
+            train_labels = self.split_labels("train")
+            if train_labels is None:
+                raise DataSourceError(f"data: the training batches of {name} are not (inputs, class indices); "
+                                      "set data.num_classes (or a num_classes attribute on the data module)")
+        self.num_classes = class_count(train_labels, num_classes, declared)
         self.batch_size = int(getattr(inner, "batch_size", x.shape[0]))
         self.mean = getattr(inner, "mean", None)
         self.std = getattr(inner, "std", None)
         self.input_range = getattr(inner, "input_range", None)
+
+    def split_labels(self, split: str) -> Tensor | None:
+        """Every label of one split, read from the user's loader (one pass), or None where the
+        module has no such loader or its batches are not ``(inputs, class indices)``."""
+        loader_of = {"train": self.train_dataloader, "val": self.val_dataloader, "test": self.test_dataloader}[split]
+        if getattr(type(self.inner), f"{split}_dataloader") is getattr(lightning.LightningDataModule,
+                                                                        f"{split}_dataloader"):
+            return None  # the user's module does not provide this split
+        labels = []
+        try:
+            for batch in loader_of():
+                if not isinstance(batch, (tuple, list)) or len(batch) < 2 or not isinstance(batch[1], Tensor) \
+                        or batch[1].is_floating_point():
+                    return None  # not a classifier's batches: nothing to hold to a class count
+                labels.append(batch[1].reshape(-1).long())
+        except Exception as exc:
+            raise reading_error(split, exc) from exc
+        return torch.cat(labels) if labels else None
 
     def prepare_data(self) -> None:
         if "prepare" not in self._stages:
