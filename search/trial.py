@@ -40,7 +40,8 @@ from prunelib.targets import call_target
 from prunelib.training import SPEED_SETTINGS, CollapseCheck, TrainConfig, evaluate_masked, network_of, run_pruning
 from search.faults import FaultPlan
 from search.keep import keep_policy, model_spec, prune_off_front
-from search.trial_context import TrialContext
+from search.formatting import exception_line
+from search.trial_context import TrialContext, record_failure
 from search.trial_progress import trial_progress
 from search.space import ConfigError, SearchSpace, settings_from_params
 from search.storage import SweepStorage, atomic_write_text
@@ -489,7 +490,9 @@ def run_tune_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
     A trial that already finished (resume) is adopted, not run again. A failing trial logs a
     FAILED child run with its reason before re-raising, so MLflow and Optuna both record the
-    failure while the sweep goes on.
+    failure while the sweep goes on, and leaves its exception line in its folder
+    (:func:`search.trial_context.record_failure`): the failure is deterministic, so Tune's retry
+    (meant for dead workers) raises it again at once instead of running the trial a second time.
     """
     from ray import tune
 
@@ -510,6 +513,9 @@ def run_tune_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         else:
             row = run_trial(params, ctx, trial_id=trial_id, trial_dir=context.get_trial_dir(), report=tune.report)
     except Exception as exc:
+        # Any exception here came from the trial's own code (a stopped trial exits with SystemExit,
+        # a dead worker raises nothing): record it before anything else can fail.
+        record_failure(ctx, trial_id, exception_line(exc))
         if ctx.tracking:
             try:
                 from search.mlflow_trial import TrialRun

@@ -3,16 +3,39 @@
 Both are importable without torch's training stack: the driver builds the context and passes
 :func:`ray_trainable` to Tune, and only the worker that runs it imports :mod:`search.trial`
 (Lightning, the methods, the data).
+
+Retries are for dead workers only. Tune's ``FailureConfig(max_failures=trial.max_retries)``
+retries every failed trial, so a trial that fails deterministically (an exception in the user's
+or the pruning code, a NaN loss or metric) leaves :data:`FAILED_FILE` in its folder
+(:func:`record_failure`); a retried attempt finds it and raises :class:`TrialFailedBefore` at
+once, running nothing again. A worker that dies (killed, out of host memory) writes nothing, so
+its trial is retried and runs again.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from search.space import SearchSpace
 
-__all__ = ["TrialContext", "ray_trainable"]
+__all__ = ["FAILED_FILE", "TrialContext", "TrialFailedBefore", "earlier_failure", "ray_trainable",
+           "record_failure"]
+
+log = logging.getLogger("search")
+
+#: In ``trials/<trial_id>/``: the exception line of a trial that failed deterministically.
+FAILED_FILE = "trial_failed.json"
+
+
+class TrialFailedBefore(RuntimeError):
+    """A retried attempt of a trial that already failed deterministically: raised before any of
+    the trial's code runs again. Its message is the first attempt's exception line, shown as it
+    is (``line_only``: :func:`search.formatting.exception_line` adds no type name)."""
+
+    line_only = True
 
 
 @dataclass
@@ -48,8 +71,51 @@ class TrialContext:
     driver: dict[str, Any] | None = None
 
 
+def record_failure(ctx: TrialContext, trial_id: str, line: str) -> None:
+    """Leave ``trials/<trial_id>/``:data:`FAILED_FILE` with the exception line of a trial that
+    failed deterministically, so that Tune's retry does not run it again. A failure to write it
+    only costs that retry (logged)."""
+    if not ctx.sweep_root:
+        return
+    from search.storage import SweepStorage
+
+    try:
+        SweepStorage(ctx.sweep_root).write_text(f"trials/{trial_id}/{FAILED_FILE}",
+                                                json.dumps({"trial_id": str(trial_id), "error": line}))
+    except Exception as exc:
+        log.warning("trial %s: could not record its failure (%s: %s); a retry will run it again", trial_id,
+                    type(exc).__name__, str(exc)[:200])
+
+
+def earlier_failure(ctx: TrialContext, trial_id: str) -> str | None:
+    """The exception line an earlier attempt of this trial recorded (:func:`record_failure`),
+    or None: no attempt failed deterministically."""
+    if not ctx.sweep_root:
+        return None
+    from search.storage import SweepStorage
+
+    try:
+        record = json.loads(SweepStorage(ctx.sweep_root).read_text(f"trials/{trial_id}/{FAILED_FILE}"))
+    except (OSError, ValueError):  # absent (the usual case), or unreadable: run the trial
+        return None
+    if not isinstance(record, dict) or str(record.get("trial_id")) != str(trial_id):
+        return None
+    return str(record.get("error") or "the trial failed")
+
+
 def ray_trainable(params: dict[str, Any], ctx: TrialContext) -> None:
-    """Ray Tune function trainable: one trial (:func:`search.trial.run_tune_trial`) in a worker."""
+    """Ray Tune function trainable: one trial (:func:`search.trial.run_tune_trial`) in a worker.
+
+    Raises:
+        TrialFailedBefore: Tune retries a trial that failed deterministically (see the module
+            docstring); nothing of the trial runs again.
+    """
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id() or "trial"
+    line = earlier_failure(ctx, trial_id)
+    if line is not None:
+        raise TrialFailedBefore(line)
     from search.trial import run_tune_trial
 
     run_tune_trial(params, ctx)

@@ -142,12 +142,12 @@ def test_fault_plan_claims_ordinals_once_per_trial(tmp_path):
 
 
 @pytest.mark.slow
-def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, ray_local):
+def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, ray_local, capsys):
     import optuna
 
     from search.study_searcher import StudySearcher
 
-    cfg = compose(["+method=magnitude", "search.n_trials=6", "search.concurrency=1", "trial.max_retries=1",
+    cfg = compose(["+method=magnitude", "search.n_trials=6", "search.concurrency=1", "trial.max_retries=2",
                    "+trial.faults.plan='2:raise,3:nan,4:oom,5:kill'", f"+trial.faults.state_dir={tmp_path}/faults",
                    f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST])
     result = run_sweep(cfg, tmp_path / "out")
@@ -156,6 +156,15 @@ def test_failing_trials_are_recorded_and_the_sweep_goes_on(tmp_path, ray_local):
     status = {r["trial_id"]: r["status"] for r in result.rows}
     assert [status[by_ordinal[i]] for i in range(1, 7)] == ["ok", "failed", "failed", "failed", "ok", "ok"]
     assert (tmp_path / "faults" / f"attempts-{by_ordinal[5]}").read_text() == "xx"  # killed once, retried
+    # Raise, NaN and out of memory are deterministic: their code ran once, max_retries=2 notwithstanding.
+    for ordinal in (2, 3, 4):
+        assert (tmp_path / "faults" / f"attempts-{by_ordinal[ordinal]}").read_text() == "x", ordinal
+    errors = {r["trial_id"]: r["error"] for r in result.rows if r["status"] == "failed"}
+    assert errors[by_ordinal[2]].startswith("InjectedFault: injected fault: trial #2")
+    assert errors[by_ordinal[3]].startswith("TrialFailed: ") and "NaN" in errors[by_ordinal[3]]
+    out = capsys.readouterr().out
+    assert any(by_ordinal[2] in line and "FAILED: InjectedFault: injected fault: trial #2" in line
+               for line in out.splitlines()), out
 
     runs = find_trial_runs(cfg["tracking"]["uri"], result.parent_run_id)
     ids = [r["trial_id"] for r in runs]
@@ -320,15 +329,20 @@ def test_a_sweep_where_every_trial_fails_exits_nonzero_with_its_parent_failed(tm
 
     from search.tuner import SweepFailed
 
-    cfg = compose(["+method=magnitude", "search.n_trials=2", "search.concurrency=1", "trial.max_retries=0",
-                   "+trial.faults.plan='1:raise,2:raise'", f"+trial.faults.state_dir={tmp_path}/faults",
+    cfg = compose(["+method=magnitude", "search.n_trials=3", "search.concurrency=1", "trial.max_retries=2",
+                   "+trial.faults.plan='1:raise,2:raise,3:nan'", f"+trial.faults.state_dir={tmp_path}/faults",
                    f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *FAST])
-    with pytest.raises(SweepFailed, match="no trial finished: 2 of 2 failed"):
+    with pytest.raises(SweepFailed, match="no trial finished: 3 of 3 failed"):
         run_sweep(cfg, tmp_path / "out")
+    # Deterministic failures are not retried: each trial's code ran once.
+    attempts = [p.read_text() for p in (tmp_path / "faults").glob("attempts-*")]
+    assert attempts == ["x"] * 3, attempts
     out = capsys.readouterr().out
     failed_lines = [line for line in out.splitlines() if "FAILED:" in line]
-    assert len(failed_lines) == 2 and all("InjectedFault: injected fault: trial #" in line for line in failed_lines), out
-    assert "2 trial(s) failed: " in out and "^^^" not in out
+    assert len(failed_lines) == 3, out
+    assert sum("InjectedFault: injected fault: trial #" in line for line in failed_lines) == 2, out
+    assert sum("TrialFailed: " in line and "NaN" in line for line in failed_lines) == 1, out
+    assert "3 trial(s) failed: " in out and "^^^" not in out
     parent_id = json.loads((tmp_path / "out" / "sweep.json").read_text())["parent_run_id"]
     parent = MlflowClient(cfg["tracking"]["uri"]).get_run(parent_id)
     assert parent.info.status == "FAILED" and "no trial finished" in parent.data.tags["prunesearch.error"]
