@@ -20,6 +20,9 @@ starts and ``completions-<trial id>`` its executions that ran to the end. Faults
 - ``oom``: the trial raises ``torch.OutOfMemoryError`` as a GPU allocation would;
 - ``kill``: the worker process kills itself with SIGKILL on the trial's first attempt only,
   so Ray sees a dead worker and Tune retries the trial (``trial.max_retries``).
+
+``raise``, ``nan`` and ``oom`` are deterministic failures: the trial runs once and is not retried
+(:mod:`search.trial_context`), so its ``attempts-<trial id>`` holds one mark.
 """
 
 from __future__ import annotations
