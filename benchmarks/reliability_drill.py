@@ -19,7 +19,9 @@ through the CLI; (2) a sweep with injected faults (raise, NaN, out of memory, wo
 (3) ``kill -9`` of the driver just after a trial finished and again mid-trial, a rival driver
 meanwhile, then resume; (4) every trial failing; (5) three sweeps starting at once on one
 fresh store; (6) exports against a dead server, a wrong SQLite path, a corrupt artifact and an
-unwritable ``out=``. Prints the Markdown table for benchmarks/RESULTS.md.
+unwritable ``out=``; (7) bad data through the CLI (a stray test label, one class, a negative
+label, a lying ``__len__``) and deterministic failures with retries allowed (raise and NaN run
+once, a killed worker is retried). Prints the Markdown table for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -137,7 +139,11 @@ def faults(out: Path, n_trials: int) -> dict:
             attempts = len((case / "faults" / f"attempts-{trial_id}").read_text())
             outcomes[f"{kind}: finished after {attempts} attempt(s)"] += 1
         else:
-            outcomes[f"{kind}: FAILED, reason recorded: {_reason(run and run['error'])}"] += 1
+            # A deterministic failure (raise, NaN, out of memory) runs once: no retry runs it again.
+            runs_of = len((case / "faults" / f"attempts-{trial_id}").read_text())
+            if runs_of != 1:
+                lost.append(f"trial {trial_id} ({kind}) ran {runs_of} times; a deterministic failure runs once")
+            outcomes[f"{kind}: FAILED after {runs_of} run(s), reason recorded: {_reason(run and run['error'])}"] += 1
     completions = [len(p.read_text()) for p in (case / "faults").glob("completions-*")]
     lost += [f"a trial ran to the end {n} times" for n in completions if n > 1]
     if proc.returncode != 0:
@@ -146,6 +152,71 @@ def faults(out: Path, n_trials: int) -> dict:
     return {"case": f"injected faults ({', '.join(f'{k}' for k in kinds)}) in a {n_trials}-trial sweep",
             "tried": injected, "refused": 0, "recovered": injected - len(lost), "lost": len(lost), "notes": lost,
             "outcomes": dict(outcomes), "wall_s": round(wall, 1)}
+
+
+DATA_CASES = {
+    # name: (data._target_ in tests/bad_data.py, its own keys, what the one line must name)
+    "a stray label in the test split": ("bad_test_label", [], "the test split has label 42 at index 7, outside "
+                                        "the 4 classes of the training split"),
+    "a single-class training split": ("single_class", [], "the training split holds a single class"),
+    "a negative validation label": ("negative_labels", [], "the val split has label -1 at index 5"),
+    "a test split whose __len__ lies": ("lying_length", ["+data.split=test", "+data.claimed=100"],
+                                        "the test split's __len__ says 100 items but iterating it yields 60"),
+}
+
+
+def data_cases(out: Path) -> dict:
+    """Bad data through the CLI (refused in the pre-flight: one line naming the split, exit 2,
+    nothing tracked, no Ray), and deterministic failures with ``trial.max_retries=2`` (a raise and
+    a NaN run once; a killed worker is retried and finishes)."""
+    from search.tracking import find_trial_runs
+
+    notes: list[str] = []
+    refused = recovered = tracebacks = 0
+    for name, (target, own, fragment) in DATA_CASES.items():
+        case = out / "data" / re.sub(r"\W+", "_", name)
+        case.mkdir(parents=True)
+        proc = subprocess.run([sys.executable, "-m", "search", "+method=magnitude", "data=custom",
+                               f"data._target_=tests.bad_data.{target}", *own, "model=mlp",
+                               f"hydra.run.dir={case}/run", f"tracking.uri=sqlite:///{case}/mlflow.db"],
+                              cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        tracebacks += "Traceback" in proc.stdout + proc.stderr
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
+        clean = proc.returncode == 2 and len(lines) == 1 and fragment in lines[0] and \
+            "Traceback" not in proc.stderr + proc.stdout and not (case / "mlflow.db").exists() and \
+            not (case / "run" / "ray").exists()
+        refused += clean
+        if not clean:
+            notes.append(f"{name}: exit {proc.returncode}: {(lines or proc.stderr.splitlines() or [''])[-1][:160]}")
+
+    case = out / "data" / "retries"
+    case.mkdir(parents=True)
+    plan = {1: "raise", 2: "nan", 3: "kill"}
+    proc = subprocess.run(_sweep(case, "trial.max_retries=2", f"+trial.faults.state_dir={case}/faults",
+                                 "+trial.faults.plan='" + ",".join(f"{o}:{k}" for o, k in plan.items()) + "'",
+                                 n_trials=3), cwd=case, env=ENV, capture_output=True, text=True, timeout=900)
+    tracebacks += "Traceback" in proc.stdout + proc.stderr
+    ordinals = {int(p.name.split("-")[1]): p.read_text() for p in (case / "faults").glob("ordinal-*")}
+    state = json.loads((case / "run" / "sweep.json").read_text())
+    runs = {r["trial_id"]: r for r in find_trial_runs(f"sqlite:///{case}/mlflow.db", state["parent_run_id"])}
+    want = {"raise": (1, "failed"), "nan": (1, "failed"), "kill": (2, "ok")}
+    for ordinal, kind in plan.items():
+        trial_id = ordinals.get(ordinal)
+        if trial_id is None:
+            notes.append(f"{kind}: trial #{ordinal} never started")
+            continue
+        attempts = len((case / "faults" / f"attempts-{trial_id}").read_text())
+        status = (runs.get(trial_id) or {}).get("status")
+        if (attempts, status) == want[kind]:
+            recovered += 1
+        else:
+            notes.append(f"{kind}: ran {attempts} time(s), MLflow {status}; expected {want[kind]}")
+    if proc.returncode != 0:
+        notes.append(f"retry sweep exit {proc.returncode}")
+    tried = len(DATA_CASES) + len(plan)
+    return {"case": "data: stray test label, one class, negative label, lying __len__ (CLI); raise + NaN + kill "
+                    "with max_retries=2", "tried": tried, "refused": refused, "recovered": recovered,
+            "lost": tried - refused - recovered, "mixed": 0, "tracebacks": tracebacks, "notes": notes}
 
 
 def killed_driver(out: Path, epochs: int = 2000) -> dict:
@@ -269,7 +340,7 @@ def exports(out: Path) -> dict:
             "refused": 0, "recovered": clean, "lost": len(tries) - clean, "notes": notes}
 
 
-PARTS = ("bad_inputs", "faults", "killed", "all_fail", "race", "exports")
+PARTS = ("bad_inputs", "faults", "killed", "all_fail", "race", "exports", "data")
 
 
 def main() -> None:
@@ -286,7 +357,7 @@ def main() -> None:
     rows, by_part = [], {}
     runs = {"bad_inputs": bad_inputs, "faults": lambda o: faults(o, args.trials),
             "killed": lambda o: killed_driver(o, args.kill_epochs), "all_fail": all_fail, "race": racing_stores,
-            "exports": exports}
+            "exports": exports, "data": data_cases}
     for name in args.parts:
         t0 = time.perf_counter()
         try:
