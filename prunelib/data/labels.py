@@ -8,8 +8,8 @@ and the pre-flight holds every split to it with :func:`check_labels`: labels mus
 indices in ``[0, num_classes)``, and the training split must hold at least two classes.
 
 :func:`check_length` and :func:`dataset_labels` read a Dataset as iteration would (items
-``0, 1, ...`` until ``IndexError``) and refuse one whose ``__len__`` says otherwise, naming the
-split and both numbers. Everything here raises :class:`DataSourceError` with one line starting
+``0, 1, ...`` until ``IndexError``) and refuse one whose ``__len__`` claims more items than that,
+naming the split and both numbers. Everything here raises :class:`DataSourceError` with one line starting
 ``data:`` that names the split.
 
 This module imports no Lightning (the sweep's driver checks configs with :mod:`prunelib.data`).
@@ -72,38 +72,35 @@ def _yielded(dataset: Dataset, low: int, high: int) -> int:
     return low
 
 
-def _length_lie(split: str, length: int, yielded: int | None) -> DataSourceError:
-    got = f"{yielded} items" if yielded is not None else f"more than {length} items (item {length} exists)"
-    return DataSourceError(f"data: the {split} split's __len__ says {length} items but iterating it yields {got}; "
-                           "fix its __len__ or __getitem__")
+def _length_lie(split: str, length: int, yielded: int) -> DataSourceError:
+    return DataSourceError(f"data: the {split} split's __len__ says {length} items but iterating it yields "
+                           f"{yielded} items; fix its __len__ or __getitem__")
 
 
 def check_length(dataset: Dataset, split: str) -> int:
-    """``len(dataset)``, checked against what iteration yields at its ends: item ``len - 1``
-    must exist and item ``len`` must not (two reads; a bisection finds the true count of a
-    data set that claims more items than it has).
+    """``len(dataset)``, checked against what iteration yields: its last item (``len - 1``)
+    must exist (one read; a bisection finds the true count of a data set that claims more
+    items than it has, which every epoch would otherwise crash on).
+
+    A data set that holds more items than its ``__len__`` says is not refused: loaders read
+    ``len`` items, and a generated data set may answer any index.
 
     Raises:
-        DataSourceError: the length disagrees with iteration, naming the split and both numbers,
-            or reading the split raised (one line naming the split and the exception).
+        DataSourceError: the length is more than iteration yields, naming the split and both
+            numbers, or reading the split raised (one line naming the split and the exception).
     """
     try:
         length = len(dataset)  # type: ignore[arg-type]
     except Exception as exc:
         raise reading_error(split, exc) from exc
-    index = None
-    try:
-        if length > 0:
-            index = length - 1
-            if not _has_item(dataset, index):
+    if length > 0:
+        try:
+            if not _has_item(dataset, length - 1):
                 raise _length_lie(split, length, _yielded(dataset, 0, length - 1))
-        index = length
-        if _has_item(dataset, index):
-            raise _length_lie(split, length, None)
-    except DataSourceError:
-        raise
-    except Exception as exc:
-        raise reading_error(split, exc, index) from exc
+        except DataSourceError:
+            raise
+        except Exception as exc:
+            raise reading_error(split, exc, length - 1) from exc
     return length
 
 
