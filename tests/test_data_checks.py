@@ -93,6 +93,21 @@ def test_the_trial_and_the_preflight_use_the_training_splits_class_count(residen
     assert model(torch.zeros(2, *dm.input_shape)).shape == (2, 4)
 
 
+def test_a_trial_trains_and_exports_a_model_of_the_training_splits_classes(tmp_path):
+    import json
+
+    from search.config import build_search_space
+    from search.trial import TrialContext, run_trial
+
+    cfg = _cfg("fewer_classes_in_eval", "trial.epochs=1", "trial.finetune_epochs=0")
+    ctx = TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"], space=build_search_space(cfg),
+                       objectives=[("val_acc", "max"), ("flops_effective", "min")])
+    row = run_trial({"method": "magnitude", "magnitude.sparsity": 0.5}, ctx, trial_id="t4", trial_dir=tmp_path)
+    assert 0.0 <= row["val_acc"] <= 1.0
+    spec = json.loads((tmp_path / "pruned_model.json").read_text())["spec"]
+    assert spec["num_classes"] == 4  # the training split's 4 classes, not the 2 of validation and test
+
+
 def test_class_count_reads_the_training_split_only():
     train = torch.tensor([0, 1, 2, 1])
     assert class_count(train) == 3
