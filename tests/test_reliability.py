@@ -409,3 +409,22 @@ def test_a_store_left_with_a_hot_journal_by_a_killed_writer_passes_the_check(tmp
     check_sqlite_file(db, f"sqlite:///{db}", mlflow_store=False)
     assert not (tmp_path / "optuna.db-journal").exists()
     assert sqlite3.connect(db).execute("SELECT count(*) FROM t").fetchone() == (1,)  # rolled back
+
+
+def test_a_deterministic_failure_is_recorded_so_a_retry_runs_nothing(tmp_path):
+    from search.formatting import exception_line
+    from search.trial_context import FAILED_FILE, TrialFailedBefore, earlier_failure, record_failure
+
+    ctx = TrialContext(data={}, model={}, trial={}, space=None, objectives=[], sweep_root=str(tmp_path))
+    assert earlier_failure(ctx, "t1") is None  # a first attempt (or a dead worker's retry) runs
+    line = exception_line(InjectedFault("injected fault: trial #2 (t1) raises"))
+    record_failure(ctx, "t1", line)
+    assert (tmp_path / "trials" / "t1" / FAILED_FILE).is_file()
+    assert earlier_failure(ctx, "t1") == line == "InjectedFault: injected fault: trial #2 (t1) raises"
+    assert earlier_failure(ctx, "t2") is None
+    # The retry's error reads as the first attempt's line, also wrapped as Ray wraps it.
+    try:
+        raise RuntimeError("wrapper") from TrialFailedBefore(line)
+    except RuntimeError as wrapped:
+        assert exception_line(wrapped) == line
+    assert exception_line(TrialFailedBefore(line)) == line
