@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ __all__ = ["BuildProcess", "CheckFn", "PreflightResult", "SAMPLERS", "TRIAL_KIND
            "register_trial_kind", "reported_metrics", "validate_schema"]
 
 SAMPLERS = ("mo_tpe", "nsga2", "random")
+#: A metric of the test split (test_acc, test_ppl, val_test_x...): never a search objective.
+TEST_SPLIT_METRIC = re.compile(r"(^|_)test(_|$)")
 CheckFn = Callable[[str, Any], None]
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +201,11 @@ def _objectives(where: str, v: Any) -> None:
         one_of("max", "min")(f"{where}[{i}].mode", obj.get("mode"))
         if obj["metric"] in seen:
             raise ConfigError(f"{where}[{i}].metric: {obj['metric']!r} is listed twice")
+        if TEST_SPLIT_METRIC.search(str(obj["metric"])):
+            # Selecting on the test split makes the reported test number a validation number.
+            raise ConfigError(f"{where}[{i}].metric: {obj['metric']!r} is measured on the test split, which a "
+                              "search must not select on; use the validation metric (e.g. val_acc, val_ppl) "
+                              "and read the test metric of the chosen points afterwards")
         seen.add(obj["metric"])
 
 
