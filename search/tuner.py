@@ -10,8 +10,9 @@
    process of its own builds data, model and module once (this process never imports
    Lightning); then checks the trial's resources against the cluster. A failure is one
    ``ConfigError`` line; nothing is tracked and a Ray this sweep started is shut down;
-3. creates the MLflow parent run (or re-opens it on resume) and the Optuna study (an RDB
-   store, beside the MLflow store by default);
+3. claims the sweep's unique name as its Optuna study (an RDB store, beside the MLflow store by
+   default; :func:`search.identity.claim_study_name`), then creates the MLflow parent run (or
+   re-opens both on resume);
 4. runs ``Tuner(StudySearcher(define-by-run space, objectives))`` (search.study_searcher) with a
    concurrency limit, per-trial resources, actor reuse and optional ASHA; Tune's state and
    every trial's files live under the sweep's root (:mod:`search.storage`);
@@ -20,8 +21,9 @@
    logs them as artifacts. Any error after the parent run started ends it FAILED with the
    reason; a sweep in which no trial finished raises :class:`SweepFailed`.
 
-Resume: ``sweep.json`` (written atomically) records the sweep's root and parent run id;
-``search.resume=true`` restores that Tuner. A trial that finished (its ``trial_result.json``,
+Resume: ``sweep.json`` (written atomically) records the sweep's root, parent run id and
+identity (:mod:`search.identity`: a resume with another config is refused before Ray starts,
+unless ``search.resume_accept`` names the change); ``search.resume=true`` restores that Tuner. A trial that finished (its ``trial_result.json``,
 or a FINISHED MLflow run) is adopted, never run again, also when Tune's last checkpoint
 missed it (:class:`BudgetLimiter` counts those against the budget).
 """
