@@ -23,9 +23,10 @@
 
 Resume: ``sweep.json`` (written atomically) records the sweep's root, parent run id and
 identity (:mod:`search.identity`: a resume with another config is refused before Ray starts,
-unless ``search.resume_accept`` names the change); ``search.resume=true`` restores that Tuner. A trial that finished (its ``trial_result.json``,
-or a FINISHED MLflow run) is adopted, never run again, also when Tune's last checkpoint
-missed it (:class:`BudgetLimiter` counts those against the budget).
+unless ``search.resume_accept`` names the change); ``search.resume=true`` restores that
+Tuner. A trial that finished (its ``trial_result.json``, or a FINISHED MLflow run) is adopted,
+never run again, also when Tune's last checkpoint missed it (:class:`BudgetLimiter` counts
+those against the budget).
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ def test_resume_with_another_tracking_uri_is_refused(tmp_path):
     out = _recorded_sweep(tmp_path)
     cfg = _cfg(tmp_path, "search.resume=true", f"search.resume_dir={out}",
                f"tracking.uri=sqlite:///{tmp_path}/other/mlflow.db")
-    with pytest.raises(ConfigError, match=r"tracking\.uri \(sqlite:///.*/mlflow\.db -> sqlite:///.*/other/mlflow\.db\)"):
+    changed = r"tracking\.uri \(sqlite:///.*/mlflow\.db -> sqlite:///.*/other/mlflow\.db\)"
+    with pytest.raises(ConfigError, match=changed):
         run_sweep(cfg, out)
     assert not (tmp_path / "other").exists()
 
