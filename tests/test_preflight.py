@@ -116,6 +116,18 @@ CASES: list[tuple[str, list[str], list[Mutate], str]] = [
     ("unwritable storage", [], [_set("search.storage", "/proc/prunesearch-storage")],
      "search.storage: '/proc/prunesearch-storage' cannot be written"),
     ("unknown method in pool", ["search.methods=[magnitude,nope]"], [], "search.methods: ['nope'] not found"),
+    ("in-memory tracking store", [], [_set("tracking.uri", "sqlite:///:memory:")],
+     "tracking.uri: 'sqlite:///:memory:': an in-memory store keeps nothing after the sweep; give a file"),
+    ("file store URI", [], [_set("tracking.uri", lambda t: f"file://{t}/mlruns")],
+     "MLflow 3 no longer accepts the file store as a tracking backend; use sqlite:////"),
+    ("plain path as tracking store", [], [_set("tracking.uri", lambda t: str(t / "mlruns"))],
+     "/mlruns/mlflow.db"),
+    ("in-memory Optuna store", [], [_set("search.optuna_storage", "sqlite:///:memory:")],
+     "search.optuna_storage: 'sqlite:///:memory:': an in-memory store keeps nothing after the sweep"),
+    ("n_trials a float", [], [_set("search.n_trials", 3.5)], "search.n_trials: 3.5 must be an integer between 1 and"),
+    ("n_trials a whole float", [], [_set("search.n_trials", 3.0)], "search.n_trials: 3.0 must be an integer"),
+    ("n_trials too many", ["search.n_trials=100001"], [], "search.n_trials: 100001 must be an integer between 1 and 100000"),
+    ("resume_accept not a list", ["search.resume_accept=model.name"], [], "search.resume_accept: expected a list"),
 ]
 
 
