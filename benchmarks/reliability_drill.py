@@ -340,7 +340,132 @@ def exports(out: Path) -> dict:
             "refused": 0, "recovered": clean, "lost": len(tries) - clean, "notes": notes}
 
 
-PARTS = ("bad_inputs", "faults", "killed", "all_fail", "race", "exports", "data")
+def _interrupted_sweep(case: Path) -> Path:
+    """A tiny sweep stopped by Ctrl-C before its trials ended (exit 130): a resumable sweep."""
+    proc = subprocess.Popen(_sweep(case, "sweep_name=drill", n_trials=2, epochs=500), cwd=case, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if any((case / "run" / "trials").glob("*")):  # a trial runs: Tune's state exists
+            time.sleep(3)  # past Tune's 1 s experiment-state checkpoint
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, 2)
+    out, _ = proc.communicate(timeout=300)
+    if proc.returncode != 130:
+        raise RuntimeError(f"the interrupted sweep exited {proc.returncode}: {out[-300:]}")
+    return case / "run"
+
+
+def _parent_children(uri: str, parent: str) -> list[dict]:
+    from search.tracking import find_trial_runs
+
+    return find_trial_runs(uri, parent)
+
+
+def identity_cases(out: Path) -> dict:
+    """Issue 24's identity, names and stores through the CLI: resumes with another model, method
+    or store, corrupt sweep.json (given and found), in-memory and file stores, a float n_trials,
+    Hydra's own errors (each: exit 2, one line, nothing written); an accepted change resumes the
+    sweep and ends its parent FINISHED without the interruption's error; two sweeps started at
+    once with one name on one store get two studies.
+
+    ``mixed``: trials of two configs on one front or one study; ``tracebacks``: outputs holding one.
+    """
+    import optuna
+    from mlflow import MlflowClient
+
+    case = out / "identity"
+    case.mkdir()
+    run = _interrupted_sweep(case)
+    uri = f"sqlite:///{case}/mlflow.db"
+    state = json.loads((run / "sweep.json").read_text())
+    resume = ["search.resume=true", f"search.resume_dir={run}"]
+    corrupt = case / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "sweep.json").write_text('{"name": "x", "sweep_root": ')  # cut short
+    (case / "cwd" / "outputs" / "old").mkdir(parents=True)
+    (case / "cwd" / "outputs" / "old" / "sweep.json").write_text("[]")
+    refusals = {  # name: (overrides, fragment of the one line, a full command without _sweep's defaults)
+        "resume with model=lenet5": (resume + ["model=lenet5"], "model.name (mlp -> lenet5)"),
+        "resume with another method": (resume + ["method=random"], "method.name (magnitude -> random)"),
+        "resume with another tracking.uri": (resume + [f"tracking.uri=sqlite:///{case}/other/mlflow.db"],
+                                             "tracking.uri (sqlite:///"),
+        "resume with another search.storage": (resume + [f"search.storage={case}/elsewhere"], "search.storage (unset ->"),
+        "corrupt sweep.json": (["search.resume=true", f"search.resume_dir={corrupt}"], "is not readable JSON"),
+        "corrupt sweep.json found by search.resume=true": (["search.resume=true"], "no unfinished sweep under"),
+        "tracking.uri=sqlite:///:memory:": (["tracking.uri=sqlite:///:memory:"], "an in-memory store keeps nothing"),
+        "tracking.uri=file://": ([f"tracking.uri=file://{case}/mlruns"], "no longer accepts the file store"),
+        "tracking.uri=<plain path>": ([f"tracking.uri={case}/mlruns"], "no longer accepts the file store"),
+        "search.optuna_storage in memory": (["search.optuna_storage=sqlite:///:memory:"], "an in-memory store"),
+        "search.n_trials=3.5": (["search.n_trials=3.5"], "search.n_trials: 3.5 must be an integer"),
+        "model=no_such_model (Hydra)": (["model=no_such_model"], "Could not find 'model/no_such_model'"),
+        "bad override syntax (Hydra)": (["search.n_trials=["], "no viable alternative"),
+    }
+    notes: list[str] = []
+    refused = tracebacks = mixed = 0
+    before = (run / "sweep.json").read_text()
+    children = len(_parent_children(uri, state["parent_run_id"]))
+    for name, (overrides, fragment) in refusals.items():
+        cmd = _sweep(case, *overrides, n_trials=2)
+        if name.startswith("resume with another method"):
+            cmd = [c if c != "+method=magnitude" else "+method=random" for c in cmd if c != "method=random"]
+        if "tracking.uri=" in " ".join(overrides):
+            cmd = [c for c in cmd if c != f"tracking.uri=sqlite:///{case}/mlflow.db"]
+        cwd = case / "cwd" if overrides == ["search.resume=true"] else case
+        proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+        text = proc.stdout + proc.stderr
+        tracebacks += "Traceback" in text
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("config error: ")]
+        ok = proc.returncode == 2 and len(errors) == 1 and fragment in errors[0] and not (case / "other").exists() \
+            and not (case / "elsewhere").exists() and not (case / "mlruns").exists() and "Traceback" not in text
+        refused += ok
+        if not ok:
+            notes.append(f"{name}: exit {proc.returncode}: {(errors or [text[-200:]])[0][:200]}")
+    if (run / "sweep.json").read_text() != before or len(_parent_children(uri, state["parent_run_id"])) != children:
+        mixed += 1
+        notes.append("a refused resume changed the sweep (sweep.json or its trial runs)")
+
+    # An accepted change: the sweep resumes, runs its remaining trials and ends FINISHED, clean.
+    proc = subprocess.run(_sweep(case, *resume, "sweep_name=drill", "trial.epochs=1",
+                                 "search.resume_accept=[trial.epochs]", n_trials=2),
+                          cwd=case, env=ENV, capture_output=True, text=True, timeout=900)
+    tracebacks += "Traceback" in proc.stdout + proc.stderr
+    parent = MlflowClient(uri).get_run(state["parent_run_id"])
+    resumed = json.loads((run / "sweep.json").read_text())
+    models = {r.data.params.get("model.name") for r in MlflowClient(uri).search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")}
+    resumed_ok = proc.returncode == 0 and parent.info.status == "FINISHED" and \
+        "prunesearch.error" not in parent.data.tags and resumed.get("accepted_changes") and resumed["finished"]
+    if len(models - {None}) > 1:
+        mixed += 1
+    if not resumed_ok:
+        notes.append(f"accepted resume: exit {proc.returncode}, parent {parent.info.status}, "
+                     f"error tag {parent.data.tags.get('prunesearch.error')!r}: {proc.stderr[-200:]}")
+
+    # Two sweeps started at once with one sweep_name on one store: two studies, never one.
+    pair = out / "identity" / "pair"
+    pair.mkdir()
+    procs = [subprocess.Popen(_sweep(pair / str(i), "sweep_name=same", f"tracking.uri=sqlite:///{pair}/mlflow.db",
+                                     n_trials=2, epochs=1), cwd=case, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    tracebacks += sum("Traceback" in o for o in outs)
+    studies = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(f"sqlite:///{pair}/optuna.db")}
+    names_ok = all(p.returncode == 0 for p in procs) and studies == {"same": 2, "same-2": 2}
+    if any(n > 2 for n in studies.values()):
+        mixed += 1
+    if not names_ok:
+        notes.append(f"two sweeps named 'same': exits {[p.returncode for p in procs]}, studies {studies}")
+    tried = len(refusals) + 2
+    recovered = int(bool(resumed_ok)) + int(names_ok)
+    return {"case": "identity: resume with another config/store, corrupt sweep.json, in-memory and file stores, "
+                    "float n_trials, Hydra errors; an accepted change; two sweeps with one name",
+            "tried": tried, "refused": refused, "recovered": recovered, "lost": tried - refused - recovered,
+            "mixed": mixed, "tracebacks": tracebacks, "notes": notes}
+
+
+PARTS = ("bad_inputs", "faults", "killed", "all_fail", "race", "exports", "identity", "data")
 
 
 def main() -> None:
@@ -357,7 +482,7 @@ def main() -> None:
     rows, by_part = [], {}
     runs = {"bad_inputs": bad_inputs, "faults": lambda o: faults(o, args.trials),
             "killed": lambda o: killed_driver(o, args.kill_epochs), "all_fail": all_fail, "race": racing_stores,
-            "exports": exports, "data": data_cases}
+            "exports": exports, "identity": identity_cases, "data": data_cases}
     for name in args.parts:
         t0 = time.perf_counter()
         try:

@@ -9,12 +9,14 @@ Examples::
     prunesearch cluster=ray cluster.address=auto trial.gpus=0.25
     prunesearch search.resume=true                  # continue the newest unfinished sweep
 
-Exit status: 0 done; 2 a configuration error (one line naming the key; nothing started);
-1 the sweep ran but no trial finished; 130 interrupted (resumable).
+Exit status: 0 done; 2 a configuration error (one line naming the key; nothing started; Hydra's
+own errors, such as an unknown config group option, too); 1 the sweep ran but no trial
+finished; 130 interrupted (resumable).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -48,6 +50,47 @@ def _quiet() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+class _HydraStderr:
+    """Holds what is written to stderr until the sweep's own code runs: Hydra reports its own
+    errors (an unknown config option, bad override syntax) there, with a hint about
+    HYDRA_FULL_ERROR, and exits 1 before ``_app`` runs; :func:`main` turns that into one line,
+    exit 2. Released (written out) as soon as ``_app`` starts, or when Hydra returns."""
+
+    def __init__(self) -> None:
+        self.real = sys.stderr
+        self.held = io.StringIO()
+        self.app_started = False
+
+    def hold(self) -> None:
+        sys.stderr = self.held
+
+    def release(self) -> None:
+        if sys.stderr is self.held:
+            sys.stderr = self.real
+            self.real.write(self.held.getvalue())
+            self.real.flush()
+
+    def one_line(self) -> str:
+        """Hydra's message, at most two lines joined, without its HYDRA_FULL_ERROR hint."""
+        raw = [line for line in self.held.getvalue().splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+        lines = [line.strip() for line in raw]
+        if not lines:
+            return "Hydra could not compose the config"
+        if any(line.startswith("Traceback") for line in lines):
+            return lines[-1]
+        if len(lines) > 1 and lines[1].endswith(":"):  # "Available options in 'model':", then one per indented line
+            options = []
+            for line in raw[2:]:
+                if not line[:1].isspace():
+                    break
+                options.append(line.strip())
+            return f"{lines[0]}; {lines[1]} {', '.join(options)}"
+        return " ".join(lines[:2])
+
+
+_STDERR = _HydraStderr()
+
+
 def _fail(message: str, code: int) -> None:
     print(message, file=sys.stderr, flush=True)
     sys.exit(code)
@@ -56,6 +99,8 @@ def _fail(message: str, code: int) -> None:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
     """Resolve the config, pick the output directory (resume or new) and run the sweep."""
+    _STDERR.app_started = True
+    _STDERR.release()
     _quiet()
     from search.tuner import SweepFailed, find_resume_dir, run_sweep
 
@@ -105,7 +150,16 @@ def main() -> None:
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
-    _app()
+    _STDERR.hold()
+    try:
+        _app()
+    except SystemExit as exc:
+        if exc.code == 1 and not _STDERR.app_started:  # Hydra's own error: a config error, not "no trial finished"
+            sys.stderr = _STDERR.real
+            _fail(f"config error: {_STDERR.one_line()}", 2)
+        raise
+    finally:
+        _STDERR.release()
 
 
 if __name__ == "__main__":

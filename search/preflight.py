@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ __all__ = ["BuildProcess", "CheckFn", "PreflightResult", "SAMPLERS", "TRIAL_KIND
            "register_trial_kind", "reported_metrics", "validate_schema"]
 
 SAMPLERS = ("mo_tpe", "nsga2", "random")
+#: A metric of the test split (test_acc, test_ppl, val_test_x...): never a search objective.
+TEST_SPLIT_METRIC = re.compile(r"(^|_)test(_|$)")
 CheckFn = Callable[[str, Any], None]
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +201,46 @@ def _objectives(where: str, v: Any) -> None:
         one_of("max", "min")(f"{where}[{i}].mode", obj.get("mode"))
         if obj["metric"] in seen:
             raise ConfigError(f"{where}[{i}].metric: {obj['metric']!r} is listed twice")
+        if TEST_SPLIT_METRIC.search(str(obj["metric"])):
+            # Selecting on the test split makes the reported test number a validation number.
+            raise ConfigError(f"{where}[{i}].metric: {obj['metric']!r} is measured on the test split, which a "
+                              "search must not select on; use the validation metric (e.g. val_acc, val_ppl) "
+                              "and read the test metric of the chosen points afterwards")
         seen.add(obj["metric"])
+
+
+#: The most trials one sweep may ask for (a typo such as 1e9 is refused, not run for months).
+MAX_TRIALS = 100_000
+
+
+def _n_trials(where: str, v: Any) -> None:
+    # Strictly an int: 3.5 and 3.0 alike are refused (a float is a typo or a computed value).
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_TRIALS:
+        raise ConfigError(f"{where}: {v!r} must be an integer between 1 and {MAX_TRIALS}")
+
+
+def _in_memory_sqlite(url: str) -> bool:
+    rest = url.split("?", 1)[0]
+    return rest in ("sqlite://", "sqlite:///", "sqlite:///:memory:") or rest.endswith("/:memory:")
+
+
+def _tracking_uri(where: str, v: Any) -> None:
+    """An in-memory store or MLflow's retired file store is refused before anything starts."""
+    text(where, v)
+    if _in_memory_sqlite(v):
+        raise ConfigError(f"{where}: {v!r}: an in-memory store keeps nothing after the sweep; give a file, "
+                          "e.g. sqlite:///mlflow.db")
+    if v.startswith("file:") or "://" not in v and not v.startswith(("databricks", "uc:")):
+        path = "/" + v[len("file:"):].lstrip("/") if v.startswith("file:") else v
+        raise ConfigError(f"{where}: {v!r}: MLflow 3 no longer accepts the file store as a tracking backend; "
+                          f"use sqlite:///{path.rstrip('/')}/mlflow.db")
+
+
+def _optuna_storage(where: str, v: Any) -> None:
+    text(where, v)
+    if _in_memory_sqlite(v):
+        raise ConfigError(f"{where}: {v!r}: an in-memory store keeps nothing after the sweep; give a file, "
+                          "e.g. sqlite:///optuna.db")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,18 +260,19 @@ BUDGET_KEYS: dict[str, CheckFn] = {
 
 SEARCH_KEYS: dict[str, CheckFn] = {
     "sampler": one_of(*SAMPLERS),
-    "n_trials": integer(1),
+    "n_trials": lambda where, v: _n_trials(where, v),
     "concurrency": integer(1),
     "seed": integer(0),
     "resume": boolean,
     "resume_dir": optional(text),
+    "resume_accept": optional(str_list),
     "n_startup_trials": integer(0),
     "population_size": optional(integer(2)),
     "objectives": _objectives,
     "asha": mapping,
     "search_settings": boolean,
     "storage": optional(text),
-    "optuna_storage": optional(text),
+    "optuna_storage": optional(lambda where, v: _optuna_storage(where, v)),
     "methods": optional(str_list),
     "scheduler": optional(text),  # choices: search/schedulers.py
     "budget": mapping,
@@ -296,7 +339,7 @@ CLUSTER_KEYS: dict[str, CheckFn] = {
 
 TRACKING_KEYS: dict[str, CheckFn] = {
     "kind": one_of("sqlite", "server", "none"),
-    "uri": optional(text),
+    "uri": optional(lambda where, v: _tracking_uri(where, v)),
     "experiment": text,
     "artifact_location": optional(text),
     "epoch_metrics": boolean,

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 from search import pareto
@@ -429,6 +429,13 @@ class SweepTracker:
             raise RuntimeError("SweepTracker: call start_parent() first")
         return self.run_id
 
+    def sweep_name_taken(self, name: str) -> bool:
+        """Whether a sweep's parent run in this experiment is already called ``name``."""
+        filt = f"tags.`{TAG_ROLE}` = 'sweep' and attributes.run_name = {_quote(name)}"
+        runs = _retry(lambda: self.client.search_runs([self.experiment_id], filter_string=filt, max_results=1,
+                                                      run_view_type=ViewType.ALL), "search runs")
+        return bool(runs)
+
     def start_parent(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any],
                      resume_run_id: str | None = None) -> str:
         """Create the sweep's parent run, or re-open ``resume_run_id``; returns the run id.
@@ -533,11 +540,14 @@ class SweepTracker:
 
     def finish(self, status: str = "FINISHED", reason: str | None = None) -> None:
         """End the parent run with ``status`` (FINISHED, FAILED or KILLED); ``reason`` (why it
-        failed or stopped) goes into the tag ``prunesearch.error``."""
+        failed or stopped) goes into the tag ``prunesearch.error``. A run that ends FINISHED
+        loses the reason an earlier, interrupted attempt left (a resumed sweep is not failed)."""
         run_id = self._require_run()
         if reason:
             _retry(lambda: self.client.set_tag(run_id, TAG_ERROR, _truncate(str(reason), MAX_ERROR_CHARS)),
                    "set reason")
+        elif status == "FINISHED" and TAG_ERROR in _retry(lambda: self.client.get_run(run_id), "get run").data.tags:
+            _retry(lambda: self.client.delete_tag(run_id, TAG_ERROR), "clear reason")
         _retry(lambda: self.client.set_terminated(run_id, status=status), "terminate run")
 
 

@@ -10,8 +10,9 @@
    process of its own builds data, model and module once (this process never imports
    Lightning); then checks the trial's resources against the cluster. A failure is one
    ``ConfigError`` line; nothing is tracked and a Ray this sweep started is shut down;
-3. creates the MLflow parent run (or re-opens it on resume) and the Optuna study (an RDB
-   store, beside the MLflow store by default);
+3. claims the sweep's unique name as its Optuna study (an RDB store, beside the MLflow store by
+   default; :func:`search.identity.claim_study_name`), then creates the MLflow parent run (or
+   re-opens both on resume);
 4. runs ``Tuner(StudySearcher(define-by-run space, objectives))`` (search.study_searcher) with a
    concurrency limit, per-trial resources, actor reuse and optional ASHA; Tune's state and
    every trial's files live under the sweep's root (:mod:`search.storage`);
@@ -20,10 +21,12 @@
    logs them as artifacts. Any error after the parent run started ends it FAILED with the
    reason; a sweep in which no trial finished raises :class:`SweepFailed`.
 
-Resume: ``sweep.json`` (written atomically) records the sweep's root and parent run id;
-``search.resume=true`` restores that Tuner. A trial that finished (its ``trial_result.json``,
-or a FINISHED MLflow run) is adopted, never run again, also when Tune's last checkpoint
-missed it (:class:`BudgetLimiter` counts those against the budget).
+Resume: ``sweep.json`` (written atomically) records the sweep's root, parent run id and
+identity (:mod:`search.identity`: a resume with another config is refused before Ray starts,
+unless ``search.resume_accept`` names the change); ``search.resume=true`` restores that
+Tuner. A trial that finished (its ``trial_result.json``, or a FINISHED MLflow run) is adopted,
+never run again, also when Tune's last checkpoint missed it (:class:`BudgetLimiter` counts
+those against the budget).
 """
 
 from __future__ import annotations
@@ -326,12 +329,14 @@ def _make_budget_limiter_class() -> type:
 
 
 def find_resume_dir(output_root: Path) -> Path | None:
-    """The newest sweep under ``output_root`` that has a state file and did not finish."""
+    """The newest sweep under ``output_root`` that has a readable state file and did not finish;
+    an unreadable one is skipped with a printed note."""
     candidates = []
     for state in output_root.rglob(STATE_FILE):
         try:
-            data = json.loads(state.read_text())
-        except (OSError, json.JSONDecodeError):
+            data = _read_state(state, "search.resume")
+        except ConfigError as exc:
+            print(f"note: skipped {state.parent}: {str(exc).split(': ', 1)[-1]}", flush=True)
             continue
         if not data.get("finished"):
             candidates.append((state.stat().st_mtime, state.parent))
@@ -554,14 +559,32 @@ def _write_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(state, indent=1, default=str))
 
 
-def _read_state(path: Path) -> dict[str, Any]:
+#: What every ``sweep.json`` holds (written by :func:`_run_locked` before any trial starts).
+STATE_KEYS = ("name", "sweep_root", "finished")
+
+
+def _read_state(path: Path, key: str = "search.resume_dir") -> dict[str, Any]:
+    """The sweep's ``sweep.json`` ({} when there is none).
+
+    Raises:
+        ConfigError: naming ``key`` and the file, when it is unreadable, not JSON, not a JSON
+            object or lacks one of :data:`STATE_KEYS`.
+    """
     if not path.is_file():
         return {}
     try:
         state = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"search.resume_dir: {path} is not readable JSON ({exc})") from exc
-    return state if isinstance(state, dict) else {}
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise ConfigError(f"{key}: {path} is not readable JSON ({_last_line(str(exc))}); it is not a sweep's "
+                          "state (restore it, or start a new sweep)") from exc
+    if not isinstance(state, dict):
+        raise ConfigError(f"{key}: {path} holds a JSON {type(state).__name__}, not a sweep's state (restore it, "
+                          "or start a new sweep)")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise ConfigError(f"{key}: {path} lacks {missing}; it is not a sweep's state (restore it, or start a "
+                          "new sweep)")
+    return state
 
 
 def _driver_identity() -> dict[str, Any]:
@@ -611,7 +634,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         # The checks that need nothing built (schema, methods, objectives): a refusal in seconds.
         pre = checked or preflight(cfg, output_dir, build=False, open_stores=False)
         cfg, space, objectives = pre.cfg, pre.space, pre.objectives
-        state = _read_state(output_dir / STATE_FILE)
+        state = _read_state(output_dir / STATE_FILE, "search.resume_dir" if resuming else "search.resume")
         if resuming and not state:
             raise ConfigError(f"search.resume_dir: {output_dir} holds no sweep (no {STATE_FILE}); pass the output "
                               "directory of the sweep to continue")
@@ -621,6 +644,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         if state and not resuming:
             raise ConfigError(f"search.resume: {output_dir} already holds a sweep; pass search.resume=true "
                               "to continue it, or choose another output directory")
+        state = _record_identity(cfg, output_dir, state, resuming)
         return _run_locked(cfg, pre, space, objectives, output_dir, state, resuming, builder,
                            built=checked is not None)
     finally:
@@ -628,6 +652,34 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
             builder.stop()
         if lock is not None:
             lock.release()
+
+
+def _record_identity(cfg: dict[str, Any], output_dir: Path, state: dict[str, Any],
+                     resuming: bool) -> dict[str, Any]:
+    """``state`` with this run's identity (:mod:`search.identity`); a resume whose config differs
+    from the recorded one is refused, unless ``search.resume_accept`` names every change (then
+    the changes are recorded). A sweep recorded before identities were is adopted with a note.
+
+    Raises:
+        ConfigError: ``search.resume``, naming every key that differs.
+    """
+    from search.identity import accepted_keys, check_resume_identity, sweep_identity
+
+    accept = accepted_keys(cfg["search"])
+    identity = sweep_identity(cfg, output_dir)
+    state = dict(state)
+    if resuming and isinstance(state.get("identity"), dict):
+        accepted = check_resume_identity(state, identity, accept, output_dir)
+        if accepted:
+            stamp = datetime.now().isoformat(timespec="seconds")
+            state["accepted_changes"] = [*state.get("accepted_changes", []), *({**a, "at": stamp} for a in accepted)]
+            print("note: resuming with accepted changes: " + ", ".join(
+                f"{a['key']} ({a['old']} -> {a['new']})" for a in accepted), flush=True)
+    elif resuming:
+        print(f"note: {output_dir / STATE_FILE} predates recorded identities; this config is recorded as the "
+              "sweep's now (not compared)", flush=True)
+    state["identity"] = identity
+    return state
 
 
 def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objectives: list[tuple[str, str]],
@@ -638,12 +690,6 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
     search = cfg["search"]
     if resuming:
         print(f"resuming the sweep in {output_dir}", flush=True)
-    method_label = cfg["method"]["name"] if cfg.get("method") else "all"
-    name = state.get("name") or cfg.get("sweep_name") or \
-        f"{method_label}-{cfg['data']['name']}-{datetime.now():%Y%m%d-%H%M%S}"
-    storage_root = state.get("sweep_root") or (
-        f"{str(search['storage']).rstrip('/')}/{name}" if search.get("storage") else str(output_dir))
-    storage = SweepStorage(storage_root)
     abort_file = output_dir / ABORT_FILE
     abort_file.unlink(missing_ok=True)
 
@@ -663,13 +709,18 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
     tracker = None
     tracking: dict[str, str] | None = None
     optuna_url = pre.optuna_storage
+    tracking_cfg = dict(cfg.get("tracking") or {})
     if pre.tracking_uri is not None:
         from search.tracking import SweepTracker
 
-        tracking_cfg = dict(cfg.get("tracking") or {})
         # Only now, with every check passed, is the store written to (created, migrated).
         tracker = SweepTracker(pre.tracking_uri, tracking_cfg.get("experiment", "prunesearch"),
                                tracking_cfg.get("artifact_location"))
+    name = state.get("name") or _claim_name(cfg, objectives, optuna_url, tracker)
+    storage_root = state.get("sweep_root") or (
+        f"{str(search['storage']).rstrip('/')}/{name}" if search.get("storage") else str(output_dir))
+    storage = SweepStorage(storage_root)
+    if tracker is not None:
         parent = tracker.start_parent(
             name, params=cfg,
             tags={"prunesearch.data": cfg["data"]["name"], "prunesearch.model": cfg["model"]["name"],
@@ -687,7 +738,8 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
              "parent_run_id": tracking and tracking["parent_run_id"],
              "experiment_id": tracking and tracking["experiment_id"], "optuna_storage": optuna_url,
              "optuna_study": name, "finished": False,
-             "started": state.get("started", datetime.now().isoformat(timespec="seconds"))}
+             "started": state.get("started", datetime.now().isoformat(timespec="seconds")),
+             **{k: state[k] for k in ("identity", "accepted_changes") if k in state}}
     _write_state(output_dir / STATE_FILE, state)
     try:
         return _tune(cfg, space, objectives, output_dir, state, resuming, storage, tracker, tracking, str(abort_file))
@@ -701,6 +753,27 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
             _end_parent(tracker, "FAILED", exception_line(exc) if not isinstance(exc, (ConfigError, SweepFailed))
                         else str(exc))
         raise
+
+
+def _claim_name(cfg: dict[str, Any], objectives: list[tuple[str, str]], optuna_url: str | None,
+                tracker: Any) -> str:
+    """A new sweep's name, claimed as its Optuna study (:func:`search.identity.claim_study_name`):
+    ``sweep_name`` or ``<method or all>-<data>-<timestamp>``, suffixed ``-2``, ``-3``, ... when a
+    study or an MLflow parent run of the experiment already has it (a chosen name that is
+    suffixed is printed)."""
+    from search.identity import claim_study_name
+    from search.sampling import open_optuna_storage
+
+    method_label = cfg["method"]["name"] if cfg.get("method") else "all"
+    wanted = cfg.get("sweep_name") or f"{method_label}-{cfg['data']['name']}-{datetime.now():%Y%m%d-%H%M%S}"
+    if not optuna_url:
+        return str(wanted)
+    taken = tracker.sweep_name_taken if tracker is not None else (lambda n: False)
+    directions = ["minimize" if mode == "min" else "maximize" for _, mode in objectives]
+    name = claim_study_name(open_optuna_storage(optuna_url), str(wanted), directions, taken)
+    if name != wanted and cfg.get("sweep_name"):
+        print(f"note: sweep_name {wanted!r} is taken in this store; this sweep is {name!r}", flush=True)
+    return name
 
 
 def _start_ray_and_check(cfg: dict[str, Any], pre: PreflightResult, output_dir: Path, cluster: dict[str, Any],

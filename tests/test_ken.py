@@ -402,3 +402,23 @@ def test_tiny_bert_checkpoints_keep_the_random_head_out(tmp_path):
     att_masks = attention.finalize(copy.deepcopy(finetuned))
     assert att_masks.names() and all(".attention." in n for n in att_masks.names())
     assert any(n.endswith("attention.self.query.weight") for n in att_masks.names())
+
+
+def test_heatmaps_colour_kept_entries_with_their_fine_tuned_values(monkeypatch, tmp_path):
+    """The reference KEN_viz swapped its two matrices and coloured kept positions with the
+    pretrained values; here a kept entry shows its fine-tuned value and a reverted one is blank."""
+    import numpy as np
+
+    import prunelib.ken_viz as ken_viz
+
+    figures = []
+    make = ken_viz._figure
+    monkeypatch.setattr(ken_viz, "_figure", lambda w, h: figures.append(make(w, h)) or figures[-1])
+    torch.manual_seed(0)
+    pretrained = torch.randn(6, 5)
+    finetuned = -pretrained + 0.5  # every entry differs from its pretrained value
+    keep = torch.rand(6, 5) < 0.5
+    ken_viz.plot_kept_heatmaps({"w": keep}, {"w": finetuned}, tmp_path / "h.png")
+    shown = np.ma.filled(figures[0].axes[0].images[0].get_array().astype(float), np.nan)
+    assert np.allclose(shown[keep.numpy()], finetuned[keep].numpy())
+    assert np.isnan(shown[~keep.numpy()]).all()

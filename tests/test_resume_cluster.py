@@ -153,7 +153,9 @@ def test_interrupted_sweep_resumes_without_losing_or_repeating_trials(tmp_path):
     runs = find_trial_runs(f"sqlite:///{tmp_path}/mlflow.db", state["parent_run_id"])
     assert len([r for r in runs if r["status"] == "ok"]) == 6
     assert set(_counts(tmp_path, "completions").values()) == {1}
-    assert MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(state["parent_run_id"]).info.status == "FINISHED"
+    parent = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert "prunesearch.error" not in parent.data.tags  # the interruption's reason went with it (issue 24)
 
 
 def _ray_start(*args: str, env: dict[str, str]) -> None:

@@ -252,8 +252,10 @@ def test_taylor_criterion_and_bn_recalibration_read_a_few_training_batches(digit
     # 3 candidates (2 samples + the start), each 1 validation batch + 2 recalibration batches.
     assert method.cost.extra_forward_passes == 2 + 3 * (1 + 2)
     assert method.report["removed"] and sum(method.report["removed"]) > 0
-    assert all(k in masks for k in (f"{p}.weight" for g in method._groups for p in g.producers
-                                    if masks.masks.get(f"{p}.weight") is not None))
+    # Every producer of every prunable group carries a mask, and the removed channels are zero rows.
+    producers = [f"{p}.weight" for g in method._groups for p in g.producers]
+    assert producers and all(k in masks.masks for k in producers)
+    assert sum(int((~masks.masks[k]).reshape(len(masks.masks[k]), -1).all(1).sum()) for k in producers) > 0
     # The Taylor scores rank a planted dead filter first.
     torch.manual_seed(0)
     model = build_model("vgg_small", digits.input_shape, digits.num_classes, width=0.25)

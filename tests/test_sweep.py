@@ -142,3 +142,6 @@ def test_nsga2_with_asha_and_a_latency_objective(tmp_path, ray_local):
     # a trial ASHA stopped ends on an intermediate report.
     assert all(r["training_iteration"] >= 2 for r in finished)
     assert all(r["final_result"] is False for r in result.rows if r["status"] == "early_stopped")
+    # ... and it did stop one (the sweep is seeded: the same trials every run), before its last epoch.
+    stopped = [r for r in result.rows if r["status"] == "early_stopped"]
+    assert stopped and all(r["training_iteration"] < 3 for r in stopped)
