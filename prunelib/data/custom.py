@@ -152,7 +152,8 @@ def datamodule_from_datasets(name: str, train: Dataset, val: Dataset | None, tes
     total = sum(len(d) for d in (train, val, test)) * max(1, math.prod(shape)) * 4  # type: ignore[arg-type]
     keep = bool(resident) if resident != "auto" else total <= resident_max_mb * 2**20
     if keep:
-        arrays = [_materialise(ds, num_workers, f"{where} {split}", split) for split, ds in zip(_SPLITS, (train, val, test))]
+        arrays = [_materialise(ds, num_workers, f"{where} {split}", split)
+                  for split, ds in zip(_SPLITS, (train, val, test))]
         classes = class_count(arrays[0][1], num_classes, declared_classes(train))
         # The labels are in hand: every split is held to the count here, for trials and pre-flight alike.
         check_labels({split: y for split, (_, y) in zip(_SPLITS, arrays)}, classes, num_classes is not None)
