@@ -10,7 +10,9 @@ Examples::
     prunesearch search.resume=true                  # continue the newest unfinished sweep
 
 Exit status: 0 done; 2 a configuration error (one line naming the key; nothing started);
-1 the sweep ran but no trial finished; 130 interrupted (resumable).
+1 the sweep ran but no trial finished; 3 a storage error: a write to the sweep's files or stores
+failed (full disk, quota, read-only), nothing was left half-written and the sweep is resumable
+once space is freed; 130 interrupted (resumable).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def _fail(message: str, code: int) -> None:
 def _app(cfg: DictConfig) -> None:
     """Resolve the config, pick the output directory (resume or new) and run the sweep."""
     _quiet()
+    from search.storage import StorageError
     from search.tuner import SweepFailed, find_resume_dir, run_sweep
 
     try:
@@ -88,6 +91,9 @@ def _app(cfg: DictConfig) -> None:
         _fail(f"config error: {exc}", 2)
     except SweepFailed as exc:
         _fail(f"sweep failed: {exc}", 1)
+    except StorageError as exc:  # the sweep's state stays resumable (search.tuner)
+        _fail(f"storage error: {exc}; nothing was left half-written; free space and resume with: "
+              f"python -m search <same overrides> search.resume=true search.resume_dir={output_dir}", 3)
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
