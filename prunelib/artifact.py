@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -153,8 +152,13 @@ def atomic_save(path: str | os.PathLike, write: Callable[[Path], Any],
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
-    os.close(fd)
+    while True:  # a new file with the mode a plain open() gives (mkstemp's 0600 hides it from others)
+        tmp = str(path.with_name(f".{path.name[:100]}.{os.getpid()}.{os.urandom(4).hex()}.tmp"))
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         write(Path(tmp))
         fd = os.open(tmp, os.O_RDONLY)

@@ -99,6 +99,18 @@ def storage_errors(path: str | os.PathLike) -> Iterator[None]:
         raise failure from None  # the one line names the path and the reason; no OSError chain
 
 
+def _new_temporary(path: Path) -> str:
+    """An empty new file beside ``path`` (a bounded name: a long target name still fits), with
+    the mode a plain ``open`` would give (mkstemp's 0600 would hide the file from other users)."""
+    while True:
+        tmp = str(path.with_name(f".{path.name[:100]}.{os.getpid()}.{os.urandom(4).hex()}.tmp"))
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def _fsync_file(path: str | os.PathLike) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -123,8 +135,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any],
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:100]}.", suffix=".tmp")
-        os.close(fd)
+        tmp = _new_temporary(path)
         write(Path(tmp))
         _fsync_file(tmp)
         if check is not None:

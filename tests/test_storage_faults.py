@@ -46,6 +46,15 @@ def test_atomic_write_on_a_full_disk_keeps_the_previous_file(tmp_path, monkeypat
     assert _leftovers(tmp_path) == []
 
 
+def test_atomic_files_get_the_mode_a_plain_open_gives(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    model = build_model("mlp", (1, 8, 8), 10)
+    written = [atomic_write_text(tmp_path / "a.json", "{}"),
+               MaskSet.ones_like(model).save(tmp_path / "masks.safetensors", model)]
+    assert [p.stat().st_mode & 0o777 for p in written] == [0o666 & ~umask] * 2  # readable by others, as before
+
+
 def test_atomic_write_checks_before_the_rename(tmp_path):
     target = tmp_path / "masks.safetensors"
     target.write_bytes(b"previous")
