@@ -160,7 +160,9 @@ def atomic_save(path: str | os.PathLike, write: Callable[[Path], Any],
         except FileExistsError:
             continue
     try:
+        mode = os.stat(tmp).st_mode & 0o777
         write(Path(tmp))
+        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors) may have made it 0600
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the bytes are on disk before the name points at them

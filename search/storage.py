@@ -136,7 +136,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any],
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = _new_temporary(path)
+        mode = os.stat(tmp).st_mode & 0o777
         write(Path(tmp))
+        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors) may have made it 0600
         _fsync_file(tmp)
         if check is not None:
             check(Path(tmp))
