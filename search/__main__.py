@@ -46,6 +46,9 @@ def _quiet() -> None:
     for handler in logging.getLogger().handlers:
         if type(handler) is logging.StreamHandler:
             handler.setLevel(logging.WARNING)
+    # Hydra's log file lives in the sweep's directory: on a full disk a failed log write must not
+    # print logging's own traceback on the console (the sweep says what failed, in one line).
+    logging.raiseExceptions = False
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 

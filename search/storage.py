@@ -68,9 +68,20 @@ class StorageError(RuntimeError):
         return f"{self.path}: {self.reason}"
 
 
+#: How writers that are not Python's own (safetensors' Rust code) say a storage errno in words.
+_ERRNO_WORDS = {errno.ENOSPC: ("No space left on device", "os error 28"),
+                errno.EDQUOT: ("Disk quota exceeded", "os error 122"),
+                errno.EROFS: ("Read-only file system", "os error 30")}
+
+
+def _reason(code: int) -> str:
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+
+
 def as_storage_error(exc: BaseException, path: str | os.PathLike | None = None) -> StorageError | None:
     """``exc`` (or an exception it was raised from) as a :class:`StorageError` when it is a write
-    the storage refused (:data:`STORAGE_ERRNOS`), else None."""
+    the storage refused (:data:`STORAGE_ERRNOS`, or a library's error that says so in words:
+    safetensors raises ``SafetensorError: ... No space left on device (os error 28)``), else None."""
     seen: BaseException | None = exc
     for _ in range(8):  # a library may wrap the OSError (safetensors, torch, pyarrow)
         if seen is None:
@@ -78,8 +89,12 @@ def as_storage_error(exc: BaseException, path: str | os.PathLike | None = None) 
         if isinstance(seen, StorageError):
             return seen
         if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
-            where = seen.filename or path or "?"
-            return StorageError(where, f"{seen.strerror or os.strerror(seen.errno)} ({errno.errorcode.get(seen.errno, seen.errno)})")
+            return StorageError(seen.filename or path or "?", _reason(seen.errno))
+        if not isinstance(seen, OSError):
+            text = str(seen)
+            for code, words in _ERRNO_WORDS.items():
+                if any(w in text for w in words):
+                    return StorageError(path or "?", _reason(code))
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -150,7 +165,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any],
         failure = as_storage_error(exc, path)
         if failure is None:
             raise
-        raise failure from None
+        raise StorageError(path, failure.reason) from None  # the file we were writing, not a source
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):

@@ -322,7 +322,10 @@ def _make_budget_limiter_class() -> type:
         def _count_orphans(self) -> list[str]:
             # Finished in MLflow or by their own trial_result.json (a tracking outage), unknown here.
             # A run still RUNNING is an attempt its killed driver left behind: it never ended.
-            known = {r["trial_id"] for r in _logged_trials(self.tracking) if r["status"] != "running"}
+            # A run a full disk stopped (StorageError) ended without a result: not counted, so the
+            # budget is spent on trials that have one.
+            known = {r["trial_id"] for r in _logged_trials(self.tracking)
+                     if r["status"] != "running" and not _stopped_by_storage(r)}
             known |= {str(r["trial_id"]) for r in _stored_rows(self.sweep_root)}
             return sorted(known - self.suggested_ids)
 
@@ -633,7 +636,30 @@ def request_abort(abort_file: str, request: dict[str, Any]) -> None:
     try:
         atomic_write_text(abort_file, json.dumps(_ABORTS[str(abort_file)]))
     except (StorageError, OSError) as exc:  # the disk is what failed; memory holds the request
-        log.warning("could not write %s (%s); the sweep stops anyway", abort_file, exc)
+        log.info("could not write %s (%s); the sweep stops anyway", abort_file, exc)
+
+
+def _stopped_by_storage(run: dict[str, Any]) -> bool:
+    """Whether an MLflow trial row ended on a :class:`~search.storage.StorageError` (no result)."""
+    return run.get("status") == "failed" and "StorageError" in str(run.get("error") or "")
+
+
+def _drop_truncated_tune_state(storage: SweepStorage, experiment_path: str) -> bool:
+    """Remove Tune's experiment-state files a full disk truncated (Tune writes them in place);
+    returns whether a whole one is left. Without one a resume starts a new Tuner, which adopts
+    the finished trials from their files and MLflow. Remote roots are left as they are (True)."""
+    if not storage.is_local:
+        return True
+    whole = False
+    for path in Path(experiment_path).glob("experiment_state-*.json"):
+        try:
+            json.loads(path.read_text())
+            whole = True
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                log.info("removed %s: truncated by a full disk", path)
+    return whole
 
 
 def _interrupt_tune() -> bool:
@@ -919,11 +945,15 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
               f"{tracking['parent_run_id']})", flush=True)
 
     callback = None
-    if resuming and tune.Tuner.can_restore(experiment_path):
+    storage_stopped = resuming and (bool(state.get("storage_error"))
+                                    or any(_stopped_by_storage(r) for r in _logged_trials(tracking)))
+    # Tune's state truncated by the full disk: a new Tuner, which adopts the finished trials.
+    lost_state = storage_stopped and not _drop_truncated_tune_state(storage, experiment_path)
+    if resuming and not lost_state and tune.Tuner.can_restore(experiment_path):
         # After a storage error the trial the full disk stopped is "errored" in Tune's state:
         # run the errored trials again (a trial that failed on its own fails again, once).
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=bool(state.get("storage_error")))
+                                   resume_errored=False, restart_errored=storage_stopped)
     else:
         dense_ref = None
         # Saved by its recipe, never by pickling the sampler (search/sampling.py).
@@ -945,13 +975,23 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
                 failure_config=tune.FailureConfig(max_failures=int(cfg["trial"].get("max_retries", 0)))),
         )
     # Running trials' lines and the sweep bar (search/progress.py); Tune itself prints nothing.
-    with live_progress(n_trials), _quiet_tune(), storage_errors(experiment_path):
-        results = tuner.fit()
+    results: Any = None
+    try:
+        with live_progress(n_trials), _quiet_tune(), storage_errors(experiment_path):
+            results = tuner.fit()
+    except Exception:
+        # On a full disk Tune's own files (a trial's error.pkl) may be empty, and reading them
+        # back fails: the storage error that stopped the sweep is the reason to give.
+        request = read_abort(abort_file)
+        if request is None or request.get("kind") != "storage":
+            raise
     if tracking:  # no trial runs now: a run still RUNNING belongs to a trial that ended without a result
-        _end_unfinished_runs(tracking, known={_result_trial_id(r) for r in results} if resuming else None)
+        _end_unfinished_runs(tracking, known={_result_trial_id(r) for r in results}
+                             if resuming and results is not None else None)
 
     abort = read_abort(abort_file)
     if abort is not None and abort.get("kind") == "storage":
+        _drop_truncated_tune_state(storage, experiment_path)
         # Keep the sweep resumable: the resume reruns the trial the disk stopped (Tune marked it errored).
         state.update({"finished": False, "storage_error": f"{abort.get('path')}: {abort.get('reason')}"})
         with contextlib.suppress(StorageError):

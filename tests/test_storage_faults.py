@@ -73,6 +73,9 @@ def test_storage_error_crosses_processes_and_names_the_path():
     with pytest.raises(StorageError, match=r"^/x: Read-only file system \(EROFS\)$"):
         with storage_errors("/x"):
             raise OSError(errno.EROFS, "Read-only file system")
+    with pytest.raises(StorageError, match=r"^/x: No space left on device \(ENOSPC\)$"):
+        with storage_errors("/x"):  # safetensors' Rust writer says it in words
+            raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
     with pytest.raises(KeyError):  # anything else passes unchanged
         with storage_errors("/x"):
             raise KeyError("a bug")
