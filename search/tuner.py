@@ -18,7 +18,10 @@
 5. after every ended trial prints one line and logs the recomputed front to MLflow;
 6. at the end prints the front, copies its masks and configs to ``<output>/front/`` and
    logs them as artifacts. Any error after the parent run started ends it FAILED with the
-   reason; a sweep in which no trial finished raises :class:`SweepFailed`.
+   reason; a sweep in which no trial finished raises :class:`SweepFailed`. A write the storage
+   refused (a full disk, in a trial or here) stops every trial as Ctrl-C does and raises
+   :class:`~search.storage.StorageError` (the parent run ends KILLED; ``sweep.json`` stays
+   unfinished, so the sweep resumes once space is freed).
 
 Resume: ``sweep.json`` (written atomically) records the sweep's root and parent run id;
 ``search.resume=true`` restores that Tuner. A trial that finished (its ``trial_result.json``,
@@ -744,6 +747,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
             error surfaced in a trial (nothing was started, or the parent run ends FAILED).
         SweepFailed: no trial finished.
         SweepInterrupted: Ctrl-C; the sweep can be resumed.
+        StorageError: a write to the sweep's files failed (full disk...); it can be resumed.
     """
     output_dir = Path(output_dir).resolve()
     resuming = bool((cfg.get("search") or {}).get("resume"))
