@@ -29,8 +29,8 @@ from search.formatting import format_metric
 from search.plots import DenseReference, axis_label, method_colours, plot_axes
 from search.tracking import TAG_ROLE, _parse_param, find_trial_runs
 
-__all__ = ["NotFound", "Unreadable", "RASTER_TYPES", "TEXT_SUFFIXES", "CURVE_METRICS", "check_run_id", "artifact_relpath",
-           "inline_type", "artifact_file", "list_sweeps", "sweep_detail", "trial_detail"]
+__all__ = ["NotFound", "Unreadable", "RASTER_TYPES", "TEXT_SUFFIXES", "CURVE_METRICS", "check_run_id",
+           "artifact_relpath", "inline_type", "artifact_file", "list_sweeps", "sweep_detail", "trial_detail"]
 
 # MLflow's own run id grammar (mlflow.utils.validation), ASCII only: no dots, no slashes.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")

@@ -45,8 +45,8 @@ from torch import nn
 from prunelib.flops import ARTIFACT_KINDS
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "HF_DIR", "MANIFEST_FILE", "MASKS_FILE", "ONNX_FILE",
-           "SPEC_KINDS", "SURGERED_DIR", "WEIGHTS_FILE", "ArtifactError", "ModelSpec", "atomic_save", "check_safetensors",
-           "load_pruned",
+           "SPEC_KINDS", "SURGERED_DIR", "WEIGHTS_FILE", "ArtifactError", "ModelSpec", "atomic_save",
+           "check_safetensors", "load_pruned",
            "mark_removed", "read_manifest", "remove_weights", "save_pruned", "weight_files", "write_manifest"]
 
 ARTIFACT_FORMAT = "prunesearch-pruned-model"
@@ -202,7 +202,8 @@ def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Pa
     export adds the trial's facts to a copied one with it."""
     text = json.dumps(manifest, indent=1, default=str)
     # A reader sees the old manifest or the new one, never half of one.
-    return atomic_save(Path(directory) / MANIFEST_FILE, lambda tmp: tmp.write_text(text), lambda tmp: json.loads(tmp.read_text()))
+    return atomic_save(Path(directory) / MANIFEST_FILE, lambda tmp: tmp.write_text(text),
+                       lambda tmp: json.loads(tmp.read_text()))
 
 
 def save_pruned(directory: str | os.PathLike, model: nn.Module, spec: ModelSpec | None, artifact: str,

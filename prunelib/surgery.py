@@ -588,7 +588,8 @@ class SurgeryResult:
 
         text = json.dumps(structure, indent=1)
         atomic_save(directory / "model.safetensors", lambda tmp: save_file(state, str(tmp)), check_safetensors)
-        atomic_save(directory / "structure.json", lambda tmp: tmp.write_text(text), lambda tmp: json.loads(tmp.read_text()))
+        atomic_save(directory / "structure.json", lambda tmp: tmp.write_text(text),
+                    lambda tmp: json.loads(tmp.read_text()))
         return directory
 
 
