@@ -19,14 +19,20 @@ through the CLI; (2) a sweep with injected faults (raise, NaN, out of memory, wo
 (3) ``kill -9`` of the driver just after a trial finished and again mid-trial, a rival driver
 meanwhile, then resume; (4) every trial failing; (5) three sweeps starting at once on one
 fresh store; (6) exports against a dead server, a wrong SQLite path, a corrupt artifact and an
-unwritable ``out=``; (7) bad data through the CLI (a stray test label, one class, a negative
-label, a lying ``__len__``) and deterministic failures with retries allowed (raise and NaN run
-once, a killed worker is retried). Prints the Markdown table for benchmarks/RESULTS.md.
+unwritable ``out=``; (7, ``identity``) resumes with another config or store, corrupt
+``sweep.json``, in-memory and file stores, Hydra errors, two sweeps with one name; (8, ``data``)
+bad data through the CLI (a stray test label, one class, a negative label, a lying ``__len__``)
+and deterministic failures with retries allowed (raise and NaN run once, a killed worker is
+retried); (9, ``storage``) a sweep on a full disk (a real small tmpfs when mounting is allowed,
+else the ``enospc`` fault) and its resume, a front point whose trial folder is gone, export
+names and a missing artifact, the dashboard over a malformed tag and mistyped stores.
+Prints the Markdown table for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import re
@@ -76,7 +82,7 @@ def bad_inputs(out: Path) -> dict:
     from tests.conftest import compose
     from tests.test_preflight import CASES
 
-    refused, lost, examples = 0, [], []
+    refused, lost, examples, tracebacks = 0, [], [], 0
     for name, overrides, mutations, fragment in CASES:
         case = out / "bad" / re.sub(r"\W+", "_", name)
         case.mkdir(parents=True)
@@ -102,13 +108,15 @@ def bad_inputs(out: Path) -> dict:
                                f"tracking.uri=sqlite:///{case}/mlflow.db"], cwd=REPO, env=ENV, capture_output=True,
                               text=True, timeout=300)
         lines = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
+        tracebacks += _tracebacks(proc.stdout, proc.stderr)
         clean = proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr + proc.stdout and \
             not (case / "mlflow.db").exists() and not (case / "run" / "ray").exists()
         refused += clean
         if not clean:
             lost.append(f"CLI {name}: exit {proc.returncode}")
     return {"case": "bad inputs (pre-flight table + 3 via the CLI)", "tried": len(CASES) + len(CLI_BAD),
-            "refused": refused, "recovered": 0, "lost": len(lost), "notes": lost, "examples": examples}
+            "refused": refused, "recovered": 0, "lost": len(lost), "mixed": 0, "tracebacks": tracebacks,
+            "notes": lost, "examples": examples}
 
 
 def faults(out: Path, n_trials: int) -> dict:
@@ -150,8 +158,9 @@ def faults(out: Path, n_trials: int) -> dict:
         lost.append(f"sweep exit {proc.returncode}")
     injected = len(plan)
     return {"case": f"injected faults ({', '.join(f'{k}' for k in kinds)}) in a {n_trials}-trial sweep",
-            "tried": injected, "refused": 0, "recovered": injected - len(lost), "lost": len(lost), "notes": lost,
-            "outcomes": dict(outcomes), "wall_s": round(wall, 1)}
+            "tried": injected, "refused": 0, "recovered": injected - len(lost), "lost": len(lost), "mixed": 0,
+            "tracebacks": _tracebacks(proc.stdout, proc.stderr), "notes": lost, "outcomes": dict(outcomes),
+            "wall_s": round(wall, 1)}
 
 
 DATA_CASES = {
@@ -276,7 +285,8 @@ def killed_driver(out: Path, epochs: int = 2000) -> dict:
     else:
         notes.append(f"resume exit {third.returncode}, {len(ok)} of 6 ok, ran twice: {twice}")
     return {"case": "driver kill -9 after a trial finished and mid-trial; a rival driver; resume", "tried": tried,
-            "refused": 0, "recovered": recovered, "lost": tried - recovered, "notes": notes,
+            "refused": 0, "recovered": recovered, "lost": tried - recovered, "mixed": 0,
+            "tracebacks": _tracebacks(third.stdout, third.stderr, (case / "rival.err").read_text()), "notes": notes,
             "executions": dict(Counter(completions.values()))}
 
 
@@ -292,7 +302,8 @@ def all_fail(out: Path) -> dict:
     good = proc.returncode == 1 and parent.info.status == "FAILED" and "^^^" not in proc.stdout and \
         proc.stdout.count("InjectedFault: injected fault") >= 2
     return {"case": "every trial fails: exit 1, parent FAILED with the reason, exception lines shown",
-            "tried": 1, "refused": 0, "recovered": int(good), "lost": int(not good),
+            "tried": 1, "refused": 0, "recovered": int(good), "lost": int(not good), "mixed": 0,
+            "tracebacks": _tracebacks(proc.stdout, proc.stderr),
             "notes": [] if good else [f"exit {proc.returncode}, parent {parent.info.status}"]}
 
 
@@ -303,10 +314,13 @@ def racing_stores(out: Path) -> dict:
             f"t = SweepTracker({uri!r}, 'sweeps'); print(t.start_parent('s' + sys.argv[1], {{'a': 1}}, {{}}))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(i)], env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(3)]
-    codes = [p.wait(timeout=300) for p in procs]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    codes = [p.returncode for p in procs]
     bad = sum(c != 0 for c in codes)
     return {"case": "three sweeps start at once on one fresh SQLite store", "tried": 3, "refused": 0,
-            "recovered": 3 - bad, "lost": bad, "notes": [f"exit codes {codes}"] if bad else []}
+            "recovered": 3 - bad, "lost": bad, "mixed": 0,
+            "tracebacks": _tracebacks(*(o for pair in outputs for o in pair)),
+            "notes": [f"exit codes {codes}"] if bad else []}
 
 
 def exports(out: Path) -> dict:
@@ -325,19 +339,21 @@ def exports(out: Path) -> dict:
         "corrupt artifact": [f"run_id={parent}", f"out={target}", f"tracking.uri={uri}"],
         "unwritable out": [f"run_id={parent}", "out=/proc/prunesearch/m.safetensors", f"tracking.uri={uri}"],
     }
-    notes, clean = [], 0
+    notes, clean, tracebacks = [], 0, 0
     for name, args in tries.items():
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-m", "search.export", *args], env=ENV, capture_output=True, text=True,
                               timeout=300)
         seconds = time.perf_counter() - t0
+        tracebacks += _tracebacks(proc.stdout, proc.stderr)
         ok = proc.returncode == 2 and proc.stderr.startswith("export: ") and "Traceback" not in proc.stderr and \
             target.read_bytes() == b"earlier" and not (case / "nope" / "mlflow.db").exists() and seconds < 60
         clean += ok
         if not ok:
             notes.append(f"{name}: exit {proc.returncode} in {seconds:.0f}s: {proc.stderr[-200:]}")
     return {"case": "export: dead server, wrong SQLite path, corrupt artifact, unwritable out=", "tried": len(tries),
-            "refused": 0, "recovered": clean, "lost": len(tries) - clean, "notes": notes}
+            "refused": 0, "recovered": clean, "lost": len(tries) - clean, "mixed": 0, "tracebacks": tracebacks,
+            "notes": notes}
 
 
 def _interrupted_sweep(case: Path) -> Path:
@@ -465,7 +481,223 @@ def identity_cases(out: Path) -> dict:
             "mixed": mixed, "tracebacks": tracebacks, "notes": notes}
 
 
-PARTS = ("bad_inputs", "faults", "killed", "all_fail", "race", "exports", "identity", "data")
+def _tracebacks(*outputs: str) -> int:
+    return sum("Traceback" in (o or "") for o in outputs)
+
+
+def _half_files(root: Path) -> list[str]:
+    """Temporary files left behind, and masks or weights files that do not load, under ``root``."""
+    from safetensors import safe_open
+
+    from prunelib.masks import MaskSet
+
+    bad = [str(p) for p in root.rglob("*") if p.name.endswith((".tmp", ".part"))]
+    for path in root.rglob("*.safetensors"):
+        try:
+            if path.name == "masks.safetensors" or path.parent.name == "front":
+                MaskSet.load(path)
+            else:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        f.get_tensor(key)
+        except Exception as exc:
+            bad.append(f"{path}: {str(exc)[:80]}")
+    return bad
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    """Mount a small tmpfs at ``where`` (root, where mounting is allowed); False if it cannot."""
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True,
+                          text=True)
+    return proc.returncode == 0
+
+
+def storage_cases(out: Path) -> dict:
+    """A sweep on a full disk (a real small tmpfs when mount works, else the ``enospc`` fault),
+    then its resume once space is freed; a front point whose trial folder is gone; export with a
+    245- and a 300-character ``out=`` name and a missing masks artifact; a dashboard over a store
+    with a malformed objectives tag and given mistyped store paths."""
+    import contextlib
+    import io
+
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from dashboards import create_app
+    from search.tracking import find_trial_runs
+    from search.tuner import _export_front
+    from tests.conftest import free_port
+    from tests.sweep_store import log_trial, start_sweep
+    from tests.test_storage_faults import _masks_file, _store_with_trials
+
+    case = out / "storage"
+    disk = case / "disk"
+    disk.mkdir(parents=True)
+    notes: list[str] = []
+    tried = refused = recovered = tracebacks = mixed = 0
+    mounted = _mount_tmpfs(disk, "600k")
+    fault = "999:raise" if mounted else "2:enospc"  # the plan also counts each trial's completions
+    cmd = [sys.executable, "-m", "search", "+method=magnitude", "search.n_trials=4", "search.concurrency=1",
+           "trial.epochs=1", "trial.finetune_epochs=0", "data.limit_train=200", "cluster.num_cpus=2",
+           f"+trial.faults.plan='{fault}'", f"+trial.faults.state_dir={case}/faults", f"hydra.run.dir={disk}/run",
+           f"tracking.uri=sqlite:///{case}/mlflow.db"]
+    uri = f"sqlite:///{case}/mlflow.db"
+    try:
+        # 1. the full disk, then the resume
+        tried += 1
+        first = subprocess.run(cmd, cwd=case, env=ENV, capture_output=True, text=True, timeout=900)
+        tracebacks += _tracebacks(first.stdout, first.stderr)
+        lines = [line for line in first.stderr.splitlines() if line.startswith("storage error: ")]
+        half = _half_files(disk)
+        state = json.loads((disk / "run" / "sweep.json").read_text())
+        parent = MlflowClient(uri).get_run(state["parent_run_id"]).info.status
+        if first.returncode == 3 and len(lines) == 1 and not half and not state.get("finished") and parent == "KILLED":
+            refused += 1
+        else:
+            notes.append(f"full disk: exit {first.returncode}, {len(lines)} storage line(s), parent {parent}, "
+                         f"half files {half[:3]}: {first.stderr[-300:]}")
+        if mounted:
+            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        tried += 1
+        second = subprocess.run(cmd + ["search.resume=true", f"search.resume_dir={disk}/run"], cwd=case, env=ENV,
+                                capture_output=True, text=True, timeout=900)
+        tracebacks += _tracebacks(second.stdout, second.stderr)
+        state = json.loads((disk / "run" / "sweep.json").read_text())
+        runs = find_trial_runs(uri, state["parent_run_id"])
+        ok = [r["trial_id"] for r in runs if r["status"] == "ok"]
+        on_disk = {p.parent.name for p in (disk / "run" / "trials").glob("*/trial_result.json")}
+        mixed += len(on_disk - set(ok))  # a trial folder no run of this sweep accounts for
+        completions = [len(p.read_text()) for p in (case / "faults").glob("completions-*")]
+        half = _half_files(disk)
+        if second.returncode == 0 and len(ok) == 4 == len(set(ok)) and on_disk == set(ok) and \
+                sorted(completions) == [1, 1, 1, 1] and not half and state.get("finished"):
+            recovered += 1
+        else:
+            notes.append(f"resume: exit {second.returncode}, {len(ok)} ok, completions {completions}, "
+                         f"half files {half[:3]}: {second.stderr[-300:]}")
+        # 2. a front point whose trial folder is gone: rebuilt from MLflow; one in neither place is named
+        tried += 2
+        front = pd.read_csv(disk / "run" / "front" / "front.csv")
+        rows = front.to_dict("records")
+        shutil.rmtree(disk / "run" / "trials" / str(rows[0]["trial_id"]))
+        if len(rows) > 1:
+            rows[1]["masks_path"], rows[1]["mlflow_run_id"] = str(case / "gone.safetensors"), "0" * 32
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            written = _export_front(pd.DataFrame(rows), rows, case / "front_again", {"uri": uri})
+        said = printed.getvalue()
+        if any(p.name.endswith(f"_{rows[0]['trial_id']}.safetensors") for p in written) and \
+                "masks recovered from MLflow run" in said and not _half_files(case / "front_again"):
+            recovered += 1
+        else:
+            notes.append(f"front point without its folder not recovered: {said[-300:]}")
+        if len(rows) < 2 or f"front: trial {rows[1]['trial_id']}: its masks are in neither" in said:
+            refused += 1
+        else:
+            notes.append(f"front point in neither place not named: {said[-300:]}")
+    except Exception as exc:
+        notes.append(f"sweep cases: {type(exc).__name__}: {str(exc)[:300]}")
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(disk)], capture_output=True)
+
+    # 3. export: long names and a missing masks artifact
+    exports_dir = case / "export"
+    exports_dir.mkdir()
+    store_uri, sweep, _ = _store_with_trials(exports_dir, {"t0": _masks_file(exports_dir / "art")})
+    bare_dir = exports_dir / "bare"
+    bare_dir.mkdir()
+    bare_uri, bare_sweep, _ = _store_with_trials(bare_dir, {"t1": None})
+    earlier = exports_dir / "keep" / "masks.safetensors"
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"earlier")
+    tries = {"out= name of 245 characters (a legal name: exported)": ([f"run_id={sweep}", "select=max_acc",
+                                                                    f"out={exports_dir / ('p' * 245)}",
+                                                                    f"tracking.uri={store_uri}"], 0),
+             "out= name of 300 characters": ([f"run_id={sweep}", f"out={exports_dir / ('q' * 300)}",
+                                              f"tracking.uri={store_uri}"], 2),
+             "missing masks artifact": ([f"run_id={bare_sweep}", f"out={earlier}", f"tracking.uri={bare_uri}"], 2)}
+    for name, (args, expected) in tries.items():
+        tried += 1
+        proc = subprocess.run([sys.executable, "-m", "search.export", *args], env=ENV, capture_output=True, text=True,
+                              timeout=300)
+        tracebacks += _tracebacks(proc.stdout, proc.stderr)
+        one_line = expected == 0 or (proc.stderr.startswith("export: ") and len(proc.stderr.strip().splitlines()) == 1)
+        leftovers = [p for p in exports_dir.rglob("*") if p.name.endswith((".tmp", ".part"))]
+        if proc.returncode == expected and one_line and earlier.read_bytes() == b"earlier" and not leftovers:
+            recovered += expected == 0
+            refused += expected == 2
+        else:
+            notes.append(f"export {name}: exit {proc.returncode}: {proc.stderr[-200:]}")
+
+    # 4. dashboard: a malformed objectives tag; mistyped store paths
+    dash = case / "dashboard"
+    dash.mkdir()
+    dash_uri = f"sqlite:///{dash}/mlflow.db"
+    good_tracker, good = start_sweep(dash_uri, "good")
+    log_trial(dash_uri, good_tracker, good, dash, "g1", "magnitude", 0.9, 1000.0, 0.5)
+    bad_tracker, bad = start_sweep(dash_uri, "bad")
+    bad_tracker.client.set_tag(bad, "prunesearch.objectives", "[[val_acc, max]")
+    client = create_app(dash_uri, cache_parent=dash).test_client()
+    listed = {s["run_id"]: s for s in client.get("/api/sweeps").get_json()["sweeps"]}
+    detail = client.get(f"/api/sweeps/{bad}")
+    tried += 1
+    if set(listed) == {good, bad} and listed[bad]["error"] and listed[good]["error"] is None and detail.is_json \
+            and client.get(f"/api/sweeps/{good}").status_code == 200:
+        recovered += 1
+    else:
+        notes.append(f"dashboard with a malformed tag: listed {len(listed)}, detail {detail.status_code}")
+    for store in (f"sqlite:///{dash}/nope/mlflow.db", f"{dash}/no/such/dir"):
+        tried += 1
+        proc = subprocess.run([sys.executable, "-m", "dashboards", "--tracking-uri", store, "--port", str(free_port())],
+                              env=ENV, capture_output=True, text=True, timeout=120)
+        tracebacks += _tracebacks(proc.stdout, proc.stderr)
+        if proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and not (dash / "nope").exists() \
+                and not (dash / "no").exists():
+            refused += 1
+        else:
+            notes.append(f"dashboard {store}: exit {proc.returncode}: {proc.stderr[-200:]}")
+    lost = tried - refused - recovered
+    return {"case": "storage: a full disk then resume, a front point without its folder, export names and a missing "
+                    "artifact, dashboard tags and store paths", "tried": tried, "refused": refused,
+            "recovered": recovered, "lost": lost, "mixed": mixed, "tracebacks": tracebacks, "notes": notes,
+            "disk": "real tmpfs of 600k, grown to 64m for the resume" if mounted else
+                    "injected ENOSPC (trial.faults enospc: mount not allowed)"}
+
+
+COLUMNS = ("tried", "refused", "recovered", "lost", "mixed", "tracebacks")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The RESULTS.md table of the drill's rows, with a total line (targets: 0 lost, mixed, tracebacks)."""
+    lines = ["| case | tried | refused before Ray | recovered | lost | mixed | tracebacks |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | " + " | ".join(str(r.get(k, 0)) for k in COLUMNS) + " |")
+    total = {k: sum(int(r.get(k, 0)) for r in rows) for k in COLUMNS}
+    lines.append("| **total** | " + " | ".join(
+        f"**{total[k]}**" if k in ("lost", "mixed", "tracebacks") else str(total[k]) for k in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _write_rows(path: Path, rows: list[dict], argv: list[str]) -> None:
+    """Raw rows beside the table they make: the command, commit, machine and date inside."""
+    import platform
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip())
+    meta = {"command": "python benchmarks/reliability_drill.py " + " ".join(argv),
+            "commit": commit + ("+uncommitted" if dirty else ""), "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({**meta, "rows": [{k: v for k, v in r.items() if k != "examples"} for r in rows]}, f,
+                  indent=1, default=str)
+
+
+PARTS = ("bad_inputs", "faults", "killed", "all_fail", "race", "exports", "identity", "data", "storage")
 
 
 def main() -> None:
@@ -474,7 +706,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "reliability")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     parser.add_argument("--kill-epochs", type=int, default=2000, help="epochs per trial of the driver-kill sweep")
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="write the raw rows (with command, commit, machine and date) to this .json.gz")
+    parser.add_argument("--table-from", type=Path, default=None,
+                        help="print the Markdown table of rows written earlier with --rows, and run nothing")
     args = parser.parse_args()
+    if args.table_from:
+        with gzip.open(args.table_from, "rt") as f:
+            print(markdown_table(json.load(f)["rows"]))
+        return
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -482,24 +722,23 @@ def main() -> None:
     rows, by_part = [], {}
     runs = {"bad_inputs": bad_inputs, "faults": lambda o: faults(o, args.trials),
             "killed": lambda o: killed_driver(o, args.kill_epochs), "all_fail": all_fail, "race": racing_stores,
-            "exports": exports, "identity": identity_cases, "data": data_cases}
+            "exports": exports, "identity": identity_cases, "data": data_cases, "storage": storage_cases}
     for name in args.parts:
         t0 = time.perf_counter()
         try:
             row = runs[name](out)
         except Exception as exc:  # a drill that could not place its fault: said, and the other parts still run
             row = {"case": f"{name}: DRILL ERROR", "tried": 0, "refused": 0,
-                   "recovered": 0, "lost": 0, "notes": [f"drill error: {type(exc).__name__}: {str(exc)[:300]}"],
+                   "recovered": 0, "lost": 1, "mixed": 0, "tracebacks": 0, "notes": [f"drill error: {type(exc).__name__}: {str(exc)[:300]}"],
                    "outcomes": {}, "examples": []}
         row["seconds"] = round(time.perf_counter() - t0)
+        row["part"] = name
         print(json.dumps({k: v for k, v in row.items() if k != "examples"}, default=str), flush=True)
         rows.append(row)
         by_part[name] = row
-    print("\n| case | tried | refused before Ray | recovered | lost |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['case']} | {r['tried']} | {r['refused']} | {r['recovered']} | {r['lost']} |")
-    total = {k: sum(r[k] for r in rows) for k in ("tried", "refused", "recovered", "lost")}
-    print(f"| **total** | {total['tried']} | {total['refused']} | {total['recovered']} | **{total['lost']}** |")
+    if args.rows:
+        _write_rows(args.rows, rows, sys.argv[1:])
+    print("\n" + markdown_table(rows))
     if "faults" in by_part:
         print("\nInjected faults: " + "; ".join(f"{n}x {o}" for o, n in by_part["faults"]["outcomes"].items()))
     if "killed" in by_part:

@@ -36,9 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     from search.tracking import TrackingUnavailableError, check_tracking
 
     try:
-        check_tracking(uri)
+        # The dashboard reads sweeps: a mistyped path is refused, never created as an empty store.
+        check_tracking(uri, must_exist=True)
     except TrackingUnavailableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: --tracking-uri: {exc}; give the store your sweeps wrote (python -m search prints it)",
+              file=sys.stderr)
         return 2
     app = create_app(uri, host=args.host, allowed_hosts=args.allow_host, refresh_s=args.refresh_s)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)

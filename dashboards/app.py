@@ -20,6 +20,7 @@ from typing import Any
 from flask import Flask, jsonify, request, send_file
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from werkzeug.exceptions import HTTPException
 
 from dashboards import store
 from search.plots import DENSE_COLOUR, METHOD_PALETTE
@@ -134,6 +135,22 @@ def create_app(tracking_uri: str | None = None, *, host: str = "127.0.0.1", allo
     @app.errorhandler(MlflowException)
     def _mlflow_error(exc: MlflowException) -> Any:
         return jsonify({"error": str(exc.message)[:500]}), 404
+
+    @app.errorhandler(store.Unreadable)
+    def _unreadable(exc: store.Unreadable) -> Any:
+        return jsonify({"error": f"this sweep cannot be shown: {exc}"[:500]}), 422
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        # The API answers JSON whatever went wrong (the page reads every answer as JSON).
+        if request.path.startswith("/api/"):
+            return jsonify({"error": f"{exc.code} {exc.name}: {exc.description}"[:500]}), exc.code
+        return exc
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        app.logger.exception("dashboard request %s failed", request.path)
+        return jsonify({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]}), 500
 
     @app.get("/")
     def index() -> Any:

@@ -29,8 +29,8 @@ from search.formatting import format_metric
 from search.plots import DenseReference, axis_label, method_colours, plot_axes
 from search.tracking import TAG_ROLE, _parse_param, find_trial_runs
 
-__all__ = ["NotFound", "RASTER_TYPES", "TEXT_SUFFIXES", "CURVE_METRICS", "check_run_id", "artifact_relpath",
-           "inline_type", "artifact_file", "list_sweeps", "sweep_detail", "trial_detail"]
+__all__ = ["NotFound", "Unreadable", "RASTER_TYPES", "TEXT_SUFFIXES", "CURVE_METRICS", "check_run_id",
+           "artifact_relpath", "inline_type", "artifact_file", "list_sweeps", "sweep_detail", "trial_detail"]
 
 # MLflow's own run id grammar (mlflow.utils.validation), ASCII only: no dots, no slashes.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")
@@ -47,6 +47,10 @@ _PARTIAL = ".partial"
 
 class NotFound(LookupError):
     """A run id, artifact path or artifact the dashboard does not serve (answered 404)."""
+
+
+class Unreadable(ValueError):
+    """A sweep whose tags the dashboard cannot read (answered 422; marked in the sweep list)."""
 
 
 def _finite(value: Any) -> Any:
@@ -129,7 +133,8 @@ def _display(values: Mapping[str, Any]) -> dict[str, str]:
 
 
 def list_sweeps(client: MlflowClient) -> list[dict[str, Any]]:
-    """Every sweep (parent run tagged ``prunesearch.role=sweep``), newest first."""
+    """Every sweep (parent run tagged ``prunesearch.role=sweep``), newest first; ``error`` says why
+    a sweep cannot be shown (its tags are unreadable), else None."""
     experiments = client.search_experiments()
     if not experiments:
         return []
@@ -141,7 +146,13 @@ def list_sweeps(client: MlflowClient) -> list[dict[str, Any]]:
     for r in runs:
         metrics = r.data.metrics
         hv = _finite(metrics.get("final_hypervolume", metrics.get("hypervolume")))
+        try:
+            _objectives(r)
+            error = None
+        except Unreadable as exc:  # listed and marked, never a reason to hide the other sweeps
+            error = str(exc)
         out.append({
+            "error": error,
             "run_id": r.info.run_id,
             "name": r.info.run_name,
             "experiment": names.get(r.info.experiment_id, r.info.experiment_id),
@@ -157,8 +168,24 @@ def list_sweeps(client: MlflowClient) -> list[dict[str, Any]]:
 
 
 def _objectives(run: Any) -> list[tuple[str, str]]:
+    """The sweep's objectives from its ``prunesearch.objectives`` tag (default when absent).
+
+    Raises:
+        Unreadable: the tag is not JSON, or not a list of ``[metric, "max"|"min"]`` pairs.
+    """
     tag = run.data.tags.get("prunesearch.objectives")
-    return [tuple(o) for o in json.loads(tag)] if tag else list(pareto.DEFAULT_OBJECTIVES)
+    if not tag:
+        return list(pareto.DEFAULT_OBJECTIVES)
+    try:
+        value = json.loads(tag)
+    except json.JSONDecodeError as exc:
+        raise Unreadable(f"its prunesearch.objectives tag is not JSON ({exc.msg}): {tag[:60]!r}") from exc
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(o, list) and len(o) == 2 and isinstance(o[0], str) and o[1] in ("max", "min")
+                       for o in value)):
+        raise Unreadable(f"its prunesearch.objectives tag is not a list of [metric, \"max\"|\"min\"] pairs: "
+                         f"{tag[:60]!r}")
+    return [(str(m), str(d)) for m, d in value]
 
 
 def _dense(metrics: Mapping[str, float], x_name: str | None, y_name: str) -> dict[str, Any] | None:

@@ -32,11 +32,12 @@ zeros stored as zeros); a surgered one is the smaller model's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,7 +45,8 @@ from torch import nn
 from prunelib.flops import ARTIFACT_KINDS
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "HF_DIR", "MANIFEST_FILE", "MASKS_FILE", "ONNX_FILE",
-           "SPEC_KINDS", "SURGERED_DIR", "WEIGHTS_FILE", "ArtifactError", "ModelSpec", "load_pruned",
+           "SPEC_KINDS", "SURGERED_DIR", "WEIGHTS_FILE", "ArtifactError", "ModelSpec", "atomic_save",
+           "check_safetensors", "load_pruned",
            "mark_removed", "read_manifest", "remove_weights", "save_pruned", "weight_files", "write_manifest"]
 
 ARTIFACT_FORMAT = "prunesearch-pruned-model"
@@ -139,6 +141,52 @@ class ModelSpec:
         return model_from_config(self.config, self.input_shape, self.num_classes)
 
 
+def atomic_save(path: str | os.PathLike, write: Callable[[Path], Any],
+                check: Callable[[Path], Any] | None = None) -> Path:
+    """prunelib's one atomic file write: ``write(tmp)`` fills a temporary file beside ``path``,
+    which is fsynced, checked with ``check(tmp)`` (a reader loads it back) and renamed over ``path``.
+
+    A crash or a full disk leaves the previous file (if any) and no temporary file: on any
+    failure the temporary file is removed and the exception (an ``OSError`` such as ENOSPC)
+    propagates unchanged.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:  # a new file with the mode a plain open() gives (mkstemp's 0600 hides it from others)
+        tmp = str(path.with_name(f".{path.name[:100]}.{os.getpid()}.{os.urandom(4).hex()}.tmp"))
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            break
+        except FileExistsError:
+            continue
+    try:
+        mode = os.stat(tmp).st_mode & 0o777
+        write(Path(tmp))
+        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors) may have made it 0600
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the bytes are on disk before the name points at them
+        finally:
+            os.close(fd)
+        if check is not None:
+            check(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Open a safetensors file's header and tensor table: a truncated or corrupt file raises
+    (safetensors checks that the data covers every tensor's offsets)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        list(f.keys())
+
+
 def _structure_spec(spec: ModelSpec | None) -> dict[str, Any] | None:
     """The model spec a surgery structure file carries for a reference model (so
     :func:`prunelib.surgery.load_surgered` rebuilds it without this manifest); None otherwise."""
@@ -152,11 +200,10 @@ def _structure_spec(spec: ModelSpec | None) -> dict[str, Any] | None:
 def write_manifest(directory: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     """Write a directory's manifest atomically (after its files; see :func:`save_pruned`); an
     export adds the trial's facts to a copied one with it."""
-    path = Path(directory) / MANIFEST_FILE
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, default=str))
-    os.replace(tmp, path)  # a reader sees the old manifest or the new one, never half of one
-    return path
+    text = json.dumps(manifest, indent=1, default=str)
+    # A reader sees the old manifest or the new one, never half of one.
+    return atomic_save(Path(directory) / MANIFEST_FILE, lambda tmp: tmp.write_text(text),
+                       lambda tmp: json.loads(tmp.read_text()))
 
 
 def save_pruned(directory: str | os.PathLike, model: nn.Module, spec: ModelSpec | None, artifact: str,
@@ -195,9 +242,7 @@ def save_pruned(directory: str | os.PathLike, model: nn.Module, spec: ModelSpec 
 
         # save_model keeps one copy of tied tensors (an embedding shared with a head), which
         # save_file refuses; the state dict includes buffers (BatchNorm statistics).
-        tmp = directory / f".{WEIGHTS_FILE}.{os.getpid()}.tmp"
-        save_model(model, str(tmp))
-        os.replace(tmp, directory / WEIGHTS_FILE)
+        atomic_save(directory / WEIGHTS_FILE, lambda tmp: save_model(model, str(tmp)), check_safetensors)
     manifest = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, "artifact": artifact,
                 "spec": spec.as_dict() if spec is not None else None,
                 "weights": _weights_in(directory, spec, artifact), **(extra or {})}

@@ -584,8 +584,12 @@ class SurgeryResult:
         if model_spec is not None:
             structure["model_spec"] = json.loads(json.dumps(model_spec))
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(directory / "model.safetensors"))
-        (directory / "structure.json").write_text(json.dumps(structure, indent=1))
+        from prunelib.artifact import atomic_save, check_safetensors
+
+        text = json.dumps(structure, indent=1)
+        atomic_save(directory / "model.safetensors", lambda tmp: save_file(state, str(tmp)), check_safetensors)
+        atomic_save(directory / "structure.json", lambda tmp: tmp.write_text(text),
+                    lambda tmp: json.loads(tmp.read_text()))
         return directory
 
 

@@ -11,7 +11,9 @@ Examples::
 
 Exit status: 0 done; 2 a configuration error (one line naming the key; nothing started; Hydra's
 own errors, such as an unknown config group option, too); 1 the sweep ran but no trial
-finished; 130 interrupted (resumable).
+finished; 3 a storage error: a write to the sweep's files or stores failed (full disk, quota,
+read-only), nothing was left half-written and the sweep is resumable once space is freed;
+130 interrupted (resumable).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def _quiet() -> None:
     for handler in logging.getLogger().handlers:
         if type(handler) is logging.StreamHandler:
             handler.setLevel(logging.WARNING)
+    # Hydra's log file lives in the sweep's directory: on a full disk a failed log write must not
+    # print logging's own traceback on the console (the sweep says what failed, in one line).
+    logging.raiseExceptions = False
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -102,6 +107,7 @@ def _app(cfg: DictConfig) -> None:
     _STDERR.app_started = True
     _STDERR.release()
     _quiet()
+    from search.storage import StorageError
     from search.tuner import SweepFailed, find_resume_dir, run_sweep
 
     try:
@@ -133,6 +139,9 @@ def _app(cfg: DictConfig) -> None:
         _fail(f"config error: {exc}", 2)
     except SweepFailed as exc:
         _fail(f"sweep failed: {exc}", 1)
+    except StorageError as exc:  # the sweep's state stays resumable (search.tuner)
+        _fail(f"storage error: {exc}; nothing was left half-written; free space and resume with: "
+              f"python -m search <same overrides> search.resume=true search.resume_dir={output_dir}", 3)
     except KeyboardInterrupt:
         sys.exit(130)
     finally:

@@ -33,6 +33,7 @@ leaves ``out`` as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -52,6 +53,10 @@ _USAGE = ("usage: prunesearch-export [run_id=<parent run id>] [select=knee|best:
 def _check_out(out: Path) -> None:
     """``out`` must be a path in a directory we can write (created if missing): a masks file
     (``.safetensors``) or an export directory (absent, empty, or an earlier export)."""
+    too_long = [part for part in out.parts if len(os.fsencode(part)) > 255]  # NAME_MAX of Linux file systems
+    if too_long:
+        raise ValueError(f"out: the name {too_long[0][:40]}... is {len(os.fsencode(too_long[0]))} bytes; a file "
+                         "name may have at most 255 (File name too long)")
     if out.suffix == ".safetensors" and out.is_dir():
         raise ValueError(f"out: {out} is a directory; give a file name such as {out / 'masks.safetensors'}")
     if out.suffix != ".safetensors" and out.exists():
@@ -145,17 +150,30 @@ def export_point(uri: str, parent_run_id: str | None, select: str = "knee",
 
 
 def _download(uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
+    """One artifact of a run, downloaded into ``dst``.
+
+    Raises:
+        ValueError: the run has no such artifact (or the store would not give it).
+    """
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     mlflow.set_tracking_uri(uri)
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)))
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=str(dst)))
+    except (MlflowException, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise  # our own disk, not the artifact: said as such by main()
+        line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ValueError(f"run_id: run {run_id} has no artifact {artifact_path!r} in MLflow ({line})") from exc
 
 
 def _write_masks_file(uri: str, chosen: dict[str, Any], out: Path) -> None:
     """The masks of the chosen trial as one file, atomically (``out=FILE.safetensors``)."""
     from prunelib.masks import MaskFileError, MaskSet
 
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name[:100]}.", suffix=".part")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -244,7 +262,7 @@ def _write_point(uri: str, chosen: dict[str, Any], out: Path, onnx: bool) -> dic
     from prunelib.masks import MaskFileError, MaskSet
     from prunelib.targets import TargetError
 
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name[:100]}.", suffix=".part"))
     try:
         manifest, source = _fetch_weights(uri, chosen, tmp)
         if not (tmp / MASKS_FILE).is_file():
@@ -376,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
                            args.get("out", "masks.safetensors"), onnx=args.get("onnx", "false").lower() == "true")
     except ValueError as exc:
         print(f"export: {str(exc).splitlines()[0] if str(exc) else exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing out= failed (full disk, name, permission): out= is as it was
+        where = str(exc.filename or args.get("out", "out"))
+        where = where if len(where) <= 120 else where[:60] + "..." + where[-40:]
+        print(f"export: out: {where}: {exc.strerror or exc}; nothing was written", file=sys.stderr)
         return 2
     print(describe_export(row))
     return 0

@@ -19,7 +19,10 @@ starts and ``completions-<trial id>`` its executions that ran to the end. Faults
   check fails it;
 - ``oom``: the trial raises ``torch.OutOfMemoryError`` as a GPU allocation would;
 - ``kill``: the worker process kills itself with SIGKILL on the trial's first attempt only,
-  so Ray sees a dead worker and Tune retries the trial (``trial.max_retries``).
+  so Ray sees a dead worker and Tune retries the trial (``trial.max_retries``);
+- ``enospc``: on the trial's first attempt only, every file the trial writes fails at its flush
+  (``os.fsync`` raises ``OSError(ENOSPC)``) as on a full disk: the write helpers remove their
+  temporary files and the sweep stops with a storage error (exit 3); a resume runs it again.
 
 ``raise``, ``nan`` and ``oom`` are deterministic failures: the trial runs once and is not retried
 (:mod:`search.trial_context`), so its ``attempts-<trial id>`` holds one mark.
@@ -27,15 +30,20 @@ starts and ``completions-<trial id>`` its executions that ran to the end. Faults
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["FAULT_KINDS", "FaultPlan", "InjectedFault"]
+__all__ = ["DISK_FULL_KEY", "FAULT_KINDS", "FaultPlan", "InjectedFault", "disk_full"]
 
-FAULT_KINDS = ("raise", "nan", "oom", "kill")
+FAULT_KINDS = ("raise", "nan", "oom", "kill", "enospc")
+#: The trial setting an ``enospc`` fault sets (read by :func:`disk_full`).
+DISK_FULL_KEY = "_fault_disk_full"
 
 
 class InjectedFault(RuntimeError):
@@ -124,4 +132,31 @@ class FaultPlan:
             return {**trial_cfg, "lr": 1e30, "finetune_lr": 1e30}
         if kind == "kill" and attempt == 1:
             os.kill(os.getpid(), signal.SIGKILL)
+        if kind == "enospc" and attempt == 1:
+            return {**trial_cfg, DISK_FULL_KEY: f"trial #{ordinal} ({trial_id})"}
         return trial_cfg
+
+
+@contextlib.contextmanager
+def disk_full(trial_cfg: Mapping[str, Any]) -> Iterator[None]:
+    """While the block runs, make every ``os.fsync`` raise ``OSError(ENOSPC)`` when the trial
+    got an ``enospc`` fault (:data:`DISK_FULL_KEY`); a no-op otherwise.
+
+    Every atomic writer (search.storage.atomic_write, prunelib.artifact.atomic_save) fsyncs its
+    temporary file before the rename, so the fault lands where a full disk is felt: after bytes
+    were written, before the file takes its name.
+    """
+    if not trial_cfg.get(DISK_FULL_KEY):
+        yield
+        return
+    real = os.fsync
+    who = trial_cfg[DISK_FULL_KEY]
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, f"No space left on device (injected fault: {who})")
+
+    os.fsync = full
+    try:
+        yield
+    finally:
+        os.fsync = real

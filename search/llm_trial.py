@@ -280,10 +280,12 @@ def run_llm_trial(params: dict[str, Any], ctx: Any, *, trial_id: str = "local", 
                             trial_id=trial_id, data=ctx.data["name"], model_name="hf", model_path=str(model_dir),
                             flops=cost.as_dict())
     layers_path = out_dir / "layer_sparsity.json"
-    layers_path.write_text(json.dumps({"layers": result.layers if result is not None else {},
-                                       "block_sparsity": result.block_sparsity if result is not None else [],
-                                       "outlier_ratios": result.outlier_ratios if result is not None else []},
-                                      indent=1, default=str))
+    from search.storage import atomic_write_text
+
+    atomic_write_text(layers_path, json.dumps({"layers": result.layers if result is not None else {},
+                                               "block_sparsity": result.block_sparsity if result is not None else [],
+                                               "outlier_ratios": result.outlier_ratios if result is not None else []},
+                                              indent=1, default=str))
     keep = keep_policy(trial_cfg)
     kept: dict[str, Any] = {"keep_weights": keep}
     artifacts = {"masks": str(masks_path), "layers": str(layers_path)}

@@ -409,7 +409,9 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
     masks_path = masks.save(out_dir / "masks.safetensors", None, method="ken", config=settings, trial_id=trial_id,
                             data=ctx.data["name"], model_name=ctx.model["name"], flops=dense_cost.as_dict(),
                             model_args=model_args, ken_delta=str(delta.path), pair=pair_info.get("path"))
-    (out_dir / "layer_kept_fraction.json").write_text(json.dumps(report["layers"], indent=1))
+    from search.storage import atomic_write_text
+
+    atomic_write_text(out_dir / "layer_kept_fraction.json", json.dumps(report["layers"], indent=1))
     pictures = out_dir / "ken_viz"
     ken_pictures(masks.masks, finetuned_state, pictures)
     keep = keep_policy(trial_cfg)

@@ -151,8 +151,9 @@ def rerun_front(front: pd.DataFrame, configs: dict[str, dict[str, Any]], ctx: An
     cost = sum(float(r.get("trial_wall_s", 0.0)) for (t, s), r in reruns.items() if (t, s) in todo)
     _print_table(table, metrics, seeds)
     print(f"seed reruns: {len(todo)} run(s), {cost * cpus:.0f} cpu_seconds", flush=True)
-    front_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(front_dir / "front_seeds.csv", index=False)
+    from search.storage import atomic_write_text
+
+    atomic_write_text(front_dir / "front_seeds.csv", table.to_csv(index=False))
     if tracking:
         _log_to_mlflow(table, front, metrics, front_dir / "front_seeds.csv", tracking)
     return table

@@ -12,11 +12,18 @@ by the one driver of the sweep) and ``front/``.
 
 ``trial_result.json`` is written last and atomically, so its presence means the trial finished:
 a resumed sweep adopts such a trial instead of running it again.
+
+Every file a sweep writes goes through :func:`atomic_write` (text: :func:`atomic_write_text`):
+a temporary file in the same directory, flushed and fsynced, checked (a masks or weights file is
+loaded back) and renamed over the target. A write the storage refuses (full disk, quota,
+read-only or unwritable file system: :data:`STORAGE_ERRNOS`) raises :class:`StorageError`,
+after the temporary file is removed; the previous file, if any, is intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -24,10 +31,11 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-__all__ = ["RESULT_FILE", "StoreLockTimeout", "SweepLocked", "SweepLock", "SweepStorage", "atomic_write_text",
-           "copy_out", "is_uri", "store_creation_lock"]
+__all__ = ["RESULT_FILE", "STORAGE_ERRNOS", "StorageError", "StoreLockTimeout", "SweepLocked", "SweepLock",
+           "SweepStorage", "as_storage_error", "atomic_write", "atomic_write_text", "copy_out", "is_uri",
+           "storage_errors", "store_creation_lock"]
 
 RESULT_FILE = "trial_result.json"
 
@@ -37,23 +45,142 @@ def is_uri(location: str) -> bool:
     return "://" in str(location)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename:
-    a reader sees the old content or the new one, never an empty or partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+#: ``errno`` values that mean the storage refused a write (not a bug): full disk, quota,
+#: read-only file system, no permission, file too large, I/O error.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                            errno.EIO})
+
+
+class StorageError(RuntimeError):
+    """A write to the sweep's files or stores failed (full disk, quota, read-only, unwritable).
+
+    Nothing was left half-written (the temporary file is removed, a previous file is intact)
+    and the sweep can be resumed once the cause is fixed. ``str()`` is ``<path>: <reason>``.
+    Picklable (a trial's error crosses from Ray's worker to the driver).
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(str(path), str(reason))
+        self.path = str(path)
+        self.reason = str(reason)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+#: How writers that are not Python's own (safetensors' Rust code) say a storage errno in words.
+_ERRNO_WORDS = {errno.ENOSPC: ("No space left on device", "os error 28"),
+                errno.EDQUOT: ("Disk quota exceeded", "os error 122"),
+                errno.EROFS: ("Read-only file system", "os error 30")}
+
+
+def _reason(code: int) -> str:
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+
+
+def as_storage_error(exc: BaseException, path: str | os.PathLike | None = None) -> StorageError | None:
+    """``exc`` (or an exception it was raised from) as a :class:`StorageError` when it is a write
+    the storage refused (:data:`STORAGE_ERRNOS`, or a library's error that says so in words:
+    safetensors raises ``SafetensorError: ... No space left on device (os error 28)``), else None."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a library may wrap the OSError (safetensors, torch, pyarrow)
+        if seen is None:
+            return None
+        if isinstance(seen, StorageError):
+            return seen
+        if isinstance(seen, OSError) and seen.errno in STORAGE_ERRNOS:
+            return StorageError(seen.filename or path or "?", _reason(seen.errno))
+        if not isinstance(seen, OSError):
+            text = str(seen)
+            for code, words in _ERRNO_WORDS.items():
+                if any(w in text for w in words):
+                    return StorageError(path or "?", _reason(code))
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a write the storage refuses inside the block into :class:`StorageError` naming
+    ``path`` (or the file the OSError names); other exceptions pass unchanged."""
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        yield
+    except StorageError:
         raise
+    except Exception as exc:
+        failure = as_storage_error(exc, path)
+        if failure is None:
+            raise
+        raise failure from None  # the one line names the path and the reason; no OSError chain
+
+
+def _new_temporary(path: Path) -> str:
+    """An empty new file beside ``path`` (a bounded name: a long target name still fits), with
+    the mode a plain ``open`` would give (mkstemp's 0600 would hide the file from other users)."""
+    while True:
+        tmp = str(path.with_name(f".{path.name[:100]}.{os.getpid()}.{os.urandom(4).hex()}.tmp"))
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any],
+                 check: Callable[[Path], Any] | None = None) -> Path:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file in the same directory,
+    which is fsynced, checked with ``check(tmp)`` (e.g. loaded back) and renamed over ``path``.
+
+    A reader sees the old file or the new one, never a partial one. On any failure the temporary
+    file is removed and ``path`` is as it was.
+
+    Raises:
+        StorageError: the storage refused the write (:data:`STORAGE_ERRNOS`).
+        Whatever ``write`` or ``check`` raise otherwise (a check that fails: the file is not written).
+    """
+    path = Path(path)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_temporary(path)
+        mode = os.stat(tmp).st_mode & 0o777
+        write(Path(tmp))
+        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors) may have made it 0600
+        _fsync_file(tmp)
+        if check is not None:
+            check(Path(tmp))
+        os.replace(tmp, path)
+        tmp = None
+    except StorageError:
+        raise
+    except Exception as exc:
+        failure = as_storage_error(exc, path)
+        if failure is None:
+            raise
+        raise StorageError(path, failure.reason) from None  # the file we were writing, not a source
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through :func:`atomic_write`: a reader sees the old content or
+    the new one, never an empty or partial file.
+
+    Raises:
+        StorageError: the storage refused the write.
+    """
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 class SweepLocked(RuntimeError):

@@ -38,13 +38,13 @@ from prunelib.robustness import fgsm_accuracy
 from prunelib.surgery import SurgeryError, export_onnx
 from prunelib.targets import call_target
 from prunelib.training import SPEED_SETTINGS, CollapseCheck, TrainConfig, evaluate_masked, network_of, run_pruning
-from search.faults import FaultPlan
+from search.faults import FaultPlan, disk_full
 from search.keep import keep_policy, model_spec, prune_off_front
 from search.formatting import exception_line
 from search.trial_context import TrialContext, record_failure
 from search.trial_progress import trial_progress
 from search.space import ConfigError, SearchSpace, settings_from_params
-from search.storage import SweepStorage, atomic_write_text
+from search.storage import SweepStorage, as_storage_error, atomic_write_text, storage_errors
 
 __all__ = ["DOCUMENTED_MODULE_KEYS", "ObjectiveNotLoggedError", "TrialContext", "TrialFailed", "adopt_finished",
            "build_module", "collapse_metrics", "get_datamodule", "module_args", "record_trial", "run_trial",
@@ -323,31 +323,34 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     except Exception as exc:  # a model or data the check does not understand: no flag, no failure
         log.warning("trial %s: could not check the model for collapse (%s: %s)", trial_id, type(exc).__name__,
                     str(exc)[:200])
-    masks_path = result.masks.save(out_dir / "masks.safetensors", model, method=method_name,
-                                   config=settings, trial_id=trial_id, data=ctx.data["name"],
-                                   model_name=ctx.model["name"], flops=result.cost.as_dict(),
-                                   model_args=model_args)
-    layer_sparsity = result.masks.layer_sparsity(model)
-    (out_dir / "layer_sparsity.json").write_text(json.dumps(layer_sparsity, indent=1))
-    kept: dict[str, Any] = {"keep_weights": keep}
-    if keep != "none":  # the weights the metrics were measured on, with the spec that rebuilds the model
-        spec = model_spec(ctx.model, input_shape, datamodule.num_classes, ctx.module,
-                          module_args(None, input_shape, datamodule.num_classes, trial_cfg),
-                          network_is_model=model is built)
-        if result.deployed.kind == "surgered" and trial_cfg.get("export_onnx"):
-            export_onnx(deployed, out_dir / SURGERED_DIR / ONNX_FILE, input_shape)
-        manifest = save_pruned(out_dir, deployed, spec, result.deployed.kind, surgery=result.deployed.surgery)
-        kept["artifact_dir"] = str(out_dir)
-        artifacts["pruned"] = str(manifest)
-        if result.deployed.kind == "surgered":
-            artifacts["surgered"] = str(out_dir / SURGERED_DIR)
-        if mlflow_run is not None:
-            kept["model_uri"] = mlflow_run.log_model(deployed, input_shape, json.loads(manifest.read_text()))
-    return record_trial(ctx, trial_id, method_name, settings, overrides, metrics, out_dir,
-                        extra={"masks_path": str(masks_path), "data_load_s": data_s,
-                               "trial_wall_s": time.perf_counter() - start, **kept},
-                        artifacts={"masks": str(masks_path), "layers": str(out_dir / "layer_sparsity.json"),
-                                   **artifacts})
+    # Every file below is written atomically and checked; a write the storage refuses (full
+    # disk, quota, read-only) is a StorageError, which stops the sweep (search.tuner).
+    with storage_errors(out_dir), disk_full(trial_cfg):
+        masks_path = result.masks.save(out_dir / "masks.safetensors", model, method=method_name,
+                                       config=settings, trial_id=trial_id, data=ctx.data["name"],
+                                       model_name=ctx.model["name"], flops=result.cost.as_dict(),
+                                       model_args=model_args)
+        layer_sparsity = result.masks.layer_sparsity(model)
+        atomic_write_text(out_dir / "layer_sparsity.json", json.dumps(layer_sparsity, indent=1))
+        kept: dict[str, Any] = {"keep_weights": keep}
+        if keep != "none":  # the weights the metrics were measured on, with the spec that rebuilds the model
+            spec = model_spec(ctx.model, input_shape, datamodule.num_classes, ctx.module,
+                              module_args(None, input_shape, datamodule.num_classes, trial_cfg),
+                              network_is_model=model is built)
+            if result.deployed.kind == "surgered" and trial_cfg.get("export_onnx"):
+                export_onnx(deployed, out_dir / SURGERED_DIR / ONNX_FILE, input_shape)
+            manifest = save_pruned(out_dir, deployed, spec, result.deployed.kind, surgery=result.deployed.surgery)
+            kept["artifact_dir"] = str(out_dir)
+            artifacts["pruned"] = str(manifest)
+            if result.deployed.kind == "surgered":
+                artifacts["surgered"] = str(out_dir / SURGERED_DIR)
+            if mlflow_run is not None:
+                kept["model_uri"] = mlflow_run.log_model(deployed, input_shape, json.loads(manifest.read_text()))
+        return record_trial(ctx, trial_id, method_name, settings, overrides, metrics, out_dir,
+                            extra={"masks_path": str(masks_path), "data_load_s": data_s,
+                                   "trial_wall_s": time.perf_counter() - start, **kept},
+                            artifacts={"masks": str(masks_path), "layers": str(out_dir / "layer_sparsity.json"),
+                                       **artifacts})
 
 
 def trial_output_dir(trial_dir: str | os.PathLike | None, trial_id: str) -> Path:
@@ -513,9 +516,16 @@ def run_tune_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         else:
             row = run_trial(params, ctx, trial_id=trial_id, trial_dir=context.get_trial_dir(), report=tune.report)
     except Exception as exc:
-        # Any exception here came from the trial's own code (a stopped trial exits with SystemExit,
-        # a dead worker raises nothing): record it before anything else can fail.
-        record_failure(ctx, trial_id, exception_line(exc))
+        # A write the storage refused (any trial kind, any writer) reaches the driver as a
+        # StorageError, which stops the sweep instead of letting the next trial fill the disk; a
+        # resume runs that trial again, so it is not recorded as a deterministic failure.
+        failure = as_storage_error(exc)
+        if failure is not None and failure is not exc:
+            exc = failure
+        if failure is None:
+            # Any other exception came from the trial's own code (a stopped trial exits with
+            # SystemExit, a dead worker raises nothing): record it before anything else can fail.
+            record_failure(ctx, trial_id, exception_line(exc))
         if ctx.tracking:
             try:
                 from search.mlflow_trial import TrialRun
@@ -531,6 +541,8 @@ def run_tune_trial(params: dict[str, Any], ctx: TrialContext) -> None:
                               error="".join(traceback.format_exception(exc))[-5000:])
             except Exception:  # tracking trouble must not hide the trial's own error
                 log.exception("could not log the failed trial %s to MLflow", trial_id)
+        if failure is not None:
+            raise failure from None
         raise
     plan = FaultPlan.from_config(ctx.trial.get("faults"))
     if plan is not None:

@@ -19,7 +19,10 @@
 5. after every ended trial prints one line and logs the recomputed front to MLflow;
 6. at the end prints the front, copies its masks and configs to ``<output>/front/`` and
    logs them as artifacts. Any error after the parent run started ends it FAILED with the
-   reason; a sweep in which no trial finished raises :class:`SweepFailed`.
+   reason; a sweep in which no trial finished raises :class:`SweepFailed`. A write the storage
+   refused (a full disk, in a trial or here) stops every trial as Ctrl-C does and raises
+   :class:`~search.storage.StorageError` (the parent run ends KILLED; ``sweep.json`` stays
+   unfinished, so the sweep resumes once space is freed).
 
 Resume: ``sweep.json`` (written atomically) records the sweep's root, parent run id and
 identity (:mod:`search.identity`: a resume with another config is refused before Ray starts,
@@ -54,7 +57,8 @@ from search.preflight import PreflightResult, check_cluster_resources, preflight
 from search.progress import board_name, live_progress, make_progress_callback, note_front
 from search.sampling import make_sampler
 from search.space import ConfigError
-from search.storage import SweepLock, SweepLocked, SweepStorage, atomic_write_text, copy_out
+from search.storage import (StorageError, SweepLock, SweepLocked, SweepStorage, atomic_write, atomic_write_text,
+                            copy_out, storage_errors)
 from search.trial_context import TrialContext, ray_trainable
 
 if TYPE_CHECKING:
@@ -273,7 +277,23 @@ def _make_callback_class() -> type:
             self._submit(rows, trial.trial_id, line)
             if self.abort_file and "ObjectiveNotLoggedError" in line:
                 # Every trial would fail the same way: stop now, as a configuration error.
-                atomic_write_text(self.abort_file, json.dumps({"reason": line.split(": ", 1)[-1]}))
+                request_abort(self.abort_file, {"reason": line.split(": ", 1)[-1]})
+            self._abort_on_storage_error(trial)
+
+        def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            # A retry would only fill the disk again (or be told the same refusal): stop now.
+            self._abort_on_storage_error(trial)
+
+        def _abort_on_storage_error(self, trial: Any) -> None:
+            failure = trial_storage_error(trial)
+            if self.abort_file and failure is not None:
+                request = {"kind": "storage", "path": failure.path, "reason": failure.reason,
+                           "trial_id": trial.trial_id}
+                # Stop as Ctrl-C does (Tune saves the running trials as unfinished, the searcher
+                # stays open): the sweep resumes where it stopped. The AbortStopper, which ends
+                # the searcher, is the fallback where Tune's handler is not installed.
+                request["via"] = "interrupt" if _interrupt_tune() else "stopper"
+                request_abort(self.abort_file, request)
 
     return FrontCallback
 
@@ -308,7 +328,10 @@ def _make_budget_limiter_class() -> type:
         def _count_orphans(self) -> list[str]:
             # Finished in MLflow or by their own trial_result.json (a tracking outage), unknown here.
             # A run still RUNNING is an attempt its killed driver left behind: it never ended.
-            known = {r["trial_id"] for r in _logged_trials(self.tracking) if r["status"] != "running"}
+            # A run a full disk stopped (StorageError) ended without a result: not counted, so the
+            # budget is spent on trials that have one.
+            known = {r["trial_id"] for r in _logged_trials(self.tracking)
+                     if r["status"] != "running" and not _stopped_by_storage(r)}
             known |= {str(r["trial_id"]) for r in _stored_rows(self.sweep_root)}
             return sorted(known - self.suggested_ids)
 
@@ -367,38 +390,92 @@ def _auto_gpu_fraction(cfg: dict[str, Any]) -> float:
 
 def _export_front(front: pd.DataFrame, rows: list[dict[str, Any]], out_dir: Path,
                   tracking: dict[str, str] | None) -> list[Path]:
-    """Copy the front's masks and settings under ``out_dir``; returns the masks paths."""
+    """Copy the front's masks and settings under ``out_dir``; returns the masks paths.
+
+    Each masks file comes from its trial's folder or, when that is gone, from the trial's MLflow
+    run; it is written atomically and loaded back, so ``out_dir`` never holds a truncated file.
+    A point found in neither place is named on the console (one line), never dropped silently.
+
+    Raises:
+        StorageError: ``out_dir`` refused a write (full disk, read-only...); files already
+            there are intact.
+    """
     import pandas as pd
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with storage_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for rank, (_, row) in enumerate(front.iterrows()):
         name = f"{rank:02d}_{row.get('method', 'trial')}_{row['trial_id']}"
-        src = str(row.get("masks_path", "") or "")
         dst = out_dir / f"{name}.safetensors"
-        copied = False
-        if src:
-            try:
-                copied = copy_out(src, dst)
-            except OSError as exc:
-                log.warning("could not copy %s: %s", src, exc)
-        if not copied and tracking and isinstance(row.get("mlflow_run_id"), str):
-            import mlflow
-
-            mlflow.set_tracking_uri(tracking["uri"])
-            local = mlflow.artifacts.download_artifacts(run_id=row["mlflow_run_id"],
-                                                        artifact_path="masks/masks.safetensors")
-            shutil.copyfile(local, dst)
-            copied = True
-        if not copied:
+        source, problem = _front_masks(row, tracking, dst)
+        if source is None:
+            print(f"front: trial {row['trial_id']}: its masks are in neither its folder nor MLflow ({problem}); "
+                  f"left out of {out_dir}", flush=True)
             continue
+        if source != "folder":
+            print(f"front: trial {row['trial_id']}: its folder is gone ({problem}); masks recovered from {source}",
+                  flush=True)
         settings = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()
                     if isinstance(v, (str, int, float, bool)) or hasattr(v, "item")}
         atomic_write_text(out_dir / f"{name}.json", json.dumps(settings, indent=1, default=str))
         written.append(dst)
-    pd.DataFrame(rows).to_csv(out_dir / "trials.csv", index=False)
-    front.to_csv(out_dir / "front.csv", index=False)
+    atomic_write_text(out_dir / "trials.csv", pd.DataFrame(rows).to_csv(index=False))
+    atomic_write_text(out_dir / "front.csv", front.to_csv(index=False))
     return written
+
+
+def _front_masks(row: Any, tracking: dict[str, str] | None, dst: Path) -> tuple[str | None, str]:
+    """Write one front point's masks to ``dst`` (atomically, loaded back): from the trial's
+    folder, else from its MLflow run. Returns ``(source, problem)``: ``"folder"``, ``"MLflow run
+    <id>"`` or None, and what went wrong on the way (empty when nothing did).
+
+    Raises:
+        StorageError: ``dst`` could not be written.
+    """
+    from prunelib.masks import MaskSet
+
+    def copy_from(location: str) -> Any:
+        def write(tmp: Path) -> None:
+            if not copy_out(location, tmp):
+                raise FileNotFoundError(f"{location} is missing")
+        return write
+
+    def loads(tmp: Path) -> None:
+        MaskSet.load(tmp)
+
+    problems = []
+    src = str(row.get("masks_path", "") or "")
+    if src:
+        try:
+            atomic_write(dst, copy_from(src), loads)
+            return "folder", ""
+        except StorageError:
+            raise
+        except Exception as exc:  # gone, unreadable or truncated: try MLflow
+            problems.append(_last_line(str(exc)) or type(exc).__name__)
+    else:
+        problems.append("no masks path")
+    run_id = row.get("mlflow_run_id") or row.get("run_id")
+    if not tracking or not isinstance(run_id, str) or not run_id:
+        problems.append("no MLflow run")
+        return None, "; ".join(problems)
+    import tempfile
+
+    import mlflow
+
+    try:
+        mlflow.set_tracking_uri(tracking["uri"])
+        with tempfile.TemporaryDirectory(prefix="prunesearch-front-") as scratch:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="masks/masks.safetensors",
+                                                        dst_path=scratch)
+            atomic_write(dst, copy_from(local), loads)
+        return f"MLflow run {run_id}", "; ".join(problems)
+    except StorageError:
+        raise
+    except Exception as exc:
+        problems.append(f"MLflow run {run_id}: {_last_line(str(exc)) or type(exc).__name__}"[:300])
+        return None, "; ".join(problems)
 
 
 def print_front(front: pd.DataFrame, objectives: list[tuple[str, str]]) -> None:
@@ -550,9 +627,93 @@ def _make_abort_stopper_class() -> type:
             return False
 
         def stop_all(self) -> bool:
-            return os.path.exists(self.abort_file)
+            request = read_abort(self.abort_file)
+            return request is not None and request.get("via") != "interrupt"
 
     return AbortStopper
+
+
+# Abort requests of this driver, by abort file: the file may be on the disk that is full.
+_ABORTS: dict[str, dict[str, Any]] = {}
+
+
+def request_abort(abort_file: str, request: dict[str, Any]) -> None:
+    """Ask the running sweep to stop every trial (read by the AbortStopper and after Tune ends):
+    kept in memory first, then in ``abort.json`` when the disk takes it."""
+    _ABORTS.setdefault(str(abort_file), request)
+    try:
+        atomic_write_text(abort_file, json.dumps(_ABORTS[str(abort_file)]))
+    except (StorageError, OSError) as exc:  # the disk is what failed; memory holds the request
+        log.info("could not write %s (%s); the sweep stops anyway", abort_file, exc)
+
+
+def _stopped_by_storage(run: dict[str, Any]) -> bool:
+    """Whether an MLflow trial row ended on a :class:`~search.storage.StorageError` (no result)."""
+    return run.get("status") == "failed" and "StorageError" in str(run.get("error") or "")
+
+
+def _drop_truncated_tune_state(storage: SweepStorage, experiment_path: str) -> bool:
+    """Remove Tune's experiment-state files a full disk truncated (Tune writes them in place);
+    returns whether a whole one is left. Without one a resume starts a new Tuner, which adopts
+    the finished trials from their files and MLflow. Remote roots are left as they are (True)."""
+    if not storage.is_local:
+        return True
+    whole = False
+    for path in Path(experiment_path).glob("experiment_state-*.json"):
+        try:
+            json.loads(path.read_text())
+            whole = True
+        except (OSError, ValueError):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                log.info("removed %s: truncated by a full disk", path)
+    return whole
+
+
+def _interrupt_tune() -> bool:
+    """Stop Tune's loop as Ctrl-C does (SIGUSR1 to Tune's own handler, which ``tune.run``
+    installs on the main thread); False, sending nothing, where that handler is not installed
+    (SIGUSR1's default action would end the process)."""
+    import signal
+
+    handler = signal.getsignal(signal.SIGUSR1) if hasattr(signal, "SIGUSR1") else None
+    if not callable(handler) or getattr(handler, "__name__", "") != "signal_interrupt_tune_run":
+        return False
+    os.kill(os.getpid(), signal.SIGUSR1)
+    return True
+
+
+def read_abort(abort_file: str) -> dict[str, Any] | None:
+    """The abort request of this sweep (this driver's, or ``abort.json``), or None."""
+    if str(abort_file) in _ABORTS:
+        return _ABORTS[str(abort_file)]
+    if not os.path.exists(abort_file):
+        return None
+    try:
+        request = json.loads(Path(abort_file).read_text())
+    except (OSError, json.JSONDecodeError):
+        request = {}
+    return request if isinstance(request, dict) else {}
+
+
+def trial_storage_error(trial: Any) -> StorageError | None:
+    """The :class:`~search.storage.StorageError` a Tune trial failed with, or None."""
+    for getter in ("get_pickled_error", "get_error"):
+        try:
+            error = getattr(trial, getter)()
+        except Exception:
+            error = None
+        for _ in range(8):  # RayTaskError -> .cause; TuneError -> __cause__
+            if error is None or isinstance(error, StorageError):
+                break
+            error = getattr(error, "cause", None) or getattr(error, "__cause__", None)
+        if isinstance(error, StorageError):
+            return error
+    line = trial_error_line(trial)
+    if "StorageError: " in line:  # only the text came back
+        path, _, reason = line.split("StorageError: ", 1)[1].partition(": ")
+        return StorageError(path, reason or "the storage refused a write")
+    return None
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
@@ -609,6 +770,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
             error surfaced in a trial (nothing was started, or the parent run ends FAILED).
         SweepFailed: no trial finished.
         SweepInterrupted: Ctrl-C; the sweep can be resumed.
+        StorageError: a write to the sweep's files failed (full disk...); it can be resumed.
     """
     output_dir = Path(output_dir).resolve()
     resuming = bool((cfg.get("search") or {}).get("resume"))
@@ -692,6 +854,7 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
         print(f"resuming the sweep in {output_dir}", flush=True)
     abort_file = output_dir / ABORT_FILE
     abort_file.unlink(missing_ok=True)
+    _ABORTS.pop(str(abort_file), None)  # an earlier sweep of this process in the same directory
 
     cluster = dict(cfg.get("cluster") or {})
     import ray
@@ -739,7 +902,8 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
              "experiment_id": tracking and tracking["experiment_id"], "optuna_storage": optuna_url,
              "optuna_study": name, "finished": False,
              "started": state.get("started", datetime.now().isoformat(timespec="seconds")),
-             **{k: state[k] for k in ("identity", "accepted_changes") if k in state}}
+             **{k: state[k] for k in ("identity", "accepted_changes") if k in state},
+             **({"storage_error": state["storage_error"]} if state.get("storage_error") else {})}
     _write_state(output_dir / STATE_FILE, state)
     try:
         return _tune(cfg, space, objectives, output_dir, state, resuming, storage, tracker, tracking, str(abort_file))
@@ -747,6 +911,11 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
         if tracker is not None:
             _end_parent(tracker, "KILLED", f"interrupted: {exc}; resume with search.resume=true "
                                            f"search.resume_dir={output_dir}")
+        raise
+    except StorageError as exc:
+        if tracker is not None:  # resumable, like an interrupted sweep
+            _end_parent(tracker, "KILLED", f"storage error: {exc}; free space and resume with "
+                                           f"search.resume=true search.resume_dir={output_dir}")
         raise
     except BaseException as exc:
         if tracker is not None:
@@ -853,9 +1022,15 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
               f"{tracking['parent_run_id']})", flush=True)
 
     callback = None
-    if resuming and tune.Tuner.can_restore(experiment_path):
+    storage_stopped = resuming and (bool(state.get("storage_error"))
+                                    or any(_stopped_by_storage(r) for r in _logged_trials(tracking)))
+    # Tune's state truncated by the full disk: a new Tuner, which adopts the finished trials.
+    lost_state = storage_stopped and not _drop_truncated_tune_state(storage, experiment_path)
+    if resuming and not lost_state and tune.Tuner.can_restore(experiment_path):
+        # After a storage error the trial the full disk stopped is "errored" in Tune's state:
+        # run the errored trials again (a trial that failed on its own fails again, once).
         tuner = tune.Tuner.restore(experiment_path, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+                                   resume_errored=False, restart_errored=storage_stopped)
     else:
         dense_ref = None
         # Saved by its recipe, never by pickling the sampler (search/sampling.py).
@@ -877,14 +1052,30 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
                 failure_config=tune.FailureConfig(max_failures=int(cfg["trial"].get("max_retries", 0)))),
         )
     # Running trials' lines and the sweep bar (search/progress.py); Tune itself prints nothing.
-    with live_progress(n_trials), _quiet_tune():
-        results = tuner.fit()
+    results: Any = None
+    try:
+        with live_progress(n_trials), _quiet_tune(), storage_errors(experiment_path):
+            results = tuner.fit()
+    except Exception:
+        # On a full disk Tune's own files (a trial's error.pkl) may be empty, and reading them
+        # back fails: the storage error that stopped the sweep is the reason to give.
+        request = read_abort(abort_file)
+        if request is None or request.get("kind") != "storage":
+            raise
     if tracking:  # no trial runs now: a run still RUNNING belongs to a trial that ended without a result
-        _end_unfinished_runs(tracking, known={_result_trial_id(r) for r in results} if resuming else None)
+        _end_unfinished_runs(tracking, known={_result_trial_id(r) for r in results}
+                             if resuming and results is not None else None)
 
-    if os.path.exists(abort_file):
-        reason = json.loads(Path(abort_file).read_text()).get("reason", "a trial hit a configuration error")
-        raise ConfigError(reason)
+    abort = read_abort(abort_file)
+    if abort is not None and abort.get("kind") == "storage":
+        _drop_truncated_tune_state(storage, experiment_path)
+        # Keep the sweep resumable: the resume reruns the trial the disk stopped (Tune marked it errored).
+        state.update({"finished": False, "storage_error": f"{abort.get('path')}: {abort.get('reason')}"})
+        with contextlib.suppress(StorageError):
+            _write_state(output_dir / STATE_FILE, state)
+        raise StorageError(str(abort.get("path")), str(abort.get("reason")))
+    if abort is not None:
+        raise ConfigError(abort.get("reason", "a trial hit a configuration error"))
     rows = []
     configs: dict[str, dict[str, Any]] = {}  # trial id -> sampled params (for seed reruns)
     ledger = BudgetLedger(budget, resources["cpu"], resources["gpu"])  # from the results: also right on resume
@@ -946,6 +1137,7 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
         front_seeds = rerun_front(front, configs, ctx, seeds=int(search["seeds"]), objectives=objectives,
                                   output_dir=output_dir, front_dir=front_dir, resources=resources,
                                   concurrency=int(search.get("concurrency", 1)), tracking=tracking)
+    state.pop("storage_error", None)
     state.update({"finished": True, "n_trials": len(rows), "exported": [str(p) for p in exported],
                   "cost": ledger.totals(), "budget_spent": ledger.exhausted})
     _write_state(output_dir / STATE_FILE, state)

@@ -408,3 +408,30 @@ def _run_name(uri: str, run_id: str) -> str:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri).get_run(run_id).info.run_name
+
+
+def test_a_sweep_with_a_malformed_objectives_tag_is_marked_and_the_others_shown(tmp_path, browser):
+    """Issue 24: one unreadable sweep (the newest, which the page opens first) used to break the
+    whole list ("Unexpected token '<'"); now it is marked and the readable sweep is drawn."""
+    from selenium.webdriver.common.by import By
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    good_tracker, good = start_sweep(uri, "readable-sweep")
+    log_trial(uri, good_tracker, good, tmp_path, "g1", "magnitude", 0.9, 1000.0, 0.5)
+    bad_tracker, bad = start_sweep(uri, "unreadable-sweep")
+    bad_tracker.client.set_tag(bad, "prunesearch.objectives", "[[val_acc, max]")
+    port = free_port()
+    server = serve([sys.executable, "-m", "dashboards", "--tracking-uri", uri, "--port", str(port),
+                    "--refresh-s", "0"], port, tmp_path)
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        _wait(browser, lambda d: d.find_element(By.ID, "summary").get_attribute("data-trials") == "1",
+              what="the readable sweep's trial in the summary")
+        labels = {e.get_attribute("data-run-id"): e for e in browser.find_elements(By.CSS_SELECTOR, "#sweeps .sweep")}
+        assert set(labels) == {good, bad}
+        assert "cannot be shown: its prunesearch.objectives tag is not JSON" in labels[bad].text
+        assert labels[bad].find_element(By.TAG_NAME, "input").get_attribute("disabled") is not None
+        assert labels[good].find_element(By.TAG_NAME, "input").is_selected()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

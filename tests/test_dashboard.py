@@ -264,3 +264,42 @@ def _wait_listening(proc: subprocess.Popen, port: int, timeout: float = 60) -> N
 def test_unknown_run_is_a_clear_404(store):
     r = store["client"].get("/api/sweeps/ffffffffffffffffffffffffffffffff")
     assert r.status_code == 404 and "not found" in r.get_json()["error"].lower()
+
+
+@pytest.mark.parametrize("tag", ["[[val_acc, max]", '{"val_acc": "max"}', '[["val_acc", "up"]]'])
+def test_a_sweep_with_a_malformed_objectives_tag_is_marked_and_the_rest_listed(tmp_path, tag):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    good_tracker, good = start_sweep(uri, "good-sweep")
+    log_trial(uri, good_tracker, good, tmp_path, "g1", "magnitude", 0.9, 1000.0, 0.5)
+    bad_tracker, bad = start_sweep(uri, "bad-sweep")  # the newest: the page opens it first
+    bad_tracker.client.set_tag(bad, "prunesearch.objectives", tag)
+    client = create_app(uri, cache_parent=tmp_path).test_client()
+    body = client.get("/api/sweeps").get_json()
+    by_id = {s["run_id"]: s for s in body["sweeps"]}
+    assert set(by_id) == {good, bad}
+    assert by_id[good]["error"] is None and "prunesearch.objectives" in by_id[bad]["error"]
+    detail = client.get(f"/api/sweeps/{bad}")
+    assert detail.status_code == 422 and detail.is_json and "cannot be shown" in detail.get_json()["error"]
+    assert client.get(f"/api/sweeps/{good}").get_json()["front"] == ["g1"]
+
+
+def test_api_errors_are_json_never_html(store):
+    client = store["client"]
+    for url in ("/api/no-such-endpoint", "/api/sweeps/a/b/c"):
+        r = client.get(url)
+        assert r.status_code == 404 and r.is_json and r.get_json()["error"], url
+    r = client.post("/api/sweeps")
+    assert r.status_code == 405 and r.is_json
+
+
+@pytest.mark.parametrize("where", ["sqlite:///{tmp}/nope/mlflow.db", "sqlite:///{tmp}/mlflow.db", "{tmp}/no/such/dir"])
+def test_a_mistyped_store_is_refused_and_nothing_created(tmp_path, where):
+    uri = where.format(tmp=tmp_path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    proc = subprocess.run([sys.executable, "-m", "dashboards", "--tracking-uri", uri, "--port", str(free_port())],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --tracking-uri: ") and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no empty store, no folder

@@ -5,7 +5,7 @@
 "use strict";
 
 const state = {
-  sweeps: [], selected: new Set(), details: {}, refreshS: 0, timer: null, busy: false,
+  sweeps: [], selected: new Set(), details: {}, errors: {}, refreshS: 0, timer: null, busy: false,
   trial: null, trialSweep: null, compare: null, exportCommand: "", refreshes: 0,
   palette: ["#1f77b4"], denseColour: "#000000",
 };
@@ -16,7 +16,14 @@ const PLOT_CONFIG = { displaylogo: false, responsive: true };
 
 async function getJSON(url) {
   const r = await fetch(url);
-  const body = await r.json();
+  // The API answers JSON, errors included; anything else (a proxy's page) is said as such.
+  const text = await r.text();
+  let body;
+  try {
+    body = JSON.parse(text);
+  } catch (e) {
+    throw new Error(`${r.status} ${r.statusText}: not a JSON answer`);
+  }
   if (!r.ok) throw new Error(body.error || r.statusText);
   return body;
 }
@@ -58,6 +65,15 @@ function renderSweepList() {
     const small = document.createElement("small");
     small.textContent = sweepLabel(s);
     label.appendChild(small);
+    const problem = s.error || state.errors[s.run_id];
+    if (problem) {  // listed and marked; the other sweeps stay usable
+      box.disabled = true;
+      label.classList.add("unreadable");
+      const mark = document.createElement("small");
+      mark.className = "sweep-error";
+      mark.textContent = "cannot be shown: " + problem;
+      label.appendChild(mark);
+    }
     list.appendChild(label);
   }
 }
@@ -70,7 +86,8 @@ async function loadSweeps() {
   state.palette = body.palette;
   state.denseColour = body.dense_colour;
   renderSweepList();
-  if (state.sweeps.length) await toggleSweep(state.sweeps[0].run_id, true);
+  const first = state.sweeps.find((s) => !s.error);
+  if (first) await toggleSweep(first.run_id, true);
   if (state.refreshS > 0) state.timer = setInterval(refresh, state.refreshS * 1000);
   updateRefreshStatus();
 }
@@ -78,7 +95,14 @@ async function loadSweeps() {
 async function toggleSweep(runId, on) {
   if (on) {
     state.selected.add(runId);
-    if (!state.details[runId]) state.details[runId] = await getJSON(`/api/sweeps/${encodeURIComponent(runId)}`);
+    if (!state.details[runId]) {
+      try {
+        state.details[runId] = await getJSON(`/api/sweeps/${encodeURIComponent(runId)}`);
+      } catch (e) {  // this sweep is marked; the rest of the page goes on
+        state.selected.delete(runId);
+        state.errors[runId] = e.message;
+      }
+    }
   } else {
     state.selected.delete(runId);
   }
