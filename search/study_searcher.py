@@ -29,6 +29,15 @@ from search.sampling import SamplerFactory, make_sampler, open_optuna_storage
 __all__ = ["StudySearcher"]
 
 
+def _trials_held(storage: Any, study_name: str) -> int:
+    """How many trials the study ``study_name`` holds in ``storage`` (0 when it does not exist)."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return 0
+    return len(storage.get_all_trials(study_id, deepcopy=False))
+
+
 class StudySearcher(OptunaSearch):
     """Ray's ``OptunaSearch`` on the sweep's study, whose saved state holds neither the sampler nor
     the study (see the module docstring): any sampler works, picklable or not.
@@ -48,9 +57,14 @@ class StudySearcher(OptunaSearch):
         self._search_settings = dict(search)
         self._sampler_factory = sampler_factory
         self._storage_url = storage_url
+        storage = open_optuna_storage(storage_url) if storage_url else None
+        # A new searcher on a study that already holds trials (a resumed sweep whose Tune state
+        # was lost) moves its seed on past them too, as a restored one does.
+        done = _trials_held(storage, study_name) if storage is not None else 0
+        seed = int(self._search_settings.get("seed", 0))
         super().__init__(space=space, metric=[m for m, _ in objectives], mode=[d for _, d in objectives],
-                         sampler=sampler_factory(self._search_settings), study_name=study_name,
-                         storage=open_optuna_storage(storage_url) if storage_url else None)
+                         sampler=sampler_factory({**self._search_settings, "seed": seed + done}),
+                         study_name=study_name, storage=storage)
 
     @property
     def study(self) -> Any:

@@ -90,6 +90,18 @@ def test_an_unpicklable_sampler_is_rebuilt_with_a_seed_moved_past_the_draws(tmp_
     assert restored.suggest("t2") not in drawn
 
 
+def test_a_new_searcher_on_a_study_with_trials_does_not_replay_its_draws(tmp_path):
+    """A resumed sweep whose Tune state was lost builds a new searcher on the recorded study."""
+    first = _searcher(tmp_path, "random", storage=True, factory=_locked_factory)
+    drawn = [first.suggest(f"t{i}") for i in range(3)]
+    for i, value in enumerate((0.9, 0.8, 0.7)):
+        _finish(first, f"t{i}", value)
+    again = _searcher(tmp_path, "random", storage=True, factory=_locked_factory)
+    assert again.study.sampler.seed == 3  # seed 0 + the three trials the study holds
+    assert again.suggest("t3") not in drawn
+    assert _searcher(tmp_path / "fresh", "random", storage=True, factory=_locked_factory).study.sampler.seed == 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", SAMPLER_CONFIGS)
 def test_a_real_two_trial_sweep_runs_with_every_sampler(tmp_path, ray_local, sampler):
