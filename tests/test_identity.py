@@ -205,9 +205,14 @@ def test_names_claimed_by_racing_drivers_never_collide(tmp_path):
 def test_two_sweeps_with_one_name_get_two_studies(tmp_path):
     import optuna
 
-    for _ in range(2):
-        run_sweep(_cfg(tmp_path, "search.n_trials=2", "sweep_name=mine", "tracking.log_model=false",
-                       "tracking.system_metrics_s=0"), tmp_path / f"out{_}")
+    import ray
+
+    try:
+        for _ in range(2):
+            run_sweep(_cfg(tmp_path, "search.n_trials=2", "sweep_name=mine", "tracking.log_model=false",
+                           "tracking.system_metrics_s=0"), tmp_path / f"out{_}")
+    finally:  # the sweep started this Ray; later tests check that a refusal starts none
+        ray.shutdown()
     states = [json.loads((tmp_path / f"out{i}" / STATE_FILE).read_text()) for i in range(2)]
     assert [s["name"] for s in states] == ["mine", "mine-2"]
     assert states[0]["identity"]["model.name"] == "mlp" and states[0]["identity"]["search.optuna_storage"]
