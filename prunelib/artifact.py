@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -176,6 +177,53 @@ def atomic_save(path: str | os.PathLike, write: Callable[[Path], Any],
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_save_dir(path: str | os.PathLike, write: Callable[[Path], Any],
+                    check: Callable[[Path], Any] | None = None) -> Path:
+    """prunelib's one atomic directory write (a Hugging Face ``save_pretrained``): ``write(tmp)``
+    fills a new temporary directory beside ``path``; its files are fsynced, checked with
+    ``check(tmp)`` and the directory takes ``path``'s name (an existing ``path`` is moved aside
+    first and removed once the new one is in place).
+
+    A crash or a full disk leaves the previous directory (if any) and never a partial one under
+    ``path``: on any failure the temporary directory is removed and the exception propagates.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the model from other users
+    old = None
+    try:
+        write(tmp)
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the bytes are on disk before the name points at them
+            finally:
+                os.close(fd)
+        if check is not None:
+            check(tmp)
+        if path.exists():
+            old = path.with_name(f"{tmp.name[:-4]}.old")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)  # the previous directory back under its name
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_safetensors(path: str | os.PathLike) -> None:

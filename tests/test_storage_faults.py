@@ -251,3 +251,29 @@ def test_a_full_disk_stops_the_sweep_with_exit_3_and_resumes_cleanly(tmp_path):
     assert sorted(completions.values()) == [1, 1, 1], completions  # each trial ran to the end once
     assert _leftovers(run) == []
     assert _loads_everywhere(run) >= 6  # masks and weights of 3 trials, and the front's masks
+
+
+def test_a_hugging_face_model_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from prunelib.models.hf import save_hf_model
+
+    def tiny(seed: int):
+        torch.manual_seed(seed)
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=40,
+                                                                    n_positions=16))
+
+    out = save_hf_model(tiny(0), None, tmp_path / "hf")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "model.safetensors" in before and "config.json" in before
+    _full_disk(monkeypatch)
+    with pytest.raises(OSError) as info:
+        save_hf_model(tiny(1), None, tmp_path / "hf")
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous model, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no temporary directory left
+    save_hf_model(tiny(1), None, tmp_path / "hf")  # with space, the new model takes the name
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(str(out), local_files_only=True)
+    assert torch.equal(loaded.transformer.wte.weight, tiny(1).transformer.wte.weight)

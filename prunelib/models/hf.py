@@ -245,13 +245,21 @@ def build_small_model(arch: str, task: str, tokenizer: Any, num_labels: int | No
 
 
 def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` of the model (safetensors) and its tokenizer into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    return out
+    """``save_pretrained`` of the model (safetensors) and its tokenizer into ``out_dir``, written
+    atomically (:func:`prunelib.artifact.atomic_save_dir`: every weights file is opened back
+    before the directory takes its name, so a full disk leaves no partial model)."""
+    from prunelib.artifact import atomic_save_dir, check_safetensors
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    def check(tmp: Path) -> None:
+        for weights in tmp.glob("*.safetensors"):
+            check_safetensors(weights)
+
+    return atomic_save_dir(out_dir, write, check)
 
 
 def mlm_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_token_id: int, vocab_size: int,
