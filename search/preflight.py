@@ -848,6 +848,16 @@ def _check_optuna_storage(url: str) -> None:
         raise ConfigError(f"search.optuna_storage: {exc}") from exc
 
 
+def _state_copy_in_mlflow(cfg: Mapping[str, Any], resume_dir: Path) -> bool:
+    """Whether the sweep's MLflow parent run holds a copy of the missing ``sweep.json`` (the
+    sweep then restores it: search.tuner)."""
+    if not resume_dir.expanduser().is_dir():
+        return False
+    from search.tracking import saved_sweep_state
+
+    return saved_sweep_state(cfg, resume_dir.expanduser().resolve()) is not None
+
+
 def local_resources(cluster: Mapping[str, Any]) -> dict[str, float]:
     """CPUs and GPUs a local cluster will have (``cluster.num_cpus``/``num_gpus`` or the machine's)."""
     cpus = cluster.get("num_cpus") or os.cpu_count() or 1
@@ -970,7 +980,7 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
     result = PreflightResult(cfg=cfg, space=space, objectives=objectives, notes=notes, pool=pool)
     if search.get("resume") and search.get("resume_dir"):
         state = Path(search["resume_dir"]) / "sweep.json"
-        if not state.is_file():
+        if not state.is_file() and not _state_copy_in_mlflow(cfg, Path(search["resume_dir"])):
             raise ConfigError(f"search.resume_dir: {search['resume_dir']} holds no sweep (no sweep.json); "
                               "pass the output directory of the sweep to continue")
     if cfg.get("cluster", {}).get("kind", "local") == "local":

@@ -742,6 +742,44 @@ def _parse_param(text: str) -> Any:
 _STATUS = {"FINISHED": "ok", "FAILED": "failed", "RUNNING": "running", "KILLED": "killed", "SCHEDULED": "scheduled"}
 
 
+#: The copy of a sweep's ``sweep.json`` in its MLflow parent run (search.tuner writes it with
+#: every state change; a resume whose local file is gone reads it back).
+SWEEP_STATE_ARTIFACT = "sweep_state.json"
+
+
+def saved_sweep_state(cfg: Mapping[str, Any], output_dir: str | os.PathLike) -> tuple[str, dict[str, Any]] | None:
+    """``(parent run id, state)``: the newest copy of the ``sweep.json`` of the sweep whose output
+    directory is ``output_dir``, from the store ``cfg``'s tracking section names; None when
+    tracking is off, the store does not exist (a missing SQLite file is not created), or it
+    holds no such copy (a sweep from before the copies, an unreachable server)."""
+    from search.preflight import tracking_uri
+
+    tracking = cfg.get("tracking") or {}
+    uri = tracking_uri(tracking)
+    if uri is None or (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file()):
+        return None
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(tracking.get("experiment", "prunesearch"))
+        if experiment is None:
+            return None
+        runs = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL,
+                                  filter_string=f"tags.`prunesearch.output_dir` = '{Path(output_dir)}' and "
+                                                f"tags.`{TAG_ROLE}` = 'sweep'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            return None
+        with tempfile.TemporaryDirectory(prefix="prunesearch-state-") as tmp:
+            text = Path(client.download_artifacts(runs[0].info.run_id, SWEEP_STATE_ARTIFACT, tmp)).read_text()
+        state = json.loads(text)
+    except Exception as exc:  # no copy (a sweep from before), or the store is unreachable
+        log.info("no copy of the sweep state of %s in %s (%s)", output_dir, uri, exc)
+        return None
+    if not isinstance(state, dict) or not {"name", "sweep_root", "finished"} <= set(state):
+        return None
+    return runs[0].info.run_id, state
+
+
 def find_trial_runs(uri: str, parent_run_id: str) -> list[dict]:
     """The child (trial) runs of a sweep's parent run, oldest first, as flat dicts.
 

@@ -716,8 +716,33 @@ def trial_storage_error(trial: Any) -> StorageError | None:
     return None
 
 
-def _write_state(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(state, indent=1, default=str))
+def _write_state(path: Path, state: dict[str, Any], tracker: Any = None) -> None:
+    """``sweep.json``, atomically; with ``tracker``, also its copy in the parent run
+    (:data:`~search.tracking.SWEEP_STATE_ARTIFACT`): a store outage costs that copy only (a warning)."""
+    text = json.dumps(state, indent=1, default=str)
+    atomic_write_text(path, text)
+    if tracker is not None:
+        from search.tracking import SWEEP_STATE_ARTIFACT
+
+        try:
+            tracker.client.log_text(tracker.run_id, text, SWEEP_STATE_ARTIFACT)
+        except Exception as exc:
+            print(f"warning: could not copy {path.name} to the MLflow parent run ({_last_line(str(exc))})",
+                  file=sys.stderr, flush=True)
+
+
+def _state_from_mlflow(cfg: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    """The state of the sweep in ``output_dir`` as its MLflow parent run holds it
+    (:data:`STATE_ARTIFACT`), written back to ``sweep.json``; {} when there is no such copy."""
+    from search.tracking import saved_sweep_state
+
+    found = saved_sweep_state(cfg, output_dir)
+    if found is None:
+        return {}
+    run_id, state = found
+    _write_state(output_dir / STATE_FILE, state)
+    print(f"note: {output_dir / STATE_FILE} was missing; restored from MLflow parent run {run_id}", flush=True)
+    return state
 
 
 #: What every ``sweep.json`` holds (written by :func:`_run_locked` before any trial starts).
@@ -797,6 +822,8 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         pre = checked or preflight(cfg, output_dir, build=False, open_stores=False)
         cfg, space, objectives = pre.cfg, pre.space, pre.objectives
         state = _read_state(output_dir / STATE_FILE, "search.resume_dir" if resuming else "search.resume")
+        if resuming and not state and output_dir.is_dir():
+            state = _state_from_mlflow(cfg, output_dir)
         if resuming and not state:
             raise ConfigError(f"search.resume_dir: {output_dir} holds no sweep (no {STATE_FILE}); pass the output "
                               "directory of the sweep to continue")
@@ -904,7 +931,7 @@ def _run_locked(cfg: dict[str, Any], pre: PreflightResult, space: Any, objective
              "started": state.get("started", datetime.now().isoformat(timespec="seconds")),
              **{k: state[k] for k in ("identity", "accepted_changes") if k in state},
              **({"storage_error": state["storage_error"]} if state.get("storage_error") else {})}
-    _write_state(output_dir / STATE_FILE, state)
+    _write_state(output_dir / STATE_FILE, state, tracker)
     try:
         return _tune(cfg, space, objectives, output_dir, state, resuming, storage, tracker, tracking, str(abort_file))
     except SweepInterrupted as exc:
@@ -1072,7 +1099,7 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
         # Keep the sweep resumable: the resume reruns the trial the disk stopped (Tune marked it errored).
         state.update({"finished": False, "storage_error": f"{abort.get('path')}: {abort.get('reason')}"})
         with contextlib.suppress(StorageError):
-            _write_state(output_dir / STATE_FILE, state)
+            _write_state(output_dir / STATE_FILE, state, tracker)
         raise StorageError(str(abort.get("path")), str(abort.get("reason")))
     if abort is not None:
         raise ConfigError(abort.get("reason", "a trial hit a configuration error"))
@@ -1128,7 +1155,7 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
               f"  python -m search <same overrides> search.resume=true search.resume_dir={output_dir}",
               flush=True)
         state.update({"finished": False, "n_trials": len(rows)})
-        _write_state(output_dir / STATE_FILE, state)
+        _write_state(output_dir / STATE_FILE, state, tracker)
         raise SweepInterrupted(f"{len(ended)} of {n_trials} trials ended")
     front_seeds = None
     if int(search.get("seeds", 1)) > 1 and len(front):
@@ -1140,7 +1167,7 @@ def _tune(cfg: dict[str, Any], space: Any, objectives: list[tuple[str, str]], ou
     state.pop("storage_error", None)
     state.update({"finished": True, "n_trials": len(rows), "exported": [str(p) for p in exported],
                   "cost": ledger.totals(), "budget_spent": ledger.exhausted})
-    _write_state(output_dir / STATE_FILE, state)
+    _write_state(output_dir / STATE_FILE, state, tracker)
     if not ok_rows:
         reasons = sorted({_last_line(r.get("error")) for r in failed})
         raise SweepFailed(f"no trial finished: {len(failed)} of {len(rows)} failed ({'; '.join(reasons)[:400]})")

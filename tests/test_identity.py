@@ -219,3 +219,25 @@ def test_two_sweeps_with_one_name_get_two_studies(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     studies = {s.study_name: s.n_trials for s in optuna.get_all_study_summaries(storage)}
     assert studies == {"mine": 2, "mine-2": 2}  # neither sampler saw the other's trials
+
+
+@pytest.mark.slow
+def test_a_missing_sweep_json_is_restored_from_the_mlflow_parent_run(tmp_path, capsys):
+    """Every state write is mirrored in the parent run: with the local file gone, a resume reads
+    the copy back (here: the sweep had finished, so the resume is refused, as with the file)."""
+    import ray
+
+    out = tmp_path / "out"
+    quiet = ("tracking.log_model=false", "tracking.system_metrics_s=0")
+    try:
+        run_sweep(_cfg(tmp_path, "search.n_trials=1", *quiet), out)
+    finally:
+        ray.shutdown()
+    saved = json.loads((out / STATE_FILE).read_text())
+    assert saved["finished"] is True
+    (out / STATE_FILE).unlink()
+    with pytest.raises(ConfigError, match=r"search.resume_dir: the sweep in .* finished \(1 trials\); nothing to resume"):
+        run_sweep(_cfg(tmp_path, "search.resume=true", f"search.resume_dir={out}", "search.n_trials=1", *quiet), out)
+    assert not ray.is_initialized()
+    assert json.loads((out / STATE_FILE).read_text()) == saved
+    assert "was missing; restored from MLflow parent run" in capsys.readouterr().out
