@@ -32,21 +32,21 @@ zeros stored as zeros); a surgered one is the smaller model's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from prunelib.atomic import atomic_save
 from torch import nn
 
 from prunelib.flops import ARTIFACT_KINDS
 
 __all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "HF_DIR", "MANIFEST_FILE", "MASKS_FILE", "ONNX_FILE",
-           "SPEC_KINDS", "SURGERED_DIR", "WEIGHTS_FILE", "ArtifactError", "ModelSpec", "atomic_save",
+           "SPEC_KINDS", "SURGERED_DIR", "WEIGHTS_FILE", "ArtifactError", "ModelSpec",
            "check_safetensors", "load_pruned",
            "mark_removed", "read_manifest", "remove_weights", "save_pruned", "weight_files", "write_manifest"]
 
@@ -140,90 +140,6 @@ class ModelSpec:
 
         assert self.input_shape is not None and self.num_classes is not None  # __post_init__
         return model_from_config(self.config, self.input_shape, self.num_classes)
-
-
-def atomic_save(path: str | os.PathLike, write: Callable[[Path], Any],
-                check: Callable[[Path], Any] | None = None) -> Path:
-    """prunelib's one atomic file write: ``write(tmp)`` fills a temporary file beside ``path``,
-    which is fsynced, checked with ``check(tmp)`` (a reader loads it back) and renamed over ``path``.
-
-    A crash or a full disk leaves the previous file (if any) and no temporary file: on any
-    failure the temporary file is removed and the exception (an ``OSError`` such as ENOSPC)
-    propagates unchanged.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:  # a new file with the mode a plain open() gives (mkstemp's 0600 hides it from others)
-        tmp = str(path.with_name(f".{path.name[:100]}.{os.getpid()}.{os.urandom(4).hex()}.tmp"))
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        mode = os.stat(tmp).st_mode & 0o777
-        write(Path(tmp))
-        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors) may have made it 0600
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the bytes are on disk before the name points at them
-        finally:
-            os.close(fd)
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_save_dir(path: str | os.PathLike, write: Callable[[Path], Any],
-                    check: Callable[[Path], Any] | None = None) -> Path:
-    """prunelib's one atomic directory write (a Hugging Face ``save_pretrained``): ``write(tmp)``
-    fills a new temporary directory beside ``path``; its files are fsynced, checked with
-    ``check(tmp)`` and the directory takes ``path``'s name (an existing ``path`` is moved aside
-    first and removed once the new one is in place).
-
-    A crash or a full disk leaves the previous directory (if any) and never a partial one under
-    ``path``: on any failure the temporary directory is removed and the exception propagates.
-    """
-    import shutil
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the model from other users
-    old = None
-    try:
-        write(tmp)
-        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # the bytes are on disk before the name points at them
-            finally:
-                os.close(fd)
-        if check is not None:
-            check(tmp)
-        if path.exists():
-            old = path.with_name(f"{tmp.name[:-4]}.old")
-            os.replace(path, old)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            os.replace(old, path)  # the previous directory back under its name
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def check_safetensors(path: str | os.PathLike) -> None:

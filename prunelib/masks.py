@@ -207,7 +207,7 @@ class MaskSet:
         ``model`` (optional) adds its class, parameter shapes and sparsity to the metadata;
         keyword arguments (``method=``, ``config=``, ``flops=``...) are stored as given.
         The file is written to a temporary name, fsynced, loaded back and renamed
-        (:func:`prunelib.artifact.atomic_save`), so a crash or a full disk leaves no half file.
+        (:func:`prunelib.atomic.atomic_save`), so a crash or a full disk leaves no half file.
         """
         from safetensors.torch import save_file
 
@@ -223,7 +223,7 @@ class MaskSet:
             meta["sparsity"] = report["global"]["sparsity"]
             meta["layer_sparsity"] = {k: v["sparsity"] for k, v in report["layers"].items()}
         tensors = {n: m.detach().to("cpu", torch.uint8).contiguous() for n, m in self.masks.items()}
-        from prunelib.artifact import atomic_save
+        from prunelib.atomic import atomic_save
 
         # Read back before the rename: a file the disk truncated never takes the name.
         return atomic_save(path, lambda tmp: save_file(tensors, str(tmp),

@@ -584,7 +584,8 @@ class SurgeryResult:
         if model_spec is not None:
             structure["model_spec"] = json.loads(json.dumps(model_spec))
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.model.state_dict().items()}
-        from prunelib.artifact import atomic_save, check_safetensors
+        from prunelib.artifact import check_safetensors
+        from prunelib.atomic import atomic_save
 
         text = json.dumps(structure, indent=1)
         atomic_save(directory / "model.safetensors", lambda tmp: save_file(state, str(tmp)), check_safetensors)

@@ -142,7 +142,7 @@ def disk_full(trial_cfg: Mapping[str, Any]) -> Iterator[None]:
     """While the block runs, make every ``os.fsync`` raise ``OSError(ENOSPC)`` when the trial
     got an ``enospc`` fault (:data:`DISK_FULL_KEY`); a no-op otherwise.
 
-    Every atomic writer (search.storage.atomic_write, prunelib.artifact.atomic_save) fsyncs its
+    Every atomic writer (prunelib.atomic, which search.storage.atomic_write wraps) fsyncs its
     temporary file before the rename, so the fault lands where a full disk is felt: after bytes
     were written, before the file takes its name.
     """

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+from prunelib.atomic import atomic_save
+
 __all__ = ["RESULT_FILE", "STORAGE_ERRNOS", "StorageError", "StoreLockTimeout", "SweepLocked", "SweepLock",
            "SweepStorage", "as_storage_error", "atomic_write", "atomic_write_text", "copy_out", "is_uri",
            "storage_errors", "store_creation_lock"]
@@ -114,30 +116,11 @@ def storage_errors(path: str | os.PathLike) -> Iterator[None]:
         raise failure from None  # the one line names the path and the reason; no OSError chain
 
 
-def _new_temporary(path: Path) -> str:
-    """An empty new file beside ``path`` (a bounded name: a long target name still fits), with
-    the mode a plain ``open`` would give (mkstemp's 0600 would hide the file from other users)."""
-    while True:
-        tmp = str(path.with_name(f".{path.name[:100]}.{os.getpid()}.{os.urandom(4).hex()}.tmp"))
-        try:
-            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def _fsync_file(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any],
                  check: Callable[[Path], Any] | None = None) -> Path:
-    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file in the same directory,
-    which is fsynced, checked with ``check(tmp)`` (e.g. loaded back) and renamed over ``path``.
+    """Write ``path`` atomically (:func:`prunelib.atomic.atomic_save`): ``write(tmp)`` fills a
+    temporary file in the same directory, which is fsynced, checked with ``check(tmp)`` (e.g.
+    loaded back) and renamed over ``path``; a refused write is reported as :class:`StorageError`.
 
     A reader sees the old file or the new one, never a partial one. On any failure the temporary
     file is removed and ``path`` is as it was.
@@ -146,31 +129,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any],
         StorageError: the storage refused the write (:data:`STORAGE_ERRNOS`).
         Whatever ``write`` or ``check`` raise otherwise (a check that fails: the file is not written).
     """
-    path = Path(path)
-    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _new_temporary(path)
-        mode = os.stat(tmp).st_mode & 0o777
-        write(Path(tmp))
-        os.chmod(tmp, mode)  # a writer that replaced the file (safetensors) may have made it 0600
-        _fsync_file(tmp)
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, path)
-        tmp = None
+        return atomic_save(path, write, check)
     except StorageError:
         raise
     except Exception as exc:
         failure = as_storage_error(exc, path)
         if failure is None:
             raise
-        raise StorageError(path, failure.reason) from None  # the file we were writing, not a source
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-    return path
+        raise StorageError(path, failure.reason) from None  # the file we were writing, not its temporary
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -187,18 +187,24 @@ def test_export_long_names_and_a_missing_masks_artifact(tmp_path):
         assert _leftovers(out.parent) == []
 
 
-def _loads_everywhere(root: Path) -> int:
-    """Load every masks and weights file under ``root``; returns how many."""
+def load_safetensors_file(path: Path) -> None:
+    """Load one masks file (a trial's or the front's) or weights file whole; a truncated one raises.
+    (benchmarks/reliability_drill.py checks a sweep's files with it too.)"""
     from safetensors import safe_open
 
+    if path.name == "masks.safetensors" or path.parent.name == "front":
+        MaskSet.load(path)
+    else:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+
+
+def _loads_everywhere(root: Path) -> int:
+    """Load every masks and weights file under ``root``; returns how many."""
     count = 0
     for path in root.rglob("*.safetensors"):
-        if path.name == "masks.safetensors" or path.parent.name == "front":
-            MaskSet.load(path)
-        else:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    f.get_tensor(key)
+        load_safetensors_file(path)
         count += 1
     for manifest in root.rglob("pruned_model.json"):
         load_pruned(manifest.parent)

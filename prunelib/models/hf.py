@@ -246,9 +246,10 @@ def build_small_model(arch: str, task: str, tokenizer: Any, num_labels: int | No
 
 def save_hf_model(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
     """``save_pretrained`` of the model (safetensors) and its tokenizer into ``out_dir``, written
-    atomically (:func:`prunelib.artifact.atomic_save_dir`: every weights file is opened back
+    atomically (:func:`prunelib.atomic.atomic_save_dir`: every weights file is opened back
     before the directory takes its name, so a full disk leaves no partial model)."""
-    from prunelib.artifact import atomic_save_dir, check_safetensors
+    from prunelib.artifact import check_safetensors
+    from prunelib.atomic import atomic_save_dir
 
     def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
