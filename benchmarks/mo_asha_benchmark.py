@@ -134,101 +134,172 @@ def _ratio_cells(num: list[float], den: list[float]) -> str:
     return mean_sd(ratios, ".3f") if ratios else "n/a"
 
 
-def report(results: dict[str, dict], args: argparse.Namespace) -> None:
-    seeds, methods = args.seeds, args.methods
-    n_methods = len(methods)
-    print(f"\n### {args.model} / {args.data}, limit_train={args.limit_train}, val_fraction={args.val_fraction}, "
-          f"{args.epochs}+{args.finetune_epochs} epochs, "
-          f"budget {args.budget:g} cpu_seconds, rungs grace {args.grace_period} x {args.reduction_factor:g}, "
-          f"concurrency {args.concurrency}, seeds {seeds}; methods {', '.join(methods)}")
+def _settings(doc: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings (seeds, methods, budget, ...) as the rows file records them."""
+    return doc["meta"]["settings"]
 
-    early = {(v, s): results.get(f"early/{v}/seed{s}") for v in VARIANTS for s in seeds}
-    if all(early.values()):
-        stats = {k: summary(rec) for k, rec in early.items()}
-        print("\n(a) equal CPU budget (mean ± sd over seeds)\n")
-        print("| early stopping | HV (val) | HV (test) | CPU s spent | HV per 1000 CPU s | trials | stopped early | trial-epochs |")
-        print("|---|---|---|---|---|---|---|---|")
-        for v in VARIANTS:
-            col = lambda k: [stats[(v, s)][k] for s in seeds]  # noqa: E731
-            print(f"| {v} | {mean_sd(col('hv'))} | {mean_sd(col('hv_test'))} | {mean_sd(col('cpu'), '.0f')} | "
-                  f"{mean_sd(col('hv_per_kcpu'), '.3f')} | {mean_sd(col('trials'), '.1f')} | "
-                  f"{mean_sd(col('stopped'), '.1f')} | {mean_sd(col('epochs'), '.0f')} |")
-        per = {v: [stats[(v, s)]["hv_per_kcpu"] for s in seeds] for v in VARIANTS}
-        hv = {v: [stats[(v, s)]["hv"] for s in seeds] for v in VARIANTS}
-        print(f"| mo_asha / none | HV {_ratio_cells(hv['mo_asha'], hv['none'])} | | | "
-              f"{_ratio_cells(per['mo_asha'], per['none'])} | | | |")
-        print(f"| mo_asha / asha | HV {_ratio_cells(hv['mo_asha'], hv['asha'])} | | | "
-              f"{_ratio_cells(per['mo_asha'], per['asha'])} | | | |")
 
-        print("\n(b) equal trials: the first N trials of each sweep, N = the trials without early stopping ran\n")
-        print("| early stopping | N | HV (val) | CPU s | HV per 1000 CPU s |")
-        print("|---|---|---|---|---|")
-        eq: dict[str, list[float]] = {}
-        for v in VARIANTS:
-            hvs, cpus, pers, ns = [], [], [], []
-            for s in seeds:
-                n = len(early[("none", s)]["rows"])
-                rows = first_trials(early[(v, s)]["rows"], n)
-                h, c = hv_of(rows, _dense(early[(v, s)]["rows"])), cpu_of(rows)
-                hvs.append(h), cpus.append(c), pers.append(1000 * h / c), ns.append(len(rows))
-            eq[v] = pers
-            print(f"| {v} | {mean_sd(ns, '.1f')} | {mean_sd(hvs)} | {mean_sd(cpus, '.0f')} | {mean_sd(pers, '.3f')} |")
-        print(f"| mo_asha / none | | | | {_ratio_cells(eq['mo_asha'], eq['none'])} |")
-        print(f"| mo_asha / asha | | | | {_ratio_cells(eq['mo_asha'], eq['asha'])} |")
+def _early(doc: dict[str, Any]) -> dict[tuple[str, int], dict] | None:
+    sweeps, seeds = doc["sweeps"], _settings(doc)["seeds"]
+    early = {(v, s): sweeps.get(f"early/{v}/seed{s}") for v in VARIANTS for s in seeds}
+    return early if all(early.values()) else None
 
-        print("\n(c) CPU seconds until the front's HV first reaches the final HV of the sweep without early "
-              "stopping (same seed); trials in order of their end, CPU = their summed run time\n")
-        print("| early stopping | CPU s to that HV, per seed | reached | mean over the seeds that reached it |")
-        print("|---|---|---|---|")
-        for v in VARIANTS:
-            need = [cpu_to_reach(early[(v, s)]["rows"], hv_of(early[("none", s)]["rows"],
-                                                              _dense(early[("none", s)]["rows"]))) for s in seeds]
-            got = [c for c in need if c is not None]
-            print(f"| {v} | {', '.join('never' if c is None else f'{c:.0f}' for c in need)} | {len(got)}/{len(seeds)} "
-                  f"| {mean_sd(got, '.0f') if got else 'n/a'} |")
 
-    joint = {s: results.get(f"early/{args.joint_scheduler}/seed{s}") for s in seeds}
-    split = {(m, s): results.get(f"single/{m}/split/seed{s}") for m in methods for s in seeds}
-    whole = {(m, s): results.get(f"single/{m}/whole/seed{s}") for m in methods for s in seeds}
-    if all(joint.values()) and all(split.values()) and all(whole.values()):
-        print(f"\n(d) joint search vs single-method sweeps, {args.joint_scheduler}, HV (val) mean ± sd\n")
-        print("| sweep | budget each | total budget | HV (val) | HV (test) |")
-        print("|---|---|---|---|---|")
+def table_equal_budget(doc: dict[str, Any]) -> str:
+    """(a) The joint sweep three ways at one CPU budget, mean ± sd over seeds (Markdown)."""
+    early, seeds = _early(doc), _settings(doc)["seeds"]
+    if early is None:
+        return "(a) not run: part early is incomplete"
+    stats = {k: summary(rec) for k, rec in early.items()}
+    lines = ["| early stopping | HV (val) | HV (test) | CPU s spent | HV per 1000 CPU s | trials | stopped early "
+             "| trial-epochs |", "|---|---|---|---|---|---|---|---|"]
+    for v in VARIANTS:
+        col = lambda k: [stats[(v, s)][k] for s in seeds]  # noqa: E731
+        lines.append(f"| {v} | {mean_sd(col('hv'))} | {mean_sd(col('hv_test'))} | {mean_sd(col('cpu'), '.0f')} | "
+                     f"{mean_sd(col('hv_per_kcpu'), '.3f')} | {mean_sd(col('trials'), '.1f')} | "
+                     f"{mean_sd(col('stopped'), '.1f')} | {mean_sd(col('epochs'), '.0f')} |")
+    per = {v: [stats[(v, s)]["hv_per_kcpu"] for s in seeds] for v in VARIANTS}
+    hv = {v: [stats[(v, s)]["hv"] for s in seeds] for v in VARIANTS}
+    for other in ("none", "asha"):
+        lines.append(f"| mo_asha / {other} | {_ratio_cells(hv['mo_asha'], hv[other])} | | | "
+                     f"**{_ratio_cells(per['mo_asha'], per[other])}** | | | |")
+    return "\n".join(lines)
 
-        def row(label: str, each: str, total: str, recs: list[list[dict]]) -> list[float]:
-            hvs = [hv_of(rows, _dense(rows)) for rows in recs]
-            tests = [hv_of(rows, _dense(rows), "test_acc") for rows in recs]
-            print(f"| {label} | {each} | {total} | {mean_sd(hvs)} | {mean_sd(tests)} |")
-            return hvs
 
-        b, bs = f"{args.budget:g}", f"{args.budget / n_methods:.0f}"
-        j = row("joint (all methods)", b, b, [joint[s]["rows"] for s in seeds])
-        u = row(f"union of the {n_methods} split single-method fronts", bs, b,
-                [[r for m in methods for r in split[(m, s)]["rows"]] for s in seeds])
-        for m in methods:
-            row(f"{m} alone", bs, bs, [split[(m, s)]["rows"] for s in seeds])
-        for m in methods:
-            row(f"{m} alone", b, b, [whole[(m, s)]["rows"] for s in seeds])
-        best_split = [max(hv_of(split[(m, s)]["rows"], _dense(split[(m, s)]["rows"])) for m in methods) for s in seeds]
-        best_whole = [max(hv_of(whole[(m, s)]["rows"], _dense(whole[(m, s)]["rows"])) for m in methods) for s in seeds]
-        which = [max(methods, key=lambda m, s=s: hv_of(whole[(m, s)]["rows"], _dense(whole[(m, s)]["rows"])))
-                 for s in seeds]
-        print(f"| best single method per seed (split budget) | {bs} | {bs} | {mean_sd(best_split)} | |")
-        print(f"| best single method per seed (whole budget: {', '.join(which)}) | {b} | {b} | {mean_sd(best_whole)} | |")
-        print(f"\njoint / union of split fronts: {_ratio_cells(j, u)}; joint / best single (whole budget, "
-              f"picked after the fact): {_ratio_cells(j, best_whole)}; joint / best single (split): "
-              f"{_ratio_cells(j, best_split)}")
-        counts: Counter = Counter()
-        per_seed = []
+def table_equal_trials(doc: dict[str, Any]) -> str:
+    """(b) The first N trials of each sweep, N = the trials the sweep without early stopping ran."""
+    early, seeds = _early(doc), _settings(doc)["seeds"]
+    if early is None:
+        return "(b) not run: part early is incomplete"
+    lines = ["| early stopping | N | HV (val) | CPU s | HV per 1000 CPU s |", "|---|---|---|---|---|"]
+    eq: dict[str, list[float]] = {}
+    for v in VARIANTS:
+        hvs, cpus, pers, ns = [], [], [], []
         for s in seeds:
-            front = front_of(joint[s]["rows"])
-            c = Counter(front["method"]) if front is not None else Counter()
-            counts.update(c)
-            per_seed.append(", ".join(f"{m} {n}" for m, n in c.most_common()))
-        print("\nmethods on the joint front (points, all seeds): "
-              + ", ".join(f"{m} {n}" for m, n in counts.most_common()))
-        for s, text in zip(seeds, per_seed):
-            print(f"  seed {s}: {text}")
+            rows = first_trials(early[(v, s)]["rows"], len(early[("none", s)]["rows"]))
+            h, c = hv_of(rows, _dense(early[(v, s)]["rows"])), cpu_of(rows)
+            hvs.append(h), cpus.append(c), pers.append(1000 * h / c), ns.append(len(rows))
+        eq[v] = pers
+        lines.append(f"| {v} | {mean_sd(ns, '.1f')} | {mean_sd(hvs)} | {mean_sd(cpus, '.0f')} | {mean_sd(pers, '.3f')} |")
+    for other in ("none", "asha"):
+        lines.append(f"| mo_asha / {other} | | | | **{_ratio_cells(eq['mo_asha'], eq[other])}** |")
+    return "\n".join(lines)
+
+
+def table_time_to_hv(doc: dict[str, Any]) -> str:
+    """(c) CPU seconds until a sweep's front first reaches the final HV of the same seed's sweep
+    without early stopping (trials in order of their end, CPU = their summed run time)."""
+    early, seeds = _early(doc), _settings(doc)["seeds"]
+    if early is None:
+        return "(c) not run: part early is incomplete"
+    lines = ["| early stopping | final HV, per seed | target (none's final HV) | CPU s to the target, per seed "
+             "| reached |", "|---|---|---|---|---|"]
+    for v in VARIANTS:
+        target = [hv_of(early[("none", s)]["rows"], _dense(early[("none", s)]["rows"])) for s in seeds]
+        final = [hv_of(early[(v, s)]["rows"], _dense(early[(v, s)]["rows"])) for s in seeds]
+        need = [cpu_to_reach(early[(v, s)]["rows"], t) for s, t in zip(seeds, target)]
+        lines.append(f"| {v} | {' / '.join(f'{h:.4f}' for h in final)} | {' / '.join(f'{t:.4f}' for t in target)} | "
+                     f"{', '.join('never' if c is None else f'{c:.0f}' for c in need)} | "
+                     f"{sum(c is not None for c in need)}/{len(seeds)} |")
+    return "\n".join(lines)
+
+
+def table_joint(doc: dict[str, Any]) -> str:
+    """(d) The joint search against each method swept alone with budget / methods and with the
+    whole budget (HV mean ± sd; CPU s actually spent, summed over a row's sweeps, per seed)."""
+    st = _settings(doc)
+    sweeps, seeds, methods, sched = doc["sweeps"], st["seeds"], st["methods"], st["joint_scheduler"]
+    joint = {s: sweeps.get(f"early/{sched}/seed{s}") for s in seeds}
+    split = {(m, s): sweeps.get(f"single/{m}/split/seed{s}") for m in methods for s in seeds}
+    whole = {(m, s): sweeps.get(f"single/{m}/whole/seed{s}") for m in methods for s in seeds}
+    if not (all(joint.values()) and all(split.values()) and all(whole.values())):
+        return "(d) not run: part joint is incomplete"
+    lines = ["| sweep | budget each | CPU s spent (per seed) | HV (val) | HV (test) |", "|---|---|---|---|---|"]
+
+    def row(label: str, each: str, recs: list[list[dict]]) -> list[float]:
+        rows = [[r for rec in group for r in rec["rows"]] for group in recs]
+        hvs = [hv_of(r, _dense(r)) for r in rows]
+        tests = [hv_of(r, _dense(r), "test_acc") for r in rows]
+        cpu = mean_sd([sum(rec["cost"]["cpu_seconds"] for rec in group) for group in recs], ".0f")
+        lines.append(f"| {label} | {each} | {cpu} | {mean_sd(hvs)} | {mean_sd(tests)} |")
+        return hvs
+
+    b, bs = f"{st['budget']:g}", f"{st['budget'] / len(methods):.0f}"
+    j = row(f"joint (all {len(methods)} methods)", b, [[joint[s]] for s in seeds])
+    u = row(f"union of the {len(methods)} split single-method fronts", bs,
+            [[split[(m, s)] for m in methods] for s in seeds])
+    for label, each, table in (("split", bs, split), ("whole", b, whole)):
+        for m in methods:
+            row(f"{m} alone ({label})", each, [[table[(m, s)]] for s in seeds])
+    hv = lambda rec: hv_of(rec["rows"], _dense(rec["rows"]))  # noqa: E731
+    best_split = [max(hv(split[(m, s)]) for m in methods) for s in seeds]
+    best_whole = [max(hv(whole[(m, s)]) for m in methods) for s in seeds]
+    which = [max(methods, key=lambda m, s=s: hv(whole[(m, s)])) for s in seeds]
+    which_split = [max(methods, key=lambda m, s=s: hv(split[(m, s)])) for s in seeds]
+    lines.append(f"| best single method per seed, split ({', '.join(which_split)}) | {bs} | | {mean_sd(best_split)} | |")
+    lines.append(f"| best single method per seed, whole budget ({', '.join(which)}; picked after the fact) | {b} | "
+                 f"| {mean_sd(best_whole)} | |")
+    counts: Counter = Counter()
+    per_seed = []
+    for s in seeds:
+        front = front_of(joint[s]["rows"])
+        c = Counter(front["method"]) if front is not None else Counter()
+        counts.update(c)
+        per_seed.append(f"seed {s}: " + ", ".join(f"{m} {n}" for m, n in c.most_common()))
+    lines += ["", f"Joint / union of the split fronts **{_ratio_cells(j, u)}**; joint / best split single method "
+              f"{_ratio_cells(j, best_split)}; joint / best single method with the whole budget (known only after "
+              f"running all {len(methods)}) **{_ratio_cells(j, best_whole)}**. Methods on the joint front (points, "
+              f"all seeds): " + ", ".join(f"{m} {n}" for m, n in counts.most_common()) + f" ({'; '.join(per_seed)})."]
+    return "\n".join(lines)
+
+
+def report(doc: dict[str, Any]) -> None:
+    """Print every table of the run (the ones RESULTS.md shows, from the same functions)."""
+    st = _settings(doc)
+    print(f"\n### {st['model']} / {st['data']}, limit_train={st['limit_train']}, val_fraction={st['val_fraction']}, "
+          f"{st['epochs']}+{st['finetune_epochs']} epochs, budget {st['budget']:g} cpu_seconds, rungs grace "
+          f"{st['grace_period']} x {st['reduction_factor']:g}, concurrency {st['concurrency']}, seeds {st['seeds']}; "
+          f"methods {', '.join(st['methods'])}")
+    for title, fn in (("(a) equal CPU budget (mean ± sd over seeds)", table_equal_budget),
+                      ("(b) equal trials", table_equal_trials), ("(c) CPU seconds to the HV of no early stopping",
+                                                                 table_time_to_hv),
+                      (f"(d) joint search vs single-method sweeps, {st['joint_scheduler']}", table_joint)):
+        print(f"\n{title}\n\n{fn(doc)}")
+
+
+SETTINGS = ("seeds", "methods", "budget", "data", "model", "limit_train", "val_fraction", "epochs", "finetune_epochs",
+            "grace_period", "reduction_factor", "concurrency", "joint_scheduler")
+
+
+def load_doc(path: Path) -> dict[str, Any]:
+    """The run's document ``{"meta": {...}, "sweeps": {key: record}}`` (``.json`` or ``.json.gz``)."""
+    import gzip
+
+    if not path.is_file():
+        return {"meta": {}, "sweeps": {}}
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as handle:
+        return json.load(handle)
+
+
+def save_doc(path: Path, doc: dict[str, Any]) -> None:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wt") as handle:
+        json.dump(doc, handle)
+
+
+def run_meta(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Provenance (command, commit, machine, date) and the settings the tables read."""
+    import platform
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    return {"command": "python benchmarks/mo_asha_benchmark.py " + " ".join(argv), "commit": commit,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "date": time.strftime("%Y-%m-%d"), "settings": {k: getattr(args, k) for k in SETTINGS}}
 
 
 # -- driver -----------------------------------------------------------------------------------
@@ -252,14 +323,18 @@ def main() -> None:
     ap.add_argument("--reduction-factor", type=float, default=3.0)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--joint-scheduler", default="mo_asha", choices=VARIANTS)
-    ap.add_argument("--out", type=Path, default=Path("mo_asha_benchmark.json"))
+    ap.add_argument("--out", type=Path, default=Path("mo_asha_benchmark.json.gz"),
+                    help="the rows file: {meta, sweeps}; .json.gz is what benchmarks/results/ holds")
     ap.add_argument("--report-only", action="store_true", help="print the tables from --out and exit")
     args = ap.parse_args()
 
-    results: dict[str, dict] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    doc = load_doc(args.out)
     if args.report_only:
-        report(results, args)
+        report(doc)
         return
+    if not doc["meta"]:
+        doc["meta"] = run_meta(args, sys.argv[1:])
+    results: dict[str, dict] = doc["sweeps"]
 
     import ray
 
@@ -295,13 +370,13 @@ def main() -> None:
                                                   args.finetune_epochs, args.concurrency, uri, name)]
             print(f"\n== [{i}/{len(todo)}] {key}", flush=True)
             results[key] = run_one(key, overrides, Path(tmp))
-            args.out.write_text(json.dumps(results))
+            save_doc(args.out, doc)
             st = summary(results[key])
             print(f"== [{i}/{len(todo)}] {key}: HV {st['hv']:.4f} (test {st['hv_test']:.4f}), {st['cpu']:.0f} cpu_s, "
                   f"{st['trials']} trials ({st['stopped']} stopped, {st['failed']} failed), "
                   f"{results[key]['wall_s']:.0f}s wall; {time.perf_counter() - start:.0f}s so far", flush=True)
     ray.shutdown()
-    report(results, args)
+    report(doc)
     print(f"\ntotal {time.perf_counter() - start:.0f}s")
 
 

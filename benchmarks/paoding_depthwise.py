@@ -221,6 +221,11 @@ def table(rows: list[dict[str, Any]], ratios: list[float]) -> str:
     return "\n".join(lines)
 
 
+def results_table(doc: dict[str, Any]) -> str:
+    """RESULTS.md's table from the committed rows file (``benchmarks/results_md.py``)."""
+    return table(doc["rows"], doc["meta"]["ratios"])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"flops {r['flops'] / dense_flops:.3f}", flush=True)
     command = "python benchmarks/paoding_depthwise.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     meta = {"command": command.strip(), "date": datetime.date.today().isoformat(),
-            "before_commit": before_commit,
+            "commit": after_commit[:7], "before_commit": before_commit,
             "after_commit": after_commit + (" (+ uncommitted prunelib)" if dirty else ""),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU",
             "threads": args.threads, "seeds": args.seeds, "epochs": args.epochs, "limit_train": args.limit_train,

@@ -673,6 +673,11 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def results_table(doc: dict) -> str:
+    """RESULTS.md's table from a rows file written with ``--rows`` (``benchmarks/results_md.py``)."""
+    return markdown_table(doc["rows"])
+
+
 def _write_rows(path: Path, rows: list[dict], argv: list[str]) -> None:
     """Raw rows beside the table they make: the command, commit, machine and date inside."""
     import platform

@@ -300,6 +300,8 @@ def main() -> None:
     ap.add_argument("--checkout-overrides", nargs="*", default=[],
                     help="overrides for this checkout's sweeps only (e.g. tracking.log_model=false "
                          "trial.keep_weights=none: without the take-home artifacts the baseline does not write)")
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="also write the run's raw rows (.json.gz, with command, commit, machine, date) here")
     args = ap.parse_args()
     if args.trials < 2:
         ap.error("--trials: at least 2 (the marginal cost is the slope between the first and last result)")
@@ -325,7 +327,7 @@ def main() -> None:
     commands = {label: command_seconds(code, demo=True) for label, code in codes} if args.commands else {}
     for label, times in commands.items():
         print(f"{label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()), flush=True)
-    table = []
+    sweeps = []
     for concurrency in concurrencies:
         for label, code in codes:
             for reuse in {"on": [True], "off": [False], "both": [True, False]}[args.reuse]:
@@ -334,43 +336,85 @@ def main() -> None:
                 extra = args.checkout_overrides if code == REPO else []
                 c = sweep_costs(overrides + extra, args.trials, concurrency, reuse, code)
                 print(f"{label}, sweep concurrency {concurrency}, reuse {'on' if reuse else 'off'}: {c}", flush=True)
-                table.append((label, concurrency, reuse, c))
-    print(f"\n{args.data}/{args.model}, {args.epochs}+{args.finetune_epochs} epochs"
-          + (f", {args.limit_train} train images" if args.limit_train else "")
-          + f"; plain loop {plain:.3f} s/trial, prunelib runner {runner:.3f} s/trial (1 thread)")
-    print("| code | concurrency | actor reuse | trials | command -> first result s | marginal s/trial | marginal/plain "
-          "| marginal/runner | last result -> exit s | total s | worker processes | in-trial s: first on a worker "
-          "/ reused | console lines not the sweep's |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for label, concurrency, reuse, c in table:
-        print(f"| {label} | {concurrency} | {'on' if reuse else 'off'} | {args.trials} | {c['fixed']:.1f} | "
-              f"{c['marginal']:.3f} | {c['marginal'] / plain:.2f} | {c['marginal'] / runner:.2f} | {c['tail']:.1f} | "
-              f"{c['total']:.1f} | {c['workers']} | {c['in_trial_first']:.2f} / {c['in_trial_reused']:.2f} | "
-              f"{len(c['foreign_lines'])} |")
-    print("\nThe first seconds (from the command's start; '-' = no such step in that code):")
-    print("| code | concurrency | " + " | ".join(STEPS) + " | exit | first result - Ray's start alone |")
-    print("|---|---|" + "---|" * (len(STEPS) + 2))
-    for label, concurrency, reuse, c in table:
-        if not reuse:
+                sweeps.append({"label": label, "concurrency": concurrency, "reuse": reuse, "costs": c})
+    doc = {"meta": run_meta(args), "plain": plain, "runner": runner, "ray_start": ray_start, "commands": commands,
+           "sweeps": sweeps}
+    if args.rows:
+        import gzip
+
+        args.rows.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(args.rows, "wt") as handle:
+            json.dump(doc, handle, indent=1)
+    print(f"\n{table_sweeps(doc)}\n\nThe first seconds (from the command's start; '-' = no such step in that code):\n"
+          f"{table_first_seconds(doc)}")
+    if commands:
+        print(f"\nWhole commands, wall seconds:\n{table_commands(doc)}")
+    for sweep in sweeps:
+        if sweep["costs"]["foreign_lines"]:
+            print(f"\n{sweep['label']}, concurrency {sweep['concurrency']}: lines not the sweep's own:\n  "
+                  + "\n  ".join(sweep["costs"]["foreign_lines"][:12]))
+
+
+def run_meta(args: argparse.Namespace) -> dict:
+    """Provenance (command, commit, machine, date) and the settings the tables read."""
+    import platform
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    return {"command": "python benchmarks/search_overhead.py " + " ".join(sys.argv[1:]), "commit": commit,
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+            "date": time.strftime("%Y-%m-%d"),
+            "settings": {"data": args.data, "model": args.model, "limit_train": args.limit_train,
+                         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "trials": args.trials,
+                         "baseline": args.baseline}}
+
+
+def table_sweeps(doc: dict) -> str:
+    """Fixed and marginal seconds of each sweep, against the plain loop and the runner (Markdown)."""
+    st, plain, runner = doc["meta"]["settings"], doc["plain"], doc["runner"]
+    lines = [f"{st['data']}/{st['model']}, {st['epochs']}+{st['finetune_epochs']} epochs"
+             + (f", {st['limit_train']} train images" if st["limit_train"] else "")
+             + f"; plain loop {plain:.3f} s/trial, prunelib runner {runner:.3f} s/trial (1 thread)", "",
+             "| code | concurrency | actor reuse | trials | command -> first result s | marginal s/trial | marginal/plain "
+             "| marginal/runner | last result -> exit s | total s | worker processes | in-trial s: first on a worker "
+             "/ reused | console lines not the sweep's |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for sweep in doc["sweeps"]:
+        c = sweep["costs"]
+        lines.append(f"| {sweep['label']} | {sweep['concurrency']} | {'on' if sweep['reuse'] else 'off'} | "
+                     f"{st['trials']} | {c['fixed']:.1f} | {c['marginal']:.3f} | {c['marginal'] / plain:.2f} | "
+                     f"{c['marginal'] / runner:.2f} | {c['tail']:.1f} | {c['total']:.1f} | {c['workers']} | "
+                     f"{c['in_trial_first']:.2f} / {c['in_trial_reused']:.2f} | {len(c['foreign_lines'])} |")
+    return "\n".join(lines)
+
+
+def table_first_seconds(doc: dict) -> str:
+    """When each sweep's driver reached each step, seconds from the command's start (Markdown)."""
+    lines = ["| code | concurrency | " + " | ".join(STEPS) + " | exit | first result - Ray's start alone |",
+             "|---|---|" + "---|" * (len(STEPS) + 2)]
+    for sweep in doc["sweeps"]:
+        c = sweep["costs"]
+        if not sweep["reuse"]:
             continue
         cells = [f"{c['steps'][k]:.1f}" if k in c["steps"] else "-" for k in STEPS]
-        over = f"{c['fixed'] - ray_start:.1f}" if ray_start is not None else "-"
-        print(f"| {label} | {concurrency} | " + " | ".join(cells) + f" | {c['total']:.1f} | {over} |")
-    if commands:
-        names = list(next(iter(commands.values())))
-        print("\nWhole commands, wall seconds:")
-        print("| code | " + " | ".join(names) + " |")
-        print("|---|" + "---|" * len(names))
-        for label, times in commands.items():
-            print(f"| {label} | " + " | ".join(f"{times[n]:.2f}" for n in names) + " |")
-        if len(commands) == 2:
-            new, old = commands.values()
-            print(f"README demo, this checkout / {args.baseline}: {new['README demo'] / old['README demo']:.2f}")
-    for label, concurrency, reuse, c in table:
-        if c["foreign_lines"]:
-            print(f"\n{label}, concurrency {concurrency}: lines not the sweep's own:\n  "
-                  + "\n  ".join(c["foreign_lines"][:12]))
+        over = f"{c['fixed'] - doc['ray_start']:.1f}" if doc.get("ray_start") is not None else "-"
+        lines.append(f"| {sweep['label']} | {sweep['concurrency']} | " + " | ".join(cells)
+                     + f" | {c['total']:.1f} | {over} |")
+    return "\n".join(lines)
 
+
+def table_commands(doc: dict) -> str:
+    """Whole commands (--help, a refusal, the README demo), wall seconds per code (Markdown)."""
+    commands = doc["commands"]
+    if not commands:
+        return "(not measured: run with --commands)"
+    names = list(next(iter(commands.values())))
+    lines = [f"`ray.init` of a local Ray alone: **{doc['ray_start']:.2f} s** (median of 3)." if doc.get("ray_start")
+             else "", "", "| code | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {label} | " + " | ".join(f"{times[n]:.2f}" for n in names) + " |" for label, times in commands.items()]
+    if len(commands) == 2 and all("README demo" in t for t in commands.values()):
+        (new_label, new), (old_label, old) = commands.items()
+        lines += ["", f"README demo, {new_label} / {old_label}: {new['README demo'] / old['README demo']:.2f}"]
+    return "\n".join(lines).strip("\n")
 
 if __name__ == "__main__":
     main()
