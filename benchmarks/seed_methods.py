@@ -435,6 +435,31 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def results_table(doc: dict[str, Any]) -> str:
+    """RESULTS.md's tables from a rows file written with ``--rows`` (``benchmarks/results_md.py``)."""
+    return summarise(doc["rows"])
+
+
+def write_rows(path: Path, rows: list[dict], command: str, args: argparse.Namespace, seconds: float) -> None:
+    """The run's raw rows with its provenance, gzipped JSON."""
+    import gzip
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "prunelib"], cwd=repo,
+                           capture_output=True, text=True).stdout.strip()
+    meta = {"command": command, "commit": commit + ("+uncommitted prunelib" if dirty else ""),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                       f"{args.jobs} worker(s) x {args.threads} thread(s)",
+            "date": time.strftime("%Y-%m-%d"), "seconds": round(seconds, 1),
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "rows")}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as handle:
+        json.dump({"meta": meta, "rows": rows}, handle, indent=1, default=str)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -450,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="worker processes (one task = one part x seed)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--out", default=None, help="also write the Markdown tables here")
+    p.add_argument("--rows", type=Path, default=None,
+                   help="also write the raw rows (.json.gz with command, commit, machine, date) here: what "
+                        "RESULTS.md's tables are generated from (benchmarks/results_md.py)")
     args = p.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else ["benchmarks/seed_methods.py", *argv]))
     say(f"command: {command}")
@@ -474,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     say(text)
     total = time.perf_counter() - t0
     say(f"\ntotal wall time: {total:.0f}s ({total / 60:.1f} min)")
+    if args.rows:
+        write_rows(args.rows, rows, command, args, total)
+        say(f"raw rows written to {args.rows}")
     if args.out:
         Path(args.out).write_text(f"command: {command}\n\n{text}\n\ntotal wall time: {total / 60:.1f} min\n")
         Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
