@@ -248,7 +248,7 @@ def export_onnx_structured(model: nn.Module, path: str | os.PathLike, input_ids:
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     was = model.training
     model.eval()
-    wrapper = _Logits(model)
+    wrapper = _Logits(model).eval()
     batch, tokens = torch.export.Dim("batch", min=1), torch.export.Dim("tokens", min=2)
     try:
         with torch.no_grad():
