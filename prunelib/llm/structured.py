@@ -604,16 +604,20 @@ def _update_config(model: nn.Module, parts: list[BlockParts], hidden: int | None
         config.n_inner = ffn
     else:
         config.intermediate_size = ffn
+    if hidden is not None:
+        config.hidden_size = hidden
     if arch == "llama":
         config.head_dim = parts[0].head_dim  # explicit: no longer hidden_size // heads
-        config.num_attention_heads = max(p.heads for p in parts)
-        config.num_key_value_heads = max(p.kv_heads for p in parts)
+        heads, kv_heads = max(p.heads for p in parts), max(p.kv_heads for p in parts)
+        # transformers' LlamaConfig insists on hidden_size % num_attention_heads == 0 even with an
+        # explicit head_dim: a head count that breaks it stays at the dense value in the config,
+        # and the export then stores the real shapes per module (trust_remote_code format).
+        if config.hidden_size % heads == 0:
+            config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
         if any(getattr(p.attn_out, "bias", None) is not None for p in parts):
             config.attention_bias = True
         if any(getattr(p.ffn_out, "bias", None) is not None for p in parts):
             config.mlp_bias = True
-    if hidden is not None:
-        config.hidden_size = hidden
 
 
 @torch.no_grad()
@@ -931,7 +935,9 @@ def prune_structured(model: nn.Module, batches: Iterable[dict[str, Tensor]] | No
     if settings.hidden_sparsity > 0:
         multiple = settings.round_to
         heads = int(getattr(getattr(model, "config", None), "num_attention_heads", 1) or 1)
-        if parts[0].arch in ("gpt2", "bert"):  # their attention checks hidden_size % num_heads when built
+        # transformers' configs check hidden_size % num_attention_heads (GPT-2 and BERT derive the
+        # head size from it): the kept hidden size stays a multiple of the dense head count
+        if heads > 1:
             multiple = multiple * heads // math.gcd(multiple, heads)
         keep_n = _keep_count(width, settings.hidden_sparsity, multiple)
         if hidden_score is None:  # magnitude: the embedding columns
