@@ -26,7 +26,7 @@ device and comparing every parameter's shape):
 
       AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
 
-  (``trust_remote_code`` runs the 60-line file in the directory; read it first, as with any
+  (``trust_remote_code`` runs the short loader file in the directory; read it first, as with any
   remote code.)
 
 Either way the directory is written atomically (:func:`prunelib.models.hf.save_hf_model`: a
