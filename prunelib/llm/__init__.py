@@ -5,7 +5,11 @@
 * :mod:`prunelib.llm.oneshot`: :func:`prune_model`, the block-by-block driver;
 * :mod:`prunelib.llm.methods`: ``llm_magnitude``, ``wanda``, ``sparsegpt`` as protocol methods;
 * :mod:`prunelib.llm.evaluate`: perplexity, next-token and classification accuracy;
-* :mod:`prunelib.llm.report`: FLOPs per sequence and sparse-export bytes.
+* :mod:`prunelib.llm.report`: FLOPs per sequence and sparse-export bytes;
+* :mod:`prunelib.llm.structured`: structured pruning (FFN channels, heads/KV groups, hidden
+  size, blocks) into a physically smaller model; :mod:`prunelib.llm.structured_export` saves
+  it as a checkpoint ``transformers`` loads (and ONNX); :mod:`prunelib.llm.structured_method`
+  is ``llm_structured``.
 
 Nothing here imports transformers: any module with a ModuleList of blocks works.
 """
@@ -13,6 +17,8 @@ Nothing here imports transformers: any module with a ModuleList of blocks works.
 from prunelib.llm.evaluate import evaluate_classifier, evaluate_lm, evaluate_text
 from prunelib.llm.oneshot import LLM_DISTRIBUTIONS, LLM_SCORES, OneShotResult, OneShotSettings, prune_model
 from prunelib.llm.report import sparse_storage_bytes, text_model_cost
+from prunelib.llm.structured import StructuredResult, StructuredSettings, prune_structured
+from prunelib.llm.structured_export import StructuredExport, export_onnx_structured, save_structured
 from prunelib.llm.sparsity import (
     NMPattern,
     owl_block_sparsities,
@@ -24,4 +30,6 @@ from prunelib.llm.sparsity import (
 
 __all__ = ["LLM_DISTRIBUTIONS", "LLM_SCORES", "NMPattern", "OneShotResult", "OneShotSettings", "evaluate_classifier",
            "evaluate_lm", "evaluate_text", "owl_block_sparsities", "parse_pattern", "prune_mask_from_scores",
-           "prune_model", "sparse_storage_bytes", "sparsegpt_prune", "text_model_cost", "wanda_scores"]
+           "prune_model", "sparse_storage_bytes", "sparsegpt_prune", "text_model_cost", "wanda_scores",
+           "StructuredExport", "StructuredResult", "StructuredSettings", "export_onnx_structured", "prune_structured",
+           "save_structured"]

@@ -46,10 +46,15 @@ def _eager_attention(model: nn.Module) -> Iterator[None]:
             setter(before)
 
 
-def text_model_cost(model: nn.Module, example_input: dict[str, Any], masks: MaskSet | None = None) -> ModelCost:
-    """Dense/effective/physical params and FLOPs per sequence of ``example_input`` (one sequence)."""
+def text_model_cost(model: nn.Module, example_input: dict[str, Any], masks: MaskSet | None = None,
+                    physical_model: nn.Module | None = None) -> ModelCost:
+    """Dense/effective/physical params and FLOPs per sequence of ``example_input`` (one sequence).
+
+    ``physical_model``: the model as deployed when it was made physically smaller (structured
+    pruning passes the pruned model itself): the deployed figures are then its physical ones.
+    """
     with _eager_attention(model):
-        return model_cost(model, None, masks, example_input=example_input)
+        return model_cost(model, None, masks, physical_model=physical_model, example_input=example_input)
 
 
 def sparse_storage_bytes(model: nn.Module, masks: MaskSet, pattern: NMPattern | None = None) -> int:

@@ -64,6 +64,12 @@ from prunelib.llm.methods import LLM_METHODS  # noqa: E402
 for _cls in LLM_METHODS:
     register_method(_cls)
 
+# Structured (physically smaller) pruning of Hugging Face transformers (model=hf).
+from prunelib.llm.structured_method import STRUCTURED_METHODS  # noqa: E402
+
+for _cls in STRUCTURED_METHODS:
+    register_method(_cls)
+
 
 def build_method(name: str, **settings: Any) -> PruningMethod:
     """Instantiate the registered method ``name`` with its settings.
