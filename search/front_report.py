@@ -1,5 +1,6 @@
-"""The end of a sweep, on the console and on disk: the front's table, the summary lines (failed
-trials, trials MLflow missed), and the front's masks and settings copied under ``front/``.
+"""What a sweep says on the console and leaves on disk: its first lines, the front's table, the
+summary lines (failed trials, trials MLflow missed), the front's masks and settings copied
+under ``front/``, and the front's files in the MLflow parent run.
 
 The front and its hypervolume are computed once (:func:`search.pareto.front_summary`) by
 :mod:`search.tuner` and handed here.
@@ -9,16 +10,20 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from search.commands import export_command, shell_command
 from search.formatting import _last_line, format_metric
 from search.storage import StorageError, atomic_write, atomic_write_text, copy_out, storage_errors
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["export_front", "print_front", "print_problems"]
+    from search.tuner import SweepRun
+
+__all__ = ["export_front", "finish_tracking", "print_front", "print_problems", "print_start"]
 
 def export_front(front: pd.DataFrame, rows: list[dict[str, Any]], out_dir: Path,
                   tracking: dict[str, str] | None) -> list[Path]:
@@ -148,3 +153,37 @@ def print_problems(rows: list[dict[str, Any]], unlogged_fronts: list[str], trial
               "those trials' results stay beside their masks:\n" + "\n".join(
                   f"  {r['trial_id']}: {trial_location(str(r['trial_id']))}/trial_result.json "
                   f"({r['mlflow_unlogged'][:120]})" for r in unlogged), flush=True)
+
+
+def print_start(run: SweepRun) -> None:
+    """The sweep's first lines: what it searches, where its files and its tracking are."""
+    cfg, search = run.cfg, run.settings.search
+    print(f"sweep {run.state['name']}: {search.n_trials} trials over {', '.join(run.space.method_names)} on "
+          f"{cfg['data']['name']}/{cfg['model']['name']}, {search.sampler} sampler, "
+          f"concurrency {search.concurrency}" + (" (resumed)" if run.resuming else ""), flush=True)
+    print(f"files: {run.storage.root} (trials/<trial id>/, ray/)", flush=True)
+    if run.tracking:
+        print(f"tracking: {run.tracking['uri']} (experiment {run.tracking['experiment']}, parent run "
+              f"{run.tracking['parent_run_id']})", flush=True)
+
+
+def finish_tracking(run: SweepRun, front_dir: Path, hv: float) -> None:
+    """The front's files and final hypervolume in the parent run, which ends FINISHED; then how
+    to open MLflow and export a point. A store outage only warns (the front is on disk)."""
+    tracker, tracking = run.tracker, run.tracking
+    if tracker is None:
+        return
+    try:
+        tracker.client.log_artifacts(tracker.run_id, str(front_dir), artifact_path="front_export")
+        tracker.client.log_metric(tracker.run_id, "final_hypervolume", float(hv))
+        tracker.finish("FINISHED")
+        from search.tracking import ui_url
+
+        print(f"MLflow: {shell_command(['mlflow', 'ui', '--backend-store-uri', tracking['uri']])}  (parent run "
+              f"{tracking['parent_run_id']}), then {ui_url(tracking['uri'], tracking['experiment_id'])}",
+              flush=True)
+        print("export one point: " + export_command(tracking["parent_run_id"], "knee", "knee_point",
+                                                     tracking["uri"]), flush=True)
+    except Exception as exc:
+        print(f"warning: could not log the final front to MLflow ({exc}); it is in {front_dir}",
+              file=sys.stderr, flush=True)
