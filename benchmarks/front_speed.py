@@ -97,7 +97,7 @@ def driver_part(args: argparse.Namespace) -> None:
     from mlflow import MlflowClient
 
     from search.tracking import SweepTracker
-    from search.tuner import _make_callback_class
+    from search.tune_callbacks import make_front_callback_class as _make_callback_class
 
     objectives = [("val_acc", "max"), ("flops_effective", "min")]
     rng = np.random.default_rng(args.seed + 2)

@@ -518,7 +518,7 @@ def storage_cases(out: Path) -> dict:
 
     from dashboards import create_app
     from search.tracking import find_trial_runs
-    from search.tuner import _export_front
+    from search.front_report import export_front as _export_front
     from tests.conftest import free_port
     from tests.sweep_store import log_trial, start_sweep
     from tests.test_storage_faults import _masks_file, _store_with_trials

@@ -35,7 +35,7 @@ from search.space import CONF_DIR, ConfigError, discover_method_configs
 
 def _quiet() -> None:
     # Ray and Lightning are chatty; the sweep prints its own one line per trial (Tune's own
-    # output is off while it runs: search.tuner._quiet_tune).
+    # output is off while it runs: search.tune_callbacks.quiet_tune).
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     # Save Tune's experiment state at least every second, so a killed sweep resumes with
     # (almost) every finished trial; the rest are adopted from their trial_result.json.

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from search.space import ConfigError
+from search.errors import ConfigError
 
 __all__ = ["UNITS", "Budget", "BudgetLedger", "BudgetSearcher"]
 

@@ -1,6 +1,7 @@
 """The composed Hydra config, as the sweep gets it: composition for notebooks and scripts, and
-the checks every key goes through (:mod:`search.preflight` holds them; this module keeps the
-short names older code uses).
+the checks every key goes through (:mod:`search.settings` types and checks each group once,
+:mod:`search.preflight` what needs a registry; this module keeps the short names older code
+uses).
 
 Every error is a :class:`~search.space.ConfigError` whose message starts with the key at
 fault (``trial.epochs: -1 must be >= 1``), so a typo costs seconds, not a sweep.
@@ -12,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from search.preflight import SAMPLERS, method_pool, preflight
+from search.settings import SearchSettings
 from search.space import ConfigError, SearchSpace, conf_dir, discover_method_configs
 
 __all__ = ["ConfigError", "SAMPLERS", "validate_config", "build_search_space", "method_configs", "load_config"]
@@ -26,17 +28,6 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     preflight(cfg, build=False, open_stores=False)
 
 
-def check_early_stopping_and_budget(search: Mapping[str, Any], trial: Mapping[str, Any]) -> None:
-    """``search.scheduler``, ``search.asha``, ``search.budget`` and ``search.seeds``."""
-    from search.budget import Budget
-    from search.schedulers import rung_settings, scheduler_kind
-
-    scheduler_kind(dict(search))
-    rung_settings(dict(search))
-    Budget.from_config(dict(search), dict(trial))
-    _number("search.seeds", search.get("seeds", 1), 1, integer=True)
-
-
 def method_configs(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The method configs this sweep covers: the pinned one, or the unpinned pool."""
     return method_pool(cfg)
@@ -44,9 +35,8 @@ def method_configs(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def build_search_space(cfg: Mapping[str, Any]) -> SearchSpace:
     """The sweep's :class:`~search.space.SearchSpace` (validated)."""
-    search = cfg.get("search") or {}
-    return SearchSpace(method_pool(cfg), pinned=bool(cfg.get("method")),
-                       search_settings=bool(search.get("search_settings", True)))
+    search = SearchSettings.from_dict(cfg.get("search") or {})
+    return SearchSpace(method_pool(cfg), pinned=bool(cfg.get("method")), search_settings=search.search_settings)
 
 
 def config_sources(config_dir: str | None = None, searchpath: list[str] | None = None) -> list[tuple[str, str]]:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from search.space import ConfigError
+from search.errors import ConfigError
 
 __all__ = ["RESUMABLE_KEYS", "accepted_keys", "check_resume_identity", "claim_study_name", "identity_diff",
            "sweep_identity"]
@@ -49,7 +49,7 @@ def sweep_identity(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
     """The sweep's identity: every dotted key of the resolved ``cfg`` not in
     :data:`RESUMABLE_KEYS`, JSON-normalised (as ``sweep.json`` holds it), with ``tracking.uri``
     and ``search.optuna_storage`` resolved to the stores this run would use."""
-    from search.preflight import optuna_storage_url, tracking_uri
+    from search.sweep_stores import optuna_storage_url, tracking_uri
 
     flat: dict[str, Any] = {}
     _flatten(cfg, "", flat)

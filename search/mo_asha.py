@@ -11,6 +11,7 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from search.settings import SearchSettings
 from search.schedulers import (
     PROJECTED_PREFIX,
     STATE_FILE,
@@ -117,12 +118,16 @@ class MultiObjectiveASHA(FIFOScheduler):
             self.book.load_state(json.load(f))
 
 
-def build_scheduler(search: dict[str, Any], objectives: list[tuple[str, str]]) -> TrialScheduler | None:
+def build_scheduler(search: dict[str, Any] | SearchSettings,
+                    objectives: list[tuple[str, str]]) -> TrialScheduler | None:
     """The sweep's Tune scheduler (None = run every trial to the end)."""
-    kind = scheduler_kind(search)
+    if not isinstance(search, dict):  # search.settings.SearchSettings: checked when it was parsed
+        kind, rungs = search.scheduler_kind, search.rungs
+    else:
+        kind, rungs = scheduler_kind(search), None
     if kind == "none":
         return None
-    settings = rung_settings(search)
+    settings = rungs or rung_settings(search)
     if kind == "asha":
         return ASHAScheduler(metric=objectives[0][0], mode=objectives[0][1], time_attr="training_iteration",
                              grace_period=settings.grace_period, reduction_factor=settings.reduction_factor)

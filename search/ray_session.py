@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from search.formatting import exception_line
-from search.space import ConfigError
+from search.errors import ConfigError
+from search.settings import ClusterSettings
 
-__all__ = ["init_ray", "runtime_env_for"]
+__all__ = ["auto_gpu_fraction", "init_ray", "runtime_env_for"]
 
 _AUTH_FAILURE_MARKS = ("InvalidAuthToken", "UNAUTHENTICATED", "authentication token", "auth token")
 
@@ -88,7 +89,7 @@ def _stderr_aside(keep: io.StringIO) -> Iterator[None]:
             keep.write(aside.read().decode(errors="replace"))
 
 
-def init_ray(cluster: Mapping[str, Any], launch_dir: Path) -> None:
+def init_ray(cluster: Mapping[str, Any] | ClusterSettings, launch_dir: Path) -> None:
     """Start this sweep's own Ray (``cluster=local``: never an existing one on the machine) or
     join the configured cluster; a Ray already initialised in this process is used as it is.
 
@@ -104,6 +105,8 @@ def init_ray(cluster: Mapping[str, Any], launch_dir: Path) -> None:
 
     if ray.is_initialized():
         return
+    if isinstance(cluster, ClusterSettings):  # the Ray keyword arguments are read by name below
+        cluster = cluster.to_dict()
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
                               "log_to_driver": bool(cluster.get("log_to_driver", False))}
     env = runtime_env_for(cluster, launch_dir)
@@ -139,3 +142,26 @@ def _start_failure(cluster: Mapping[str, Any], exc: BaseException, logged: str) 
     if "runtime_env" in str(exc) or "working_dir" in str(exc):
         key = "cluster.runtime_env"
     return f"{key}: Ray did not start ({exception_line(exc)})"
+
+
+def auto_gpu_fraction(cfg: dict[str, Any]) -> float:
+    """``trial.gpus=auto``: probe the model on one GPU of the cluster (see search.packing)."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        print("trial.gpus=auto: no GPU in the Ray cluster; trials run on CPU", flush=True)
+        return 0.0
+    from search.packing import probe_gpu_fraction
+
+    probe = ray.remote(num_gpus=1)(probe_gpu_fraction)
+    report = ray.get(probe.remote(cfg["data"], cfg["model"], cfg["trial"]))
+    times = ", ".join(f"x{m}: {1000 * t:.2f} ms" for m, t in report["step_seconds"].items())
+    print(f"trial.gpus=auto on {report['gpu']}: step time by batch multiple {times}; peak "
+          f"{report['peak_bytes'] / 2**20:.0f} MiB of {report['total_bytes'] / 2**30:.0f} GiB -> "
+          f"{report['trials_per_gpu']} trials per GPU (trial.gpus={report['fraction']:.4g})", flush=True)
+    total_gpus = int(ray.cluster_resources().get("GPU", 0))
+    wanted = report["trials_per_gpu"] * total_gpus
+    if int(cfg["search"].get("concurrency", 1)) < wanted:
+        print(f"hint: search.concurrency={wanted} would keep all {total_gpus} GPU(s) packed", flush=True)
+    return float(report["fraction"])
+

@@ -8,8 +8,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from search.preflight import SAMPLERS
-from search.space import ConfigError
+from search.settings import SAMPLERS
+from search.errors import ConfigError
 
 __all__ = ["SamplerFactory", "make_sampler", "open_optuna_storage"]
 

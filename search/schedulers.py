@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from search.space import ConfigError
+from search.errors import ConfigError
 
 __all__ = ["SCHEDULERS", "TIE_BREAKS", "RungSettings", "RungDecision", "RungBook", "MultiObjectiveASHA",
            "scheduler_kind", "rung_settings", "build_scheduler"]

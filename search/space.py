@@ -27,6 +27,9 @@ from typing import Any
 
 import optuna
 
+from search.errors import ConfigError
+from search.settings import check_fraction
+
 __all__ = ["CONF_DIR", "ConfigError", "Dimension", "MethodSpace", "SearchSpace", "conf_dir", "method_class",
            "discover_method_configs", "load_method_configs", "parse_space", "settings_from_params"]
 
@@ -52,10 +55,6 @@ _TYPES = ("float", "int", "categorical")
 # Settings that are fractions wherever they appear: checked in fixed settings and bounds.
 _FRACTION_KEYS = ("sparsity", "min_density", "probe_frac", "start_fraction", "end_fraction",
                   "end_protection", "depth_slope")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -102,8 +101,7 @@ class Dimension:
 
 def _check_fraction(where: str, key: str, value: Any) -> None:
     if key.split(".")[-1] in _FRACTION_KEYS:
-        if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0 or math.isnan(value):
-            raise ConfigError(f"{where}.{key}: {value!r} is not a fraction in [0, 1)")
+        check_fraction(f"{where}.{key}", value, low_inclusive=True)
 
 
 def _finite(where: str, value: Any) -> None:
@@ -181,8 +179,7 @@ def parse_space(method: str, space: Mapping[str, Any] | None) -> list[Dimension]
                 raise ConfigError(f"{where}.low: a log scale needs low > 0, got {low}")
             if key.split(".")[-1] in _FRACTION_KEYS:
                 for bound, value in (("low", low), ("high", high)):
-                    if not 0.0 <= float(value) < 1.0:
-                        raise ConfigError(f"{where}.{bound}: {value!r} is not a fraction in [0, 1)")
+                    check_fraction(f"{where}.{bound}", value, low_inclusive=True)
             if kind == "int" and (int(low) != low or int(high) != high):
                 raise ConfigError(f"{where}: int bounds must be integers, got {low}, {high}")
             dims.append(Dimension(key, kind, float(low) if kind == "float" else int(low),

@@ -104,7 +104,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _local_path(uri: str) -> Path | None:
+def local_path(uri: str) -> Path | None:
     """Filesystem path of a ``sqlite:///`` / ``file:`` / plain-path URI, else None."""
     if uri.startswith("sqlite:///"):
         # sqlite:///rel/path (relative) and sqlite:////abs/path (absolute), SQLAlchemy style.
@@ -209,13 +209,13 @@ def check_tracking(uri: str, timeout_s: float = 5, must_exist: bool = False) -> 
                                            "MLflow tracking server?")
         return
     if scheme == "sqlite":
-        path = _local_path(uri)
+        path = local_path(uri)
         if path is None or str(path) in ("", ":memory:"):
             return
         check_sqlite_file(path, uri, must_exist=must_exist)
         return
     if scheme in ("file", ""):
-        path = _local_path(uri)
+        path = local_path(uri)
         if path is None:
             raise TrackingUnavailableError(f"{uri!r} is not a tracking URI MLflow understands; use sqlite:///PATH "
                                            "or http://HOST:PORT")
@@ -246,7 +246,7 @@ def _creation_lock(uri: str) -> Any:
     """A lock serialising the creation of a file-backed store (no-op for servers)."""
     import contextlib
 
-    path = _local_path(uri) if uri.startswith("sqlite:///") else None
+    path = local_path(uri) if uri.startswith("sqlite:///") else None
     if path is None or str(path) in ("", ":memory:"):
         return contextlib.nullcontext()
     from search.storage import store_creation_lock
@@ -365,7 +365,7 @@ def _default_artifact_location(uri: str) -> str | None:
     """Artifacts next to a sqlite database (``<db dir>/mlartifacts``) rather than MLflow's
     default ``./mlruns`` in whatever the current directory happens to be."""
     if uri.startswith("sqlite:///"):
-        path = _local_path(uri)
+        path = local_path(uri)
         if path is not None and str(path) not in ("", ":memory:"):
             return (path.expanduser().absolute().parent / "mlartifacts").as_uri()
     return None
@@ -752,7 +752,7 @@ def saved_sweep_state(cfg: Mapping[str, Any], output_dir: str | os.PathLike) -> 
     directory is ``output_dir``, from the store ``cfg``'s tracking section names; None when
     tracking is off, the store does not exist (a missing SQLite file is not created), or it
     holds no such copy (a sweep from before the copies, an unreachable server)."""
-    from search.preflight import tracking_uri
+    from search.sweep_stores import tracking_uri
 
     tracking = cfg.get("tracking") or {}
     uri = tracking_uri(tracking)

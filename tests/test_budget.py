@@ -11,7 +11,7 @@ from search.budget import Budget, BudgetLedger, BudgetSearcher
 from search.config import build_search_space
 from search.space import ConfigError
 from search.tracking import SweepTracker, log_trial_run
-from search.tuner import _make_budget_limiter_class
+from search.tune_callbacks import make_budget_limiter_class as _make_budget_limiter_class
 from tests.conftest import compose
 
 

@@ -90,7 +90,7 @@ class _Trial:
 
 
 def test_front_callback_prints_every_trial_and_uploads_plots_only_for_new_fronts(store, uploads, capsys):
-    from search.tuner import _make_callback_class
+    from search.tune_callbacks import make_front_callback_class as _make_callback_class
 
     tracker = SweepTracker(store["uri"], "front-logging")
     parent = tracker.start_parent("callback", {}, {})
@@ -116,7 +116,7 @@ def test_front_callback_prints_every_trial_and_uploads_plots_only_for_new_fronts
 def test_a_stopped_trial_line_shows_what_the_rung_judged_and_the_seconds_it_ran(capsys):
     """A trial mo_asha stopped before its cut: the line gives the projected accuracy and FLOPs the
     rung compared (not the dense model's) and the trial's run time (it has no end-of-trial timer)."""
-    from search.tuner import _make_callback_class
+    from search.tune_callbacks import make_front_callback_class as _make_callback_class
 
     callback = _make_callback_class()(OBJ, 2, None, None)
     finished, stopped = _Trial(0, 0.80, 500.0), _Trial(1, 0.82, 1000.0)

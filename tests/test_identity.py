@@ -15,7 +15,8 @@ import pytest
 from search.identity import RESUMABLE_KEYS, claim_study_name, sweep_identity
 from search.preflight import preflight
 from search.space import ConfigError
-from search.tuner import STATE_FILE, _record_identity, find_resume_dir, run_sweep
+from search.sweep_state import record_identity as _record_identity
+from search.tuner import STATE_FILE, find_resume_dir, run_sweep
 from tests.conftest import REPO, compose
 
 FAST = ["trial.epochs=1", "trial.finetune_epochs=0", "data.limit_train=200", "search.concurrency=1"]

@@ -177,7 +177,9 @@ def test_inactive_setting_is_absent_from_console_rows_mlflow_and_csvs(tmp_path, 
 
     from search.tracking import SweepTracker
     from search.trial import TrialContext, record_trial
-    from search.tuner import _export_front, _settings_text, print_front
+    from search.front_report import export_front as _export_front
+    from search.front_report import print_front
+    from search.tune_callbacks import settings_text as _settings_text
 
     methods = load_method_configs()
     space = SearchSpace({"magnitude": methods["magnitude"]}, pinned=True)

@@ -45,7 +45,7 @@ def test_restored_limiter_counts_trials_known_only_by_their_files(tmp_path):
     from ray.tune.search.optuna import OptunaSearch
 
     from search.config import build_search_space
-    from search.tuner import _make_budget_limiter_class
+    from search.tune_callbacks import make_budget_limiter_class as _make_budget_limiter_class
     from tests.conftest import compose
 
     space = build_search_space(compose(["+method=magnitude"]))

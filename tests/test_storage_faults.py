@@ -122,7 +122,7 @@ def _masks_file(folder: Path) -> Path:
 
 
 def test_front_points_whose_folder_is_gone_come_back_from_mlflow(tmp_path, capsys):
-    from search.tuner import _export_front
+    from search.front_report import export_front as _export_front
 
     kept, gone = _masks_file(tmp_path / "trials" / "a"), _masks_file(tmp_path / "logged" / "b")
     uri, _, runs = _store_with_trials(tmp_path, {"a": kept, "b": gone, "c": None})
@@ -142,7 +142,7 @@ def test_front_points_whose_folder_is_gone_come_back_from_mlflow(tmp_path, capsy
 
 
 def test_front_export_on_a_full_disk_leaves_no_truncated_file(tmp_path, monkeypatch):
-    from search.tuner import _export_front
+    from search.front_report import export_front as _export_front
 
     masks = _masks_file(tmp_path / "trials" / "a")
     rows = [{"trial_id": "a", "method": "magnitude", "val_acc": 0.9, "flops_effective": 10.0,

@@ -313,7 +313,8 @@ def test_keep_weights_none_keeps_masks_only_and_a_bad_value_is_a_config_error(tm
 def test_a_collapsed_trial_is_flagged_in_its_row_line_mlflow_and_front_table(tmp_path, capsys):
     from prunelib.training import CollapseCheck
     from search.tracking import find_trial_runs
-    from search.tuner import _make_callback_class, print_front
+    from search.front_report import print_front
+    from search.tune_callbacks import make_front_callback_class as _make_callback_class
 
     # One class for nearly everything: a model whose logits are a constant.
     class Constant(torch.nn.Module):
