@@ -264,6 +264,12 @@ class PruningMethod:
         returns the files written. Nothing by default (RL-Pruner writes its distribution)."""
         return []
 
+    def method_metrics(self) -> dict[str, float]:
+        """The figures this method measured itself, by the names it declares in
+        ``reported_metrics`` (a trial adds them to its results after :meth:`finalize`, so they
+        can be objectives). Nothing by default."""
+        return {}
+
     def finalize(self, model: nn.Module) -> MaskSet:
         """The final masks (applied to ``model``); the method's result."""
         if self.masks is None:

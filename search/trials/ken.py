@@ -380,6 +380,7 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
         "artifact": "masked"}  # flops_deployed = effective: the KEN model keeps its shapes
     if bool(trial_cfg.get("evaluate_test", True)):
         metrics.update({f"test_{k}": v for k, v in score(ft, "test").items() if k in ("acc", "loss", "ppl")})
+    metrics.update(method.method_metrics())  # the figures the method declares (reported_metrics)
     if extra is not None:
         metrics.update(extra(ft))
     if judge is not None:

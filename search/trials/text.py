@@ -143,6 +143,7 @@ def run_text_trial(req: TrialRequest) -> dict[str, Any]:
         "prune_s": prune_s, "calibration_tokens": result.calibration_tokens if result is not None else 0,
         "epochs": 0, "extra_forward_passes": method.cost.extra_forward_passes, "extra_backward_passes": 0,
         "extra_params": 0, **cost.as_dict(), "artifact": "masked"}  # masks only: flops_deployed = effective
+    metrics.update(method.method_metrics())  # the figures the method declares (reported_metrics)
     if bool(trial_cfg.get("evaluate_test", True)):
         metrics.update({f"test_{k}": v for k, v in _scores(model, dm, "test").items()})
     out_dir = trial_output_dir(trial_dir, trial_id)

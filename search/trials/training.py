@@ -262,6 +262,7 @@ def run_training_trial(req: TrialRequest) -> dict[str, Any]:
     if method.write_artifacts(out_dir / method_name):  # e.g. RL-Pruner's learned layer distribution
         artifacts[method_name] = str(out_dir / method_name)
     metrics["artifact"] = result.deployed.kind  # what flops_deployed / params_deployed were counted on
+    metrics.update(method.method_metrics())  # the figures the method declares (reported_metrics)
     metrics.update(latency(deployed))
     if trial_cfg.get("fgsm_epsilon") is not None:
         robust = fgsm_accuracy(deployed, datamodule.val_dataloader(), epsilon=float(trial_cfg["fgsm_epsilon"]))
