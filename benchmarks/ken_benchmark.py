@@ -1,7 +1,7 @@
 """KEN benchmark: (a) accuracy against reverted fraction on Fashion-MNIST, (b) selection speed.
 
 (a) Quality. A (pretrained, fine-tuned) pair is made with the sweep's own code
-(:func:`search.pair.get_pair`): an MLP (LeNet-300-100) pretrained on classes 0-4, then fine-tuned
+(:func:`search.trials.ken.get_pair`): an MLP (LeNet-300-100) pretrained on classes 0-4, then fine-tuned
 on all 10 classes. KEN (default ``layers="no_head"``) is applied at several per-row fractions and
 per-row counts; each KEN model's validation and test accuracy is reported with its reverted
 fraction (entries reset to pretrained / all parameters) and its compact delta file size,
@@ -75,7 +75,7 @@ def random_rows_masks(finetuned: torch.nn.Module, names: list[str], counts: dict
 
 
 def quality(args: argparse.Namespace) -> list[dict]:
-    from search.pair import get_pair
+    from search.trials.ken import get_pair
     from prunelib.methods.ken import PairPlan
 
     say(f"(a) quality: {args.data}, mlp, limit_train={args.data_limit}, {args.epochs}+{args.epochs} epochs")

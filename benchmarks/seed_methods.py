@@ -26,7 +26,7 @@ Part ``structured``:
   closest to the method's (the learned allocation against none).
 
 Part ``ken``: a (pretrained on classes 0-4, fine-tuned on all) LeNet-5 pair per seed
-(:func:`search.pair.get_pair`, 3 + 3 epochs), KEN at 25 / 50 / 75 % kept per row against the
+(:func:`search.trials.ken.get_pair`, 3 + 3 epochs), KEN at 25 / 50 / 75 % kept per row against the
 same per-row counts kept at random positions and by the largest fine-tuning delta ``|ft - pre|``.
 
 Usage::
@@ -317,7 +317,7 @@ def part_structured(args: argparse.Namespace, seed: int) -> list[dict]:
 def part_ken(args: argparse.Namespace, seed: int) -> list[dict]:
     from ken_benchmark import random_rows_masks
     from prunelib.methods.ken import KEN, PairPlan, apply_ken, selected_parameter_names
-    from search.pair import get_pair
+    from search.trials.ken import get_pair
 
     dm = data(args)
     rec = Recorder("ken", seed)

@@ -21,7 +21,8 @@ sys.path.insert(0, str(REPO))
 
 from search.config import build_search_space  # noqa: E402
 from search.tracking import SweepTracker  # noqa: E402
-from search.trial import TrialContext, run_trial  # noqa: E402
+from search.trials.context import TrialContext  # noqa: E402
+from search.trials.run import run_trial  # noqa: E402  # noqa: E402
 from tests.conftest import compose  # noqa: E402
 
 

@@ -4,12 +4,14 @@ once the budget is spent; trials stopped early reach the sampler as pruned."""
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.search import Searcher
 from ray.tune.search.util import _set_search_properties_backwards_compatible
 
-from search.budget import BudgetLedger
+if TYPE_CHECKING:
+    from search.budget import BudgetLedger
+
 
 __all__ = ["BudgetSearcher"]
 

@@ -49,7 +49,8 @@ def sweep_identity(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
     """The sweep's identity: every dotted key of the resolved ``cfg`` not in
     :data:`RESUMABLE_KEYS`, JSON-normalised (as ``sweep.json`` holds it), with ``tracking.uri``
     and ``search.optuna_storage`` resolved to the stores this run would use."""
-    from search.sweep_stores import optuna_storage_url, tracking_uri
+    from search.settings import tracking_uri
+    from search.sweep_stores import optuna_storage_url
 
     flat: dict[str, Any] = {}
     _flatten(cfg, "", flat)

@@ -56,7 +56,7 @@ def model_spec(model_cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_c
         model_cfg: the ``model`` section (``name`` and its keys, or ``_target_`` and its own).
         input_shape / num_classes: what the model was built for.
         module_cfg: the ``module`` section when a user's LightningModule trained it.
-        module_args: the documented keys offered to that module (:func:`search.trial.build_module`).
+        module_args: the documented keys offered to that module (:func:`search.trials.training.build_module`).
         network_is_model: the network pruned is the model built from ``model_cfg`` (False: the
             module built its own).
 

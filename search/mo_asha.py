@@ -12,7 +12,7 @@ from typing import Any
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from search.settings import SearchSettings
-from search.schedulers import (
+from search.rungs import (
     PROJECTED_PREFIX,
     STATE_FILE,
     RungBook,

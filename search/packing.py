@@ -108,7 +108,7 @@ def probe_gpu_fraction(data_cfg: dict[str, Any], model_cfg: dict[str, Any], tria
     import torch
 
     from prunelib.models import model_from_config
-    from search.trial import get_datamodule
+    from search.trials.training import get_datamodule
 
     if not torch.cuda.is_available():
         raise RuntimeError("probe_gpu_fraction needs a CUDA device")

@@ -19,10 +19,12 @@ import moocore
 import numpy as np
 import pandas as pd
 
+from search.trials.metrics import COST_PREFIXES, FLOPS_DEPLOYED, VAL_ACC
+
 Objective = tuple[str, str]
 Objectives = Sequence[Objective]
 
-DEFAULT_OBJECTIVES: list[Objective] = [("val_acc", "max"), ("flops_deployed", "min")]
+DEFAULT_OBJECTIVES: list[Objective] = [(VAL_ACC, "max"), (FLOPS_DEPLOYED, "min")]
 
 # Trial statuses that count as finished. "ok" is the trial-result convention, "finished" is
 # what MLflow reports for a run that ended normally (see search.tracking.find_trial_runs).
@@ -223,7 +225,7 @@ def hypervolume(
 
 
 def _dense_column(name: str) -> str | None:
-    for prefix in ("flops_", "params_"):
+    for prefix in COST_PREFIXES:
         if name.startswith(prefix):
             return prefix + "dense"
     return None

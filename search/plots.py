@@ -29,6 +29,7 @@ import plotly.graph_objects as go  # noqa: E402
 
 from search.formatting import format_metric  # noqa: E402
 from search.pareto import Objectives, finished_rows, normalise_objectives, pareto_front  # noqa: E402
+from search.trials.metrics import COST_PREFIXES, LATENCY_MS, SPARSITY, TEST_ACC, VAL_ACC  # noqa: E402
 
 # matplotlib's tab10, which is also plotly's default colour sequence.
 METHOD_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -83,9 +84,9 @@ class DenseReference:
             return self.flops
         if metric.startswith("params"):
             return self.params
-        if metric == "val_acc":
+        if metric == VAL_ACC:
             return self.val_acc
-        if metric == "sparsity":
+        if metric == SPARSITY:
             return 0.0
         return None
 
@@ -95,13 +96,13 @@ class DenseReference:
         return None if x is None or y is None else (x, y)
 
 _LABELS = {
-    "val_acc": "validation accuracy",
-    "test_acc": "test accuracy",
+    VAL_ACC: "validation accuracy",
+    TEST_ACC: "test accuracy",
     "train_acc": "training accuracy",
-    "sparsity": "sparsity (fraction of weights zeroed)",
+    SPARSITY: "sparsity (fraction of weights zeroed)",
     "wall_s": "wall time (s)",
     "gpu_s": "GPU time (s)",
-    "latency_ms": "latency (ms)",
+    LATENCY_MS: "latency (ms)",
     "epochs": "epochs trained",
     "extra_forward_passes": "extra forward passes",
 }
@@ -112,7 +113,7 @@ def axis_label(metric: str) -> str:
     "FLOPs per sample (effective)"); unknown names are returned unchanged."""
     if metric in _LABELS:
         return _LABELS[metric]
-    for prefix, what in (("flops_", "FLOPs per sample"), ("params_", "parameters")):
+    for prefix, what in zip(COST_PREFIXES, ("FLOPs per sample", "parameters")):
         if metric.startswith(prefix):
             return f"{what} ({metric[len(prefix):]})"
     return metric
@@ -161,7 +162,7 @@ def _method_groups(done: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 def _dense_x(rows: pd.DataFrame, x_name: str) -> float | None:
     """The dense model's value of the x metric (from flops_dense / params_dense), if known."""
-    for prefix in ("flops_", "params_"):
+    for prefix in COST_PREFIXES:
         col = prefix + "dense"
         if x_name.startswith(prefix) and col in rows.columns:
             v = pd.to_numeric(rows[col], errors="coerce").to_numpy(dtype=float)

@@ -43,6 +43,7 @@ from search.settings import (DATA_KEYS, MODEL_KEYS, SAMPLERS, ClusterSettings, S
                              mapping, objectives_and_key, text)
 from search.space import SearchSpace, load_method_configs, method_class, method_space
 from search.sweep_stores import open_sweep_stores, optuna_storage_url, state_copy_in_mlflow, tracking_uri
+from search.trials.kinds import TRIAL_KINDS, TrialKind, register_trial_kind, reported_metrics  # the trial kinds
 
 __all__ = ["BuildProcess", "PreflightResult", "SAMPLERS", "TRIAL_KINDS", "TrialKind", "apply_build",
            "build_check", "check_cluster_resources", "check_method", "method_pool", "open_sweep_stores",
@@ -57,7 +58,7 @@ def validate_schema(cfg: Mapping[str, Any]) -> SweepSettings:
     groups by :meth:`SweepSettings.from_dict`, then ``data`` and ``model`` against their
     registries (a data set's door, a model's signature, text data)."""
     settings = SweepSettings.from_dict(cfg)
-    from search.llm_trial import is_text_config
+    from search.trials.text_config import is_text_config
 
     if is_text_config(cfg.get("data") or {}, cfg.get("model") or {}):
         _check_text_schema(cfg)
@@ -107,7 +108,7 @@ def _check_data_schema(data: Mapping[str, Any]) -> None:
 
 def _check_text_schema(cfg: Mapping[str, Any]) -> None:
     """``data=text`` / ``model=hf``: their own keys (``conf/data/text.yaml``, ``conf/model/hf.yaml``)."""
-    from search.llm_trial import HF_MODEL_KEYS, TEXT_DATA_KEYS, validate_text_config
+    from search.trials.text_config import HF_MODEL_KEYS, TEXT_DATA_KEYS, validate_text_config
 
     validate_text_config(cfg)  # first: a half-text config (model=hf with data=digits) is named as such
     _check_section("data", cfg.get("data"), set(TEXT_DATA_KEYS))
@@ -156,7 +157,7 @@ def method_pool(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     if cfg.get("method"):
         method = dict(cfg["method"])
         return {str(method.get("name")): method}
-    from search.llm_trial import methods_for_model
+    from search.trials.text_config import methods_for_model
 
     # model=hf: the LLM pruners only; other models: every method that is not one.
     pool = methods_for_model(dict(cfg.get("method_pool") or load_method_configs()), cfg.get("model") or {})
@@ -229,77 +230,6 @@ def check_method(name: str, cfg: Mapping[str, Any], *, pinned: bool, search_sett
                           f"give the method a space: or set search.n_trials=1")
 
 
-# ---------------------------------------------------------------------------------------------
-# Reported metrics
-# ---------------------------------------------------------------------------------------------
-def _cost_metrics() -> set[str]:
-    from prunelib.flops import ModelCost
-
-    return {f.name for f in dataclasses.fields(ModelCost)}
-
-
-def _train_reports(cfg: Mapping[str, Any], logged: set[str] | None) -> set[str]:
-    trial = cfg.get("trial") or {}
-    out = {"sparsity", "epochs", "wall_s", "trial_wall_s", "data_load_s", "extra_forward_passes",
-           "extra_backward_passes", "extra_params", "latency_ms"} | _cost_metrics()
-    out |= set(logged) if logged is not None else {"val_acc", "val_loss"}
-    if trial.get("evaluate_test", True) and logged is None:
-        out.add("test_acc")
-    if trial.get("fgsm_epsilon") is not None:
-        out.add("val_fgsm_acc")
-    return out
-
-
-def _ken_reports(cfg: Mapping[str, Any], logged: set[str] | None) -> set[str]:
-    trial = cfg.get("trial") or {}
-    out = {"val_acc", "val_loss", "finetuned_val_acc", "pretrained_val_acc", "reverted_fraction",
-           "reverted_fraction_selected", "kept_finetuned_params", "sparsity", "epochs", "pair_epochs", "select_s",
-           "extra_forward_passes", "extra_backward_passes", "extra_params", "wall_s", "latency_ms",
-           "ken_file_bytes", "finetuned_bytes", "ken_file_ratio", "ken_kept_values", "ken_whole_tensors"}
-    if trial.get("evaluate_test", True):
-        out.add("test_acc")
-    return out | _cost_metrics()
-
-
-@dataclass(frozen=True)
-class TrialKind:
-    """A kind of trial and the metrics its trials report.
-
-    Attributes:
-        name: a label (``"train"``, ``"ken_pair"``).
-        applies: ``applies(method_class)``: whether a method's trials are of this kind.
-        reports: ``reports(cfg, logged)``: the metric names a trial reports, given the resolved
-            config and, with a user's LightningModule, the names it logged (else None).
-    """
-
-    name: str
-    applies: Callable[[type], bool]
-    reports: Callable[[Mapping[str, Any], set[str] | None], set[str]]
-
-
-#: Trial kinds, most specific first; the last one (plain training) applies to every method.
-TRIAL_KINDS: list[TrialKind] = [
-    TrialKind("ken_pair", lambda cls: bool(getattr(cls, "needs_pair", False)), _ken_reports),
-    TrialKind("train", lambda cls: True, _train_reports),
-]
-
-
-def register_trial_kind(kind: TrialKind) -> None:
-    """Add a trial kind, checked before the existing ones (replaces one of the same name)."""
-    TRIAL_KINDS[:] = [kind] + [k for k in TRIAL_KINDS if k.name != kind.name]
-
-
-def reported_metrics(cfg: Mapping[str, Any], method: str, logged: set[str] | None = None,
-                     method_cfg: Mapping[str, Any] | None = None) -> set[str]:
-    """The metrics a trial of ``method`` reports under this config (see the module docstring)."""
-    from search.llm_trial import is_text_config, text_reports
-
-    cls = _method_class(method, method_cfg)
-    if is_text_config(cfg.get("data") or {}, cfg.get("model") or {}):
-        return text_reports(cfg, cls) | _cost_metrics()
-    kind = next(k for k in TRIAL_KINDS if k.applies(cls))
-    return kind.reports(cfg, logged) | set(getattr(cls, "reported_metrics", ()) or ())
-
 
 
 def _check_objectives(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: set[str] | None) -> None:
@@ -311,7 +241,8 @@ def _check_objectives(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: s
             if metric in reports:
                 continue
             hint = ""
-            from search.llm_trial import TEXT_OBJECTIVES, is_text_config
+            from search.trials.metrics import TEXT_OBJECTIVES
+            from search.trials.text_config import is_text_config
 
             if metric in TEXT_OBJECTIVES and not is_text_config(cfg.get("data") or {}, cfg.get("model") or {}):
                 hint = "; it is reported by text trials only (model=hf data=text)"
@@ -406,7 +337,7 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
     notes: list[str] = []
     user_module = bool((cfg.get("module") or {}).get("_target_"))
     if user_module:
-        pair_methods = [m for m, c in pool.items() if getattr(_method_class(m, c), "needs_pair", False)]
+        pair_methods = [m for m, c in pool.items() if _method_class(m, c).needs_pair]
         if pair_methods and (pinned or search.methods):
             raise ConfigError(f"module._target_: {pair_methods} trials evaluate a (pretrained, fine-tuned) pair "
                               "without a training step; leave module unset for them")

@@ -71,7 +71,7 @@ def build_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
     module_cfg = cfg.get("module") or {}
     network = model
     if module_cfg.get("_target_"):
-        from search.trial import build_module
+        from search.trials.training import build_module
 
         try:
             module = build_module(module_cfg, model, input_shape, num_classes, trial)
@@ -138,7 +138,7 @@ def build_check(cfg: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ConfigError: naming the key at fault.
     """
-    from search.llm_trial import check_text_data, is_text_config
+    from search.trials.text_config import check_text_data, is_text_config
 
     if is_text_config(cfg["data"], cfg["model"]):
         check_text_data(cfg)  # the text file and the model's tokenizer

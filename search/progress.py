@@ -27,8 +27,6 @@ trials it would report on.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import shutil
@@ -39,53 +37,29 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from search.formatting import format_metric
+from search.progress_board import (NAMESPACE, SEND_AFTER_S, SEND_INTERVAL_S, _value, board_name, fetch, forget,
+                                   format_duration, format_epoch_line, publish)
 
 __all__ = ["LOG_INTERVAL_S", "QUIET_S", "SEND_AFTER_S", "SEND_INTERVAL_S", "TTY_INTERVAL_S", "BoardReader",
-           "ProgressDisplay", "TrialProgress", "board_name", "format_duration", "format_epoch_line",
+           "ProgressDisplay", "board_name", "format_duration", "format_epoch_line",
            "format_sweep_bar", "format_trial_line", "fetch", "forget", "live_progress", "make_progress_callback",
-           "note_front", "publish", "trial_progress"]
+           "note_front", "publish", "TrialProgress", "trial_progress"]
 
 log = logging.getLogger("search")
 
 #: A trial is shown once it has run this long (seconds): fast trials only print their end line.
 QUIET_S = 2.0
-#: A trial sends no live record before this (seconds), then at most one per SEND_INTERVAL_S.
-SEND_AFTER_S = 1.0
-SEND_INTERVAL_S = 1.0
 #: The redrawn block on a terminal is updated at most this often (seconds).
 TTY_INTERVAL_S = 1.0
 #: In a log (not a terminal) a status is printed at most this often, each trial at most once.
 LOG_INTERVAL_S = 5.0
 #: How often the driver asks the board for news (seconds); it never waits for the answer.
 POLL_S = 0.5
-NAMESPACE = "prunesearch"
-
-
-def board_name(sweep_root: str) -> str:
-    """The key prefix of a sweep's progress board (the same for the driver, its workers and a
-    resumed driver: it is made from the sweep's storage root)."""
-    return "prunesearch-progress-" + hashlib.sha1(str(sweep_root).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------
 # Lines
 # ---------------------------------------------------------------------------------------------
-
-
-def format_duration(seconds: float | None) -> str:
-    """``8s``, ``1m05s``, ``2h03m``; ``?`` when unknown."""
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-
-
-def _value(name: str, value: Any) -> str:
-    return "-" if value is None else format_metric(name, value)
 
 
 def format_trial_line(record: Mapping[str, Any]) -> str:
@@ -99,17 +73,6 @@ def format_trial_line(record: Mapping[str, Any]) -> str:
             f"loss {_value('loss', record.get('loss'))}  {format_duration(record.get('elapsed_s'))}"
             + ("  (export, test split, tracking)" if record.get("phase") == "measure"
                else f"  ETA {format_duration(eta) if eta is not None else '?'}"))
-
-
-def format_epoch_line(record: Mapping[str, Any]) -> str:
-    """One line per finished epoch (``trial.verbose``): the validation metric only when that
-    epoch was validated (ASHA sweeps validate every epoch)."""
-    metric = record.get("metric") or "val_acc"
-    validated = record.get("value_epoch") == record.get("epoch")
-    val = f"  {metric} {_value(metric, record.get('value'))}" if validated else ""
-    return (f"  {record['trial']} {str(record.get('method') or '?'):<10} {str(record.get('phase') or ''):<8} "
-            f"epoch {record.get('epoch', 0)}/{record.get('epochs', 0)}  loss {_value('loss', record.get('loss'))}"
-            f"{val}  sparsity {_value('sparsity', record.get('sparsity'))}  {format_duration(record.get('elapsed_s'))}")
 
 
 def format_sweep_bar(finished: int, failed: int, running: int, n_trials: int, front_size: int = 0,
@@ -365,49 +328,6 @@ def live_progress(n_trials: int, stream: Any = None) -> Iterator[ProgressDisplay
 # ---------------------------------------------------------------------------------------------
 
 
-def _kv() -> Any:
-    """Ray's internal key-value store (in the cluster's GCS; what Ray Tune's own registry
-    uses), or None when this process is not connected to Ray."""
-    if "ray" not in sys.modules:
-        return None
-    from ray.experimental import internal_kv
-
-    return internal_kv if internal_kv._internal_kv_initialized() else None
-
-
-def publish(board: str, trial_id: str, state: Mapping[str, Any]) -> bool:
-    """Store a trial's progress ``state`` (``{"live": record, "epochs": [records]}``) under the
-    sweep's board; False when Ray is not reachable from here."""
-    kv = _kv()
-    if kv is None:
-        return False
-    kv._internal_kv_put(f"{board}/{trial_id}", json.dumps(state, default=float), True, namespace=NAMESPACE)
-    return True
-
-
-def fetch(board: str, trial_id: str | None = None) -> dict[str, dict[str, Any]]:
-    """The progress states on the board: every trial's, or one trial's; ``{trial id: state}``."""
-    kv = _kv()
-    if kv is None:
-        return {}
-    keys = ([f"{board}/{trial_id}".encode()] if trial_id is not None
-            else kv._internal_kv_list(f"{board}/", namespace=NAMESPACE))
-    out = {}
-    for key in keys:
-        raw = kv._internal_kv_get(key, namespace=NAMESPACE)
-        if raw:
-            out[key.decode().rsplit("/", 1)[-1]] = json.loads(raw)
-    return out
-
-
-def forget(board: str, trial_id: str | None = None) -> None:
-    """Remove a trial's progress (or the whole board's) from the store."""
-    kv = _kv()
-    if kv is not None:
-        kv._internal_kv_del(f"{board}/{trial_id}" if trial_id is not None else f"{board}/",
-                            del_by_prefix=trial_id is None, namespace=NAMESPACE)
-
-
 class BoardReader:
     """Turns the board's states into new records for :meth:`ProgressDisplay.update`: each epoch
     record once (a retried trial, with another ``run``, starts over), a live record when it
@@ -513,10 +433,10 @@ def make_progress_callback(board: str, n_trials: int) -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    # The trial side is a Lightning callback (search/trial_progress.py); the driver, which
+    # The trial side is a Lightning callback (search/trials/progress.py); the driver, which
     # imports this module, never loads Lightning for it.
     if name in ("TrialProgress", "trial_progress"):
-        from search import trial_progress as trial_side
+        from search.trials import progress as trial_side
 
         return getattr(trial_side, name)
     raise AttributeError(f"module 'search.progress' has no attribute {name!r}")

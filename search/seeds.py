@@ -72,7 +72,7 @@ def _run_one(params: dict[str, Any], ctx: Any, trial_id: str, trial_dir: str, cp
     """Ray task: one rerun (no tracking); returns its row or ``{"status": "failed", "error"}``."""
     import torch
 
-    from search.trial import run_trial
+    from search.trials.run import run_trial
 
     torch.set_num_threads(max(1, cpus))
     try:
@@ -91,7 +91,7 @@ def rerun_front(front: pd.DataFrame, configs: dict[str, dict[str, Any]], ctx: An
     Args:
         front: the sweep's front (rows with ``trial_id`` and the objectives).
         configs: trial id -> the sampled parameters Tune gave that trial.
-        ctx: the sweep's :class:`~search.trial.TrialContext`.
+        ctx: the sweep's :class:`~search.trials.context.TrialContext`.
         seeds: runs per front point, the original included.
         objectives: the sweep's ``[(metric, mode), ...]``.
         output_dir / front_dir: the sweep's directory and its front export folder.

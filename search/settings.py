@@ -47,6 +47,7 @@ import re
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from search.errors import ConfigError
@@ -54,7 +55,7 @@ from search.errors import ConfigError
 __all__ = ["CheckFn", "ClusterSettings", "ConfigError", "DataSettings", "ExportSettings", "MAX_TRIALS",
            "ModelSettings", "ModuleSettings", "Objective", "PairSettings", "SAMPLERS", "SearchSettings",
            "SweepSettings", "TOP_LEVEL_KEYS", "TrackingSettings", "TrialSettings", "check_fraction",
-           "check_objectives", "objectives_of", "register_schemas", "setting"]
+           "check_objectives", "objectives_of", "register_schemas", "setting", "tracking_uri"]
 
 CheckFn = Callable[[str, Any], None]
 SAMPLERS = ("mo_tpe", "nsga2", "random")
@@ -394,7 +395,7 @@ class SearchSettings(_Section):
         if not isinstance(self.budget, BudgetSettings):
             object.__setattr__(self, "budget", BudgetSettings.from_dict(self.budget))
         # Checked here, once, by the functions that live beside the schedulers.
-        from search.schedulers import rung_settings, scheduler_kind
+        from search.rungs import rung_settings, scheduler_kind
 
         object.__setattr__(self, "scheduler_kind", scheduler_kind(self.raw_early_stopping()))
         object.__setattr__(self, "rungs", rung_settings(self.raw_early_stopping()))
@@ -749,3 +750,12 @@ def _hydra_node(schema: type) -> dict[str, Any]:
         value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
         out[f.name] = _hydra_node(type(value)) if dataclasses.is_dataclass(value) else value
     return out
+
+
+def tracking_uri(tracking: Mapping[str, Any]) -> str | None:
+    """The tracking URI a config's ``tracking`` section names (None when tracking is off;
+    ``mlflow.db`` in the working directory when it names none)."""
+    if tracking.get("kind", "sqlite") == "none":
+        return None
+    uri = tracking.get("uri")
+    return str(uri) if uri else f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"

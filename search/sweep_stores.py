@@ -13,19 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 from search.errors import ConfigError
 from search.preflight_build import one_line
+from search.settings import tracking_uri
 
 if TYPE_CHECKING:
     from search.preflight import PreflightResult
 
 __all__ = ["open_sweep_stores", "optuna_storage_url", "state_copy_in_mlflow", "tracking_uri"]
-
-
-def tracking_uri(tracking: Mapping[str, Any]) -> str | None:
-    """The tracking URI a config uses (None when tracking is off)."""
-    if tracking.get("kind", "sqlite") == "none":
-        return None
-    uri = tracking.get("uri")
-    return str(uri) if uri else f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
 
 
 def optuna_storage_url(search: Mapping[str, Any], tracking_uri_: str | None, output_dir: Path) -> str:

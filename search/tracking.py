@@ -100,7 +100,8 @@ class TrackingUnavailableError(RuntimeError):
     """The MLflow tracking store cannot be reached or written."""
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
+    """Now, in milliseconds since the epoch (MLflow's timestamps)."""
     return int(time.time() * 1000)
 
 
@@ -269,7 +270,7 @@ def _retry(fn: Callable[[], T], what: str, attempts: int = 6) -> T:
     raise AssertionError("unreachable")
 
 
-def _safe_key(key: str) -> str:
+def safe_key(key: str) -> str:
     """A key MLflow accepts for params, metrics and tags.
 
     MLflow allows only alphanumerics, ``_ - . space /`` (and ``:`` except on Windows, so it
@@ -322,7 +323,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (numbers.Real, np.bool_))
 
 
-def _log_batch(client: MlflowClient, run_id: str, metrics: Sequence[Metric] = (),
+def log_batch(client: MlflowClient, run_id: str, metrics: Sequence[Metric] = (),
                params: Sequence[Param] = (), tags: Sequence[RunTag] = ()) -> None:
     """log_batch in as few requests as MLflow's per-request limits allow (each request is one
     store transaction: a trial's results usually fit in one)."""
@@ -340,7 +341,7 @@ def _new_params(client: MlflowClient, run_id: str | None, params: Mapping[str, A
     existing = client.get_run(run_id).data.params if run_id else {}
     out = []
     for key, value in flatten(params).items():
-        k, v = _safe_key(str(key)), _param_value(value)
+        k, v = safe_key(str(key)), _param_value(value)
         if k in existing:
             if existing[k] != v:
                 log.warning("run %s: param %r already logged as %r; keeping it (new value %r)",
@@ -451,7 +452,7 @@ class SweepTracker:
         if commit:
             all_tags[TAG_GIT_COMMIT] = commit  # the one tag MLflow's UI shows (no second copy)
         all_tags.update(tags)
-        tag_list = [RunTag(_safe_key(str(k)), _truncate(str(v), MAX_TAG_VALUE)) for k, v in all_tags.items()]
+        tag_list = [RunTag(safe_key(str(k)), _truncate(str(v), MAX_TAG_VALUE)) for k, v in all_tags.items()]
         if resume_run_id:
             run = _retry(lambda: self.client.get_run(resume_run_id), "get run")
             if run.info.experiment_id != self.experiment_id:
@@ -464,7 +465,7 @@ class SweepTracker:
         else:
             run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=run_name), "create run")
             self.run_id = run.info.run_id
-        _log_batch(self.client, self.run_id, params=_new_params(
+        log_batch(self.client, self.run_id, params=_new_params(
             self.client, self.run_id if resume_run_id else None, params), tags=tag_list)
         return self.run_id
 
@@ -526,8 +527,8 @@ class SweepTracker:
             last["front"], last["rows"] = front_key, rows_key
         ref = list(summary.box.worst)
         if int(step) != last["step"]:
-            ts = _now_ms()
-            _log_batch(self.client, run_id, metrics=[
+            ts = now_ms()
+            log_batch(self.client, run_id, metrics=[
                 Metric("hypervolume", float(summary.hypervolume), ts, int(step)),
                 Metric("hypervolume_normalised", float(summary.hypervolume_normalised), ts, int(step)),
                 Metric("front_size", float(len(front)), ts, int(step)),
@@ -625,18 +626,18 @@ def log_trial_run(
                 TAG_PARENT: parent_run_id, TAG_TRIAL: str(trial_id), TAG_ROLE: "trial"}), "create run")
             run_id, created = run.info.run_id, True
 
-    ts = _now_ms()
+    ts = now_ms()
     metric_list: list[Metric] = []
     tag_list: list[RunTag] = []
     for key, value in flatten(metrics).items():
-        k = _safe_key(str(key))
+        k = safe_key(str(key))
         if _is_number(value):
             metric_list.append(Metric(k, float(value), ts, int(step)))
         elif value is not None:
-            tag_list.append(RunTag(_safe_key(TAG_INFO + str(key)), _truncate(str(value), MAX_TAG_VALUE)))
+            tag_list.append(RunTag(safe_key(TAG_INFO + str(key)), _truncate(str(value), MAX_TAG_VALUE)))
     if error is not None:
         tag_list.append(RunTag(TAG_ERROR, _truncate(str(error), MAX_ERROR_CHARS)))
-    _log_batch(client, run_id, metrics=metric_list,
+    log_batch(client, run_id, metrics=metric_list,
                params=_new_params(client, None if created else run_id, params), tags=tag_list)
     for sub, local in artifacts.items():
         p = Path(local)
@@ -673,7 +674,7 @@ def start_trial_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: 
             _retry(lambda: client.set_terminated(old_id, status="KILLED"), "end an earlier attempt")
         _retry(lambda: client.set_tag(old_id, TAG_SUPERSEDED_BY, run_id), "tag an earlier attempt")
         _retry(lambda: client.delete_run(old_id), "retire an earlier attempt")
-    _log_batch(client, run_id, params=_new_params(client, None, params))
+    log_batch(client, run_id, params=_new_params(client, None, params))
     return run_id
 
 
@@ -752,7 +753,7 @@ def saved_sweep_state(cfg: Mapping[str, Any], output_dir: str | os.PathLike) -> 
     directory is ``output_dir``, from the store ``cfg``'s tracking section names; None when
     tracking is off, the store does not exist (a missing SQLite file is not created), or it
     holds no such copy (a sweep from before the copies, an unreachable server)."""
-    from search.sweep_stores import tracking_uri
+    from search.settings import tracking_uri
 
     tracking = cfg.get("tracking") or {}
     uri = tracking_uri(tracking)

@@ -148,7 +148,7 @@ def make_front_callback_class() -> type:
             acc_key, flops_key = self.objectives[0][0], self.objectives[-1][0]
             stopped = row.get("status") == "early_stopped"
             if stopped:
-                from search.schedulers import PROJECTED_PREFIX
+                from search.rungs import PROJECTED_PREFIX
 
                 # The rung judged the model the method is heading for (projected_*), not the
                 # current one (dense for one-shot methods before their cut); show what it judged

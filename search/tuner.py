@@ -65,7 +65,8 @@ from search.errors import ConfigError
 from search.storage import StorageError, SweepLock, SweepLocked, SweepStorage, storage_errors
 from search.sweep_state import (ABORT_FILE, STATE_FILE, _ABORTS, drop_truncated_tune_state, find_resume_dir,
                                 read_abort, read_state, record_identity, state_from_mlflow, write_state)
-from search.trial_context import TrialContext, ray_trainable
+from search.trials.context import TrialContext
+from search.trials.trainable import ray_trainable
 from search.tune_callbacks import (end_unfinished_runs, logged_trials, make_abort_stopper_class,
                                    make_budget_limiter_class, make_front_callback_class, orphan_rows, quiet_tune,
                                    result_trial_id, stopped_by_storage, tune_file_loggers)
@@ -314,7 +315,7 @@ def _start_parent(pre: PreflightResult, settings: SweepSettings, name: str, outp
         resume_run_id=state.get("parent_run_id"))
     return {"uri": pre.tracking_uri, "experiment": settings.tracking.experiment,
             "experiment_id": tracker.experiment_id, "parent_run_id": parent,
-            # What a trial logs while it runs (search.mlflow_trial).
+            # What a trial logs while it runs (search.trials.mlflow_run).
             **settings.tracking.trial_logging()}
 
 

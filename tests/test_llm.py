@@ -410,6 +410,20 @@ def test_llm_trial_reports_perplexity_flops_and_bytes(lm_dirs, tmp_path):
     assert rows[1]["flops_effective"] < rows[0]["flops_effective"]
 
 
+def test_a_text_trial_builds_the_method_class_its_config_names(lm_dirs, tmp_path):
+    """A user's ``_target_`` is honoured by text trials as by every other kind (it was not: issue 25)."""
+    from search.trial import run_trial
+    from tests.user_code import RecordingWanda
+
+    dirs, txt = lm_dirs
+    ctx = _ctx(["model=hf", f"model.path={dirs['gpt2']}", "data=text", f"data.path={txt}", "data.max_length=32",
+                "data.limit_eval=16", "+method=wanda", "+method._target_=tests.user_code.RecordingWanda",
+                "method.settings.calib_samples=4", "trial.evaluate_test=false"])
+    before = RecordingWanda.setups
+    row = run_trial({"method": "wanda"}, ctx, trial_id="target", trial_dir=tmp_path / "t")
+    assert RecordingWanda.setups == before + 1 and row["method"] == "wanda" and row["val_ppl"] > 1
+
+
 def test_ken_trial_on_a_hugging_face_pair_rebuilds_with_transformers(bert_pair, tmp_path):
     import transformers
 

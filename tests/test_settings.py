@@ -45,16 +45,16 @@ def test_a_bad_value_is_one_line_naming_its_key(override, message):
 
 def test_each_group_is_checked_once(monkeypatch):
     import search.budget
-    import search.schedulers
+    import search.rungs
 
     calls = {"scheduler_kind": 0, "rung_settings": 0, "budget": 0}
     for name in ("scheduler_kind", "rung_settings"):
-        real = getattr(search.schedulers, name)
+        real = getattr(search.rungs, name)
 
         def counted(raw, real=real, name=name):  # noqa: ANN001, ANN202
             calls[name] += 1
             return real(raw)
-        monkeypatch.setattr(search.schedulers, name, counted)
+        monkeypatch.setattr(search.rungs, name, counted)
     real_budget = search.budget.Budget.from_config.__func__
 
     def counted_budget(cls, raw, trial=None):  # noqa: ANN001, ANN202

@@ -187,7 +187,7 @@ def test_a_users_module_and_metric_reproduce_from_the_export(tmp_path, module, m
 
 
 def test_a_text_trial_exports_a_model_transformers_loads_and_reproduces_its_perplexity(tmp_path, lm_dirs):
-    from search.llm_trial import _DATA_KEYS
+    from search.trials.text_config import TEXT_DATA_ARGS as _DATA_KEYS
 
     dirs, txt = lm_dirs
     cfg = compose(["model=hf", f"model.path={dirs['gpt2']}", "data=text", f"data.path={txt}", "data.max_length=32",

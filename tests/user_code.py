@@ -155,3 +155,18 @@ class SelfBuiltF1Module(F1Module):
 
     def __init__(self, num_classes: int, in_channels: int = 1, width: int = 8, lr: float = 1e-3) -> None:
         super().__init__(PlainNet(in_channels, num_classes, width), num_classes, lr=lr)
+
+
+import prunelib.methods  # noqa: E402,F401  (first: it imports prunelib.llm.methods to register the LLM pruners)
+from prunelib.llm.methods import Wanda  # noqa: E402
+
+
+class RecordingWanda(Wanda):
+    """Wanda as a user's own class (``method._target_``): counts the models it was set up on in
+    this process, so a test sees which class a trial built."""
+
+    setups = 0
+
+    def setup(self, model: nn.Module, datamodule=None) -> None:
+        type(self).setups += 1
+        super().setup(model, datamodule)

@@ -172,3 +172,10 @@ class SparseGPT(OneShotLLMPruning):
 
 
 LLM_METHODS: tuple[type[OneShotLLMPruning], ...] = (LLMMagnitude, Wanda, SparseGPT)
+
+# Registered here too: when this module is imported before prunelib.methods, the package's own
+# registration runs while this module is still loading (see prunelib/methods/__init__.py).
+from prunelib.methods import register_method  # noqa: E402
+
+for _cls in LLM_METHODS:
+    register_method(_cls)

@@ -169,3 +169,10 @@ class LLMStructured(PruningMethod):
 
 
 STRUCTURED_METHODS: tuple[type[PruningMethod], ...] = (LLMStructured,)
+
+# Registered here too: when this module is imported before prunelib.methods, the package's own
+# registration runs while this module is still loading (see prunelib/methods/__init__.py).
+from prunelib.methods import register_method  # noqa: E402
+
+for _cls in STRUCTURED_METHODS:
+    register_method(_cls)

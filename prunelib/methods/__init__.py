@@ -58,18 +58,15 @@ from prunelib.methods.rl_pruner import RLPruner  # noqa: E402
 
 register_method(RLPruner)
 
-# One-shot LLM pruners (model=hf); prunelib.llm imports no transformers.
-from prunelib.llm.methods import LLM_METHODS  # noqa: E402
+# One-shot LLM pruners and structured (physically smaller) pruning of Hugging Face transformers
+# (model=hf; prunelib.llm imports no transformers). Each of those modules also registers its
+# methods when it finishes loading: imported first, it is still loading here (it imports
+# prunelib.methods.base, which runs this package), so what it registers itself is what counts.
+import prunelib.llm.methods as _llm_methods  # noqa: E402
+import prunelib.llm.structured_method as _structured_method  # noqa: E402
 
-for _cls in LLM_METHODS:
+for _cls in (*getattr(_llm_methods, "LLM_METHODS", ()), *getattr(_structured_method, "STRUCTURED_METHODS", ())):
     register_method(_cls)
-
-# Structured (physically smaller) pruning of Hugging Face transformers (model=hf).
-from prunelib.llm.structured_method import STRUCTURED_METHODS  # noqa: E402
-
-for _cls in STRUCTURED_METHODS:
-    register_method(_cls)
-
 
 def build_method(name: str, **settings: Any) -> PruningMethod:
     """Instantiate the registered method ``name`` with its settings.

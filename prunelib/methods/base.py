@@ -127,10 +127,23 @@ class PruningMethod:
     Subclasses set ``name`` (the registry key, also the ``conf/method/NAME.yaml`` file) and
     ``needs_data``. The current masks live in ``self.masks``; ``after_optimizer_step``
     re-applies them so pruned weights stay exactly zero through training.
+
+    Capabilities (class attributes, read by the orchestrator to choose a method's trial kind and
+    to check objectives before a sweep starts; no instance is built for that):
+
+    * ``needs_pair``: the method works on a (pretrained, fine-tuned) pair of checkpoints instead
+      of training (KEN): its trials run the pair's outer loop.
+    * ``model_kinds``: the kinds of model it prunes: ``()`` = the PyTorch models a trial trains
+      (built-in or the user's ``nn.Module``); ``("hf",)`` = Hugging Face text models only.
+    * ``reported_metrics``: metric names its trials report besides those of their trial kind
+      (a method that logs a figure of its own, for use as an objective).
     """
 
     name: ClassVar[str] = "base"
     needs_data: ClassVar[bool] = True
+    needs_pair: ClassVar[bool] = False
+    model_kinds: ClassVar[tuple[str, ...]] = ()
+    reported_metrics: ClassVar[tuple[str, ...]] = ()
     #: The task loss ``loss_fn(model, (x, y)) -> Tensor`` for methods that need a loss or its
     #: gradients (SNIP, BINGO): set by the runner to the user's LightningModule's own loss
     #: (:func:`prunelib.training.module_loss`); None = cross-entropy of the logits.
@@ -250,6 +263,12 @@ class PruningMethod:
         """Write what the method learned besides masks (pictures, logs) into ``directory``;
         returns the files written. Nothing by default (RL-Pruner writes its distribution)."""
         return []
+
+    def method_metrics(self) -> dict[str, float]:
+        """The figures this method measured itself, by the names it declares in
+        ``reported_metrics`` (a trial adds them to its results after :meth:`finalize`, so they
+        can be objectives). Nothing by default."""
+        return {}
 
     def finalize(self, model: nn.Module) -> MaskSet:
         """The final masks (applied to ``model``); the method's result."""

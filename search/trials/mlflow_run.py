@@ -19,7 +19,7 @@ never wait for the store, and a fast trial's dozen epochs cost a few writes, not
 at the end of a sub-second trial cost more than writing synchronously.)
 
 A tracking outage never stops a trial: any MLflow error here is logged once and the trial
-goes on without the run; :func:`search.trial.record_trial` then falls back to
+goes on without the run; :func:`search.trials.common.record_trial` then falls back to
 ``trial_result.json`` as before.
 """
 
@@ -152,10 +152,10 @@ class TrialRun:
             return
         from mlflow.entities import Metric
 
-        from search.tracking import _now_ms, _safe_key
+        from search.tracking import now_ms, safe_key
 
-        ts = _now_ms()
-        batch = [Metric(_safe_key(k), v, ts, step) for k, v in metrics.items()]
+        ts = now_ms()
+        batch = [Metric(safe_key(k), v, ts, step) for k, v in metrics.items()]
         _MetricWriter.instance().submit(self._client(), self.run_id, batch)
 
     def _confirm_writes(self) -> None:
@@ -281,7 +281,7 @@ class _MetricWriter:
             return self._errors.pop(run_id, None)
 
     def _loop(self) -> None:
-        from search.tracking import _log_batch
+        from search.tracking import log_batch
 
         while True:
             with self._cond:
@@ -290,7 +290,7 @@ class _MetricWriter:
                 client, metrics = self._queued.pop(run_id)
                 self._writing.add(run_id)
             try:
-                _log_batch(client, run_id, metrics=metrics)
+                log_batch(client, run_id, metrics=metrics)
             except Exception as exc:  # reported to the trial by flush()
                 with self._cond:
                     self._errors.setdefault(run_id, exc)

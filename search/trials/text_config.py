@@ -1,0 +1,131 @@
+"""The configs of Hugging Face text sweeps (``model=hf``, ``data=text``): recognised, checked and
+read once on the driver, before any trial starts. The trials themselves are :mod:`search.trials.text`.
+
+Imported by the pre-flight and the trial-kind registry: no transformers at import (the tokenizer
+is loaded only by :func:`check_text_data`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from prunelib.data.text import TextDataError, read_text_records
+from prunelib.models.hf import HFModelError, is_hf_dir, load_tokenizer
+from search.space import ConfigError, method_class
+from search.trials.context import resolve_launch_path
+from search.trials.metrics import TEST_PPL, VAL_PPL
+
+__all__ = ["HF_MODEL_KEYS", "TEXT_DATA_ARGS", "TEXT_DATA_KEYS", "check_text_data", "is_text_config", "model_dir",
+           "methods_for_model", "validate_text_config"]
+
+#: Keys of ``data=text`` passed to :func:`prunelib.data.text.build_text_datamodule`.
+TEXT_DATA_ARGS = ("path", "test_path", "task", "text_column", "label_column", "max_length", "val_fraction",
+                  "test_fraction", "batch_size", "eval_batch_size", "limit_train", "limit_eval")
+#: Keys of ``data=text`` and ``model=hf`` (conf/data/text.yaml, conf/model/hf.yaml).
+TEXT_DATA_KEYS = frozenset(TEXT_DATA_ARGS + ("name",))
+HF_MODEL_KEYS = frozenset(("name", "path", "task", "dtype"))
+
+
+def is_text_config(data_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> bool:
+    """Whether a sweep runs Hugging Face text trials (``model=hf`` or ``data=text``)."""
+    return (model_cfg or {}).get("name") == "hf" or (data_cfg or {}).get("name") == "text"
+
+
+def _model_kinds(name: str, cfg: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """The model kinds method ``name`` declares (its config's ``_target_`` class, else the
+    registered one); () for a method that cannot be resolved (the method checks name it)."""
+    try:
+        return method_class(name, (cfg or {}).get("_target_")).model_kinds
+    except ConfigError:
+        return ()
+
+
+def methods_for_model(configs: dict[str, dict[str, Any]], model_cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The method configs an unpinned sweep covers for this model.
+
+    ``model=hf``: the methods that declare ``model_kinds`` with ``"hf"`` (the LLM pruners; KEN
+    needs a pair and is run pinned: ``+method=ken``). Other models: every method that does not
+    declare model kinds (the LLM pruners need transformer blocks and text).
+    """
+    if (model_cfg or {}).get("name") == "hf":
+        return {n: c for n, c in configs.items() if "hf" in _model_kinds(n, c)}
+    return {n: c for n, c in configs.items() if not _model_kinds(n, c)}
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value == "???" or value == ""
+
+
+def validate_text_config(cfg: Mapping[str, Any]) -> None:
+    """Check the data/model sections of a text sweep; raise ConfigError naming the first bad key."""
+    data, model = cfg.get("data") or {}, cfg.get("model") or {}
+    method = cfg.get("method") or {}
+    if model.get("name") != "hf":
+        raise ConfigError(f"model.name: data=text needs model=hf (a local Hugging Face checkpoint), got "
+                          f"{model.get('name')!r}")
+    if data.get("name") != "text":
+        raise ConfigError(f"data.name: model=hf needs data=text (a local text file), got {data.get('name')!r}")
+    if _missing(data.get("path")):
+        raise ConfigError("data.path: set it to a local CSV/JSONL/Parquet of text,label or a .txt file/directory")
+    for key in ("max_length", "batch_size", "eval_batch_size"):
+        value = data.get(key, 2)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "max_length" else 1):
+            raise ConfigError(f"data.{key}: {value!r} must be an integer >= {2 if key == 'max_length' else 1}")
+    for key in ("val_fraction", "test_fraction"):
+        value = data.get(key, 0.1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ConfigError(f"data.{key}: {value!r} must be a fraction in (0, 1)")
+    pinned_ken = method.get("name") == "ken"
+    if pinned_ken:
+        settings = method.get("settings") or {}
+        if _missing(settings.get("pretrained")) or _missing(settings.get("finetuned")):
+            raise ConfigError("pair.pretrained: KEN on a Hugging Face model needs pair.pretrained=DIR "
+                              "pair.finetuned=DIR (two checkpoint directories)")
+    elif _missing(model.get("path")):
+        raise ConfigError("model.path: set it to a local Hugging Face model directory (config.json, weights, tokenizer)")
+    if method and not pinned_ken and "hf" not in _model_kinds(str(method.get("name")), method):
+        raise ConfigError(f"method: {method.get('name')!r} does not prune Hugging Face text models; use "
+                          f"llm_magnitude, wanda, sparsegpt or ken")
+
+
+def model_dir(model_cfg: Mapping[str, Any], key: str = "model.path") -> Path:
+    """The Hugging Face model directory ``model.path`` names, resolved from the launch directory.
+
+    Raises:
+        ConfigError: it holds no ``config.json``.
+    """
+    p = resolve_launch_path(str(model_cfg["path"]))
+    if not is_hf_dir(p):
+        raise ConfigError(f"{key}: {p} is not a Hugging Face model directory (no config.json)")
+    return p
+
+
+def check_text_data(cfg: Mapping[str, Any]) -> None:
+    """Read the text file and load the tokenizer once on the driver, before any trial starts."""
+    data, model = cfg["data"], cfg["model"]
+    method = cfg.get("method") or {}
+    objectives = (method.get("objectives") or (cfg.get("search") or {}).get("objectives") or [])
+    try:
+        records = read_text_records(resolve_launch_path(str(data["path"])), data.get("text_column", "text"),
+                                    data.get("label_column", "label"))
+        classification = data.get("task", "auto") == "classification" or (
+            data.get("task", "auto") == "auto" and records.labels is not None)
+        for i, obj in enumerate(objectives):
+            if classification and obj.get("metric") in (VAL_PPL, TEST_PPL):
+                raise ConfigError(f"search.objectives[{i}].metric: {obj['metric']} needs language-modelling "
+                                  f"text; {data['path']} is a classification table (use val_acc)")
+        if data.get("test_path"):
+            read_text_records(resolve_launch_path(str(data["test_path"])), data.get("text_column", "text"),
+                              data.get("label_column", "label"))
+        if method.get("name") == "ken":
+            settings = method.get("settings") or {}
+            for key in ("pretrained", "finetuned"):
+                if not is_hf_dir(resolve_launch_path(str(settings[key]))):
+                    raise ConfigError(f"pair.{key}: {settings[key]} is not a Hugging Face model directory")
+            load_tokenizer(resolve_launch_path(str(settings["finetuned"])), key="pair.finetuned")
+        else:
+            load_tokenizer(model_dir(model), key="model.path")
+    except (TextDataError, HFModelError) as exc:
+        raise ConfigError(str(exc)) from exc
