@@ -83,6 +83,7 @@ from prunelib.importance import bn_scale, channel_scores
 from prunelib.masks import MaskSet, sparsity_report
 from prunelib.methods.base import MethodSettings, Phase, PruningMethod, set_field
 from prunelib.methods.baselines import check_fraction
+from prunelib.methods.variants import PAPER, equals, resolve_variant
 from prunelib.surgery import ChannelGroup, channel_groups, complete_channel_masks, removed_inputs
 
 __all__ = ["PAODING", "PAODINGSettings", "expected_inputs", "normalized_interval", "pair_saliency",
@@ -92,6 +93,36 @@ log = logging.getLogger("prunelib")
 
 _MODES = ("impact", "baseline")
 _IMPACT_SCALES = ("relative", "log", "paper")
+_BIAS_TERMS = ("bounded", "paper")
+_PAIR_BOUNDS = ("tight", "paper")
+_ORIENTATIONS = ("both", "upper")
+_COUPLED = ("together", "refuse")
+
+#: Settings whose default depends on ``variant``: key -> (paper, extended). ``conv_ratio``
+#: (paper: ``dense_ratio``, the toolkit's single ``target``; extended 0.25) is filled apart.
+VARIANT_DEFAULTS: dict[str, tuple[object, object]] = {
+    "step": (0.025, 0.05),
+    "impact_scale": ("paper", "relative"),
+    "bias_term": ("paper", "bounded"),
+    "pair_bound": ("paper", "tight"),
+    "orientations": ("upper", "both"),
+    "trunk_box": (False, True),
+    "bn_box": (False, True),
+    "compensate": (False, True),
+    "fold_bn": (False, True),
+}
+#: What the paper variant refuses: key -> (test, what the paper's code does).
+PAPER_RULES = {
+    "impact_scale": (equals("paper"), "scores alpha * sigmoid(output width)"),
+    "bias_term": (equals("paper"), "adds |(b_i - b_j) / (b_i + b_j)| to the saliency"),
+    "pair_bound": (equals("paper"), "bounds x_i - x_j by the difference of the two intervals"),
+    "orientations": (equals("upper"), "walks the pairs i < j and merges j into i"),
+    "trunk_box": (equals(False), "starts interval propagation at the dense stack's input, from input_interval"),
+    "bn_box": (equals(False), "uses plain interval arithmetic"),
+    "compensate": (equals(False), "deletes a filter; its consumers just lose the input"),
+    "fold_bn": (equals(False), "scores a filter by its raw L1 per weight"),
+    "finetune": (equals(False), "prunes without fine-tuning"),
+}
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.ELU)
 _PASS = (nn.Identity, nn.Dropout, nn.Flatten)
@@ -109,19 +140,30 @@ DEFAULT_INPUT_INTERVAL = (-3.0, 3.0)
 # Dense pairs: saliency, merge, impact
 # ---------------------------------------------------------------------------------------------
 def pair_saliency(w: Tensor, b: Tensor | None, a: Tensor, bias_aware: bool = True,
-                  eps: float = 1e-8) -> Tensor:
+                  eps: float = 1e-8, bias_term: str = "bounded", upper_only: bool = False) -> Tensor:
     """``S[i, j]``: saliency of merging neuron ``j`` into ``i`` (lower = safer); diagonal = inf.
 
     Args:
         w: ``(n, n_prev)`` incoming weights; b: ``(n,)`` biases or None; a: ``(n_next, n)``
             outgoing weights (the next layer's weight matrix).
+        bias_term: ``"bounded"`` ``|b_i - b_j| / (|b_i| + |b_j| + eps)`` (ours) or ``"paper"``
+            ``|b_i - b_j| / (|b_i + b_j| + eps)`` (the authors' ``|(b_i - b_j) / (b_i + b_j)|``;
+            ``eps`` only keeps ``b_i + b_j = 0`` finite).
+        upper_only: only pairs ``i < j`` (``j`` merged into ``i``), as the authors' code walks
+            the upper triangle; the others are inf. False: both orientations compete.
     """
     dist = torch.cdist(w[None].double(), w[None].double())[0]
     if bias_aware and b is not None:
         bd = b.double()
-        dist = dist + (bd[:, None] - bd[None, :]).abs() / (bd.abs()[:, None] + bd.abs()[None, :] + eps)
+        if bias_term == "paper":
+            denom = (bd[:, None] + bd[None, :]).abs() + eps
+        else:
+            denom = bd.abs()[:, None] + bd.abs()[None, :] + eps
+        dist = dist + (bd[:, None] - bd[None, :]).abs() / denom
     out = dist * a.double().norm(dim=0)[None, :]
     out.fill_diagonal_(math.inf)
+    if upper_only:
+        out = torch.where(torch.ones_like(out, dtype=torch.bool).triu(1), out, torch.full_like(out, math.inf))
     return out
 
 
@@ -355,28 +397,54 @@ def _propagate(module: nn.Module, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tenso
 class PAODINGSettings(MethodSettings):
     """PAODING's settings (see :class:`PAODING` for each one)."""
 
-    conv_ratio: float = 0.25
+    variant: str = "extended"
+    conv_ratio: float | None = None
     dense_ratio: float = 0.25
-    step: float = 0.05
+    step: float | None = None
     mode: str = "impact"
     alpha: float = 0.5
     beta: float = 0.5
-    impact_scale: str = "relative"
+    impact_scale: str | None = None
     pooling_multiplier: int = 2
     bias_aware: bool = True
+    bias_term: str | None = None
+    pair_bound: str | None = None
+    orientations: str | None = None
     input_interval: tuple[float, float] | None = None
+    trunk_box: bool | None = None
+    bn_box: bool | None = None
     box_sigmas: float | None = 3.0
     input_shape: tuple[int, ...] | None = None
     pretrain: bool = True
     finetune: bool = False
     stepwise_conv: bool = False
-    compensate: bool = True
-    fold_bn: bool = True
+    compensate: bool | None = None
+    fold_bn: bool | None = None
+    coupled_channels: str = "together"
     min_channels: int = 1
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # None = the variant's default (VARIANT_DEFAULTS); the paper variant refuses extensions.
+        set_field(self, "dense_ratio", check_fraction("dense_ratio", self.dense_ratio))
+        if self.conv_ratio is None:
+            set_field(self, "conv_ratio", self.dense_ratio if self.variant == PAPER else 0.25)
+        resolve_variant(self, VARIANT_DEFAULTS, PAPER_RULES)
+        for key, allowed in (("bias_term", _BIAS_TERMS), ("pair_bound", _PAIR_BOUNDS),
+                             ("orientations", _ORIENTATIONS), ("coupled_channels", _COUPLED)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        for key in ("trunk_box", "bn_box", "compensate", "fold_bn"):
+            set_field(self, key, bool(getattr(self, key)))
         set_field(self, "conv_ratio", check_fraction("conv_ratio", self.conv_ratio))
+        if self.variant == PAPER:
+            if self.conv_ratio != self.dense_ratio:
+                raise ValueError(f"conv_ratio={self.conv_ratio} contradicts variant 'paper' (the paper: one "
+                                 f"target, dense_ratio={self.dense_ratio}, for convolutions and dense layers); "
+                                 "use variant 'extended' for it")
+            if self.mode == "baseline" and self.dense_ratio > 0.5:
+                raise ValueError(f"dense_ratio={self.dense_ratio} contradicts variant 'paper' (the paper's "
+                                 "baseline mode stops at 50 %); use mode 'impact' or variant 'extended'")
         set_field(self, "dense_ratio", check_fraction("dense_ratio", self.dense_ratio))
         set_field(self, "step", check_fraction("step", self.step, low_open=True, high_closed=True))
         if self.mode not in _MODES:
@@ -582,6 +650,10 @@ class PAODING(PruningMethod):
                 continue
             if any(self._excluded(p) for p in group.producers):
                 continue
+            if len(group.producers) > 1 and self.coupled_channels == "refuse":
+                raise ValueError(f"paoding: channels of {group.root} are written by {len(group.producers)} "
+                                 "layers (residual stream, concatenation or depthwise pair), which the paper's "
+                                 "per-layer filter rule does not cover; set coupled_channels='together'")
             scores = channel_scores(model, group, criterion)
             count = min(math.ceil(ratio * group.size - 1e-9), group.size - self.min_channels)
             if count <= 0:
@@ -674,7 +746,8 @@ class PAODING(PruningMethod):
         """:func:`_propagate`, then (``box_sigmas``) a BatchNorm's output box intersected with
         ``beta +- box_sigmas * |gamma|``."""
         out = _propagate(_as_double(module), lo, hi)
-        if out is None or self.box_sigmas is None or not isinstance(module, _BN) or module.weight is None:
+        if (out is None or not self.bn_box or self.box_sigmas is None or not isinstance(module, _BN)
+                or module.weight is None):
             return out
         lo, hi = out
         shape = (1, -1) + (1,) * (lo.dim() - 2)
@@ -689,6 +762,11 @@ class PAODING(PruningMethod):
         """Interval box of the chain's first Linear input, propagated from the input box
         through the modules before it (None when they are not a plain chain of supported ops)."""
         box_lo, box_hi = self._interval or DEFAULT_INPUT_INTERVAL  # None when setup() was skipped
+        if not self.trunk_box:
+            # The paper's code: input_interval is the box of the dense stack's own input.
+            features = calls[chain.start].module.in_features
+            return (torch.full((features,), box_lo, device=device, dtype=torch.float64),
+                    torch.full((features,), box_hi, device=device, dtype=torch.float64))
         lo = torch.full((1, *shape), box_lo, device=device, dtype=torch.float64)
         hi = torch.full((1, *shape), box_hi, device=device, dtype=torch.float64)
         last = x_id
@@ -785,7 +863,8 @@ class PAODING(PruningMethod):
         layer, consumer = linears[k], linears[k + 1]
         w = layer.weight.detach().cpu()[:, live_cols]
         sal = pair_saliency(w, None if layer.bias is None else layer.bias.detach().cpu(),
-                            consumer.weight.detach().cpu(), self.bias_aware)
+                            consumer.weight.detach().cpu(), self.bias_aware, bias_term=self.bias_term,
+                            upper_only=self.orientations == "upper")
         dead = ~st.alive[k]
         sal[dead, :] = math.inf
         sal[:, dead] = math.inf
@@ -826,7 +905,7 @@ class PAODING(PruningMethod):
         cum = st.cumulative[k]
         scores = []
         for i, j in candidates:
-            diff = _pair_difference(linears[k], acts[k], in_box, boxes[k], i, j)
+            diff = _pair_difference(linears[k], acts[k], in_box, boxes[k], i, j, self.pair_bound == "tight")
             d_lo, d_hi = _merge_delta(a, diff, j)
             if cum is not None:
                 d_lo, d_hi = d_lo + cum[0], d_hi + cum[1]
@@ -839,7 +918,7 @@ class PAODING(PruningMethod):
         in_box = st.box if k == 0 else boxes[k - 1]
         a = st.linears[k + 1].weight.detach().double()
         for i, j in chosen:
-            diff = _pair_difference(st.linears[k], st.acts[k], in_box, boxes[k], i, j)
+            diff = _pair_difference(st.linears[k], st.acts[k], in_box, boxes[k], i, j, self.pair_bound == "tight")
             d_lo, d_hi = _merge_delta(a, diff, j)
             cum = st.cumulative[k]
             st.cumulative[k] = (d_lo, d_hi) if cum is None else (cum[0] + d_lo, cum[1] + d_hi)
@@ -868,7 +947,7 @@ def _single_reader_pieces(chain: _DenseChain, by_producer: dict[str, ChannelGrou
 
 
 def _pair_difference(layer: nn.Linear, act: nn.Module | None, in_box: tuple[Tensor, Tensor],
-                     out_box: tuple[Tensor, Tensor], i: int, j: int) -> tuple[float, float]:
+                     out_box: tuple[Tensor, Tensor], i: int, j: int, tight: bool = True) -> tuple[float, float]:
     """Interval of ``x_i - x_j`` (activations of neurons ``i`` and ``j`` of ``layer``).
 
     The paper subtracts the two neurons' intervals, ``[lo_i - hi_j, hi_i - lo_j]``, which
@@ -879,6 +958,8 @@ def _pair_difference(layer: nn.Linear, act: nn.Module | None, in_box: tuple[Tens
     """
     lo, hi = out_box
     naive_lo, naive_hi = float(lo[i] - hi[j]), float(hi[i] - lo[j])
+    if not tight:  # the paper's bound (pair_bound="paper")
+        return naive_lo, naive_hi
     w = layer.weight.detach().double()
     dw = w[i] - w[j]
     db = 0.0 if layer.bias is None else float(layer.bias[i].double() - layer.bias[j].double())
