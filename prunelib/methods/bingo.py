@@ -11,6 +11,37 @@ The paper's body was not available; this follows the reconstruction in
 Significance is *damage* (loss increase or accuracy drop): high = keep. That fixes the sign
 error of the authors' draft code (``baseline_loss - loss``, then pruning the smallest, removes
 the most important units; pitfall 1.5 #1).
+
+Variants (``variant``; the scheme, one registry name with a setting, is explained in
+:mod:`prunelib.methods.variants`). **The default is ``"extended"``, which is not the paper's.**
+
+* ``"paper"``: what the proposal, the summary and the authors' ``ticket_search`` agree on.
+  After every training step (``probe_every_n_steps=1``, from the first, ``warmup_fraction=0``)
+  a no-gradient "fake pass" on *the training batch just trained on* (``probe_data="train"``)
+  resets ``probe_frac`` of one weight tensor at a time (every tensor, ``layers_per_step=0``)
+  *to its initial values* (``reset_to="init"``) and measures the change of the *batch
+  accuracy* (``metric="acc"``); every reset weight is credited with that damage
+  (``attribution="probe"``); the lowest-significance weights are cut in one shot
+  (``allocation="scores"``). Refused there with a one-line ValueError: any of those keys set
+  otherwise. Where the paper is silent the setting decides, in both variants: ``unit``
+  (weights, the abstract; neurons, the proposal), ``probe_frac`` (the code's 1 %),
+  ``aggregate`` (count-normalised mean; the draft's ``(s + d) / 2`` from 0 is not offered),
+  ``distribution`` (the code's layer-uniform cut by default), ``sparsity`` (instead of the
+  code's accuracy-floor stop, which a sweep cannot use), ``min_density``, ``seed``, and
+  ``probe_batch_size`` (only for a post-hoc ticket search on training samples when no probe ran
+  during training). Fixed choices, not settings: the damage is signed (accuracy drop, not the
+  draft's ``|A_before - A_after|``, which would count an improvement as damage), probes run in
+  eval mode (BatchNorm statistics do not move), and fine-tuning follows the cut when the trial
+  has fine-tune epochs (the paper: an optional short fine-tune).
+* ``"extended"`` (the default today; the lead's 3-seed rerun decides): the same probes with
+  these extensions: **validation probes** (``probe_data="val"``, a fresh batch of
+  ``probe_batch_size``: larger and not the batch just fitted, but validation data then decides
+  the cut that validation accuracy later ranks), **zero reset** (``reset_to="zero"``, the draft
+  code's: measures what the mask will do), **loss damage** (``metric="loss"``: continuous,
+  where a 1 % probe mostly moves batch accuracy by exactly 0), **additive attribution**
+  (``attribution="additive"``: damages comparable across layers), **sparser probing**
+  (``probe_every_n_steps=4``, ``warmup_fraction=0.1``) and optionally the **damage
+  allocation** (``allocation="damage"``: per-layer damage sets the layer sparsities).
 """
 
 from __future__ import annotations
@@ -30,6 +61,7 @@ from prunelib.importance import filter_l1, magnitude_scores, scored_names
 from prunelib.masks import MaskSet, prunable_parameters
 from prunelib.methods.base import Phase, PruningMethod, set_field, train_then_finetune
 from prunelib.methods.baselines import ScoredSettings, check_fraction
+from prunelib.methods.variants import PAPER, equals, resolve_variant
 
 __all__ = ["BINGO", "BINGOSettings", "select_channels"]
 
@@ -41,6 +73,28 @@ _METRICS = ("loss", "acc")
 _AGGREGATES = ("mean", "ema")
 _ATTRIBUTIONS = ("additive", "probe")
 _ALLOCATIONS = ("scores", "damage")
+_PROBE_DATA = ("train", "val")
+
+#: Settings whose default depends on ``variant``: key -> (paper, extended).
+VARIANT_DEFAULTS: dict[str, tuple[object, object]] = {
+    "probe_data": ("train", "val"),
+    "reset_to": ("init", "zero"),
+    "metric": ("acc", "loss"),
+    "attribution": ("probe", "additive"),
+    "probe_every_n_steps": (1, 4),
+    "warmup_fraction": (0.0, 0.1),
+}
+#: What the paper variant refuses: key -> (test, what the paper and its code do).
+PAPER_RULES = {
+    "probe_data": (equals("train"), "probes the training batch just trained on"),
+    "reset_to": (equals("init"), "resets probed weights to their initial values"),
+    "metric": (equals("acc"), "scores by batch accuracy"),
+    "attribution": (equals("probe"), "credits each probe's damage to every weight it reset"),
+    "allocation": (equals("scores"), "ranks weights by their own significance"),
+    "probe_every_n_steps": (equals(1), "probes right after every training pass"),
+    "layers_per_step": (equals(0), "probes every weight tensor, one at a time, each time"),
+    "warmup_fraction": (equals(0.0), "probes from the first training pass"),
+}
 #: Expected probes per weight below which a warning says the per-weight scores are thin.
 LOW_COVERAGE = 0.5
 
@@ -53,26 +107,32 @@ def _bias_name(weight_name: str) -> str:
 class BINGOSettings(ScoredSettings):
     """BINGO's settings (see :class:`BINGO` for each one)."""
 
+    variant: str = "extended"
     distribution: str = "uniform"
     unit: str = "weight"
     probe_frac: float = 0.01
-    reset_to: str = "zero"
-    metric: str = "loss"
-    probe_every_n_steps: int = 4
+    probe_data: str | None = None
+    reset_to: str | None = None
+    metric: str | None = None
+    probe_every_n_steps: int | None = None
     layers_per_step: int = 0
     probe_batch_size: int = 256
-    warmup_fraction: float = 0.1
+    warmup_fraction: float | None = None
     aggregate: str = "mean"
     ema_decay: float = 0.9
-    attribution: str = "additive"
+    attribution: str | None = None
     allocation: str = "scores"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # None = the variant's default (VARIANT_DEFAULTS); the paper variant refuses extensions.
+        if self.warmup_fraction is not None:
+            set_field(self, "warmup_fraction", float(self.warmup_fraction))
+        resolve_variant(self, VARIANT_DEFAULTS, PAPER_RULES)
         super().__post_init__()
         for key, allowed in (("unit", _UNITS), ("reset_to", _RESETS), ("metric", _METRICS),
                              ("aggregate", _AGGREGATES), ("attribution", _ATTRIBUTIONS),
-                             ("allocation", _ALLOCATIONS)):
+                             ("allocation", _ALLOCATIONS), ("probe_data", _PROBE_DATA)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
         set_field(self, "probe_frac", check_fraction("probe_frac", self.probe_frac, low_open=True,
@@ -95,7 +155,8 @@ class BINGO(PruningMethod):
     from the end of the warm-up) -> cut the least significant weights or neurons to
     ``sparsity`` -> ``finetune`` with the masks fixed.
 
-    A *probing step* draws one validation batch, runs one unperturbed forward (the base) and
+    A *probing step* takes one batch (``probe_data``: the training batch just stepped on, or a
+    fresh validation batch), runs one unperturbed forward (the base) and
     then, for each tensor chosen this step, one forward with ``probe_frac`` of that tensor's
     entries (or neurons) reset; damage = probed metric - base metric (loss up, or accuracy
     down). Everything runs under ``torch.no_grad()`` in eval mode (BatchNorm statistics and
@@ -115,6 +176,9 @@ class BINGO(PruningMethod):
     together), so with good coverage BINGO can trail one-shot magnitude pruning.
 
     Args:
+        variant: ``"extended"`` (default; not the paper's) or ``"paper"`` (see the module doc:
+            the settings below marked *variant* default to the paper's values there, and a value
+            contradicting the paper is refused).
         sparsity: target fraction of zeroed Conv/Linear weights (the library's convention:
             the denominator is every Conv/Linear weight), default 0.8. The paper's alternative
             stop rule (accuracy floor) does not fit sweeps, which need the sparsity as an axis.
@@ -134,17 +198,20 @@ class BINGO(PruningMethod):
             walked in order (a fresh one when used up), so every entry is probed once before any
             is probed twice: coverage grows linearly instead of as ``1 - (1 - p)^t``, and each
             probe is still a uniform random subset.
-        reset_to: ``"zero"`` (default; the repo draft: measures exactly what the cut does,
+        probe_data: *variant* (paper ``"train"``, extended ``"val"``): ``"train"`` probes the
+            training batch the step just trained on (a post-hoc search draws training samples);
+            ``"val"`` draws ``probe_batch_size`` validation samples per probing step.
+        reset_to: *variant* (paper ``"init"``, extended ``"zero"``). ``"zero"``: the repo draft: measures exactly what the cut does,
             since masks zero weights) or ``"init"`` (the proposal and the summary reset to the
             initial weights, ``theta0`` copied at ``setup``, and report it 50 % better). On
             Fashion-MNIST ``init`` measured almost nothing: the mean damage per probe was about
             0, negative in 3 of 7 layers, because a weight near its initial value is not
             removed by resetting it, while the cut does remove it.
-        metric: ``"loss"`` (default: continuous; batch accuracy moves in steps of 1/B, so a
+        metric: *variant* (paper ``"acc"``, extended ``"loss"``). ``"loss"``: continuous; batch accuracy moves in steps of 1/B, so a
             1 % probe mostly gives a damage of exactly 0 and the ranking is ties) or ``"acc"``
             (faithful to the paper's accuracy-based score).
         probe_every_n_steps: probe after every n-th optimizer step of the training phase,
-            default 4. Cost per probing step is ``1 + tensors probed`` batch forwards, so with
+            *variant* (paper 1, extended 4). Cost per probing step is ``1 + tensors probed`` batch forwards, so with
             all of a 3-layer MLP's tensors this adds about one forward per training step (0.9
             on digits; a training step is about three forwards' worth); raise it, or set
             ``layers_per_step``, for deep networks.
@@ -153,7 +220,7 @@ class BINGO(PruningMethod):
         probe_batch_size: validation samples per probing step (default 256; capped at the
             validation split's size). Larger batches lower the noise of each damage.
         warmup_fraction: fraction of the training phase's optimizer steps before the first
-            probe (default 0.1): probes on an untrained network measure little but noise
+            probe, *variant* (paper 0, extended 0.1): probes on an untrained network measure little but noise
             (pitfall 1.5 #4). At least one step of the phase is always probed.
         aggregate: ``"mean"`` (default, count-normalised: every probe weighs the same) or
             ``"ema"`` (exponential average with decay ``ema_decay`` and bias correction
@@ -161,13 +228,14 @@ class BINGO(PruningMethod):
             The draft's ``s <- (s + d) / 2`` starting at 0 is not offered: it over-weights the
             last probe and biases rarely probed weights toward 0 (pitfall 1.5 #3).
         ema_decay: decay of the ``"ema"`` aggregate (default 0.9).
-        attribution: how a probe's damage is shared among the ``k`` units it reset.
+        attribution: how a probe's damage is shared among the ``k`` units it reset, *variant*
+            (paper ``"probe"``, extended ``"additive"``).
             ``"probe"``: a unit's significance is the (mean) damage of the probes it was in,
             as written in the reconstruction. Within a layer that ranks correctly, but across
             layers it scales with ``k`` (1 % of a 19,200-weight layer resets 192 weights at
             once, 1 % of the 1,000-weight classifier 10), so a global cut strips the small
             layers, classifier first. ``"additive"`` (default): an unbiased estimate of the
-            unit's own damage if damages added up, ``S_i - (1 - 1/k) * D_l``, where ``S_i``
+            unit's own damage if damages added up, ``S_i - (1 - 1/k) * D_l`` (our extension), where ``S_i``
             is that mean and ``D_l`` the mean damage of all probes of the layer (the share of
             the ``k - 1`` other units). Same order within a layer, comparable across layers.
         min_density: fraction of each cut layer always kept (layer-collapse guard), default 0.
@@ -202,6 +270,8 @@ class BINGO(PruningMethod):
 
     name = "bingo"
     needs_data = True
+    #: Settings that default to another value in the paper variant: key -> (paper, extended).
+    variant_defaults = VARIANT_DEFAULTS
 
     Settings = BINGOSettings
 
@@ -303,7 +373,9 @@ class BINGO(PruningMethod):
 
     def on_train_batch_end(self, model: nn.Module, batch: Any, step: int) -> None:
         if self._active and self.is_probing_step(step):
-            self.probe(model)
+            # probe_data="train": the batch this step just trained on (the paper's "fake pass"
+            # right after each real one); "val": a fresh validation batch.
+            self.probe(model, batch if self.probe_data == "train" else None)
 
     def _layers_this_step(self) -> list[str]:
         if (self._all_layers_next or self.layers_per_step == 0
@@ -340,12 +412,19 @@ class BINGO(PruningMethod):
         return probed - base if self.metric == "loss" else base - probed
 
     @torch.no_grad()
-    def probe(self, model: nn.Module) -> None:
-        """One probing step: a base forward and one forward per chosen tensor, on a val batch."""
+    def probe(self, model: nn.Module, batch: Any | None = None) -> None:
+        """One probing step: a base forward and one forward per chosen tensor.
+
+        On ``batch`` (``(x, y)``, e.g. the training batch just stepped on) when given, else on
+        ``probe_batch_size`` samples drawn from the ``probe_data`` split.
+        """
         if not self._ready:
             raise RuntimeError("bingo: call setup(model, datamodule) before probing")
         device = next(model.parameters()).device
-        x, y = self._dm.sample_batch("val", n=self.probe_batch_size, generator=self._batch_gen)
+        if batch is None:
+            x, y = self._dm.sample_batch(self.probe_data, n=self.probe_batch_size, generator=self._batch_gen)
+        else:
+            x, y = batch[0], batch[1]
         x, y = x.to(device), y.to(device)
         params = dict(model.named_parameters())
         # Each module's own flag is restored (a frozen BatchNorm stays in eval mode).

@@ -60,6 +60,30 @@ authors' stepwise convolution mode (``stepwise_conv``) interleaves convolution r
 dense steps. The paper's STOCHASTIC (simulated annealing) sampler is not implemented. Stopping rules that read the test set are dropped (pitfall 8: no decision sees
 test data; there is no data at all here): the method stops at ``dense_ratio``.
 
+Variants (``variant``; the scheme, one registry name with a setting, is explained in
+:mod:`prunelib.methods.variants`). **The default is ``"extended"``, which is not the paper's.**
+
+* ``"paper"``: the toolkit's sampling, surgery and reconstruction with its own impact score and
+  every extension off: one ``target`` for convolutions and dense layers (``conv_ratio`` =
+  ``dense_ratio``), ``step=0.025``, raw filter L1 per weight (``fold_bn=False``), plain removal
+  (``compensate=False``), ``impact_scale="paper"`` (``alpha * sigmoid(width)``), the paper's
+  bias term (``bias_term="paper"``), the paper's interval of ``x_i - x_j``
+  (``pair_bound="paper"``), only pairs ``i < j`` with ``j`` merged into ``i``
+  (``orientations="upper"``), plain interval arithmetic (``bn_box=False``) starting at the dense
+  chain's input from ``input_interval`` (``trunk_box=False``), no fine-tune; in ``baseline``
+  mode the dense layers stop at 50 % as the toolkit's do. Refused there with one line: any of
+  those set otherwise. Where the paper's rule is undefined the setting that decides it is named:
+  a BatchNorm after a convolution (``fold_bn``: the paper's raw L1, as written, in the paper
+  variant), channels written by several layers (``coupled_channels``: scored and removed
+  together, or the model refused), a CNN head's input box (``input_interval`` at the dense
+  input, ``trunk_box``), the input box itself (``input_interval``; None = the data module's
+  normalised range, where the toolkit defaults to [0, 1] for raw pixels). The STOCHASTIC
+  sampler and the test-set stopping rule are not implemented in either variant.
+* ``"extended"`` (the default today; the lead's 3-seed rerun decides): ``fold_bn``,
+  ``compensate``, ``bn_box`` with ``box_sigmas=3``, ``impact_scale="relative"``, the bounded bias
+  term, the tight pair bound, both merge orientations, the trunk box, ``step=0.05`` and a
+  ``conv_ratio`` of its own (0.25).
+
 The model is changed in place by :meth:`PAODING.finalize` (merged outgoing weights, removed
 channels zeroed); :func:`prunelib.surgery.surgery` then gives the physically smaller model,
 whose outputs equal the masked model's.
@@ -83,6 +107,7 @@ from prunelib.importance import bn_scale, channel_scores
 from prunelib.masks import MaskSet, sparsity_report
 from prunelib.methods.base import MethodSettings, Phase, PruningMethod, set_field
 from prunelib.methods.baselines import check_fraction
+from prunelib.methods.variants import PAPER, equals, resolve_variant
 from prunelib.surgery import ChannelGroup, channel_groups, complete_channel_masks, removed_inputs
 
 __all__ = ["PAODING", "PAODINGSettings", "expected_inputs", "normalized_interval", "pair_saliency",
@@ -92,6 +117,36 @@ log = logging.getLogger("prunelib")
 
 _MODES = ("impact", "baseline")
 _IMPACT_SCALES = ("relative", "log", "paper")
+_BIAS_TERMS = ("bounded", "paper")
+_PAIR_BOUNDS = ("tight", "paper")
+_ORIENTATIONS = ("both", "upper")
+_COUPLED = ("together", "refuse")
+
+#: Settings whose default depends on ``variant``: key -> (paper, extended). ``conv_ratio``
+#: (paper: ``dense_ratio``, the toolkit's single ``target``; extended 0.25) is filled apart.
+VARIANT_DEFAULTS: dict[str, tuple[object, object]] = {
+    "step": (0.025, 0.05),
+    "impact_scale": ("paper", "relative"),
+    "bias_term": ("paper", "bounded"),
+    "pair_bound": ("paper", "tight"),
+    "orientations": ("upper", "both"),
+    "trunk_box": (False, True),
+    "bn_box": (False, True),
+    "compensate": (False, True),
+    "fold_bn": (False, True),
+}
+#: What the paper variant refuses: key -> (test, what the paper's code does).
+PAPER_RULES = {
+    "impact_scale": (equals("paper"), "scores alpha * sigmoid(output width)"),
+    "bias_term": (equals("paper"), "adds |(b_i - b_j) / (b_i + b_j)| to the saliency"),
+    "pair_bound": (equals("paper"), "bounds x_i - x_j by the difference of the two intervals"),
+    "orientations": (equals("upper"), "walks the pairs i < j and merges j into i"),
+    "trunk_box": (equals(False), "starts interval propagation at the dense stack's input, from input_interval"),
+    "bn_box": (equals(False), "uses plain interval arithmetic"),
+    "compensate": (equals(False), "deletes a filter; its consumers just lose the input"),
+    "fold_bn": (equals(False), "scores a filter by its raw L1 per weight"),
+    "finetune": (equals(False), "prunes without fine-tuning"),
+}
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MONOTONE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.ELU)
 _PASS = (nn.Identity, nn.Dropout, nn.Flatten)
@@ -109,19 +164,30 @@ DEFAULT_INPUT_INTERVAL = (-3.0, 3.0)
 # Dense pairs: saliency, merge, impact
 # ---------------------------------------------------------------------------------------------
 def pair_saliency(w: Tensor, b: Tensor | None, a: Tensor, bias_aware: bool = True,
-                  eps: float = 1e-8) -> Tensor:
+                  eps: float = 1e-8, bias_term: str = "bounded", upper_only: bool = False) -> Tensor:
     """``S[i, j]``: saliency of merging neuron ``j`` into ``i`` (lower = safer); diagonal = inf.
 
     Args:
         w: ``(n, n_prev)`` incoming weights; b: ``(n,)`` biases or None; a: ``(n_next, n)``
             outgoing weights (the next layer's weight matrix).
+        bias_term: ``"bounded"`` ``|b_i - b_j| / (|b_i| + |b_j| + eps)`` (ours) or ``"paper"``
+            ``|b_i - b_j| / (|b_i + b_j| + eps)`` (the authors' ``|(b_i - b_j) / (b_i + b_j)|``;
+            ``eps`` only keeps ``b_i + b_j = 0`` finite).
+        upper_only: only pairs ``i < j`` (``j`` merged into ``i``), as the authors' code walks
+            the upper triangle; the others are inf. False: both orientations compete.
     """
     dist = torch.cdist(w[None].double(), w[None].double())[0]
     if bias_aware and b is not None:
         bd = b.double()
-        dist = dist + (bd[:, None] - bd[None, :]).abs() / (bd.abs()[:, None] + bd.abs()[None, :] + eps)
+        if bias_term == "paper":
+            denom = (bd[:, None] + bd[None, :]).abs() + eps
+        else:
+            denom = bd.abs()[:, None] + bd.abs()[None, :] + eps
+        dist = dist + (bd[:, None] - bd[None, :]).abs() / denom
     out = dist * a.double().norm(dim=0)[None, :]
     out.fill_diagonal_(math.inf)
+    if upper_only:
+        out = torch.where(torch.ones_like(out, dtype=torch.bool).triu(1), out, torch.full_like(out, math.inf))
     return out
 
 
@@ -355,28 +421,52 @@ def _propagate(module: nn.Module, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tenso
 class PAODINGSettings(MethodSettings):
     """PAODING's settings (see :class:`PAODING` for each one)."""
 
-    conv_ratio: float = 0.25
+    variant: str = "extended"
+    conv_ratio: float | None = None
     dense_ratio: float = 0.25
-    step: float = 0.05
+    step: float | None = None
     mode: str = "impact"
     alpha: float = 0.5
     beta: float = 0.5
-    impact_scale: str = "relative"
+    impact_scale: str | None = None
     pooling_multiplier: int = 2
     bias_aware: bool = True
+    bias_term: str | None = None
+    pair_bound: str | None = None
+    orientations: str | None = None
     input_interval: tuple[float, float] | None = None
+    trunk_box: bool | None = None
+    bn_box: bool | None = None
     box_sigmas: float | None = 3.0
     input_shape: tuple[int, ...] | None = None
     pretrain: bool = True
     finetune: bool = False
     stepwise_conv: bool = False
-    compensate: bool = True
-    fold_bn: bool = True
+    compensate: bool | None = None
+    fold_bn: bool | None = None
+    coupled_channels: str = "together"
     min_channels: int = 1
     exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # None = the variant's default (VARIANT_DEFAULTS); the paper variant refuses extensions.
+        set_field(self, "dense_ratio", check_fraction("dense_ratio", self.dense_ratio))
+        if self.conv_ratio is None:
+            set_field(self, "conv_ratio", self.dense_ratio if self.variant == PAPER else 0.25)
+        resolve_variant(self, VARIANT_DEFAULTS, PAPER_RULES)
+        for key, allowed in (("bias_term", _BIAS_TERMS), ("pair_bound", _PAIR_BOUNDS),
+                             ("orientations", _ORIENTATIONS), ("coupled_channels", _COUPLED)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        for key in ("trunk_box", "bn_box", "compensate", "fold_bn"):
+            set_field(self, key, bool(getattr(self, key)))
         set_field(self, "conv_ratio", check_fraction("conv_ratio", self.conv_ratio))
+        if self.variant == PAPER:
+            if self.conv_ratio != self.dense_ratio:
+                raise ValueError(f"conv_ratio={self.conv_ratio} contradicts variant 'paper' (the paper: one "
+                                 f"target, dense_ratio={self.dense_ratio}, for convolutions and dense layers); "
+                                 "use variant 'extended' for it")
+
         set_field(self, "dense_ratio", check_fraction("dense_ratio", self.dense_ratio))
         set_field(self, "step", check_fraction("step", self.step, low_open=True, high_closed=True))
         if self.mode not in _MODES:
@@ -424,11 +514,15 @@ class PAODING(PruningMethod):
     """PAODING: data-free pruning of a pretrained model (see the module doc).
 
     Args:
+        variant: ``"extended"`` (default; not the paper's) or ``"paper"`` (see the module doc).
+            Settings marked *variant* below default to the variant's value when None.
         conv_ratio: fraction (0..1) of each convolution group's channels removed, lowest
-            L1-per-weight first (0 = leave convolutions alone).
+            L1-per-weight first (0 = leave convolutions alone). *variant*: paper ``dense_ratio``
+            (the toolkit's one target), extended 0.25.
         dense_ratio: fraction (0..1) of each hidden dense layer's neurons merged away (the
             paper's ``target``; a fraction of neurons, not of parameters).
-        step: fraction of each hidden dense layer's neurons merged per iteration (paper 0.025).
+        step: fraction of each hidden dense layer's neurons merged per iteration, *variant*
+            (paper 0.025, extended 0.05).
         mode: ``"impact"`` (rank candidate pairs by output impact) or ``"baseline"``.
         alpha, beta: weights of the impact score's width and entropy terms.
         impact_scale: how the output width enters the impact score (see :func:`output_impact`):
@@ -437,6 +531,18 @@ class PAODING(PruningMethod):
             real network, so the entropy term alone ranks).
         pooling_multiplier: candidates per kept pair in ``impact`` mode.
         bias_aware: include the bias term in the pair saliency.
+        bias_term: *variant*: ``"paper"`` ``|b_i - b_j| / (|b_i + b_j| + eps)`` or ``"bounded"``
+            (extended) ``|b_i - b_j| / (|b_i| + |b_j| + eps)`` (see :func:`pair_saliency`).
+        pair_bound: *variant*: ``"paper"`` (the interval of ``x_i - x_j`` is the difference of
+            the two neurons' intervals) or ``"tight"`` (extended; also bounded through the pair's
+            pre-activation difference, see :func:`_pair_difference`).
+        orientations: *variant*: ``"upper"`` (paper: pairs ``i < j``, ``j`` merged into ``i``)
+            or ``"both"`` (extended: both directions compete).
+        trunk_box: *variant*: propagate the input box through the layers before the dense chain
+            (extended) or take ``input_interval`` as the dense chain's input box (paper).
+        bn_box: *variant*: apply ``box_sigmas`` after every BatchNorm (extended) or not (paper).
+        coupled_channels: ``"together"`` (default) or ``"refuse"`` for channels written by
+            several layers (see the module doc).
         input_interval: ``(lo, hi)`` box of the model's inputs in the units it receives
             (normalised): e.g. :func:`normalized_interval` of the data module's statistics.
             None (default): the data module's ``input_range`` at :meth:`setup`, else (-3, 3).
@@ -457,9 +563,9 @@ class PAODING(PruningMethod):
             their channels per iteration, interleaved with the dense merging steps (whose input
             boxes then see the convolutions pruned so far), until ``conv_ratio``; False (the
             toolkit's default): all convolution channels first, in one go.
-        compensate: replace a removed convolution channel by its expected activation instead of
-            zero (an extension, see the module doc; False = the paper's plain removal).
-        fold_bn: score a filter after folding the BatchNorm that follows it into it (criterion
+        compensate: *variant*: replace a removed convolution channel by its expected activation
+            instead of zero (extended, see the module doc; False = the paper's plain removal).
+        fold_bn: *variant*: score a filter after folding the BatchNorm that follows it into it (criterion
             ``l1_bn`` of :mod:`prunelib.importance`; a depthwise filter scores its BatchNorm's
             ``|gamma|``); False = the paper's raw L1.
         min_channels: channels/neurons every layer keeps.
@@ -582,6 +688,10 @@ class PAODING(PruningMethod):
                 continue
             if any(self._excluded(p) for p in group.producers):
                 continue
+            if len(group.producers) > 1 and self.coupled_channels == "refuse":
+                raise ValueError(f"paoding: channels of {group.root} are written by {len(group.producers)} "
+                                 "layers (residual stream, concatenation or depthwise pair), which the paper's "
+                                 "per-layer filter rule does not cover; set coupled_channels='together'")
             scores = channel_scores(model, group, criterion)
             count = min(math.ceil(ratio * group.size - 1e-9), group.size - self.min_channels)
             if count <= 0:
@@ -674,7 +784,8 @@ class PAODING(PruningMethod):
         """:func:`_propagate`, then (``box_sigmas``) a BatchNorm's output box intersected with
         ``beta +- box_sigmas * |gamma|``."""
         out = _propagate(_as_double(module), lo, hi)
-        if out is None or self.box_sigmas is None or not isinstance(module, _BN) or module.weight is None:
+        if (out is None or not self.bn_box or self.box_sigmas is None or not isinstance(module, _BN)
+                or module.weight is None):
             return out
         lo, hi = out
         shape = (1, -1) + (1,) * (lo.dim() - 2)
@@ -689,6 +800,11 @@ class PAODING(PruningMethod):
         """Interval box of the chain's first Linear input, propagated from the input box
         through the modules before it (None when they are not a plain chain of supported ops)."""
         box_lo, box_hi = self._interval or DEFAULT_INPUT_INTERVAL  # None when setup() was skipped
+        if not self.trunk_box:
+            # The paper's code: input_interval is the box of the dense stack's own input.
+            features = calls[chain.start].module.in_features
+            return (torch.full((features,), box_lo, device=device, dtype=torch.float64),
+                    torch.full((features,), box_hi, device=device, dtype=torch.float64))
         lo = torch.full((1, *shape), box_lo, device=device, dtype=torch.float64)
         hi = torch.full((1, *shape), box_hi, device=device, dtype=torch.float64)
         last = x_id
@@ -720,10 +836,19 @@ class PAODING(PruningMethod):
                 states.append(_DenseState(
                     piece, linears, acts, hidden,
                     alive={k: torch.ones(linears[k].out_features, dtype=torch.bool) for k in hidden},
-                    targets={k: min(math.ceil(self.dense_ratio * linears[k].out_features),
+                    targets={k: min(math.ceil(self._dense_target() * linears[k].out_features),
                                     linears[k].out_features - self.min_channels) for k in hidden},
                     done={k: 0 for k in hidden}, cumulative={k: None for k in hidden}))
         return states
+
+    def _dense_target(self) -> float:
+        """``dense_ratio``; the paper variant's baseline mode stops at 50 % as the toolkit does
+        (the report's sparsity then shows what was reached)."""
+        if self.variant == PAPER and self.mode == "baseline" and self.dense_ratio > 0.5:
+            log.warning("paoding: the paper's baseline mode stops at 50 %% of each dense layer "
+                        "(dense_ratio %.3f asked)", self.dense_ratio)
+            return 0.5
+        return self.dense_ratio
 
     def _dense_iteration(self, model: nn.Module, states: list[_DenseState], masks: MaskSet,
                          groups: list[ChannelGroup], calls: list[_Call], x_id: int,
@@ -785,7 +910,8 @@ class PAODING(PruningMethod):
         layer, consumer = linears[k], linears[k + 1]
         w = layer.weight.detach().cpu()[:, live_cols]
         sal = pair_saliency(w, None if layer.bias is None else layer.bias.detach().cpu(),
-                            consumer.weight.detach().cpu(), self.bias_aware)
+                            consumer.weight.detach().cpu(), self.bias_aware, bias_term=self.bias_term,
+                            upper_only=self.orientations == "upper")
         dead = ~st.alive[k]
         sal[dead, :] = math.inf
         sal[:, dead] = math.inf
@@ -826,7 +952,7 @@ class PAODING(PruningMethod):
         cum = st.cumulative[k]
         scores = []
         for i, j in candidates:
-            diff = _pair_difference(linears[k], acts[k], in_box, boxes[k], i, j)
+            diff = _pair_difference(linears[k], acts[k], in_box, boxes[k], i, j, self.pair_bound == "tight")
             d_lo, d_hi = _merge_delta(a, diff, j)
             if cum is not None:
                 d_lo, d_hi = d_lo + cum[0], d_hi + cum[1]
@@ -839,7 +965,7 @@ class PAODING(PruningMethod):
         in_box = st.box if k == 0 else boxes[k - 1]
         a = st.linears[k + 1].weight.detach().double()
         for i, j in chosen:
-            diff = _pair_difference(st.linears[k], st.acts[k], in_box, boxes[k], i, j)
+            diff = _pair_difference(st.linears[k], st.acts[k], in_box, boxes[k], i, j, self.pair_bound == "tight")
             d_lo, d_hi = _merge_delta(a, diff, j)
             cum = st.cumulative[k]
             st.cumulative[k] = (d_lo, d_hi) if cum is None else (cum[0] + d_lo, cum[1] + d_hi)
@@ -868,7 +994,7 @@ def _single_reader_pieces(chain: _DenseChain, by_producer: dict[str, ChannelGrou
 
 
 def _pair_difference(layer: nn.Linear, act: nn.Module | None, in_box: tuple[Tensor, Tensor],
-                     out_box: tuple[Tensor, Tensor], i: int, j: int) -> tuple[float, float]:
+                     out_box: tuple[Tensor, Tensor], i: int, j: int, tight: bool = True) -> tuple[float, float]:
     """Interval of ``x_i - x_j`` (activations of neurons ``i`` and ``j`` of ``layer``).
 
     The paper subtracts the two neurons' intervals, ``[lo_i - hi_j, hi_i - lo_j]``, which
@@ -879,6 +1005,8 @@ def _pair_difference(layer: nn.Linear, act: nn.Module | None, in_box: tuple[Tens
     """
     lo, hi = out_box
     naive_lo, naive_hi = float(lo[i] - hi[j]), float(hi[i] - lo[j])
+    if not tight:  # the paper's bound (pair_bound="paper")
+        return naive_lo, naive_hi
     w = layer.weight.detach().double()
     dw = w[i] - w[j]
     db = 0.0 if layer.bias is None else float(layer.bias[i].double() - layer.bias[j].double())
