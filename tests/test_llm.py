@@ -474,7 +474,7 @@ def test_text_sweep_config_errors_name_the_key(lm_dirs, corpus):
     check_text_data(compose(good))
     from search.config import method_configs
 
-    assert set(method_configs(compose(good))) == {"llm_magnitude", "wanda", "sparsegpt"}
+    assert set(method_configs(compose(good))) == {"llm_magnitude", "wanda", "sparsegpt", "llm_structured"}
     assert not {"llm_magnitude", "wanda", "sparsegpt"} & set(method_configs(compose([])))
 
 
