@@ -9,15 +9,20 @@ model for structured masks, the masked model otherwise), FLOPs and parameters on
 Part ``unstructured`` (weight sparsity 50 / 80 %; every run trains 4 epochs in all):
   dense (4 epochs) | magnitude, ``uniform`` and ``global`` (3 + 1 fine-tune) | random at
   initialisation (uniform, the sparse network trains the 4 epochs) | IMP (3 rounds + final, 1 epoch each, learning-rate rewinding,
-  uniform) | BINGO (library defaults: uniform, reset to zero, 3 + 1) | BINGO
-  ``allocation=damage`` (3 + 1) | GaP (3 groups x 1 round x 1 epoch + 1 fine-tune, uniform).
-  Then PAODING, data-free on that seed's dense model (``conv_ratio = dense_ratio`` 25 / 50 %,
-  no fine-tune, as the paper; and + 1 fine-tune epoch), against channel L1 and random channels
-  removing the same channels per coupled group from the same dense model (IMP needs training:
-  not applicable to a data-free method).
+  uniform) | BINGO ``variant=paper`` (training batches, batch accuracy, reset to init, every
+  step; 3 + 1) | BINGO ``variant=extended`` (the library default: validation batches, loss,
+  reset to zero; 3 + 1) | BINGO extended with ``allocation=damage`` (3 + 1) | GaP (3 groups x 1
+  round x 1 epoch + 1 fine-tune, uniform).
+  Then PAODING, data-free on that seed's dense model (``conv_ratio = dense_ratio`` 25 / 50 %):
+  the extended variant (the default) without and with + 1 fine-tune epoch, and the paper's
+  variant (no fine-tune, which it refuses) in a table of its own; each against channel L1 and
+  random channels removing the same channels per coupled group from the same dense model (IMP
+  needs training: not applicable to a data-free method).
 
 Part ``structured``:
-  polarization at 50 / 80 % weight sparsity (3 + 1) | RL-Pruner at 50 % of the channels (2
+  polarization at 50 / 80 % weight sparsity (3 + 1), ``variant=extended`` (the default: top-k
+  projection of the gates under a ramped budget) and ``variant=paper`` (the target reached
+  through the losses alone; it reports the sparsity it reached), each in a table of its own | RL-Pruner at 50 % of the channels (2
   pretrain + a KD recovery epoch after steps 1 and 2 + 1 distilled fine-tune = 5 epochs). Each
   against channel baselines that remove the *same number of channels from every coupled group*
   (so the physical FLOPs match exactly) with the same epochs: channel L1 (dense, cut, fine-tune),
@@ -241,7 +246,8 @@ def part_unstructured(args: argparse.Namespace, seed: int) -> list[dict]:
                 ("random at init (uniform)", build_method("random", sparsity=s, seed=seed), e, f),
                 ("IMP (uniform, lr rewind)", build_method("imp", sparsity=s, distribution="uniform", rounds=e,
                                                           rewind="lr"), 1, 0),
-                ("BINGO (defaults)", build_method("bingo", sparsity=s, seed=seed), e, f),
+                ("BINGO (paper)", build_method("bingo", sparsity=s, seed=seed, variant="paper"), e, f),
+                ("BINGO (extended: the default)", build_method("bingo", sparsity=s, seed=seed), e, f),
                 ("BINGO (allocation=damage)", build_method("bingo", sparsity=s, allocation="damage", seed=seed), e, f),
                 ("GaP (3x1x1, uniform)", build_method("gap", sparsity=s, num_partitions=3, rounds=1,
                                                       epochs_per_step=max(1, e // 3)), e, f)]
@@ -256,13 +262,29 @@ def part_unstructured(args: argparse.Namespace, seed: int) -> list[dict]:
             model = copy.deepcopy(dense_model)
             method = build_method("paoding", conv_ratio=r, dense_ratio=r, pretrain=False, finetune=bool(ft))
             _, result, m = train_run(dm, seed, method, 0, ft, model=model)
-            rec.add(table, "PAODING" + suffix, m)
-            counts = tuple(removed_per_group(m_art(model, result, shape)).items())
-            for criterion in ("l1", "random"):
-                base = ChannelCut(counts=counts, criterion=criterion, round_epochs=(0,), seed=seed, input_shape=shape)
-                _, _, mb = train_run(dm, seed, base, 0, ft, model=copy.deepcopy(dense_model))
-                rec.add(table, f"channel {'L1' if criterion == 'l1' else 'random'}{suffix}", mb)
+            rec.add(table, "PAODING (extended: the default)" + suffix, m)
+            channel_baselines(rec, dm, seed, table, dense_model, m_art(model, result, shape), ft, suffix)
+        # The paper's variant (data-free, no fine-tuning: it refuses one) in a table of its own, since
+        # it removes other channels than the extended one; its baselines cut the same counts.
+        table = f"paoding paper @ {r:.0%}"
+        model = copy.deepcopy(dense_model)
+        method = build_method("paoding", conv_ratio=r, dense_ratio=r, pretrain=False, variant="paper")
+        _, result, m = train_run(dm, seed, method, 0, 0, model=model)
+        rec.add(table, "PAODING (paper) (data-free)", m)
+        channel_baselines(rec, dm, seed, table, dense_model, m_art(model, result, shape), 0, " (data-free)")
     return rec.rows
+
+
+def channel_baselines(rec: Recorder, dm: Any, seed: int, table: str, dense_model: nn.Module, art: Any, ft: int,
+                      suffix: str) -> None:
+    """Channel L1 and random channels removing the counts ``art``'s surgery removed per coupled
+    group, from the same dense model, with the same fine-tune epochs."""
+    counts = tuple(removed_per_group(art).items())
+    shape = tuple(dm.input_shape)
+    for criterion in ("l1", "random"):
+        base = ChannelCut(counts=counts, criterion=criterion, round_epochs=(0,), seed=seed, input_shape=shape)
+        _, _, mb = train_run(dm, seed, base, 0, ft, model=copy.deepcopy(dense_model))
+        rec.add(table, f"channel {'L1' if criterion == 'l1' else 'random'}{suffix}", mb)
 
 
 def m_art(model: nn.Module, result: Any, shape: tuple[int, ...]) -> Any:
@@ -296,12 +318,13 @@ def part_structured(args: argparse.Namespace, seed: int) -> list[dict]:
     e, f = args.epochs, args.finetune
     shape = tuple(dm.input_shape)
     for s in args.sparsities:
-        table = f"polarization @ {s:.0%}"
-        model, result, m = train_run(dm, seed, build_method("polarization", sparsity=s), e, f)
-        rec.add(table, "polarization", m)
-        counts = removed_per_group(m_art(model, result, shape))
-        structured_baselines(rec, dm, seed, table, counts, m["flops"], first_round=e - 2 if e > 2 else 1,
-                             rounds=3 if e > 2 else 1, finetune=f)
+        for variant, label in (("extended", "polarization (extended: the default)"), ("paper", "polarization (paper)")):
+            table = f"polarization @ {s:.0%}" + (" paper" if variant == "paper" else "")
+            model, result, m = train_run(dm, seed, build_method("polarization", sparsity=s, variant=variant), e, f)
+            rec.add(table, label, m)
+            counts = removed_per_group(m_art(model, result, shape))
+            structured_baselines(rec, dm, seed, table, counts, m["flops"], first_round=e - 2 if e > 2 else 1,
+                                 rounds=3 if e > 2 else 1, finetune=f)
     for s in args.rl_sparsities:
         table = f"rl_pruner @ {s:.0%} channels"
         pretrain = max(1, e - 1)
