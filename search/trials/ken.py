@@ -336,6 +336,9 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
                      input_shape: tuple[int, ...] | None = None, judge: Any = None) -> dict[str, Any]:
     """Apply KEN to a loaded pair, measure, write and log; returns the trial's row.
 
+    About 90 lines: the end of both KEN kinds (``ken_pair``, ``text_ken_pair``) in the order it runs;
+    the measured model and its files pass from step to step.
+
     Args:
         pre / ft: the pair (``ft`` becomes the KEN model).
         score: ``score(model, "val"|"test") -> {"acc", "loss", ...}``; every key is reported
