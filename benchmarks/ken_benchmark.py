@@ -75,6 +75,7 @@ def random_rows_masks(finetuned: torch.nn.Module, names: list[str], counts: dict
 
 
 def quality(args: argparse.Namespace) -> list[dict]:
+    from search.settings import TrialSettings
     from search.trials.ken import get_pair
     from prunelib.methods.ken import PairPlan
 
@@ -83,7 +84,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
     say(f"    data: {dm.sizes}")
     torch.manual_seed(args.seed)
     model = build_model("mlp", tuple(dm.input_shape), dm.num_classes)
-    trial_cfg = {"epochs": args.epochs, "lr": 0.05, "optimizer": "sgd", "seed": args.seed}
+    trial_cfg = TrialSettings.from_dict({"epochs": args.epochs, "lr": 0.05, "optimizer": "sgd", "seed": args.seed})
     cache = args.cache or tempfile.mkdtemp(prefix="ken_pair_")
     t0 = time.perf_counter()
     pre, ft, info = get_pair(model, dm, PairPlan(pretrain_classes=0.5, cache_dir=cache),

@@ -25,7 +25,7 @@ starts and ``completions-<trial id>`` its executions that ran to the end. Faults
   temporary files and the sweep stops with a storage error (exit 3); a resume runs it again.
 
 ``raise``, ``nan`` and ``oom`` are deterministic failures: the trial runs once and is not retried
-(:mod:`search.trial_context`), so its ``attempts-<trial id>`` holds one mark.
+(:mod:`search.trials.context`), so its ``attempts-<trial id>`` holds one mark.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def exception_line(error: Any) -> str:
             if not isinstance(inner, BaseException) or inner is exc:
                 break
             exc = inner
-        if getattr(exc, "line_only", False):  # the line is the whole message (search.trial_context)
+        if getattr(exc, "line_only", False):  # the line is the whole message (search.trials.context)
             return _last_line(str(exc))[:200]
         if type(exc).__name__ in ("RayTaskError", "TuneError") or "Traceback" in str(exc):
             return _last_line(str(exc))

@@ -27,24 +27,12 @@ from typing import Any
 from prunelib.artifact import MANIFEST_FILE, ModelSpec, mark_removed, remove_weights, weight_files
 from prunelib.targets import accepted_parameters, resolve_target
 
-__all__ = ["KEEP_WEIGHTS", "keep_policy", "model_spec", "prune_off_front"]
+__all__ = ["KEEP_WEIGHTS", "model_spec", "prune_off_front"]
 
 log = logging.getLogger("search")
 
 #: The values of ``trial.keep_weights`` (see the module doc).
 KEEP_WEIGHTS = ("all", "front", "none")
-
-
-def keep_policy(trial_cfg: Mapping[str, Any]) -> str:
-    """``trial.keep_weights`` (default ``all``).
-
-    Raises:
-        ValueError: not one of :data:`KEEP_WEIGHTS` (the pre-flight says so first).
-    """
-    policy = str(trial_cfg.get("keep_weights", "all"))
-    if policy not in KEEP_WEIGHTS:
-        raise ValueError(f"trial.keep_weights: {policy!r} is not one of {list(KEEP_WEIGHTS)}")
-    return policy
 
 
 def model_spec(model_cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int,

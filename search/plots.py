@@ -6,6 +6,9 @@ Front plots put the cost objective (FLOPs per sample, forward, 1 multiply-add = 
 and the accuracy-like objective (a fraction) on y; every plot copes with 0 or 1 finished
 trials. A method has one colour (:func:`method_colours`) in every figure and in the dashboard;
 the dense model, when the sweep measured it (:class:`DenseReference`), is a black star.
+
+Over 500 lines because it is one function per figure, sharing the colours, axes and the
+dense reference; splitting it would scatter those shared helpers.
 """
 
 from __future__ import annotations

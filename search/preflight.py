@@ -41,7 +41,7 @@ from search.errors import ConfigError
 from search.preflight_build import BuildProcess, absolute_paths, build_check
 from search.settings import (DATA_KEYS, MODEL_KEYS, SAMPLERS, ClusterSettings, SweepSettings, TrialSettings, check_objectives,
                              mapping, objectives_and_key, text)
-from search.space import SearchSpace, load_method_configs, method_class, method_space
+from search.space import MethodSpace, SearchSpace, load_method_configs, method_class, method_space
 from search.sweep_stores import open_sweep_stores, optuna_storage_url, state_copy_in_mlflow, tracking_uri
 from search.trials.kinds import TRIAL_KINDS, TrialKind, register_trial_kind, reported_metrics  # the trial kinds
 
@@ -190,8 +190,13 @@ def _construct(cls: type, settings: Mapping[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: {exc}") from exc
 
 
-def check_method(name: str, cfg: Mapping[str, Any], *, pinned: bool, search_settings: bool, n_trials: int) -> None:
-    """Schema and semantic checks of one method config; errors name ``method[NAME]...``."""
+def check_method(name: str, cfg: Mapping[str, Any], *, pinned: bool, search_settings: bool,
+                 n_trials: int) -> MethodSpace:
+    """Schema and semantic checks of one method config; errors name ``method[NAME]...``.
+
+    Returns the method's parsed :class:`search.space.MethodSpace` (its ``space:`` parsed once, here;
+    :class:`search.space.SearchSpace` takes it as it is).
+    """
     mapping(f"method[{name}]", cfg)
     cls = _method_class(name, cfg)
     accepted = _accepted_settings(cls)
@@ -228,6 +233,7 @@ def check_method(name: str, cfg: Mapping[str, Any], *, pinned: bool, search_sett
     if pinned and search_settings and not space.dims and n_trials > 1:
         raise ConfigError(f"method[{name}].space: empty, so all {n_trials} trials would run the same settings; "
                           f"give the method a space: or set search.n_trials=1")
+    return space
 
 
 
@@ -346,11 +352,11 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
             pool = {m: c for m, c in pool.items() if m not in pair_methods}
     if not pool:
         raise ConfigError("method: no method to search")
-    for name, mcfg in pool.items():
-        check_method(name, mcfg, pinned=pinned, search_settings=search.search_settings, n_trials=search.n_trials)
+    spaces = {name: check_method(name, mcfg, pinned=pinned, search_settings=search.search_settings,
+                                 n_trials=search.n_trials) for name, mcfg in pool.items()}
     if not pinned:
         cfg["method_pool"] = pool
-    space = SearchSpace(pool, pinned=pinned, search_settings=search.search_settings)
+    space = SearchSpace(spaces, pinned=pinned, search_settings=search.search_settings)
     objectives = list(settings.objectives)
     if not user_module:  # a user's module reports what it logs: checked once it is built (apply_build)
         _check_objectives(cfg, pool, None)

@@ -26,16 +26,39 @@ def build_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Build data, model (and the user's module) on the CPU, run the model on one real training
     batch, and the module on one validation batch. Returns ``input_shape``, ``num_classes``,
     ``logged`` (the module's validation metrics, None for the built-in module) and ``notes``."""
+    from search.settings import ModuleSettings, TrialSettings
+
+    # Runs in a process of its own: the groups it reads are typed here, once.
+    trial, module_cfg = TrialSettings.from_dict(cfg["trial"]), ModuleSettings.from_dict(cfg.get("module"))
+    data, model_cfg, seed = cfg["data"], cfg["model"], int(trial.seed)
+    dm, x = _build_data(data, seed)
+    input_shape, num_classes = tuple(int(s) for s in dm.input_shape), int(dm.num_classes)
+    model_key = "model._target_" if model_cfg.get("_target_") else "model.name"
+    label = model_cfg.get("_target_") or model_cfg.get("name")
+    model = _build_model(model_cfg, input_shape, num_classes, seed, model_key, label)
+    notes: list[str] = []
+    logged: set[str] | None = None
+    module, network = None, model
+    if module_cfg.target:
+        module, network = _build_module(module_cfg, model, input_shape, num_classes, trial)
+        if network is not model:
+            notes.append(f"module._target_={module_cfg.target} builds its own network "
+                         f"({type(network).__name__}); model.* is not used")
+    _check_forward(network, x, num_classes, model_key, label)
+    if module is not None:
+        logged = _validate_module(module, dm, module_cfg.target)
+    return {"input_shape": input_shape, "num_classes": num_classes, "logged": logged, "notes": notes,
+            "data": repr(dm)}
+
+
+def _build_data(data: Mapping[str, Any], seed: int) -> tuple[Any, Any]:
+    """The data module of ``data`` and one training batch of it (4 samples)."""
     import torch
-    from lightning import LightningModule
 
     from prunelib.data import DataSourceError, DatasetNotFoundError, datamodule_from_config
     from prunelib.data.labels import check_datamodule_labels
-    from prunelib.models import model_from_config
     from prunelib.targets import TargetError
 
-    data, model_cfg, trial = cfg["data"], cfg["model"], cfg["trial"]
-    seed = int(trial.get("seed", 0))
     data_key = "data._target_" if data.get("_target_") else "data.root" if "root" in data else "data"
     try:
         dm = datamodule_from_config(data, seed=seed, device="cpu")
@@ -56,35 +79,43 @@ def build_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
         x, _ = dm.sample_batch("train", n=4, generator=torch.Generator().manual_seed(seed))
     except Exception as exc:
         raise ConfigError(f"{data_key}: could not read a training batch: {type(exc).__name__}: {one_line(exc)}") from exc
-    input_shape, num_classes = tuple(int(s) for s in dm.input_shape), int(dm.num_classes)
-    model_key = "model._target_" if model_cfg.get("_target_") else "model.name"
-    label = model_cfg.get("_target_") or model_cfg.get("name")
+    return dm, x
+
+
+def _build_model(model_cfg: Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int, seed: int,
+                 model_key: str, label: Any) -> Any:
+    import torch
+
+    from prunelib.models import model_from_config
+    from prunelib.targets import TargetError
+
     try:
         torch.manual_seed(seed)
-        model = model_from_config(model_cfg, input_shape, num_classes)
+        return model_from_config(model_cfg, input_shape, num_classes)
     except TargetError as exc:
         raise ConfigError(str(exc)) from exc
     except Exception as exc:
         raise ConfigError(f"{model_key}={label}: {type(exc).__name__}: {one_line(exc)}") from exc
-    notes: list[str] = []
-    logged: set[str] | None = None
-    module_cfg = cfg.get("module") or {}
-    network = model
-    if module_cfg.get("_target_"):
-        from search.trials.training import build_module
 
-        try:
-            module = build_module(module_cfg, model, input_shape, num_classes, trial)
-        except TargetError as exc:
-            raise ConfigError(str(exc)) from exc
-        except TypeError as exc:
-            raise ConfigError(str(exc)) from exc
-        from prunelib.training import network_of
 
-        network = network_of(module)
-        if network is not model:
-            notes.append(f"module._target_={module_cfg['_target_']} builds its own network "
-                         f"({type(network).__name__}); model.* is not used")
+def _build_module(module_cfg: Any, model: Any, input_shape: tuple[int, ...], num_classes: int,
+                  trial: Any) -> tuple[Any, Any]:
+    """The user's LightningModule and the network it trains (:func:`prunelib.training.network_of`)."""
+    from prunelib.targets import TargetError
+    from prunelib.training import network_of
+    from search.trials.training import build_module
+
+    try:
+        module = build_module(module_cfg, model, input_shape, num_classes, trial)
+    except (TargetError, TypeError) as exc:
+        raise ConfigError(str(exc)) from exc
+    return module, network_of(module)
+
+
+def _check_forward(network: Any, x: Any, num_classes: int, model_key: str, label: Any) -> None:
+    """The network's output on the batch ``x`` is one logit per class."""
+    import torch
+
     was = network.training
     network.eval()
     try:
@@ -98,17 +129,17 @@ def build_once(cfg: Mapping[str, Any]) -> dict[str, Any]:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"{model_key}={label}: output {shape} for a batch of shape {tuple(x.shape)}; expected "
                           f"({x.shape[0]}, {num_classes}) (one logit per class of the data)")
-    if module_cfg.get("_target_"):
-        assert isinstance(module, LightningModule)
-        from prunelib.training import TrainConfig, validate_module
 
-        try:
-            logged = set(validate_module(module, dm, TrainConfig(accelerator="cpu", progress=False), limit_batches=1))
-        except Exception as exc:
-            raise ConfigError(f"module._target_={module_cfg['_target_']}: one validation batch raised "
-                              f"{type(exc).__name__}: {one_line(exc)}") from exc
-    return {"input_shape": input_shape, "num_classes": num_classes, "logged": logged, "notes": notes,
-            "data": repr(dm)}
+
+def _validate_module(module: Any, dm: Any, target: str | None) -> set[str]:
+    """The metric names the user's module logs on one validation batch."""
+    from prunelib.training import TrainConfig, validate_module
+
+    try:
+        return set(validate_module(module, dm, TrainConfig(accelerator="cpu", progress=False), limit_batches=1))
+    except Exception as exc:
+        raise ConfigError(f"module._target_={target}: one validation batch raised "
+                          f"{type(exc).__name__}: {one_line(exc)}") from exc
 
 
 _PATH_KEYS = {"data": ("root", "path", "test_path"), "search": ("storage", "resume_dir")}

@@ -104,7 +104,7 @@ def rerun_front(front: pd.DataFrame, configs: dict[str, dict[str, Any]], ctx: An
     """
     import ray
 
-    base_seed = int(ctx.trial.get("seed", 0))
+    base_seed = int(ctx.trial_settings.seed)
     plan = rerun_plan(front, configs, seeds, base_seed)
     if not plan:
         return None

@@ -327,17 +327,19 @@ class SearchSpace:
     """The define-by-run search space over methods and their settings.
 
     Args:
-        methods: method configs by name (from ``conf/method``); one entry when pinned.
+        methods: method configs by name (from ``conf/method``), or their spaces already parsed
+            (:func:`search.preflight.check_method` returns them); one entry when pinned.
         pinned: the method was chosen by the user (``+method=NAME``): it is not searched.
         search_settings: when False, only the method (if not pinned) is searched and each
             method runs with its fixed settings.
     """
 
-    def __init__(self, methods: Mapping[str, Mapping[str, Any]], pinned: bool,
+    def __init__(self, methods: Mapping[str, Mapping[str, Any] | MethodSpace], pinned: bool,
                  search_settings: bool = True) -> None:
         if not methods:
             raise ConfigError("method: no method to search")
-        self.spaces = {name: method_space(cfg) for name, cfg in methods.items()}
+        self.spaces = {name: cfg if isinstance(cfg, MethodSpace) else method_space(cfg)
+                       for name, cfg in methods.items()}
         self.pinned = pinned
         self.search_settings = search_settings
 

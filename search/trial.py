@@ -1,5 +1,8 @@
 """The old home of one trial, kept for imports (``from search.trial import run_trial``): the
-trial protocol lives in :mod:`search.trials` (this module only re-exports its public names)."""
+trial protocol lives in :mod:`search.trials` (this module only re-exports its public names).
+
+Nothing in ``search`` imports this module (new code imports :mod:`search.trials`); it stays
+for the tests, benchmarks and users' code that import the old path."""
 
 from search.trials.common import (ObjectiveNotLoggedError, TrialFailed, adopt_finished, collapse_metrics,
                                   measure_latency_ms, record_trial, trial_output_dir, wants_latency)

@@ -26,7 +26,7 @@ from search.sweep_state import interrupt_tune, read_abort, request_abort
 if TYPE_CHECKING:
     from search import pareto
 
-__all__ = ["end_unfinished_runs", "logged_trials", "make_abort_stopper_class", "make_budget_limiter_class",
+__all__ = ["FrontReport", "end_unfinished_runs", "logged_trials", "make_abort_stopper_class", "make_budget_limiter_class",
            "make_front_callback_class", "orphan_rows", "quiet_tune", "result_trial_id", "settings_text",
            "stopped_by_storage", "stored_rows", "trial_error_line", "trial_rows", "trial_storage_error",
            "tune_file_loggers"]
@@ -66,117 +66,135 @@ def trial_rows(trials: list[Any], ended: Any = None, ended_status: str = "TERMIN
     return rows
 
 
+class FrontReport:
+    """What the sweep's front callback does, apart from Tune's hooks: one line per ended trial,
+    the front logged to MLflow (:func:`make_front_callback_class` adds the hooks).
+
+    On Tune's event loop it only snapshots the ended trials' results; the front, the
+    hypervolume (raw and normalised by the reference box), the console line and the MLflow
+    writes run on one background thread, in the order the trials ended. The front's plots
+    are uploaded when the front changes and once more at the end (see
+    search.tracking.SweepTracker.log_front).
+
+    Holds only strings and numbers, so Ray can pickle it into the experiment state and
+    restore it on resume; the rows are rebuilt from Tune's trial list each time.
+    """
+
+    def __init__(self, objectives: list[tuple[str, str]], n_trials: int,
+                 tracking: dict[str, str] | None, reference: list[float] | None,
+                 abort_file: str | None = None) -> None:
+        self.objectives = objectives
+        self.n_trials = n_trials
+        self.tracking = tracking
+        self.reference = reference
+        self.abort_file = abort_file  # a configuration error seen in a trial stops the sweep
+        self._tracker: Any = None
+        self._executor: Any = None
+        self.unlogged: list[str] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_tracker"] = None
+        state["_executor"] = None
+        return state
+
+    def _submit(self, rows: list[dict[str, Any]], trial_id: str | None, error: str | None,
+                final: bool = False) -> None:
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="front")
+        self._executor.submit(self._report, rows, trial_id, error, final)
+
+    def _report(self, rows: list[dict[str, Any]], trial_id: str | None, error: str | None,
+                final: bool) -> None:
+        # Runs on the background thread, one call after the other.
+        from search import pareto
+
+        try:
+            summary = pareto.front_summary(rows, self.objectives, self.reference)
+        except Exception as exc:  # a bad row must not stop the sweep
+            log.warning("could not compute the front: %s", exc)
+            summary = None
+        if not final:
+            if summary is not None:
+                note_front(len(summary.front), summary.hypervolume_normalised)
+            self._print_line(rows, trial_id, error, summary)
+        if self.tracking:
+            self._log_front(rows, summary, final)
+
+    def _log_front(self, rows: list[dict[str, Any]], summary: pareto.FrontSummary | None, final: bool) -> None:
+        try:
+            if self._tracker is None:
+                from search.tracking import SweepTracker
+
+                self._tracker = SweepTracker(self.tracking["uri"], self.tracking["experiment"])
+                self._tracker.run_id = self.tracking["parent_run_id"]
+            self._tracker.log_front(rows, self.objectives, step=len(rows), reference=self.reference,
+                                    final=final, summary=summary)
+        except Exception as exc:  # a tracking outage must not stop the sweep
+            self.unlogged.append(f"front after {len(rows)} trials: {exc}")
+            log.warning("could not log the front to MLflow: %s", exc)
+
+    def _print_line(self, rows: list[dict[str, Any]], trial_id: str | None, error: str | None,
+                    summary: pareto.FrontSummary | None) -> None:
+        row = next((r for r in rows if r["trial_id"] == trial_id), {})
+        if error is not None:
+            print(f"[{len(rows)}/{self.n_trials}] {trial_id} {row.get('method') or '?':<10} FAILED: {error}",
+                  flush=True)
+            return
+        acc_key, flops_key = self.objectives[0][0], self.objectives[-1][0]
+        stopped = row.get("status") == "early_stopped"
+        if stopped:
+            from search.rungs import PROJECTED_PREFIX
+
+            # The rung judged the model the method is heading for (projected_*), not the
+            # current one (dense for one-shot methods before their cut); show what it judged
+            # and the seconds the trial ran (it never reached the end-of-trial timer).
+            row = {**row, **{key: row[f"{PROJECTED_PREFIX}{key}"] for key in (acc_key, flops_key)
+                             if f"{PROJECTED_PREFIX}{key}" in row}}
+            seconds = row.get("time_total_s", 0.0)
+        else:
+            seconds = row.get("trial_wall_s", row.get("wall_s", 0.0))
+        dense = row.get("flops_dense")
+        share = (f" ({100 * float(row[flops_key]) / float(dense):.0f}% of dense)"
+                 if dense and flops_key in row and flops_key.startswith("flops") else "")
+        size = len(summary.front) if summary is not None else 0
+        hv_text = (f"  hv {summary.hypervolume:.4g} ({summary.hypervolume_normalised:.4f} of the box)"
+                   if summary is not None and size else "")
+        status = (f"stopped at epoch {row.get('epoch', '?')} (projected) " if stopped else "")
+        flag = f"  COLLAPSED: {row.get('collapse')}" if row.get("collapsed") else ""  # issue 29
+        print(f"[{len(rows)}/{self.n_trials}] {trial_id} {row.get('method', '?'):<10} "
+              f"{settings_text(row):<34} {status}{acc_key} {float(row.get(acc_key, float('nan'))):.4f}  "
+              f"{flops_key} {_fmt_flops(row.get(flops_key))}{share}  "
+              f"{float(seconds or 0.0):.1f}s  front {size}{hv_text}{flag}",
+              flush=True)
+
+    def flush(self) -> None:
+        """Wait for pending lines and front logging (called at the end of the experiment)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _abort_on_storage_error(self, trial: Any) -> None:
+        failure = trial_storage_error(trial)
+        if self.abort_file and failure is not None:
+            request = {"kind": "storage", "path": failure.path, "reason": failure.reason,
+                       "trial_id": trial.trial_id}
+            # Stop as Ctrl-C does (Tune saves the running trials as unfinished, the searcher
+            # stays open): the sweep resumes where it stopped. The AbortStopper, which ends
+            # the searcher, is the fallback where Tune's handler is not installed.
+            request["via"] = "interrupt" if interrupt_tune() else "stopper"
+            request_abort(self.abort_file, request)
+
+
 def make_front_callback_class() -> type:
+    """The Ray Tune callback of the sweep: :class:`FrontReport` with Tune's hooks (made on call,
+    so importing this module imports no Ray)."""
     from ray.tune import Callback
 
-    from search import pareto
-
-    class FrontCallback(Callback):
-        """Prints one line per ended trial and logs the front to MLflow.
-
-        On Tune's event loop it only snapshots the ended trials' results; the front, the
-        hypervolume (raw and normalised by the reference box), the console line and the MLflow
-        writes run on one background thread, in the order the trials ended. The front's plots
-        are uploaded when the front changes and once more at the end (see
-        search.tracking.SweepTracker.log_front).
-
-        Holds only strings and numbers, so Ray can pickle it into the experiment state and
-        restore it on resume; the rows are rebuilt from Tune's trial list each time.
-        """
-
-        def __init__(self, objectives: list[tuple[str, str]], n_trials: int,
-                     tracking: dict[str, str] | None, reference: list[float] | None,
-                     abort_file: str | None = None) -> None:
-            self.objectives = objectives
-            self.n_trials = n_trials
-            self.tracking = tracking
-            self.reference = reference
-            self.abort_file = abort_file  # a configuration error seen in a trial stops the sweep
-            self._tracker: Any = None
-            self._executor: Any = None
-            self.unlogged: list[str] = []
-
-        def __getstate__(self) -> dict[str, Any]:
-            state = dict(self.__dict__)
-            state["_tracker"] = None
-            state["_executor"] = None
-            return state
-
-        def _submit(self, rows: list[dict[str, Any]], trial_id: str | None, error: str | None,
-                    final: bool = False) -> None:
-            if self._executor is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="front")
-            self._executor.submit(self._report, rows, trial_id, error, final)
-
-        def _report(self, rows: list[dict[str, Any]], trial_id: str | None, error: str | None,
-                    final: bool) -> None:
-            # Runs on the background thread, one call after the other.
-            try:
-                summary = pareto.front_summary(rows, self.objectives, self.reference)
-            except Exception as exc:  # a bad row must not stop the sweep
-                log.warning("could not compute the front: %s", exc)
-                summary = None
-            if not final:
-                if summary is not None:
-                    note_front(len(summary.front), summary.hypervolume_normalised)
-                self._print_line(rows, trial_id, error, summary)
-            if self.tracking:
-                self._log_front(rows, summary, final)
-
-        def _log_front(self, rows: list[dict[str, Any]], summary: pareto.FrontSummary | None, final: bool) -> None:
-            try:
-                if self._tracker is None:
-                    from search.tracking import SweepTracker
-
-                    self._tracker = SweepTracker(self.tracking["uri"], self.tracking["experiment"])
-                    self._tracker.run_id = self.tracking["parent_run_id"]
-                self._tracker.log_front(rows, self.objectives, step=len(rows), reference=self.reference,
-                                        final=final, summary=summary)
-            except Exception as exc:  # a tracking outage must not stop the sweep
-                self.unlogged.append(f"front after {len(rows)} trials: {exc}")
-                log.warning("could not log the front to MLflow: %s", exc)
-
-        def _print_line(self, rows: list[dict[str, Any]], trial_id: str | None, error: str | None,
-                        summary: pareto.FrontSummary | None) -> None:
-            row = next((r for r in rows if r["trial_id"] == trial_id), {})
-            if error is not None:
-                print(f"[{len(rows)}/{self.n_trials}] {trial_id} {row.get('method') or '?':<10} FAILED: {error}",
-                      flush=True)
-                return
-            acc_key, flops_key = self.objectives[0][0], self.objectives[-1][0]
-            stopped = row.get("status") == "early_stopped"
-            if stopped:
-                from search.rungs import PROJECTED_PREFIX
-
-                # The rung judged the model the method is heading for (projected_*), not the
-                # current one (dense for one-shot methods before their cut); show what it judged
-                # and the seconds the trial ran (it never reached the end-of-trial timer).
-                row = {**row, **{key: row[f"{PROJECTED_PREFIX}{key}"] for key in (acc_key, flops_key)
-                                 if f"{PROJECTED_PREFIX}{key}" in row}}
-                seconds = row.get("time_total_s", 0.0)
-            else:
-                seconds = row.get("trial_wall_s", row.get("wall_s", 0.0))
-            dense = row.get("flops_dense")
-            share = (f" ({100 * float(row[flops_key]) / float(dense):.0f}% of dense)"
-                     if dense and flops_key in row and flops_key.startswith("flops") else "")
-            size = len(summary.front) if summary is not None else 0
-            hv_text = (f"  hv {summary.hypervolume:.4g} ({summary.hypervolume_normalised:.4f} of the box)"
-                       if summary is not None and size else "")
-            status = (f"stopped at epoch {row.get('epoch', '?')} (projected) " if stopped else "")
-            flag = f"  COLLAPSED: {row.get('collapse')}" if row.get("collapsed") else ""  # issue 29
-            print(f"[{len(rows)}/{self.n_trials}] {trial_id} {row.get('method', '?'):<10} "
-                  f"{settings_text(row):<34} {status}{acc_key} {float(row.get(acc_key, float('nan'))):.4f}  "
-                  f"{flops_key} {_fmt_flops(row.get(flops_key))}{share}  "
-                  f"{float(seconds or 0.0):.1f}s  front {size}{hv_text}{flag}",
-                  flush=True)
-
-        def flush(self) -> None:
-            """Wait for pending lines and front logging (called at the end of the experiment)."""
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+    class FrontCallback(FrontReport, Callback):
+        """Tune's hooks of :class:`FrontReport`: every ended trial is one line and a front update."""
 
         def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
             if self.tracking:  # the final plots, with every trial on them
@@ -198,17 +216,6 @@ def make_front_callback_class() -> type:
         def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             # A retry would only fill the disk again (or be told the same refusal): stop now.
             self._abort_on_storage_error(trial)
-
-        def _abort_on_storage_error(self, trial: Any) -> None:
-            failure = trial_storage_error(trial)
-            if self.abort_file and failure is not None:
-                request = {"kind": "storage", "path": failure.path, "reason": failure.reason,
-                           "trial_id": trial.trial_id}
-                # Stop as Ctrl-C does (Tune saves the running trials as unfinished, the searcher
-                # stays open): the sweep resumes where it stopped. The AbortStopper, which ends
-                # the searcher, is the fallback where Tune's handler is not installed.
-                request["via"] = "interrupt" if interrupt_tune() else "stopper"
-                request_abort(self.abort_file, request)
 
     return FrontCallback
 

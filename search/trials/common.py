@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from search.keep import prune_off_front
+from search.settings import TrialSettings
 from search.space import ConfigError
 from search.storage import SweepStorage, atomic_write_text
 from search.trials.context import TrialContext
@@ -50,9 +51,9 @@ def build_trial_method(ctx: TrialContext, method_name: str, settings: Mapping[st
     return ctx.space.spaces[method_name].build(settings)
 
 
-def trial_device(trial_cfg: Mapping[str, Any]) -> str:
+def trial_device(trial: TrialSettings) -> str:
     """``"cuda"`` when the trial asks for GPUs (``trial.gpus``) and one is visible, else ``"cpu"``."""
-    gpus = trial_cfg.get("gpus", 0)
+    gpus = trial.gpus
     return "cuda" if (gpus not in (0, None, "0") and torch.cuda.is_available()) else "cpu"
 
 
@@ -79,16 +80,16 @@ def measure_latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch_siz
     return times[len(times) // 2]
 
 
-def wants_latency(ctx: TrialContext, trial_cfg: Mapping[str, Any]) -> bool:
+def wants_latency(ctx: TrialContext, trial: TrialSettings) -> bool:
     """Whether the trial measures forward latency (an objective needs it, or it was asked for)."""
-    return any(m == LATENCY_MS for m, _ in ctx.objectives) or bool(trial_cfg.get("measure_latency"))
+    return any(m == LATENCY_MS for m, _ in ctx.objectives) or trial.measure_latency
 
 
-def latency_probe(ctx: TrialContext, trial_cfg: Mapping[str, Any], input_shape: tuple[int, ...],
+def latency_probe(ctx: TrialContext, trial: TrialSettings, input_shape: tuple[int, ...],
                   device: str) -> Callable[[nn.Module], dict[str, float]]:
     """``probe(model) -> {"latency_ms": ...}`` when the trial measures latency, else ``{}``."""
-    want = wants_latency(ctx, trial_cfg)
-    batch = int(trial_cfg.get("latency_batch_size", 256))
+    want = wants_latency(ctx, trial)
+    batch = int(trial.latency_batch_size)
 
     def probe(net: nn.Module) -> dict[str, float]:
         return {LATENCY_MS: measure_latency_ms(net, input_shape, batch, device=device)} if want else {}

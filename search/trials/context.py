@@ -14,6 +14,7 @@ its trial is retried and runs again.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from search.settings import TrialSettings
 from search.space import SearchSpace
 
 __all__ = ["FAILED_FILE", "TrialContext", "TrialFailedBefore", "earlier_failure", "launch_dir", "record_failure",
@@ -47,7 +49,8 @@ class TrialContext:
     Attributes:
         data: the ``data`` config section (see :func:`prunelib.data.datamodule_from_config`).
         model: the ``model`` config section (``name``, or ``_target_`` and its own keys).
-        trial: the ``trial`` config section (epochs, optimizer, resources...).
+        trial: the ``trial`` config section (epochs, optimizer, resources...) as Tune's wire
+            format (a plain dict); read it typed through :attr:`trial_settings`.
         space: the search space, to turn sampled params into method settings.
         objectives: ``[(metric, "max"|"min"), ...]`` reported with every intermediate result.
         tracking: ``{"uri", "experiment_id", "parent_run_id"}`` or None to skip MLflow.
@@ -70,6 +73,16 @@ class TrialContext:
     sweep_root: str | None = None
     resumed: bool = False
     driver: dict[str, Any] | None = None
+
+    @functools.cached_property
+    def trial_settings(self) -> TrialSettings:
+        """``trial`` parsed and checked once per process (:class:`search.settings.TrialSettings`):
+        every default comes from there, none is restated by a reader."""
+        return TrialSettings.from_dict(self.trial)
+
+    def settings_for(self, overrides: dict[str, Any]) -> TrialSettings:
+        """The trial's settings with the ``trial.*`` values sampled for it (parsed once per trial)."""
+        return TrialSettings.from_dict({**self.trial, **overrides}) if overrides else self.trial_settings
 
 
 def launch_dir() -> Path:

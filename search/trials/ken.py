@@ -48,7 +48,8 @@ from prunelib.methods.base import Phase, PruningMethod
 from prunelib.methods.ken import KEN, KENError, PairPlan
 from prunelib.models.hf import is_hf_dir
 from prunelib.training import CollapseCheck, TrainConfig, evaluate, run_pruning
-from search.keep import keep_policy, model_spec
+from search.keep import model_spec
+from search.settings import TrialSettings
 from search.storage import atomic_write_text
 from search.trials.common import (TrialFailed, build_trial_method, collapse_metrics, latency_probe, record_trial,
                                   trial_output_dir)
@@ -188,15 +189,17 @@ def class_subset(datamodule: ArrayDataModule, classes: list[int]) -> ArrayDataMo
     return dm
 
 
-def _train_settings(trial_cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: trial_cfg.get(k, d) for k, d in (("optimizer", "sgd"), ("lr", 0.05), ("momentum", 0.9),
-                                                 ("weight_decay", 5e-4), ("precision", "32-true"),
-                                                 ("epochs", 10), ("seed", 0))}
+#: The ``trial`` settings that decide a made pair's weights (in its cache key, and used to train it).
+_PAIR_TRAIN_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "precision", "epochs", "seed")
 
 
-def pair_key(data_cfg: dict[str, Any], model_cfg: dict[str, Any], trial_cfg: dict[str, Any], plan: PairPlan) -> str:
+def _train_settings(trial: TrialSettings) -> dict[str, Any]:
+    return {k: getattr(trial, k) for k in _PAIR_TRAIN_KEYS}
+
+
+def pair_key(data_cfg: dict[str, Any], model_cfg: dict[str, Any], trial: TrialSettings, plan: PairPlan) -> str:
     """Hex SHA-256 of everything that decides a made pair's weights (not the cache dir or device)."""
-    doc = {"version": PAIR_FORMAT_VERSION, "data": data_cfg, "model": model_cfg, "train": _train_settings(trial_cfg),
+    doc = {"version": PAIR_FORMAT_VERSION, "data": data_cfg, "model": model_cfg, "train": _train_settings(trial),
            "pretrain_classes": plan.pretrain_classes, "pretrain_epochs": plan.pretrain_epochs,
            "finetune_epochs": plan.finetune_epochs, "finetune_lr": plan.finetune_lr}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
@@ -226,7 +229,8 @@ def _save_state(model: nn.Module, path: Path) -> None:
 
 
 def get_pair(model: nn.Module, datamodule: ArrayDataModule, plan: PairPlan, data_cfg: dict[str, Any],
-             model_cfg: dict[str, Any], trial_cfg: dict[str, Any], device: str = "cpu") -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+             model_cfg: dict[str, Any], trial: TrialSettings,
+             device: str = "cpu") -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """The made ``(pretrained, fine-tuned)`` pair for this config, from the cache or trained now.
 
     Args:
@@ -234,13 +238,14 @@ def get_pair(model: nn.Module, datamodule: ArrayDataModule, plan: PairPlan, data
             left untouched).
         datamodule: the target task (all classes).
         plan: the KEN pair plan (fractions, epochs, cache dir).
-        data_cfg / model_cfg / trial_cfg: the config sections, for the cache key and training.
+        data_cfg / model_cfg: the config sections, for the cache key.
+        trial: the trial's settings (:class:`search.settings.TrialSettings`): the cache key and training.
 
     Returns:
         ``(pretrained, finetuned, info)``; ``info`` holds the cache path, whether it was cached,
         the classes pretrained on, epochs and seconds spent, and both models' val accuracy.
     """
-    key = pair_key(data_cfg, model_cfg, trial_cfg, plan)
+    key = pair_key(data_cfg, model_cfg, trial, plan)
     root = resolve_launch_path(plan.cache_dir) if plan.cache_dir else default_cache_dir()
     folder = root / key[:20]
     with _file_lock(root / f"{key[:20]}.lock"):
@@ -251,7 +256,7 @@ def get_pair(model: nn.Module, datamodule: ArrayDataModule, plan: PairPlan, data
             load_checkpoint(folder / "finetuned.safetensors", ft)
             return pre.to(device), ft.to(device), {**info, "cached": True, "path": str(folder)}
         start = time.perf_counter()
-        train = _train_settings(trial_cfg)
+        train = _train_settings(trial)
         classes = list(range(max(1, math.ceil(plan.pretrain_classes * datamodule.num_classes))))
         if len(classes) >= datamodule.num_classes:
             raise PairError(f"pair_pretrain_classes={plan.pretrain_classes} leaves no class for fine-tuning "
@@ -293,7 +298,7 @@ def run_ken_trial(req: TrialRequest) -> dict[str, Any]:
     :func:`finish_ken_trial`. Hugging Face pairs of text models go through
     :func:`search.trials.text.run_hf_ken_trial`."""
     inputs = prepare_torch_trial(req)
-    ctx, trial_cfg, device, datamodule, model = (req.ctx, inputs.trial_cfg, inputs.device, inputs.datamodule,
+    ctx, trial, device, datamodule, model = (req.ctx, inputs.trial, inputs.device, inputs.datamodule,
                                                  inputs.model)
     method = build_trial_method(ctx, req.method_name, req.settings)
     plan = method.pair_plan()
@@ -307,7 +312,7 @@ def run_ken_trial(req: TrialRequest) -> dict[str, Any]:
         pair_info: dict[str, Any] = {"cached": True, "pretrain_epochs": 0, "finetune_epochs": 0,
                                      "path": f"{plan.pretrained} + {plan.finetuned}"}
     else:
-        pre, ft, pair_info = get_pair(model, datamodule, plan, ctx.data, ctx.model, trial_cfg, device)
+        pre, ft, pair_info = get_pair(model, datamodule, plan, ctx.data, ctx.model, trial, device)
     input_shape = inputs.input_shape
 
     def score(net: nn.Module, split: str) -> dict[str, float]:
@@ -315,27 +320,31 @@ def run_ken_trial(req: TrialRequest) -> dict[str, Any]:
         return evaluate(net, batches)
 
     return finish_ken_trial(method, req.settings, req.overrides, ctx, pre, ft, pair_info, score,
-                            lambda net: model_cost(net, input_shape, None), trial_cfg, trial_id=req.trial_id,
+                            lambda net: model_cost(net, input_shape, None), trial, trial_id=req.trial_id,
                             trial_dir=req.trial_dir, start=req.start, data_s=inputs.data_s,
-                            model_args=inputs.model_args, extra=latency_probe(ctx, trial_cfg, input_shape, device),
+                            model_args=inputs.model_args, extra=latency_probe(ctx, trial, input_shape, device),
                             spec=model_spec(ctx.model, input_shape, datamodule.num_classes), input_shape=input_shape,
                             judge=lambda net: CollapseCheck().judge(net, datamodule.val_dataloader()))
 
 
 def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str, Any], ctx: Any,
                      pre: nn.Module, ft: nn.Module, pair_info: dict[str, Any],
-                     score: Any, cost: Any, trial_cfg: dict[str, Any], *, trial_id: str,
+                     score: Any, cost: Any, trial: TrialSettings, *, trial_id: str,
                      trial_dir: str | os.PathLike | None, start: float, data_s: float,
                      model_args: dict[str, Any], extra: Any = None,
                      delta_metadata: dict[str, Any] | None = None, spec: Any = None, tokenizer: Any = None,
                      input_shape: tuple[int, ...] | None = None, judge: Any = None) -> dict[str, Any]:
     """Apply KEN to a loaded pair, measure, write and log; returns the trial's row.
 
+    About 90 lines: the end of both KEN kinds (``ken_pair``, ``text_ken_pair``) in the order it runs;
+    the measured model and its files pass from step to step.
+
     Args:
         pre / ft: the pair (``ft`` becomes the KEN model).
         score: ``score(model, "val"|"test") -> {"acc", "loss", ...}``; every key is reported
             with the split's prefix (``val_acc``, ``val_ppl``...).
         cost: ``cost(model) -> ModelCost`` (dense: KEN zeroes nothing).
+        trial: the trial's settings (``evaluate_test``, ``keep_weights``).
         extra: ``extra(model) -> dict`` of more metrics (latency), or None.
         delta_metadata: more facts for the delta file's header (a Hugging Face class name).
         spec: the :class:`prunelib.artifact.ModelSpec` that rebuilds the model (kept with the
@@ -378,7 +387,7 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
         "pair_cached": bool(pair_info.get("cached")), "select_s": select_s,
         "extra_forward_passes": 0, "extra_backward_passes": 0, "extra_params": 0, **dense_cost.as_dict(),
         "artifact": "masked"}  # flops_deployed = effective: the KEN model keeps its shapes
-    if bool(trial_cfg.get("evaluate_test", True)):
+    if trial.evaluate_test:
         metrics.update({f"test_{k}": v for k, v in score(ft, "test").items() if k in ("acc", "loss", "ppl")})
     metrics.update(method.method_metrics())  # the figures the method declares (reported_metrics)
     if extra is not None:
@@ -397,7 +406,7 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
     atomic_write_text(out_dir / "layer_kept_fraction.json", json.dumps(report["layers"], indent=1))
     pictures = out_dir / "ken_viz"
     ken_pictures(masks.masks, finetuned_state, pictures)
-    keep = keep_policy(trial_cfg)
+    keep = trial.keep_weights
     kept: dict[str, Any] = {"keep_weights": keep}
     artifacts = {"masks": str(masks_path), "ken": str(delta.path), "ken_viz": str(pictures),
                  "layers": str(out_dir / "layer_kept_fraction.json")}

@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from search.settings import TrialSettings
 from search.trials.metrics import (
     KEN_METRICS,
     LATENCY_MS,
@@ -104,7 +105,8 @@ class TrialRequest:
         ctx: the sweep's :class:`search.trials.context.TrialContext`.
         method_name / settings / overrides: the method, its settings and the ``trial.*`` values
             sampled for this trial (:func:`search.space.settings_from_params`).
-        trial_cfg: ``ctx.trial`` with the overrides applied.
+        trial: ``ctx.trial`` with the overrides applied, parsed once
+            (:class:`search.settings.TrialSettings`; :meth:`TrialContext.settings_for`).
         trial_id / trial_dir: the trial's name and where its files go (None: a temporary folder).
         report: where intermediate results go (Ray's ``tune.report``), or None.
         start: ``time.perf_counter()`` when the trial started (seconds).
@@ -116,7 +118,7 @@ class TrialRequest:
     method_name: str
     settings: dict[str, Any]
     overrides: dict[str, Any]
-    trial_cfg: dict[str, Any]
+    trial: TrialSettings
     trial_id: str
     trial_dir: Any
     report: Callable[[dict[str, Any]], None] | None
@@ -132,17 +134,23 @@ def config_model_kind(data_cfg: Mapping[str, Any] | None, model_cfg: Mapping[str
 # ---------------------------------------------------------------------------------------------
 # What each built-in kind reports
 # ---------------------------------------------------------------------------------------------
+def _trial_value(cfg: Mapping[str, Any], key: str) -> Any:
+    """``trial.<key>`` of a resolved config, else its default (a field of :class:`TrialSettings`;
+    the config was checked by ``SweepSettings.from_dict`` before a kind is asked)."""
+    trial = cfg.get("trial") or {}
+    return trial[key] if key in trial else TrialSettings.__dataclass_fields__[key].default
+
+
 def _evaluates_test(cfg: Mapping[str, Any]) -> bool:
-    return bool((cfg.get("trial") or {}).get("evaluate_test", True))
+    return bool(_trial_value(cfg, "evaluate_test"))
 
 
 def _train_reports(cfg: Mapping[str, Any], logged: set[str] | None) -> set[str]:
-    trial = cfg.get("trial") or {}
     out = set(WORK_METRICS) | set(TIMING_METRICS) | {LATENCY_MS} | cost_metrics()
     out |= set(logged) if logged is not None else {VAL_ACC, VAL_LOSS}
     if _evaluates_test(cfg) and logged is None:
         out.add(TEST_ACC)
-    if trial.get("fgsm_epsilon") is not None:
+    if _trial_value(cfg, "fgsm_epsilon") is not None:
         out.add(VAL_FGSM_ACC)
     return out
 

@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 
 from search.progress_board import SEND_AFTER_S, SEND_INTERVAL_S, board_name, format_epoch_line, publish
+from search.settings import TrialSettings
 
 __all__ = ["TrialProgress", "trial_progress"]
 
@@ -148,7 +149,7 @@ class TrialProgress(L.Callback):
 
 
 def trial_progress(trial_id: str, method: str, phases: Sequence[Any], objectives: Sequence[tuple[str, str]],
-                   trial_cfg: Mapping[str, Any], sweep_root: str | None,
+                   trial: TrialSettings, sweep_root: str | None,
                    start: float | None = None) -> TrialProgress | None:
     """The progress callback of a trial: in a sweep (Ray running, a sweep root) it reports to
     the sweep's board; outside one only ``trial.verbose`` prints epoch lines; else None.
@@ -156,7 +157,7 @@ def trial_progress(trial_id: str, method: str, phases: Sequence[Any], objectives
     ``start``: ``time.perf_counter()`` when the trial started. ``phases``: the method's plan (:class:`~prunelib.methods.base.Phase` objects or
     ``(name, epochs)`` pairs). The metric shown is the first ``val_*`` objective, else ``val_acc``.
     """
-    verbose = bool(trial_cfg.get("verbose", False))
+    verbose = trial.verbose
     board = None
     if sweep_root and "ray" in sys.modules:
         import ray

@@ -60,8 +60,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, *, trial_id: str = "loc
     if kind is None:
         what = "Hugging Face text models" if config_model_kind(ctx.data, ctx.model) == "hf" else "this model"
         raise TrialFailed(f"trial {trial_id}: method {method_name!r} does not prune {what}")
+    # The trial's settings, parsed once here (with its sampled trial.* values) and read typed below.
     request = TrialRequest(params=params, ctx=ctx, method_name=method_name, settings=settings, overrides=overrides,
-                           trial_cfg={**ctx.trial, **overrides}, trial_id=trial_id, trial_dir=trial_dir,
+                           trial=ctx.settings_for(overrides), trial_id=trial_id, trial_dir=trial_dir,
                            report=report, start=start, mlflow_run=mlflow_run)
     return kind.runner()(request)
 
@@ -121,7 +122,7 @@ def run_tune_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         return
     import torch
 
-    cpus = int(max(1, ctx.trial.get("cpus", 1)))
+    cpus = int(max(1, ctx.trial_settings.cpus))
     torch.set_num_threads(cpus)  # several trials share the machine's cores
     try:
         if ctx.sweep_root:
@@ -157,7 +158,7 @@ def run_tune_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         if failure is not None:
             raise failure from None
         raise
-    plan = FaultPlan.from_config(ctx.trial.get("faults"))
+    plan = FaultPlan.from_config(ctx.trial_settings.faults)
     if plan is not None:
         plan.record_completion(trial_id)
     import ray

@@ -40,7 +40,6 @@ from prunelib.llm import evaluate_text, sparse_storage_bytes, text_model_cost
 from prunelib.llm.sparsity import parse_pattern
 from prunelib.masks import sparsity_report
 from prunelib.models.hf import HFModelError, hf_task_of, load_hf_model, load_tokenizer
-from search.keep import keep_policy
 from search.storage import atomic_write_text
 from search.trials.common import (TrialFailed, build_trial_method, record_trial, trial_device,
                                   trial_output_dir)
@@ -99,10 +98,10 @@ def run_text_trial(req: TrialRequest) -> dict[str, Any]:
         TrialFailed: the pruned model's loss is not finite, or the model and data do not fit
             together.
     """
-    ctx, trial_id, trial_dir, trial_cfg = req.ctx, req.trial_id, req.trial_dir, req.trial_cfg
+    ctx, trial_id, trial_dir, trial = req.ctx, req.trial_id, req.trial_dir, req.trial
     method_name, settings, overrides, start = req.method_name, req.settings, req.overrides, req.start
-    seed = int(trial_cfg.get("seed", 0))
-    device = trial_device(trial_cfg)
+    seed = int(trial.seed)
+    device = trial_device(trial)
     method = build_trial_method(ctx, method_name, settings)
     hf_dir = model_dir(ctx.model)
     tokenizer = load_tokenizer(hf_dir)
@@ -144,7 +143,7 @@ def run_text_trial(req: TrialRequest) -> dict[str, Any]:
         "epochs": 0, "extra_forward_passes": method.cost.extra_forward_passes, "extra_backward_passes": 0,
         "extra_params": 0, **cost.as_dict(), "artifact": "masked"}  # masks only: flops_deployed = effective
     metrics.update(method.method_metrics())  # the figures the method declares (reported_metrics)
-    if bool(trial_cfg.get("evaluate_test", True)):
+    if trial.evaluate_test:
         metrics.update({f"test_{k}": v for k, v in _scores(model, dm, "test").items()})
     out_dir = trial_output_dir(trial_dir, trial_id)
     masks_path = masks.save(out_dir / "masks.safetensors", model, method=method_name, config=settings,
@@ -155,7 +154,7 @@ def run_text_trial(req: TrialRequest) -> dict[str, Any]:
                                                "block_sparsity": result.block_sparsity if result is not None else [],
                                                "outlier_ratios": result.outlier_ratios if result is not None else []},
                                               indent=1, default=str))
-    keep = keep_policy(trial_cfg)
+    keep = trial.keep_weights
     kept: dict[str, Any] = {"keep_weights": keep}
     artifacts = {"masks": str(masks_path), "layers": str(layers_path)}
     if keep != "none":  # the pruned model as measured, zeros in place, loadable by transformers too
@@ -177,9 +176,9 @@ def run_hf_ken_trial(req: TrialRequest) -> dict[str, Any]:
     """KEN on a Hugging Face pair (``pair.pretrained``, ``pair.finetuned``) scored on ``data=text``."""
     from search.trials.ken import finish_ken_trial  # the KEN trial's common end (imports the training stack)
 
-    ctx, trial_id, trial_dir, trial_cfg = req.ctx, req.trial_id, req.trial_dir, req.trial_cfg
+    ctx, trial_id, trial_dir, trial = req.ctx, req.trial_id, req.trial_dir, req.trial
     settings, overrides, start = req.settings, req.overrides, req.start
-    device = trial_device(trial_cfg)
+    device = trial_device(trial)
     method = build_trial_method(ctx, req.method_name, settings)
     plan = method.pair_plan()
     if plan.pretrained is None or plan.finetuned is None:
@@ -187,7 +186,7 @@ def run_hf_ken_trial(req: TrialRequest) -> dict[str, Any]:
     ft_dir = resolve_launch_path(plan.finetuned)
     tokenizer = load_tokenizer(ft_dir, key="pair.finetuned")
     t_data = time.perf_counter()
-    dm = text_datamodule(ctx.data, ft_dir, tokenizer, int(trial_cfg.get("seed", 0)))
+    dm = text_datamodule(ctx.data, ft_dir, tokenizer, int(trial.seed))
     data_s = time.perf_counter() - t_data
     try:
         ft = load_hf_model(ft_dir, key="pair.finetuned")
@@ -212,7 +211,7 @@ def run_hf_ken_trial(req: TrialRequest) -> dict[str, Any]:
     example = dm.example_input()
     return finish_ken_trial(method, settings, overrides, ctx, pre, ft, pair_info,
                             lambda net, split: _scores(net, dm, split),
-                            lambda net: text_model_cost(net, example, None), trial_cfg, trial_id=trial_id,
+                            lambda net: text_model_cost(net, example, None), trial, trial_id=trial_id,
                             trial_dir=trial_dir, start=start, data_s=data_s, model_args={},
                             delta_metadata={"hf_class": type(ft).__name__,
                                             "num_labels": getattr(ft.config, "num_labels", None),

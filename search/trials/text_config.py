@@ -13,6 +13,7 @@ from typing import Any
 
 from prunelib.data.text import TextDataError, read_text_records
 from prunelib.models.hf import HFModelError, is_hf_dir, load_tokenizer
+from search.settings import check_fraction
 from search.space import ConfigError, method_class
 from search.trials.context import resolve_launch_path
 from search.trials.metrics import TEST_PPL, VAL_PPL
@@ -74,9 +75,8 @@ def validate_text_config(cfg: Mapping[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "max_length" else 1):
             raise ConfigError(f"data.{key}: {value!r} must be an integer >= {2 if key == 'max_length' else 1}")
     for key in ("val_fraction", "test_fraction"):
-        value = data.get(key, 0.1)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise ConfigError(f"data.{key}: {value!r} must be a fraction in (0, 1)")
+        if key in data:  # absent: the text door's own default
+            check_fraction(f"data.{key}", data[key])
     pinned_ken = method.get("name") == "ken"
     if pinned_ken:
         settings = method.get("settings") or {}

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,8 +31,9 @@ from prunelib.robustness import fgsm_accuracy
 from prunelib.surgery import SurgeryError, export_onnx
 from prunelib.targets import call_target
 from prunelib.training import SPEED_SETTINGS, CollapseCheck, TrainConfig, evaluate_masked, network_of, run_pruning
-from search.faults import FaultPlan, disk_full
-from search.keep import keep_policy, model_spec
+from search.faults import DISK_FULL_KEY, FaultPlan, disk_full
+from search.keep import model_spec
+from search.settings import ModelSettings, ModuleSettings, TrialSettings
 from search.storage import atomic_write_text, storage_errors
 from search.trials.common import (TrialFailed, build_trial_method, check_objectives, collapse_metrics, latency_probe,
                                   record_trial, trial_device, trial_output_dir)
@@ -67,18 +67,17 @@ def get_datamodule(data_cfg: dict[str, Any], device: str, seed: int) -> Any:
 
 
 def module_args(model: torch.nn.Module | None, input_shape: tuple[int, ...], num_classes: int,
-                trial_cfg: Mapping[str, Any]) -> dict[str, Any]:
+                trial: TrialSettings) -> dict[str, Any]:
     """The documented keys offered to a user's LightningModule (:data:`DOCUMENTED_MODULE_KEYS`):
     the network to train, the data's shape and classes, the trial's optimiser settings."""
     shape = tuple(int(s) for s in input_shape)
     return {"model": model, "input_shape": shape, "in_channels": shape[0] if shape else None,
-            "num_classes": int(num_classes), "lr": float(trial_cfg.get("lr", 0.05)),
-            "weight_decay": float(trial_cfg.get("weight_decay", 5e-4)),
-            "momentum": float(trial_cfg.get("momentum", 0.9)), "optimizer": trial_cfg.get("optimizer", "sgd")}
+            "num_classes": int(num_classes), "lr": float(trial.lr), "weight_decay": float(trial.weight_decay),
+            "momentum": float(trial.momentum), "optimizer": trial.optimizer}
 
 
-def build_module(module_cfg: Mapping[str, Any], model: torch.nn.Module, input_shape: tuple[int, ...],
-                 num_classes: int, trial_cfg: Mapping[str, Any]) -> L.LightningModule:
+def build_module(module: ModuleSettings, model: torch.nn.Module, input_shape: tuple[int, ...],
+                 num_classes: int, trial: TrialSettings) -> L.LightningModule:
     """The user's LightningModule (``module._target_``), called with the documented keys its
     signature names (:func:`module_args`) and the section's own keys.
 
@@ -89,13 +88,13 @@ def build_module(module_cfg: Mapping[str, Any], model: torch.nn.Module, input_sh
         TargetError: the target does not import, rejects a key, or raises.
         TypeError: it is not a LightningModule.
     """
-    target = module_cfg["_target_"]
-    own = {k: v for k, v in module_cfg.items() if k != "_target_"}
-    module = call_target(target, module_args(model, input_shape, num_classes, trial_cfg), own, "module._target_")
-    if not isinstance(module, L.LightningModule):
-        raise TypeError(f"module._target_={target}: returned {type(module).__name__}, not a "
+    target = module.target
+    built = call_target(target, module_args(model, input_shape, num_classes, trial), dict(module.options),
+                        "module._target_")
+    if not isinstance(built, L.LightningModule):
+        raise TypeError(f"module._target_={target}: returned {type(built).__name__}, not a "
                         "lightning.LightningModule")
-    return module
+    return built
 
 
 class _EpochReporter(L.Callback):
@@ -150,7 +149,9 @@ class TorchTrialInputs:
     """What a trial on a PyTorch model starts from (:func:`prepare_torch_trial`).
 
     Attributes:
-        trial_cfg: the trial's settings (with a reliability drill's faults injected).
+        trial: the trial's settings (with a reliability drill's faults injected).
+        disk_fault: a reliability drill's ``enospc`` fault for this trial (see
+            :func:`search.faults.disk_full`), else ``{}``.
         seed / device: the trial's seed and device (``"cpu"``/``"cuda"``).
         datamodule: the data (cached per worker process); ``data_s``: seconds it took to get.
         model: the network the method prunes (the user's module's network, when it has one).
@@ -160,7 +161,8 @@ class TorchTrialInputs:
         model_args: the model's own keys (and ``target``), kept in the masks file.
     """
 
-    trial_cfg: dict[str, Any]
+    trial: TrialSettings
+    disk_fault: dict[str, Any]
     seed: int
     device: str
     datamodule: Any
@@ -179,32 +181,40 @@ class TorchTrialInputs:
 
 def prepare_torch_trial(req: TrialRequest) -> TorchTrialInputs:
     """Data, model and (the user's) module of a trial on a PyTorch model, on the trial's device."""
-    ctx, trial_cfg = req.ctx, req.trial_cfg
-    fault_plan = FaultPlan.from_config(trial_cfg.get("faults"))
+    ctx, trial = req.ctx, req.trial
+    fault_plan = FaultPlan.from_config(trial.faults)
+    disk_fault: dict[str, Any] = {}
     if fault_plan is not None:  # reliability drills only (off by default)
-        trial_cfg = fault_plan.inject(req.trial_id, trial_cfg)
-    seed = int(trial_cfg.get("seed", 0))
-    device = trial_device(trial_cfg)
+        injected = fault_plan.inject(req.trial_id, {})
+        disk_fault = {k: v for k, v in injected.items() if k == DISK_FULL_KEY}
+        trial = trial.replace(**{k: v for k, v in injected.items() if k != DISK_FULL_KEY})
+    seed = int(trial.seed)
+    device = trial_device(trial)
     t_data = time.perf_counter()
     datamodule = get_datamodule(ctx.data, device, seed)
     data_s = time.perf_counter() - t_data
     torch.manual_seed(seed)
     input_shape = tuple(datamodule.input_shape)
-    model_args = {k: v for k, v in ctx.model.items() if k not in ("name", "_target_")}
-    if ctx.model.get("_target_"):
-        model_args["target"] = ctx.model["_target_"]
+    model_cfg = ModelSettings.from_dict(ctx.model)
+    model_args = dict(model_cfg.options)
+    if model_cfg.target:
+        model_args["target"] = model_cfg.target
     model = built = model_from_config(ctx.model, input_shape, datamodule.num_classes)
-    module_label = (ctx.module or {}).get("_target_")
-    module = build_module(ctx.module, model, input_shape, datamodule.num_classes, trial_cfg) if module_label else None
+    module_cfg = ModuleSettings.from_dict(ctx.module)
+    module_label = module_cfg.target
+    module = build_module(module_cfg, model, input_shape, datamodule.num_classes, trial) if module_label else None
     if module is not None:
         model = network_of(module)
         module.to(device)
-    return TorchTrialInputs(trial_cfg, seed, device, datamodule, data_s, model.to(device), built, module,
+    return TorchTrialInputs(trial, disk_fault, seed, device, datamodule, data_s, model.to(device), built, module,
                             module_label, model_args)
 
 
 def run_training_trial(req: TrialRequest) -> dict[str, Any]:
     """One training trial (the ``train`` kind); returns the trial's row.
+
+    About 90 lines: the trial's steps in the order they run (build, train, measure, write, record),
+    kept in one place because each step hands a handful of locals to the next.
 
     Raises:
         TrialFailed: the run produced NaN loss or accuracy, ran out of memory, or its exported
@@ -214,28 +224,25 @@ def run_training_trial(req: TrialRequest) -> dict[str, Any]:
     ctx, trial_id, trial_dir, report, start = req.ctx, req.trial_id, req.trial_dir, req.report, req.start
     method_name, settings, overrides, mlflow_run = req.method_name, req.settings, req.overrides, req.mlflow_run
     inputs = prepare_torch_trial(req)
-    trial_cfg, seed, device, datamodule, data_s = (inputs.trial_cfg, inputs.seed, inputs.device, inputs.datamodule,
+    trial, seed, device, datamodule, data_s = (inputs.trial, inputs.seed, inputs.device, inputs.datamodule,
                                                    inputs.data_s)
     model, built, module, module_label, model_args = (inputs.model, inputs.built, inputs.module, inputs.module_label,
                                                       inputs.model_args)
     input_shape = inputs.input_shape
     method = build_trial_method(ctx, method_name, settings)
     config = TrainConfig(
-        epochs=int(trial_cfg["epochs"]), finetune_epochs=int(trial_cfg.get("finetune_epochs", 0)),
-        optimizer=trial_cfg.get("optimizer", "sgd"), lr=float(trial_cfg.get("lr", 0.05)),
-        finetune_lr=(float(trial_cfg["finetune_lr"]) if trial_cfg.get("finetune_lr") is not None else None),
-        momentum=float(trial_cfg.get("momentum", 0.9)),
-        weight_decay=float(trial_cfg.get("weight_decay", 5e-4)),
-        accelerator="gpu" if device == "cuda" else "cpu",
-        precision=str(trial_cfg.get("precision", "32-true")), progress=False,
+        epochs=int(trial.epochs), finetune_epochs=int(trial.finetune_epochs), optimizer=trial.optimizer,
+        lr=float(trial.lr), finetune_lr=float(trial.finetune_lr) if trial.finetune_lr is not None else None,
+        momentum=float(trial.momentum), weight_decay=float(trial.weight_decay),
+        accelerator="gpu" if device == "cuda" else "cpu", precision=str(trial.precision), progress=False,
         # Per-epoch validation only when ASHA needs the intermediate results.
         val_every_n_epochs=1 if (report is not None and ctx.report_every_epoch) else 0,
-        **{key: trial_cfg[key] for key in SPEED_SETTINGS if key in trial_cfg})
-    latency = latency_probe(ctx, trial_cfg, input_shape, device)
+        **{key: getattr(trial, key) for key in SPEED_SETTINGS})
+    latency = latency_probe(ctx, trial, input_shape, device)
 
     callbacks = []
     progress = trial_progress(trial_id, method_name, method.plan(config.epochs, config.finetune_epochs),
-                              ctx.objectives, trial_cfg, ctx.sweep_root, start)
+                              ctx.objectives, trial, ctx.sweep_root, start)
     if progress is not None:  # live lines on the driver; epoch lines under trial.verbose
         callbacks.append(progress)
     if report is not None and ctx.report_every_epoch:
@@ -245,7 +252,7 @@ def run_training_trial(req: TrialRequest) -> dict[str, Any]:
         callbacks.append(epoch_logger)
     try:
         result = run_pruning(model, datamodule, method, config, seed=seed, callbacks=callbacks,
-                             evaluate_test=bool(trial_cfg.get("evaluate_test", True)), module=module)
+                             evaluate_test=trial.evaluate_test, module=module)
     except torch.OutOfMemoryError as exc:
         raise TrialFailed(f"trial {trial_id}: out of memory ({str(exc)[:300]}); use a smaller batch or "
                           "model, or give each trial more of a GPU (trial.gpus)") from exc
@@ -256,7 +263,7 @@ def run_training_trial(req: TrialRequest) -> dict[str, Any]:
         raise TrialFailed(f"trial {trial_id}: loss became NaN (lr={config.lr}); the result is unusable")
 
     out_dir = trial_output_dir(trial_dir, trial_id)
-    keep = keep_policy(trial_cfg)
+    keep = trial.keep_weights
     # The artifact run_pruning measured (surgered for structured masks) is the one kept, timed, exported.
     deployed, artifacts = result.deployed.model, {}
     if method.write_artifacts(out_dir / method_name):  # e.g. RL-Pruner's learned layer distribution
@@ -264,8 +271,8 @@ def run_training_trial(req: TrialRequest) -> dict[str, Any]:
     metrics["artifact"] = result.deployed.kind  # what flops_deployed / params_deployed were counted on
     metrics.update(method.method_metrics())  # the figures the method declares (reported_metrics)
     metrics.update(latency(deployed))
-    if trial_cfg.get("fgsm_epsilon") is not None:
-        robust = fgsm_accuracy(deployed, datamodule.val_dataloader(), epsilon=float(trial_cfg["fgsm_epsilon"]))
+    if trial.fgsm_epsilon is not None:
+        robust = fgsm_accuracy(deployed, datamodule.val_dataloader(), epsilon=float(trial.fgsm_epsilon))
         metrics[VAL_FGSM_ACC] = robust.attacked_accuracy
     check_objectives(ctx, metrics, trial_id, module_label)
     try:
@@ -275,7 +282,7 @@ def run_training_trial(req: TrialRequest) -> dict[str, Any]:
                     str(exc)[:200])
     # Every file below is written atomically and checked; a write the storage refuses (full
     # disk, quota, read-only) is a StorageError, which stops the sweep (search.tuner).
-    with storage_errors(out_dir), disk_full(trial_cfg):
+    with storage_errors(out_dir), disk_full(inputs.disk_fault):
         masks_path = result.masks.save(out_dir / "masks.safetensors", model, method=method_name,
                                        config=settings, trial_id=trial_id, data=ctx.data["name"],
                                        model_name=ctx.model["name"], flops=result.cost.as_dict(),
@@ -285,9 +292,9 @@ def run_training_trial(req: TrialRequest) -> dict[str, Any]:
         kept: dict[str, Any] = {"keep_weights": keep}
         if keep != "none":  # the weights the metrics were measured on, with the spec that rebuilds the model
             spec = model_spec(ctx.model, input_shape, datamodule.num_classes, ctx.module,
-                              module_args(None, input_shape, datamodule.num_classes, trial_cfg),
+                              module_args(None, input_shape, datamodule.num_classes, trial),
                               network_is_model=model is built)
-            if result.deployed.kind == "surgered" and trial_cfg.get("export_onnx"):
+            if result.deployed.kind == "surgered" and trial.export_onnx:
                 export_onnx(deployed, out_dir / SURGERED_DIR / ONNX_FILE, input_shape)
             manifest = save_pruned(out_dir, deployed, spec, result.deployed.kind, surgery=result.deployed.surgery)
             kept["artifact_dir"] = str(out_dir)
