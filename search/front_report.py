@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from search.tuner import SweepRun
 
-__all__ = ["export_front", "finish_tracking", "print_front", "print_problems", "print_start"]
+__all__ = ["export_front", "finish_tracking", "is_store_outage", "print_front", "print_problems", "print_start"]
 
 def export_front(front: pd.DataFrame, rows: list[dict[str, Any]], out_dir: Path,
                   tracking: dict[str, str] | None) -> list[Path]:
@@ -149,10 +149,33 @@ def print_problems(rows: list[dict[str, Any]], unlogged_fronts: list[str], trial
             f"{r['trial_id']}: {_last_line(r.get('error'))}" for r in failed), flush=True)
     unlogged = [r for r in rows if r.get("mlflow_unlogged")]
     if unlogged or unlogged_fronts:
-        print(f"MLflow was unreachable for {len(unlogged)} trial(s) and {len(unlogged_fronts)} front update(s); "
-              "those trials' results stay beside their masks:\n" + "\n".join(
-                  f"  {r['trial_id']}: {trial_location(str(r['trial_id']))}/trial_result.json "
-                  f"({r['mlflow_unlogged'][:120]})" for r in unlogged), flush=True)
+        errors = [str(r["mlflow_unlogged"]) for r in unlogged] + list(unlogged_fronts)
+        # "Unreachable" only when the store did not answer; an error of the logging itself
+        # (a value MLflow refuses, a plot that failed) is named as what it is.
+        outage = all(is_store_outage(e) for e in errors)
+        what = "MLflow was unreachable for" if outage else "MLflow logging failed for"
+        first = next((e for e in errors if not is_store_outage(e)), "")
+        cause = "" if outage else f" (first error: {_last_line(first)[:200]})"
+        lines = [f"{what} {len(unlogged)} trial(s) and {len(unlogged_fronts)} front update(s){cause}"
+                 + ("; those trials' results stay beside their masks:" if unlogged else
+                    "; the front is on disk (front/) and in the sweep's result")]
+        lines += [f"  {r['trial_id']}: {trial_location(str(r['trial_id']))}/trial_result.json "
+                  f"({r['mlflow_unlogged'][:120]})" for r in unlogged]
+        print("\n".join(lines), flush=True)
+
+
+#: Words of the errors a tracking store that does not answer raises (requests, urllib3, MLflow's
+#: REST client, SQLAlchemy on a vanished database file).
+_OUTAGE_MARKERS = ("connection", "connect", "timed out", "timeout", "max retries", "unreachable",
+                   "unable to open database", "temporarily unavailable", "name or service not known",
+                   "api request to", "503", "502", "504")
+
+
+def is_store_outage(error: str) -> bool:
+    """Whether a logging error's text says the tracking store did not answer (an outage), as
+    opposed to the logging itself failing on a value or a file."""
+    text = str(error).lower()
+    return any(marker in text for marker in _OUTAGE_MARKERS)
 
 
 def print_start(run: SweepRun) -> None:
