@@ -40,7 +40,7 @@ from typing import Any
 from search.errors import ConfigError
 from search.preflight_build import BuildProcess, absolute_paths, build_check
 from search.settings import (DATA_KEYS, MODEL_KEYS, SAMPLERS, ClusterSettings, SweepSettings, TrialSettings, check_objectives,
-                             mapping, objectives_and_key, text)
+                             dense_metric, mapping, objectives_and_key, parse_constraints, text)
 from search.space import SearchSpace, load_method_configs, method_class, method_space
 from search.sweep_stores import open_sweep_stores, optuna_storage_url, state_copy_in_mlflow, tracking_uri
 from search.trials.kinds import TRIAL_KINDS, TrialKind, register_trial_kind, reported_metrics  # the trial kinds
@@ -233,9 +233,24 @@ def check_method(name: str, cfg: Mapping[str, Any], *, pinned: bool, search_sett
 
 
 def _check_objectives(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: set[str] | None) -> None:
+    """Every objective, and every constraint's metric (and the dense figure a relative bound
+    reads), is reported by each chosen method's trials."""
     where, objectives = objectives_and_key(cfg)
     check_objectives(where, [{"metric": m, "mode": d} for m, d in objectives])
-    for i, (metric, _) in enumerate(objectives):
+    _check_reported(cfg, pool, logged, [(f"{where}[{i}].metric", m) for i, (m, _) in enumerate(objectives)])
+    constraints = parse_constraints("search.constraints", (cfg.get("search") or {}).get("constraints"))
+    for i, c in enumerate(constraints):
+        needed = [(f"search.constraints[{i}]", c.metric)]
+        if c.relative:
+            needed.append((f"search.constraints[{i}] ({c.text!r}: 'dense' reads)", dense_metric(c.metric) or ""))
+        _check_reported(cfg, pool, logged, needed)
+
+
+def _check_reported(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: set[str] | None,
+                    needed: list[tuple[str, str]]) -> None:
+    """Each ``(key, metric)`` of ``needed`` is reported by every method of ``pool``; else a
+    ConfigError naming the key."""
+    for where_metric, metric in needed:
         for name, mcfg in pool.items():
             reports = reported_metrics(cfg, name, logged, mcfg)
             if metric in reports:
@@ -251,7 +266,7 @@ def _check_objectives(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: s
             elif logged is not None:
                 hint = (f"; module._target_={(cfg.get('module') or {}).get('_target_')} logged "
                         f"{sorted(logged)} in validation")
-            raise ConfigError(f"{where}[{i}].metric: {metric!r} is not reported by {name} trials with these "
+            raise ConfigError(f"{where_metric}: {metric!r} is not reported by {name} trials with these "
                               f"settings{hint}; they report {sorted(reports)}")
 
 
