@@ -24,7 +24,7 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from search.sampling import CONSTRAINTS_ATTR, SamplerFactory, make_sampler, open_optuna_storage
+from search.sampling import CONSTRAINTS_ATTR, SamplerFactory, make_sampler, open_optuna_storage, trial_constraints_api
 
 __all__ = ["StudySearcher"]
 
@@ -76,8 +76,13 @@ class StudySearcher(OptunaSearch):
             from search.settings import constraint_values
 
             values = constraint_values(constraints, result)
-            ot_trial.set_user_attr(CONSTRAINTS_ATTR, values)
+            # Named by the constraint as written, in the user attrs (what people read) and, on an
+            # Optuna that has them, as the trial's constraints (what the samplers read).
+            ot_trial.set_user_attr(CONSTRAINTS_ATTR, {c.text: v for c, v in zip(constraints, values)})
             ot_trial.set_user_attr("feasible", all(v <= 0 for v in values))
+            if trial_constraints_api():
+                for i, value in enumerate(values):
+                    ot_trial.set_constraint(str(i), value)
         super().on_trial_complete(trial_id, result, error)
 
     def _constraints(self) -> list[Any]:

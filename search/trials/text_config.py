@@ -19,7 +19,8 @@ from search.trials.context import resolve_launch_path
 from search.trials.metrics import FLOPS_DEPLOYED, TEST_PPL, VAL_ACC, VAL_PPL
 
 __all__ = ["HF_MODEL_KEYS", "TEXT_DATA_ARGS", "TEXT_DATA_KEYS", "check_text_data", "default_text_objectives",
-           "is_text_config", "model_dir", "methods_for_model", "text_task", "validate_text_config"]
+           "check_text_methods", "is_text_config", "model_dir", "methods_for_model", "text_task",
+           "validate_text_config"]
 
 #: Keys of ``data=text`` passed to :func:`prunelib.data.text.build_text_datamodule`.
 TEXT_DATA_ARGS = ("path", "test_path", "task", "text_column", "label_column", "max_length", "val_fraction",
@@ -169,3 +170,64 @@ def check_text_data(cfg: Mapping[str, Any]) -> None:
             load_tokenizer(model_dir(model), key="model.path")
     except (TextDataError, HFModelError) as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def check_text_methods(cfg: Mapping[str, Any]) -> None:
+    """Build each method of the sweep that checks itself against a model (``check_model``, e.g.
+    ``llm_structured``) and run that check once on ``model.path``'s architecture, built on the
+    meta device from its ``config.json`` (no weights read): a model whose blocks cannot be found
+    or that is not a transformer, a ``keep_heads`` that breaks a GQA group, a depth that removes
+    every block, per-block fractions of the wrong length. The method's fixed settings are
+    checked, and each searched setting at the ends of its range (and each choice).
+
+    Raises:
+        ConfigError: one line naming ``method[NAME].settings`` or ``method[NAME].space.KEY``.
+    """
+    from search.preflight import method_pool
+    from search.space import method_space
+
+    pool = {n: c for n, c in method_pool(cfg).items()
+            if callable(getattr(method_class(n, c.get("_target_")), "check_model", None))}
+    if not pool or (cfg.get("method") or {}).get("name") == "ken":
+        return
+    model = _meta_model(cfg)
+    for name, mcfg in pool.items():
+        cls = method_class(name, mcfg.get("_target_"))
+        space = method_space(mcfg)
+        trials = [(f"method[{name}].settings", dict(space.settings))]
+        for dim in space.dims:
+            if dim.key.startswith("trial."):
+                continue
+            values = list(dim.choices) if dim.type == "categorical" else [dim.low, dim.high]
+            trials += [(f"method[{name}].space.{dim.key}: value {v!r}", {**space.settings, **dim.when, dim.key: v})
+                       for v in values]
+        for where, settings in trials:
+            try:
+                cls(**settings).check_model(model)
+            except (ValueError, TypeError) as exc:
+                line = str(exc).strip().splitlines()[-1]
+                if line.startswith("model: "):  # the model is at fault, whatever the settings
+                    raise ConfigError(f"model.path: {line[len('model: '):]} ({name} needs one)") from exc
+                raise ConfigError(f"{where}: {line}") from exc
+
+
+def _meta_model(cfg: Mapping[str, Any]) -> Any:
+    """``model.path``'s architecture with no weights (meta device), as the trials load it."""
+    import torch
+
+    from prunelib.models.hf import _transformers
+
+    tf = _transformers()
+    path = model_dir(cfg["model"])
+    try:
+        config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.path: {path}: {str(exc).strip().splitlines()[-1][:300]}") from exc
+    task = text_task(cfg["data"], cfg["model"])
+    auto = tf.AutoModelForSequenceClassification if task == "classification" else tf.AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"model.path: {path} does not build as {auto.__name__}: "
+                          f"{str(exc).strip().splitlines()[-1][:300]}") from exc
