@@ -367,6 +367,9 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
         cfg["method_pool"] = pool
     space = SearchSpace(pool, pinned=pinned, search_settings=search.search_settings)
     objectives = list(settings.objectives)
+    if any(c.metric == "latency_ms" for c in search.constraint_list):
+        # A latency budget needs every trial to measure it, as a latency objective does.
+        cfg["trial"] = {**(cfg.get("trial") or {}), "measure_latency": True}
     if not user_module:  # a user's module reports what it logs: checked once it is built (apply_build)
         _check_objectives(cfg, pool, None)
     result = PreflightResult(cfg=cfg, space=space, objectives=objectives, notes=notes, pool=pool)

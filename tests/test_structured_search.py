@@ -62,6 +62,11 @@ def test_preflight_refuses_a_constraint_on_a_metric_no_method_reports():
     from search.config import validate_config
 
     validate_config(compose(["+method=magnitude", "search.constraints=['flops_deployed <= 0.5 * dense']"]))
+    from search.preflight import preflight
+
+    latency = preflight(compose(["+method=magnitude", "search.constraints=['latency_ms <= 20']"]), build=False,
+                        open_stores=False)
+    assert latency.cfg["trial"]["measure_latency"] is True  # a latency budget makes every trial measure it
     with pytest.raises(ConfigError, match=r"^search.constraints\[0\]: 'val_ppl' is not reported by magnitude"):
         validate_config(compose(["+method=magnitude", "search.constraints=['val_ppl <= 30']"]))
     with pytest.raises(ConfigError, match=r"^search.constraints\[0\]: 'tokens_per_s' is not reported"):
