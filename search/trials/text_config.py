@@ -128,7 +128,7 @@ def validate_text_config(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("model.path: set it to a local Hugging Face model directory (config.json, weights, tokenizer)")
     if method and not pinned_ken and "hf" not in _model_kinds(str(method.get("name")), method):
         raise ConfigError(f"method: {method.get('name')!r} does not prune Hugging Face text models; use "
-                          f"llm_magnitude, wanda, sparsegpt or ken")
+                          f"llm_magnitude, wanda, sparsegpt, llm_structured or ken")
 
 
 def model_dir(model_cfg: Mapping[str, Any], key: str = "model.path") -> Path:
