@@ -82,7 +82,8 @@ class ModelSpec:
               arguments; the network is :func:`prunelib.training.network_of` of it;
             * ``"hf"``: ``config`` is ``{"path": "hf", "hf_class": "GPT2LMHeadModel"}``, a
               Hugging Face model saved in the directory (relative ``path``): config, weights
-              and tokenizer together.
+              and tokenizer together; ``"trust_remote_code": true`` (with an Auto class as
+              ``hf_class``) for a structured export whose per-layer shapes its loader file states.
         config: see ``kind``; JSON-serialisable.
         input_shape: one sample's shape, e.g. ``(1, 28, 28)`` (None for text models).
         num_classes: output classes (None for text models).
@@ -128,8 +129,10 @@ class ModelSpec:
 
             if root is None:
                 raise ArtifactError("an 'hf' model spec is read from its directory: pass root")
+            # trust_remote_code: a structured export whose shapes only its own loader file states.
             return load_hf_model(Path(root) / str(self.config.get("path", HF_DIR)),
-                                 hf_class=self.config.get("hf_class"), key="hf")
+                                 hf_class=self.config.get("hf_class"), key="hf",
+                                 trust_remote_code=bool(self.config.get("trust_remote_code", False)))
         if self.kind == "module":
             from prunelib.targets import call_target
             from prunelib.training import network_of

@@ -23,7 +23,12 @@ if TYPE_CHECKING:
 
     from search.tuner import SweepRun
 
-__all__ = ["export_front", "finish_tracking", "print_front", "print_problems", "print_start"]
+__all__ = ["FEASIBLE", "export_front", "finish_tracking", "is_store_outage", "mark_feasible", "print_front",
+           "print_problems", "print_start"]
+
+#: The row column (and, as ``prunesearch.feasible``, the MLflow tag of a trial's run) that says
+#: whether a trial met ``search.constraints``.
+FEASIBLE = "feasible"
 
 def export_front(front: pd.DataFrame, rows: list[dict[str, Any]], out_dir: Path,
                   tracking: dict[str, str] | None) -> list[Path]:
@@ -115,13 +120,42 @@ def _front_masks(row: Any, tracking: dict[str, str] | None, dst: Path) -> tuple[
         return None, "; ".join(problems)
 
 
+def mark_feasible(ok_rows: list[dict[str, Any]], constraints: Any, tracker: Any = None) -> list[dict[str, Any]]:
+    """Mark each finished row (in place) with :data:`FEASIBLE` (it met every ``search.constraints`` entry)
+    and tag its MLflow run ``prunesearch.feasible``; returns the rows the front is taken over:
+    the feasible ones when any trial met the constraints (said on the console), else every
+    finished row (also said). Without constraints: ``ok_rows``, nothing marked."""
+    if not constraints:
+        return ok_rows
+    for row in ok_rows:  # the same dicts as in rows
+        row[FEASIBLE] = all(c.met(row) for c in constraints)
+    feasible = [r for r in ok_rows if r.get(FEASIBLE)]
+    listed = ", ".join(repr(c.text) for c in constraints)
+    if feasible:
+        print(f"constraints {listed}: {len(feasible)} of {len(ok_rows)} trial(s) met them; the front and front/ "
+              "hold only those", flush=True)
+    elif ok_rows:
+        print(f"constraints {listed}: no trial met them; the front is over all {len(ok_rows)} finished trial(s) "
+              f"(column {FEASIBLE} is false for each)", flush=True)
+    if tracker is not None:
+        try:
+            for row in ok_rows:
+                if row.get("mlflow_run_id"):
+                    tracker.client.set_tag(row["mlflow_run_id"], "prunesearch.feasible", str(row[FEASIBLE]).lower())
+            tracker.client.log_metric(tracker.run_id, "feasible_trials", float(len(feasible)))
+        except Exception as exc:  # the rows and front/ still say it
+            print(f"warning: could not tag the trials' MLflow runs with prunesearch.feasible ({exc})",
+                  file=sys.stderr, flush=True)
+    return feasible or ok_rows
+
+
 def print_front(front: pd.DataFrame, objectives: list[tuple[str, str]]) -> None:
     """A table of the front, cheapest first."""
     if front.empty:
         print("front: no finished trial", flush=True)
         return
     cols = ["trial_id", "method"] + [m for m, _ in objectives] + [
-        c for c in ("sparsity", "test_acc", "epochs", "wall_s") if c in front.columns]
+        c for c in ("sparsity", "test_acc", "epochs", "wall_s", FEASIBLE) if c in front.columns]
     # Settings that differ across the front say what the points are; constant ones are noise.
     cols += [c for c in front.columns if c.startswith("param.") and c != "param.sparsity"
              and front[c].nunique(dropna=False) > 1][:4]
@@ -149,10 +183,33 @@ def print_problems(rows: list[dict[str, Any]], unlogged_fronts: list[str], trial
             f"{r['trial_id']}: {_last_line(r.get('error'))}" for r in failed), flush=True)
     unlogged = [r for r in rows if r.get("mlflow_unlogged")]
     if unlogged or unlogged_fronts:
-        print(f"MLflow was unreachable for {len(unlogged)} trial(s) and {len(unlogged_fronts)} front update(s); "
-              "those trials' results stay beside their masks:\n" + "\n".join(
-                  f"  {r['trial_id']}: {trial_location(str(r['trial_id']))}/trial_result.json "
-                  f"({r['mlflow_unlogged'][:120]})" for r in unlogged), flush=True)
+        errors = [str(r["mlflow_unlogged"]) for r in unlogged] + list(unlogged_fronts)
+        # "Unreachable" only when the store did not answer; an error of the logging itself
+        # (a value MLflow refuses, a plot that failed) is named as what it is.
+        outage = all(is_store_outage(e) for e in errors)
+        what = "MLflow was unreachable for" if outage else "MLflow logging failed for"
+        first = next((e for e in errors if not is_store_outage(e)), "")
+        cause = "" if outage else f" (first error: {_last_line(first)[:200]})"
+        lines = [f"{what} {len(unlogged)} trial(s) and {len(unlogged_fronts)} front update(s){cause}"
+                 + ("; those trials' results stay beside their masks:" if unlogged else
+                    "; the front is on disk (front/) and in the sweep's result")]
+        lines += [f"  {r['trial_id']}: {trial_location(str(r['trial_id']))}/trial_result.json "
+                  f"({r['mlflow_unlogged'][:120]})" for r in unlogged]
+        print("\n".join(lines), flush=True)
+
+
+#: Words of the errors a tracking store that does not answer raises (requests, urllib3, MLflow's
+#: REST client, SQLAlchemy on a vanished database file).
+_OUTAGE_MARKERS = ("connection", "connect", "timed out", "timeout", "max retries", "unreachable",
+                   "unable to open database", "temporarily unavailable", "name or service not known",
+                   "api request to", "503", "502", "504")
+
+
+def is_store_outage(error: str) -> bool:
+    """Whether a logging error's text says the tracking store did not answer (an outage), as
+    opposed to the logging itself failing on a value or a file."""
+    text = str(error).lower()
+    return any(marker in text for marker in _OUTAGE_MARKERS)
 
 
 def print_start(run: SweepRun) -> None:

@@ -422,8 +422,12 @@ def load_layer_sparsity(rows_df: pd.DataFrame | Sequence) -> dict[str, dict[str,
                 layers = json.loads(file.read_text())
             except (OSError, ValueError):
                 continue
-        if isinstance(layers, Mapping) and layers:
-            out[str(row.get("trial_id"))] = {str(k): float(v) for k, v in layers.items()}
+        # Only {layer: fraction}: a file of another shape (an older text trial wrote nested
+        # details here) leaves that trial out of the per-layer plots instead of failing them.
+        numbers = {str(k): float(v) for k, v in layers.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)} if isinstance(layers, Mapping) else {}
+        if numbers:
+            out[str(row.get("trial_id"))] = numbers
     return out
 
 

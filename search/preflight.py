@@ -40,10 +40,11 @@ from typing import Any
 from search.errors import ConfigError
 from search.preflight_build import BuildProcess, absolute_paths, build_check
 from search.settings import (DATA_KEYS, MODEL_KEYS, SAMPLERS, ClusterSettings, SweepSettings, TrialSettings, check_objectives,
-                             mapping, objectives_and_key, text)
+                             dense_metric, mapping, objectives_and_key, parse_constraints, text)
 from search.space import MethodSpace, SearchSpace, load_method_configs, method_class, method_space
 from search.sweep_stores import open_sweep_stores, optuna_storage_url, state_copy_in_mlflow, tracking_uri
 from search.trials.kinds import TRIAL_KINDS, TrialKind, register_trial_kind, reported_metrics  # the trial kinds
+from search.trials.text_config import method_pool
 
 __all__ = ["BuildProcess", "PreflightResult", "SAMPLERS", "TRIAL_KINDS", "TrialKind", "apply_build",
            "build_check", "check_cluster_resources", "check_method", "method_pool", "open_sweep_stores",
@@ -150,24 +151,6 @@ def _check_model_schema(model: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------
 # Methods
 # ---------------------------------------------------------------------------------------------
-def method_pool(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """The method configs this sweep covers: the pinned one, or the unpinned pool (those found on
-    Hydra's search path, ``method_pool``; else the package's ``conf/method``), narrowed to
-    ``search.methods`` when given."""
-    if cfg.get("method"):
-        method = dict(cfg["method"])
-        return {str(method.get("name")): method}
-    from search.trials.text_config import methods_for_model
-
-    # model=hf: the LLM pruners only; other models: every method that is not one.
-    pool = methods_for_model(dict(cfg.get("method_pool") or load_method_configs()), cfg.get("model") or {})
-    wanted = (cfg.get("search") or {}).get("methods")
-    if wanted:
-        missing = [m for m in wanted if m not in pool]
-        if missing:
-            raise ConfigError(f"search.methods: {missing} not found; available: {sorted(pool)}")
-        pool = {m: pool[m] for m in wanted}
-    return pool
 
 
 def _method_class(name: str, cfg: Mapping[str, Any] | None) -> type:
@@ -239,9 +222,24 @@ def check_method(name: str, cfg: Mapping[str, Any], *, pinned: bool, search_sett
 
 
 def _check_objectives(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: set[str] | None) -> None:
+    """Every objective, and every constraint's metric (and the dense figure a relative bound
+    reads), is reported by each chosen method's trials."""
     where, objectives = objectives_and_key(cfg)
     check_objectives(where, [{"metric": m, "mode": d} for m, d in objectives])
-    for i, (metric, _) in enumerate(objectives):
+    _check_reported(cfg, pool, logged, [(f"{where}[{i}].metric", m) for i, (m, _) in enumerate(objectives)])
+    constraints = parse_constraints("search.constraints", (cfg.get("search") or {}).get("constraints"))
+    for i, c in enumerate(constraints):
+        needed = [(f"search.constraints[{i}]", c.metric)]
+        if c.relative:
+            needed.append((f"search.constraints[{i}] ({c.text!r}: 'dense' reads)", dense_metric(c.metric) or ""))
+        _check_reported(cfg, pool, logged, needed)
+
+
+def _check_reported(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: set[str] | None,
+                    needed: list[tuple[str, str]]) -> None:
+    """Each ``(key, metric)`` of ``needed`` is reported by every method of ``pool``; else a
+    ConfigError naming the key."""
+    for where_metric, metric in needed:
         for name, mcfg in pool.items():
             reports = reported_metrics(cfg, name, logged, mcfg)
             if metric in reports:
@@ -257,7 +255,7 @@ def _check_objectives(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: s
             elif logged is not None:
                 hint = (f"; module._target_={(cfg.get('module') or {}).get('_target_')} logged "
                         f"{sorted(logged)} in validation")
-            raise ConfigError(f"{where}[{i}].metric: {metric!r} is not reported by {name} trials with these "
+            raise ConfigError(f"{where_metric}: {metric!r} is not reported by {name} trials with these "
                               f"settings{hint}; they report {sorted(reports)}")
 
 
@@ -358,6 +356,9 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
         cfg["method_pool"] = pool
     space = SearchSpace(spaces, pinned=pinned, search_settings=search.search_settings)
     objectives = list(settings.objectives)
+    if any(c.metric == "latency_ms" for c in search.constraint_list):
+        # A latency budget needs every trial to measure it, as a latency objective does.
+        cfg["trial"] = {**(cfg.get("trial") or {}), "measure_latency": True}
     if not user_module:  # a user's module reports what it logs: checked once it is built (apply_build)
         _check_objectives(cfg, pool, None)
     result = PreflightResult(cfg=cfg, space=space, objectives=objectives, notes=notes, pool=pool)

@@ -169,10 +169,11 @@ def build_check(cfg: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ConfigError: naming the key at fault.
     """
-    from search.trials.text_config import check_text_data, is_text_config
+    from search.trials.text_config import check_text_data, check_text_methods, is_text_config
 
     if is_text_config(cfg["data"], cfg["model"]):
         check_text_data(cfg)  # the text file and the model's tokenizer
+        check_text_methods(cfg)  # methods that check themselves on the model (llm_structured)
         return {"text": True}
     built = build_once(cfg)
     return {**built, "input_shape": list(built["input_shape"]),

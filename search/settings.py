@@ -52,10 +52,11 @@ from typing import Any, ClassVar
 
 from search.errors import ConfigError
 
-__all__ = ["CheckFn", "ClusterSettings", "ConfigError", "DataSettings", "ExportSettings", "MAX_TRIALS",
-           "ModelSettings", "ModuleSettings", "Objective", "PairSettings", "SAMPLERS", "SearchSettings",
-           "SweepSettings", "TOP_LEVEL_KEYS", "TrackingSettings", "TrialSettings", "check_fraction",
-           "check_objectives", "objectives_of", "register_schemas", "setting", "tracking_uri"]
+__all__ = ["CONSTRAINT_OPERATORS", "CheckFn", "ClusterSettings", "ConfigError", "Constraint", "DEFAULT_OBJECTIVES",
+           "DataSettings", "ExportSettings", "MAX_TRIALS", "ModelSettings", "ModuleSettings", "Objective",
+           "PairSettings", "SAMPLERS", "SearchSettings", "SweepSettings", "TOP_LEVEL_KEYS", "TrackingSettings",
+           "TrialSettings", "check_fraction", "check_objectives", "constraint_values", "default_objectives",
+           "dense_metric", "objectives_of", "parse_constraints", "register_schemas", "setting", "tracking_uri"]
 
 CheckFn = Callable[[str, Any], None]
 SAMPLERS = ("mo_tpe", "nsga2", "random")
@@ -280,6 +281,112 @@ def _keep_weights(where: str, v: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Constraints: "METRIC OP BOUND", BOUND a number, "dense" or "FACTOR * dense"
+# ---------------------------------------------------------------------------------------------
+CONSTRAINT_OPERATORS = ("<=", ">=", "<", ">")
+_CONSTRAINT = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(<=|>=|<|>|==|=<|=>|!=|=)\s*(.+?)\s*$")
+_DENSE_BOUND = re.compile(r"^(?:(?P<a>[^*]+?)\s*\*\s*dense|dense\s*\*\s*(?P<b>[^*]+?)|(?P<c>dense))$")
+
+
+def dense_metric(metric: str) -> str | None:
+    """The name under which a trial reports the dense model's value of ``metric`` (what ``dense``
+    means in a constraint): ``flops_*`` -> ``flops_dense``, ``params_*`` -> ``params_dense``,
+    ``val_X`` -> ``dense_val_X`` (text trials); None when there is no such figure."""
+    if metric.startswith("flops_"):
+        return "flops_dense"
+    if metric.startswith("params_"):
+        return "params_dense"
+    if metric.startswith("val_"):
+        return f"dense_{metric}"
+    return None
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One ``search.constraints`` entry: ``metric op bound`` where bound is ``factor`` (an
+    absolute number, ``relative`` false) or ``factor * dense`` (the dense model's value of the
+    metric, as the trial reports it: :func:`dense_metric`). ``<`` and ``<=`` (``>``, ``>=``)
+    mean the same: a trial on the bound meets it.
+
+    Attributes:
+        text: the entry as written.
+        metric / op / factor / relative: the parsed parts.
+    """
+
+    text: str
+    metric: str
+    op: str
+    factor: float
+    relative: bool
+
+    def bound(self, row: Mapping[str, Any]) -> float | None:
+        """The bound for this trial's row (None: a relative bound whose dense value is missing)."""
+        if not self.relative:
+            return self.factor
+        dense = row.get(dense_metric(self.metric) or "")
+        return self.factor * float(dense) if _is_number(dense) and math.isfinite(dense) else None
+
+    def violation(self, row: Mapping[str, Any]) -> float | None:
+        """How far the row is from meeting the constraint, relative to the bound: <= 0 met,
+        > 0 missed (Optuna's ``constraints_func`` convention); None when the row lacks the metric."""
+        value, bound = row.get(self.metric), self.bound(row)
+        if not _is_number(value) or bound is None or not math.isfinite(value):
+            return None
+        gap = value - bound if self.op in ("<=", "<") else bound - value
+        return float(gap / abs(bound)) if bound else float(gap)
+
+    def met(self, row: Mapping[str, Any]) -> bool:
+        """Whether the row meets it (a row without the metric does not)."""
+        v = self.violation(row)
+        return v is not None and v <= 0
+
+
+def parse_constraints(where: str, raw: Any) -> list[Constraint]:
+    """``search.constraints`` parsed: a list of ``"METRIC OP BOUND"`` strings, OP one of
+    ``<= < >= >``, BOUND a finite number, ``dense`` or ``FACTOR * dense``.
+
+    Raises:
+        ConfigError: one line naming ``search.constraints[i]`` and what is wrong.
+    """
+    if raw is None:
+        return []
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list like [\"params_deployed <= 0.5 * dense\", \"latency_ms <= 20\"], "
+                          f"got {raw!r}")
+    out = []
+    for i, entry in enumerate(raw):
+        at = f"{where}[{i}]"
+        if not isinstance(entry, str):
+            raise ConfigError(f"{at}: {entry!r} must be a string \"METRIC <= BOUND\" (quote it on the command line)")
+        m = _CONSTRAINT.match(entry)
+        if m is None:
+            raise ConfigError(f"{at}: {entry!r} is not \"METRIC OP BOUND\" (OP one of {list(CONSTRAINT_OPERATORS)})")
+        metric, op, rhs = m.groups()
+        if op not in CONSTRAINT_OPERATORS:
+            raise ConfigError(f"{at}: operator {op!r} in {entry!r} is not one of {list(CONSTRAINT_OPERATORS)}")
+        if TEST_SPLIT_METRIC.search(metric):
+            raise ConfigError(f"{at}: {metric!r} is measured on the test split, which a search must not select on")
+        dense = _DENSE_BOUND.match(rhs)
+        text_factor = (dense.group("a") or dense.group("b") or "1") if dense else rhs
+        try:
+            factor = float(text_factor)
+        except ValueError:
+            raise ConfigError(f"{at}: bound {rhs!r} in {entry!r} is not a number, 'dense' or 'FACTOR * dense'") from None
+        if not math.isfinite(factor):
+            raise ConfigError(f"{at}: bound {rhs!r} in {entry!r} is not a finite number")
+        if dense and dense_metric(metric) is None:
+            raise ConfigError(f"{at}: {entry!r}: no dense value of {metric!r} is reported; give an absolute bound")
+        out.append(Constraint(entry, metric, op, factor, bool(dense)))
+    return out
+
+
+def constraint_values(constraints: Iterable[Constraint], row: Mapping[str, Any]) -> list[float]:
+    """Each constraint's :meth:`Constraint.violation` for a trial's row, as Optuna's
+    ``constraints_func`` takes them (<= 0 met); a metric the row lacks counts as missed (1.0)."""
+    return [v if v is not None else 1.0 for v in (c.violation(row) for c in constraints)]
+
+
+# ---------------------------------------------------------------------------------------------
 # Sections: a frozen dataclass per config group, its fields declared with setting().
 # ---------------------------------------------------------------------------------------------
 def setting(default: Any, check: CheckFn = anything, *, factory: Callable[[], Any] | None = None) -> Any:
@@ -373,8 +480,13 @@ class SearchSettings(_Section):
     resume_accept: list[str] | None = setting(None, optional(str_list), factory=list)
     n_startup_trials: int = setting(4, integer(0))
     population_size: int | None = setting(None, optional(integer(2)))
-    objectives: list[dict[str, str]] = setting(None, check_objectives, factory=lambda: [
-        {"metric": "val_acc", "mode": "max"}, {"metric": "flops_deployed", "mode": "min"}])
+    #: None: the model's default (:func:`default_objectives`): val_acc (max) and flops_deployed
+    #: (min); a causal-LM text sweep: val_ppl (min) and flops_deployed (min).
+    objectives: list[dict[str, str]] | None = setting(None, optional(check_objectives))
+    #: ``["params_deployed <= 0.5 * dense", "latency_ms <= 20"]``: parsed into :class:`Constraint`
+    #: (in :attr:`constraint_list`); the metrics are checked against what the trials report by
+    #: the pre-flight, as the objectives are.
+    constraints: list[str] | None = setting(None, optional(lambda where, v: parse_constraints(where, v)), factory=list)
     methods: list[str] | None = setting(None, optional(str_list))
     scheduler: str | None = setting(None, optional(text))  # choices: search.schedulers.SCHEDULERS
     asha: AshaSettings = setting(None, mapping, factory=lambda: AshaSettings())
@@ -383,6 +495,8 @@ class SearchSettings(_Section):
     search_settings: bool = setting(True, boolean)
     storage: str | None = setting(None, optional(text))
     optuna_storage: str | None = setting(None, optional(_optuna_storage))
+    #: The constraints, parsed (derived from ``constraints``).
+    constraint_list: tuple[Constraint, ...] = field(init=False, default=())
     #: ``none``, ``asha`` or ``mo_asha``: ``scheduler``, or the older ``asha.enabled`` (derived).
     scheduler_kind: str = field(init=False, default="none")
     #: The rungs (:class:`search.schedulers.RungSettings`, derived from ``asha``).
@@ -398,6 +512,7 @@ class SearchSettings(_Section):
         from search.rungs import rung_settings, scheduler_kind
 
         object.__setattr__(self, "scheduler_kind", scheduler_kind(self.raw_early_stopping()))
+        object.__setattr__(self, "constraint_list", tuple(parse_constraints("search.constraints", self.constraints)))
         object.__setattr__(self, "rungs", rung_settings(self.raw_early_stopping()))
 
     def raw_early_stopping(self) -> dict[str, Any]:
@@ -638,10 +753,27 @@ def objectives_of(cfg: Mapping[str, Any]) -> list[Objective]:
 
 def objectives_and_key(cfg: Mapping[str, Any]) -> tuple[str, list[Objective]]:
     """``(key, objectives)``: the key they came from (``method.objectives`` or
-    ``search.objectives``, for messages) and ``[(metric, mode), ...]``."""
+    ``search.objectives``, for messages) and ``[(metric, mode), ...]``; ``search.objectives:
+    null`` gives :func:`default_objectives`."""
     pinned = (cfg.get("method") or {}).get("objectives")
-    objectives = pinned or (cfg.get("search") or {}).get("objectives") or []
+    objectives = pinned or (cfg.get("search") or {}).get("objectives") or default_objectives(cfg)
     return ("method.objectives" if pinned else "search.objectives"), [(o["metric"], o["mode"]) for o in objectives]
+
+
+#: The objectives of a sweep that names none: accuracy up, the deployed model's FLOPs down.
+DEFAULT_OBJECTIVES = ({"metric": "val_acc", "mode": "max"}, {"metric": "flops_deployed", "mode": "min"})
+
+
+def default_objectives(cfg: Mapping[str, Any]) -> list[dict[str, str]]:
+    """``search.objectives: null``: :data:`DEFAULT_OBJECTIVES`, except for a text sweep
+    (``model=hf data=text``), where a causal LM is judged by perplexity (``val_ppl``, min)
+    and a classifier by ``val_acc`` (:func:`search.trials.text_task.default_text_objectives`)."""
+    from search.trials.text_task import default_text_objectives, is_text_config
+
+    data, model = cfg.get("data") or {}, cfg.get("model") or {}
+    if isinstance(data, Mapping) and isinstance(model, Mapping) and is_text_config(data, model):
+        return default_text_objectives(data, model)
+    return [dict(o) for o in DEFAULT_OBJECTIVES]
 
 
 @dataclass(frozen=True)
@@ -689,9 +821,8 @@ class SweepSettings:
             check_finite(section, cfg.get(section))
         raw_search = cfg.get("search") or {}
         mapping("search", raw_search)
-        for required in ("sampler", "n_trials", "objectives"):
-            if required not in raw_search and not (required == "objectives"
-                                                   and (cfg.get("method") or {}).get("objectives")):
+        for required in ("sampler", "n_trials"):
+            if required not in raw_search:
                 raise ConfigError(f"search.{required}: required")
         search = SearchSettings.from_dict(raw_search)
         budget = _budget(search, cfg.get("trial") or {})

@@ -24,7 +24,7 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from search.sampling import SamplerFactory, make_sampler, open_optuna_storage
+from search.sampling import CONSTRAINTS_ATTR, SamplerFactory, make_sampler, open_optuna_storage, trial_constraints_api
 
 __all__ = ["StudySearcher"]
 
@@ -65,6 +65,30 @@ class StudySearcher(OptunaSearch):
         super().__init__(space=space, metric=[m for m, _ in objectives], mode=[d for _, d in objectives],
                          sampler=sampler_factory({**self._search_settings, "seed": seed + done}),
                          study_name=study_name, storage=storage)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Record the trial's constraint values (``search.constraints``) as its Optuna user
+        attribute :data:`~search.sampling.CONSTRAINTS_ATTR` (<= 0: met) before Ray tells the
+        study, so the sampler's ``constraints_func`` reads them; then as Ray's ``OptunaSearch``."""
+        constraints = self._constraints()
+        ot_trial = self._ot_trials.get(trial_id)
+        if constraints and result and ot_trial is not None and trial_id not in self._completed_trials:
+            from search.settings import constraint_values
+
+            values = constraint_values(constraints, result)
+            # Named by the constraint as written, in the user attrs (what people read) and, on an
+            # Optuna that has them, as the trial's constraints (what the samplers read).
+            ot_trial.set_user_attr(CONSTRAINTS_ATTR, {c.text: v for c, v in zip(constraints, values)})
+            ot_trial.set_user_attr("feasible", all(v <= 0 for v in values))
+            if trial_constraints_api():
+                for i, value in enumerate(values):
+                    ot_trial.set_constraint(str(i), value)
+        super().on_trial_complete(trial_id, result, error)
+
+    def _constraints(self) -> list[Any]:
+        from search.settings import parse_constraints
+
+        return parse_constraints("search.constraints", self._search_settings.get("constraints"))
 
     @property
     def study(self) -> Any:

@@ -132,9 +132,9 @@ class FrontReport:
                 self._tracker.run_id = self.tracking["parent_run_id"]
             self._tracker.log_front(rows, self.objectives, step=len(rows), reference=self.reference,
                                     final=final, summary=summary)
-        except Exception as exc:  # a tracking outage must not stop the sweep
-            self.unlogged.append(f"front after {len(rows)} trials: {exc}")
-            log.warning("could not log the front to MLflow: %s", exc)
+        except Exception as exc:  # a tracking outage (or a logging bug) must not stop the sweep
+            self.unlogged.append(f"front after {len(rows)} trials: {type(exc).__name__}: {exc}")
+            log.warning("could not log the front to MLflow: %s: %s", type(exc).__name__, exc)
 
     def _print_line(self, rows: list[dict[str, Any]], trial_id: str | None, error: str | None,
                     summary: pareto.FrontSummary | None) -> None:

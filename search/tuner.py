@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from search.commands import shell_command
 from search.formatting import _last_line, exception_line
 from search.formatting import format_count as _fmt_flops  # noqa: F401  (the name tests read here)
-from search.front_report import export_front, finish_tracking, print_front, print_problems, print_start
+from search.front_report import export_front, finish_tracking, mark_feasible, print_front, print_problems, print_start
 from search.preflight import PreflightResult, check_cluster_resources, preflight
 from search.progress import board_name, live_progress, make_progress_callback
 from search.sampling import make_sampler
@@ -410,8 +410,10 @@ def _tune(run: SweepRun) -> SweepResult:
     # unless the budget was spent.
     interrupted = len(rows) < n_trials and not ledger.exhausted
     ok_rows = [r for r in rows if r["status"] in ("ok", "early_stopped")]
+    # search.constraints: each row says whether it met them; the front is over those that did.
+    front_rows = mark_feasible(ok_rows, run.settings.search.constraint_list, run.tracker)
     # The front and its hypervolume, once (the console, front/, MLflow and the result read them).
-    summary = pareto.front_summary(ok_rows, run.objectives) if ok_rows else None
+    summary = pareto.front_summary(front_rows, run.objectives) if front_rows else None
     front = summary.front if summary is not None else _empty_frame()
     hv = summary.hypervolume if summary is not None and len(front) else 0.0
     print_front(front, run.objectives)

@@ -50,7 +50,9 @@ def _bingo_context(*overrides: str) -> tuple[dict, TrialContext]:
     """A small BINGO config and its trial context, on the shipped default objectives."""
     cfg = compose(["+method=bingo", "trial.epochs=2", "trial.finetune_epochs=1", "data.limit_train=400",
                    "trial.fgsm_epsilon=0.1", *overrides])
-    objectives = [(o["metric"], o["mode"]) for o in cfg["search"]["objectives"]]
+    from search.settings import objectives_of  # search.objectives: null = the model's defaults
+
+    objectives = objectives_of(cfg)
     return cfg, TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"],
                              space=build_search_space(cfg), objectives=objectives)
 

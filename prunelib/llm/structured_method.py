@@ -132,6 +132,22 @@ class LLMStructured(PruningMethod):
         self._batches = datamodule.calibration_batches(s.calib_samples, seed=s.calib_seed,
                                                        batch_size=s.calib_batch_size, length=s.calib_length)
 
+    def check_model(self, model: nn.Module) -> None:
+        """The checks :meth:`finalize` makes on the model, without pruning it: its blocks are
+        found and are of a known family, ``keep_heads`` is a whole number of GQA groups,
+        ``depth_sparsity`` leaves a block, per-block fractions have one entry per block. Works on
+        a model built on the meta device (no weights): a sweep's pre-flight runs it once.
+
+        Raises:
+            ValueError: one line naming the setting (or ``model``).
+        """
+        from prunelib.llm.structured import _block_fractions, _check_against_model, _model_parts
+
+        s = self.settings.structured
+        _, _, parts = _model_parts(model, s.blocks_path)
+        _check_against_model(s, model, parts)
+        _block_fractions(s, len(parts), [], parts[0].heads)
+
     def finalize(self, model: nn.Module) -> MaskSet:
         """Prune ``model`` in place (physically smaller); returns an empty MaskSet."""
         s = self.settings.structured

@@ -95,7 +95,7 @@ def load_tokenizer(path: str | os.PathLike, key: str = "model.path") -> Any:
 
 def load_hf_model(path: str | os.PathLike, task: str = "auto", num_labels: int | None = None,
                   hf_class: str | None = None, dtype: str | None = None, key: str = "model.path",
-                  loading_info: bool = False) -> Any:
+                  loading_info: bool = False, trust_remote_code: bool = False) -> Any:
     """A local checkpoint as a sequence classifier or a causal LM (eval mode, on the CPU).
 
     Args:
@@ -108,6 +108,9 @@ def load_hf_model(path: str | os.PathLike, task: str = "auto", num_labels: int |
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (None = as saved).
         loading_info: also return the names of the parameters the checkpoint did not hold
             (randomly initialised): ``(model, missing)``.
+        trust_remote_code: run the loader file the checkpoint carries (a structured export with
+            per-layer shapes, :mod:`prunelib.llm.structured_export`; give an Auto class as
+            ``hf_class``, which reads the config's ``auto_map``).
 
     Raises:
         HFModelError: not a model directory, unknown task or class.
@@ -116,8 +119,9 @@ def load_hf_model(path: str | os.PathLike, task: str = "auto", num_labels: int |
     p = _check_dir(path, key)
     if task not in HF_TASKS:
         raise HFModelError(f"model.task: {task!r} is not one of {list(HF_TASKS)}")
-    config = tf.AutoConfig.from_pretrained(str(p), local_files_only=True)
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
+    config = tf.AutoConfig.from_pretrained(str(p), local_files_only=True, **remote)
+    kwargs: dict[str, Any] = {"local_files_only": True, **remote}
     if dtype is not None:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise HFModelError(f"model.dtype: {dtype!r} is not one of ['float32', 'bfloat16', 'float16']")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from search.paths import launch_dir, resolve_launch_path  # re-exported: the trial modules import them here
 from search.settings import TrialSettings
 from search.space import SearchSpace
 
@@ -83,18 +84,6 @@ class TrialContext:
     def settings_for(self, overrides: dict[str, Any]) -> TrialSettings:
         """The trial's settings with the ``trial.*`` values sampled for it (parsed once per trial)."""
         return TrialSettings.from_dict({**self.trial, **overrides}) if overrides else self.trial_settings
-
-
-def launch_dir() -> Path:
-    """Where the sweep was launched: relative paths the user typed refer to it (Ray Tune runs
-    trials with the trial directory as working directory)."""
-    return Path(os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd())
-
-
-def resolve_launch_path(path: str | os.PathLike) -> Path:
-    """``path`` with ``~`` expanded, relative to :func:`launch_dir` unless absolute."""
-    p = Path(os.path.expanduser(str(path)))
-    return p if p.is_absolute() else launch_dir() / p
 
 
 def record_failure(ctx: TrialContext, trial_id: str, line: str) -> None:

@@ -13,6 +13,8 @@ The built-in kinds, most specific first:
 kind                      model kind  applies to                             run by
 ========================  ==========  =====================================  ========================================
 ``text_ken_pair``         ``hf``      ``needs_pair`` (KEN)                   :func:`search.trials.text.run_hf_ken_trial`
+``text_structured``       ``hf``      LLM pruners with ``export``            :func:`search.trials.text.run_text_trial`
+                                      (a physically smaller model)
 ``text``                  ``hf``      ``"hf" in model_kinds`` (LLM pruners)  :func:`search.trials.text.run_text_trial`
 ``ken_pair``              ``torch``   ``needs_pair`` (KEN)                   :func:`search.trials.ken.run_ken_trial`
 ``train``                 ``torch``   every method                           :func:`search.trials.training.run_training_trial`
@@ -39,6 +41,7 @@ from search.trials.metrics import (
     KEN_METRICS,
     LATENCY_MS,
     LLM_METRICS,
+    STRUCTURED_METRICS,
     TEST_ACC,
     TIMING_METRICS,
     VAL_ACC,
@@ -48,10 +51,10 @@ from search.trials.metrics import (
     cost_metrics,
     split_scores,
 )
-from search.trials.text_config import is_text_config
+from search.trials.text_task import is_text_config
 
 __all__ = ["MODEL_KINDS", "TRIAL_KINDS", "TrialKind", "TrialRequest", "config_model_kind", "kind_for",
-           "register_trial_kind", "reported_metrics"]
+           "makes_smaller_model", "register_trial_kind", "reported_metrics"]
 
 #: The kinds of model a config can hold: PyTorch models a trial trains (built-in or the user's),
 #: or Hugging Face text models (``model=hf``/``data=text``).
@@ -175,10 +178,24 @@ def _text_reports(cfg: Mapping[str, Any], logged: set[str] | None) -> set[str]:
     return _text_scores(cfg) | set(LLM_METRICS)
 
 
+def _text_structured_reports(cfg: Mapping[str, Any], logged: set[str] | None) -> set[str]:
+    # latency_ms: measured on the exported checkpoint (when an objective or trial.measure_latency asks).
+    return _text_reports(cfg, logged) | set(STRUCTURED_METRICS) | {LATENCY_MS}
+
+
+def makes_smaller_model(method_class: type) -> bool:
+    """Whether a text method's trials keep a physically smaller model: the method prunes
+    Hugging Face models (``"hf"`` in ``model_kinds``) and exports its result itself
+    (``export(model, dir, tokenizer)``, e.g. ``llm_structured``)."""
+    return "hf" in method_class.model_kinds and callable(getattr(method_class, "export", None))
+
+
 #: Trial kinds, most specific first; ``train`` applies to every method on a PyTorch model.
 TRIAL_KINDS: list[TrialKind] = [
     TrialKind("text_ken_pair", lambda cls: cls.needs_pair, _text_ken_reports,
               run="search.trials.text:run_hf_ken_trial", model_kind="hf"),
+    TrialKind("text_structured", makes_smaller_model, _text_structured_reports,
+              run="search.trials.text:run_text_trial", model_kind="hf"),
     TrialKind("text", lambda cls: "hf" in cls.model_kinds, _text_reports,
               run="search.trials.text:run_text_trial", model_kind="hf"),
     TrialKind("ken_pair", lambda cls: cls.needs_pair, _ken_reports, run="search.trials.ken:run_ken_trial"),

@@ -19,8 +19,8 @@ a method adds metrics of its own with ``reported_metrics`` on its class
 from __future__ import annotations
 
 __all__ = ["COST_PREFIXES", "FLOPS_DEPLOYED", "KEN_FILE_METRICS", "KEN_METRICS", "LATENCY_MS", "LLM_METRICS",
-           "SPARSITY", "TEST_ACC", "TEST_PPL", "TEXT_OBJECTIVES", "TIMING_METRICS", "VAL_ACC", "VAL_FGSM_ACC",
-           "VAL_LOSS", "VAL_PPL", "WORK_METRICS", "cost_metrics", "split_scores"]
+           "SPARSITY", "STRUCTURED_METRICS", "TEST_ACC", "TEST_PPL", "TEXT_OBJECTIVES", "TIMING_METRICS", "VAL_ACC",
+           "VAL_FGSM_ACC", "VAL_LOSS", "VAL_PPL", "WORK_METRICS", "cost_metrics", "split_scores"]
 
 VAL_ACC = "val_acc"
 VAL_LOSS = "val_loss"
@@ -50,6 +50,8 @@ KEN_METRICS = ("finetuned_val_acc", "pretrained_val_acc", "reverted_fraction", "
 #: A one-shot LLM trial: the dense model's scores, block sparsity, sparse storage, pruning seconds.
 LLM_METRICS = ("dense_val_loss", "dense_val_acc", "dense_val_ppl", "block_sparsity", "sparse_bytes", "dense_bytes",
                "prune_s", "calibration_tokens")
+#: A structured text trial (a physically smaller model): its distillation's steps and seconds.
+STRUCTURED_METRICS = ("distill_steps", "distill_s")
 #: Objectives only text trials report (``val_acc``/``val_loss`` and the FLOPs are shared).
 TEXT_OBJECTIVES = (VAL_PPL, TEST_PPL, "sparse_bytes", "block_sparsity")
 

@@ -14,12 +14,14 @@ from typing import Any
 from prunelib.data.text import TextDataError, read_text_records
 from prunelib.models.hf import HFModelError, is_hf_dir, load_tokenizer
 from search.settings import check_fraction
-from search.space import ConfigError, method_class
+from search.space import ConfigError, load_method_configs, method_class
 from search.trials.context import resolve_launch_path
 from search.trials.metrics import TEST_PPL, VAL_PPL
+from search.trials.text_task import default_text_objectives, is_missing, is_text_config, text_task
 
-__all__ = ["HF_MODEL_KEYS", "TEXT_DATA_ARGS", "TEXT_DATA_KEYS", "check_text_data", "is_text_config", "model_dir",
-           "methods_for_model", "validate_text_config"]
+__all__ = ["HF_MODEL_KEYS", "TEXT_DATA_ARGS", "TEXT_DATA_KEYS", "check_text_data", "default_text_objectives",
+           "check_text_methods", "is_text_config", "method_pool", "model_dir", "methods_for_model", "text_task",
+           "validate_text_config"]
 
 #: Keys of ``data=text`` passed to :func:`prunelib.data.text.build_text_datamodule`.
 TEXT_DATA_ARGS = ("path", "test_path", "task", "text_column", "label_column", "max_length", "val_fraction",
@@ -27,11 +29,6 @@ TEXT_DATA_ARGS = ("path", "test_path", "task", "text_column", "label_column", "m
 #: Keys of ``data=text`` and ``model=hf`` (conf/data/text.yaml, conf/model/hf.yaml).
 TEXT_DATA_KEYS = frozenset(TEXT_DATA_ARGS + ("name",))
 HF_MODEL_KEYS = frozenset(("name", "path", "task", "dtype"))
-
-
-def is_text_config(data_cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> bool:
-    """Whether a sweep runs Hugging Face text trials (``model=hf`` or ``data=text``)."""
-    return (model_cfg or {}).get("name") == "hf" or (data_cfg or {}).get("name") == "text"
 
 
 def _model_kinds(name: str, cfg: Mapping[str, Any] | None = None) -> tuple[str, ...]:
@@ -55,10 +52,6 @@ def methods_for_model(configs: dict[str, dict[str, Any]], model_cfg: Mapping[str
     return {n: c for n, c in configs.items() if not _model_kinds(n, c)}
 
 
-def _missing(value: Any) -> bool:
-    return value is None or value == "???" or value == ""
-
-
 def validate_text_config(cfg: Mapping[str, Any]) -> None:
     """Check the data/model sections of a text sweep; raise ConfigError naming the first bad key."""
     data, model = cfg.get("data") or {}, cfg.get("model") or {}
@@ -68,7 +61,7 @@ def validate_text_config(cfg: Mapping[str, Any]) -> None:
                           f"{model.get('name')!r}")
     if data.get("name") != "text":
         raise ConfigError(f"data.name: model=hf needs data=text (a local text file), got {data.get('name')!r}")
-    if _missing(data.get("path")):
+    if is_missing(data.get("path")):
         raise ConfigError("data.path: set it to a local CSV/JSONL/Parquet of text,label or a .txt file/directory")
     for key in ("max_length", "batch_size", "eval_batch_size"):
         value = data.get(key, 2)
@@ -80,14 +73,14 @@ def validate_text_config(cfg: Mapping[str, Any]) -> None:
     pinned_ken = method.get("name") == "ken"
     if pinned_ken:
         settings = method.get("settings") or {}
-        if _missing(settings.get("pretrained")) or _missing(settings.get("finetuned")):
+        if is_missing(settings.get("pretrained")) or is_missing(settings.get("finetuned")):
             raise ConfigError("pair.pretrained: KEN on a Hugging Face model needs pair.pretrained=DIR "
                               "pair.finetuned=DIR (two checkpoint directories)")
-    elif _missing(model.get("path")):
+    elif is_missing(model.get("path")):
         raise ConfigError("model.path: set it to a local Hugging Face model directory (config.json, weights, tokenizer)")
     if method and not pinned_ken and "hf" not in _model_kinds(str(method.get("name")), method):
         raise ConfigError(f"method: {method.get('name')!r} does not prune Hugging Face text models; use "
-                          f"llm_magnitude, wanda, sparsegpt or ken")
+                          f"llm_magnitude, wanda, sparsegpt, llm_structured or ken")
 
 
 def model_dir(model_cfg: Mapping[str, Any], key: str = "model.path") -> Path:
@@ -129,3 +122,81 @@ def check_text_data(cfg: Mapping[str, Any]) -> None:
             load_tokenizer(model_dir(model), key="model.path")
     except (TextDataError, HFModelError) as exc:
         raise ConfigError(str(exc)) from exc
+
+
+def check_text_methods(cfg: Mapping[str, Any]) -> None:
+    """Build each method of the sweep that checks itself against a model (``check_model``, e.g.
+    ``llm_structured``) and run that check once on ``model.path``'s architecture, built on the
+    meta device from its ``config.json`` (no weights read): a model whose blocks cannot be found
+    or that is not a transformer, a ``keep_heads`` that breaks a GQA group, a depth that removes
+    every block, per-block fractions of the wrong length. The method's fixed settings are
+    checked, and each searched setting at the ends of its range (and each choice).
+
+    Raises:
+        ConfigError: one line naming ``method[NAME].settings`` or ``method[NAME].space.KEY``.
+    """
+    from search.space import method_space
+
+    pool = {n: c for n, c in method_pool(cfg).items()
+            if callable(getattr(method_class(n, c.get("_target_")), "check_model", None))}
+    if not pool or (cfg.get("method") or {}).get("name") == "ken":
+        return
+    model = _meta_model(cfg)
+    for name, mcfg in pool.items():
+        cls = method_class(name, mcfg.get("_target_"))
+        space = method_space(mcfg)
+        trials = [(f"method[{name}].settings", dict(space.settings))]
+        for dim in space.dims:
+            if dim.key.startswith("trial."):
+                continue
+            values = list(dim.choices) if dim.type == "categorical" else [dim.low, dim.high]
+            trials += [(f"method[{name}].space.{dim.key}: value {v!r}", {**space.settings, **dim.when, dim.key: v})
+                       for v in values]
+        for where, settings in trials:
+            try:
+                cls(**settings).check_model(model)
+            except (ValueError, TypeError) as exc:
+                line = str(exc).strip().splitlines()[-1]
+                if line.startswith("model: "):  # the model is at fault, whatever the settings
+                    raise ConfigError(f"model.path: {line[len('model: '):]} ({name} needs one)") from exc
+                raise ConfigError(f"{where}: {line}") from exc
+
+
+def _meta_model(cfg: Mapping[str, Any]) -> Any:
+    """``model.path``'s architecture with no weights (meta device), as the trials load it."""
+    import torch
+
+    from prunelib.models.hf import _transformers
+
+    tf = _transformers()
+    path = model_dir(cfg["model"])
+    try:
+        config = tf.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.path: {path}: {str(exc).strip().splitlines()[-1][:300]}") from exc
+    task = text_task(cfg["data"], cfg["model"])
+    auto = tf.AutoModelForSequenceClassification if task == "classification" else tf.AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"model.path: {path} does not build as {auto.__name__}: "
+                          f"{str(exc).strip().splitlines()[-1][:300]}") from exc
+
+
+def method_pool(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The method configs this sweep covers: the pinned one, or the unpinned pool (those found on
+    Hydra's search path, ``method_pool``; else the package's ``conf/method``), narrowed to
+    ``search.methods`` when given."""
+    if cfg.get("method"):
+        method = dict(cfg["method"])
+        return {str(method.get("name")): method}
+    # model=hf: the LLM pruners only; other models: every method that is not one.
+    pool = methods_for_model(dict(cfg.get("method_pool") or load_method_configs()), cfg.get("model") or {})
+    wanted = (cfg.get("search") or {}).get("methods")
+    if wanted:
+        missing = [m for m in wanted if m not in pool]
+        if missing:
+            raise ConfigError(f"search.methods: {missing} not found; available: {sorted(pool)}")
+        pool = {m: pool[m] for m in wanted}
+    return pool
