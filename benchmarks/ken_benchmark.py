@@ -300,8 +300,8 @@ def table_backends(doc: dict[str, Any]) -> str:
         target_cell = "-" if target is None or new is None else \
             f"<= {target:g} s: {'met' if new <= target else 'NOT met'}"
         same = ("" if r["backends_identical"] is None else
-                f"new {'=' if r['backends_identical'] else '!='} torch path on all {r['rows']:,} rows "
-                + ("" if r["backends_identical"] else f"({r['rows_differing']} differ) ") + "; ")
+                f"new {'=' if r['backends_identical'] else '!='} torch path on all {r['rows']:,} rows"
+                + ("" if r["backends_identical"] else f" ({r['rows_differing']} differ)") + "; ")
         lines.append(f"| {r['k']} | {_percent(r['kept'])} | {new_cell} | {old_cell} | {target_cell} | "
                      f"{same}= per-row reference on {r['sample_equal']} of {r['sample_rows']} sampled rows |")
     return "\n".join(lines)
