@@ -35,7 +35,6 @@ Results are appended to ``--out`` (JSON) after every sweep; a rerun skips sweeps
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
