@@ -340,8 +340,8 @@ def main() -> None:
                 sweeps.append({"label": label, "concurrency": concurrency, "reuse": reuse, "costs": c})
     settings = {"data": args.data, "model": args.model, "limit_train": args.limit_train, "epochs": args.epochs,
                 "finetune_epochs": args.finetune_epochs, "trials": args.trials, "baseline": args.baseline}
-    doc = {"meta": run_meta("search_overhead.py", settings=settings), "plain": plain, "runner": runner, "ray_start": ray_start, "commands": commands,
-           "sweeps": sweeps}
+    doc = {"meta": run_meta("search_overhead.py", settings=settings), "plain": plain, "runner": runner,
+           "ray_start": ray_start, "commands": commands, "sweeps": sweeps}
     if args.rows:
         write_rows(args.rows, doc)
     print(f"\n{table_sweeps(doc)}\n\nThe first seconds (from the command's start; '-' = no such step in that code):\n"
