@@ -158,7 +158,9 @@ SPACE_LABELS = {"distribution": "magnitude: sparsity + distribution",
 
 def table_sweeps(doc: dict[str, Any]) -> str:
     """RESULTS.md's part-2 table: normalised hypervolume per seed and its mean, per searched space."""
-    sweeps = doc["sweeps"]
+    sweeps = doc.get("sweeps") or []
+    if not sweeps:
+        return "(part 2 not run: --sweep-trials 0)"
     seeds = list(dict.fromkeys(r["seed"] for r in sweeps))
     means = {}
     lines = [f"| search space | HV per seed ({', '.join(str(s) for s in seeds)}) | mean |", "|---|---|---|"]
