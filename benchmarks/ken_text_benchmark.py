@@ -157,7 +157,7 @@ def main() -> None:
                 print(f"seed {seed}: keep {fraction:.2f} {rule:<6} reverted {report['reverted_fraction']:.3f} "
                       f"val {acc['val']:.4f} test {acc['test']:.4f}", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"args": settings_of(args, ()), "rows": rows}, indent=1))
 
     doc = {"meta": run_meta("ken_text_benchmark.py", settings=settings_of(args),
                             seconds=time.perf_counter() - start), "rows": rows}

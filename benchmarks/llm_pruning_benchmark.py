@@ -186,7 +186,7 @@ def main() -> None:
             print(f"seed {seed}: {method:<13} {pattern:<12} {dist:<8} test ppl {test['ppl']:9.2f}  "
                   f"(sparsity {row['block_sparsity']:.3f}, {seconds:.1f}s)", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": results}, indent=1))
+        Path(args.out).write_text(json.dumps({"args": settings_of(args, ()), "rows": results}, indent=1))
 
     doc = {"meta": run_meta("llm_pruning_benchmark.py", settings=settings_of(args),
                             seconds=time.perf_counter() - start), "rows": results}
