@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import run_meta, settings_of, write_rows  # noqa: E402
 
 #: The columns kept per trial (the rows file and the printed tables).
-COLUMNS = ["method", "param.pattern", "param.sparsity", "param.distribution", "param.owl_lambda", "val_ppl",
+COLUMNS = ["method", "param.pattern", "param.sparsity", "param.distribution", "param.allocation", "param.owl_lambda", "val_ppl",
            "test_ppl", "dense_val_ppl", "block_sparsity", "flops_effective", "flops_dense", "sparse_bytes",
            "dense_bytes", "prune_s"]
 #: How the table names each method.
@@ -63,15 +63,18 @@ def front_rows(rows: list[dict[str, Any]], axis: str) -> list[dict[str, Any]]:
 def _front_table(doc: dict[str, Any], axis: str) -> str:
     lines = ["| method | pattern | sparsity | distribution | val ppl | test ppl | effective FLOPs | sparse bytes |",
              "|---|---|---|---|---|---|---|---|"]
+    # The dense model's FLOPs: a structured trial's own flops_dense is its smaller model's.
+    dense = max((r["flops_dense"] for r in doc["rows"] if r.get("flops_dense")), default=None)
     for r in front_rows(doc["rows"], axis):
         sparsity = r.get("param.sparsity")
         sparsity = r.get("block_sparsity") if sparsity is None or sparsity != sparsity else sparsity  # NaN: N:M
-        dist = r.get("param.distribution") or "uniform"
+        pattern = r.get("param.pattern") or ("structured" if r["method"] == "llm_structured" else "-")
+        dist = r.get("param.distribution") or r.get("param.allocation") or "uniform"
         dist = f"OWL (lambda {r['param.owl_lambda']:.3f})" if dist == "owl" else dist
-        flops = f"{r['flops_effective'] / 1e6:.1f}M" + (f" ({r['flops_effective'] / r['flops_dense']:.0%})".replace("%", " %")
-                                                         if r.get("flops_dense") else "")
+        flops = f"{r['flops_effective'] / 1e6:.1f}M" + (f" ({r['flops_effective'] / dense:.0%})".replace("%", " %")
+                                                         if dense else "")
         test = "-" if r.get("test_ppl") is None else f"{r['test_ppl']:.2f}"
-        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {r.get('param.pattern', '-')} | "
+        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {pattern} | "
                      f"{'-' if sparsity is None else f'{sparsity:.3f}'} | {dist} | {r['val_ppl']:.2f} | {test} | "
                      f"{flops} | {r['sparse_bytes'] / 1e6:.2f} MB |")
     return "\n".join(lines)

@@ -210,3 +210,12 @@ def test_rows_written_by_the_shared_helper_load_with_their_provenance(tmp_path):
 def test_every_script_with_a_renderer_takes_rows():
     for script in sorted({c[0] for c in CASES}):
         assert "--rows" in (BENCHMARKS / f"{script}.py").read_text(), script
+
+
+def test_a_structured_trial_is_measured_against_the_dense_model():
+    doc = llm_sweep_doc()
+    doc["rows"].append({"method": "llm_structured", "param.allocation": "uniform", "block_sparsity": 0.35,
+                        "val_ppl": 80.0, "test_ppl": 81.0, "flops_effective": 110.0e6, "flops_dense": 110.0e6,
+                        "sparse_bytes": 1.5e6})  # its flops_dense is its own, smaller model's
+    table = results_md.renderer("llm_sweep_benchmark", "table_front")(doc)
+    assert "| llm_structured | structured | 0.350 | uniform | 80.00 | 81.00 | 110.0M (63 %) | 1.50 MB |" in table
