@@ -19,6 +19,10 @@ Usage::
     python benchmarks/foundation_baselines.py                      # E=4, F=1, 50/80/90 %
     python benchmarks/foundation_baselines.py --epochs 1 --data-limit 5000 --sparsities 0.8
     python benchmarks/foundation_baselines.py --out /tmp/table.md  # also write the table
+    python benchmarks/foundation_baselines.py --rows benchmarks/results/foundation_baselines_DATE.json.gz
+
+``--rows`` writes the raw rows (every run's metrics, unrounded) with the command, commit,
+machine and date; :func:`results_table` renders RESULTS.md's table from them.
 
 The test split is only reported, never used for a decision.
 """
@@ -27,11 +31,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +44,9 @@ import torch
 from prunelib import TrainConfig, __version__, build_method, run_pruning
 from prunelib.data import build_datamodule
 from prunelib.models import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import run_meta, settings_of, write_rows  # noqa: E402
 
 #: Method settings for this benchmark (the library's defaults otherwise).
 METHOD_KWARGS: dict[str, dict[str, Any]] = {
@@ -49,13 +57,6 @@ METHOD_KWARGS: dict[str, dict[str, Any]] = {
     "polarization": {},   # library defaults (channel gates, block gates where present)
 }
 DEFAULT_METHODS = ["magnitude", "gmp", "imp"]
-
-
-@dataclass
-class Row:
-    method: str
-    target: float
-    metrics: dict[str, float]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    p.add_argument("--rows", type=Path, default=None,
+                   help="also write the raw rows (.json.gz with command, commit, machine, date) here: what "
+                        "RESULTS.md's table is generated from (benchmarks/results_md.py)")
     args = p.parse_args(argv)
     if args.epochs < 1:
         p.error("--epochs must be >= 1")
@@ -110,21 +114,25 @@ def run_one(args: argparse.Namespace, dm: Any, method: str, sparsity: float, fin
     return metrics
 
 
-def markdown_table(rows: list[Row]) -> str:
-    dense = rows[0].metrics
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """RESULTS.md's table: one line per run, costs as ratios to the dense run (the ``dense`` row)."""
+    dense = next(r for r in rows if r["method"] == "dense")
     head = ("| method | target sparsity | achieved sparsity | test acc | val acc | FLOPs eff / sample "
-            "| FLOPs vs dense | phys FLOPs vs dense | params eff | epochs | extra fwd passes | wall s | wall vs dense | CPU s | CPU vs dense |")
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-    for r in rows:
-        m = r.metrics
+            "| FLOPs vs dense | params eff | epochs | extra fwd passes | wall s | wall vs dense | CPU s | CPU vs dense |")
+    lines = [head, "|" + "---|" * (head.count(" | ") + 1)]
+    for m in rows:
         lines.append(
-            f"| {r.method} | {r.target:.0%} | {m['sparsity']:.2%} | {m['test_acc']:.2%} | {m['val_acc']:.2%} "
+            f"| {m['method']} | {m['target']:.0%} | {m['sparsity']:.2%} | {m['test_acc']:.2%} | {m['val_acc']:.2%} "
             f"| {int(m['flops_effective']):,} | {m['flops_effective'] / dense['flops_dense']:.3f} "
-            f"| {m['flops_physical'] / dense['flops_dense']:.3f} "
             f"| {int(m['params_effective']):,} | {int(m['epochs'])} | {int(m['extra_forward_passes'])} "
             f"| {m['wall_s']:.1f} | {m['wall_s'] / dense['wall_s']:.2f}x "
             f"| {m['cpu_s']:.1f} | {m['cpu_s'] / dense['cpu_s']:.2f}x |")
     return "\n".join(lines)
+
+
+def results_table(doc: dict[str, Any]) -> str:
+    """RESULTS.md's table from a rows file written with ``--rows`` (``benchmarks/results_md.py``)."""
+    return markdown_table(doc["rows"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,13 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     total_epochs = args.epochs + sum(planned_epochs(m, args.epochs, args.finetune_epochs) for m, _, _ in runs[1:])
     print(f"plan: {len(runs)} runs, {total_epochs} training epochs in all", flush=True)
 
-    rows: list[Row] = []
+    rows: list[dict[str, Any]] = []
     epochs_done = 0
     for i, (method, sparsity, finetune) in enumerate(runs, 1):
         label = f"{method} @ {sparsity:.0%}" if method != "dense" else "dense"
         print(f"[{i}/{len(runs)}] {label} ...", flush=True)
         m = run_one(args, dm, "magnitude" if method == "dense" else method, sparsity, finetune)
-        rows.append(Row(method, sparsity, m))
+        rows.append({"method": method, "target": sparsity, **m})
         epochs_done += int(m["epochs"])
         elapsed = time.perf_counter() - t_start
         eta = ""
@@ -179,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(table + "\n")
         print(f"table written to {args.out}")
+    if args.rows:
+        meta = run_meta("foundation_baselines.py", argv, settings_of(args),
+                        machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                                f"{torch.get_num_threads()} torch thread(s)", seconds=total)
+        print(f"raw rows written to {write_rows(args.rows, {'meta': meta, 'rows': rows})}")
     return 0
 
 

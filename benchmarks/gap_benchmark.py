@@ -21,6 +21,11 @@ down), normalised by the box (accuracy 1, dense FLOPs).
     python benchmarks/gap_benchmark.py                           # part 1, ~5-10 min on 2 cores
     python benchmarks/gap_benchmark.py --sweep-trials 16 --sweep-seeds 0 1
     python benchmarks/gap_benchmark.py --epochs 3 --gap-configs 3x1x1 --data-limit 2000   # smoke
+    python benchmarks/gap_benchmark.py --sweep-trials 12 --sweep-seeds 0 1 --rows benchmarks/results/gap_DATE.json.gz
+
+``--rows`` writes the raw rows (part 1: ``rows``, one per run; part 2: ``sweeps``, one per sweep,
+with its hypervolume unrounded) with the command, commit, machine and date;
+:func:`table_runs` and :func:`table_sweeps` render RESULTS.md's two tables from them.
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import torch  # noqa: E402
 
 from prunelib import TrainConfig, __version__, build_method, prunable_parameters, run_pruning  # noqa: E402
 from prunelib.data import build_datamodule  # noqa: E402
 from prunelib.models import build_model  # noqa: E402
+from rows import run_meta, settings_of, write_rows  # noqa: E402
 
 
 def parse_gap_config(text: str) -> tuple[int, int, int]:
@@ -82,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sweep-data-limit", type=int, default=5000)
     p.add_argument("--sweep-epochs", type=int, default=3)
     p.add_argument("--sweep-finetune-epochs", type=int, default=1)
+    p.add_argument("--rows", type=Path, default=None,
+                   help="also write the raw rows (.json.gz with command, commit, machine, date) here: what "
+                        "RESULTS.md's tables are generated from (benchmarks/results_md.py)")
     args = p.parse_args(argv)
     args.gap_configs = [parse_gap_config(c) if isinstance(c, str) else c for c in args.gap_configs]
     for k, r, t in args.gap_configs:
@@ -124,6 +134,7 @@ def run_one(args: argparse.Namespace, dm: Any, label: str, method: str, settings
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Part 1's table: one line per run."""
     head = ("| run | target sparsity | achieved sparsity | max group deviation | test acc | val acc "
             "| FLOPs eff vs dense | epochs | wall s | CPU s |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
@@ -135,7 +146,35 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def part_one(args: argparse.Namespace) -> str:
+def table_runs(doc: dict[str, Any]) -> str:
+    """RESULTS.md's part-1 table from a rows file written with ``--rows`` (``benchmarks/results_md.py``)."""
+    return markdown_table(doc["rows"])
+
+
+#: How the part-2 table names each searched space.
+SPACE_LABELS = {"distribution": "magnitude: sparsity + distribution",
+                "global only": "magnitude: sparsity only (global ranking)"}
+
+
+def table_sweeps(doc: dict[str, Any]) -> str:
+    """RESULTS.md's part-2 table: normalised hypervolume per seed and its mean, per searched space."""
+    sweeps = doc.get("sweeps") or []
+    if not sweeps:
+        return "(part 2 not run: --sweep-trials 0)"
+    seeds = list(dict.fromkeys(r["seed"] for r in sweeps))
+    means = {}
+    lines = [f"| search space | HV per seed ({', '.join(str(s) for s in seeds)}) | mean |", "|---|---|---|"]
+    for variant in dict.fromkeys(r["variant"] for r in sweeps):
+        values = [r["hv"] for r in sweeps if r["variant"] == variant]
+        means[variant] = statistics.fmean(values)
+        lines.append(f"| {SPACE_LABELS.get(variant, variant)} | {', '.join(f'{v:.4f}' for v in values)} "
+                     f"| {means[variant]:.4f} |")
+    if "distribution" in means and "global only" in means:
+        lines.append(f"\nRatio distribution / sparsity-only: {means['distribution'] / means['global only']:.3f}.")
+    return "\n".join(lines)
+
+
+def part_one(args: argparse.Namespace) -> list[dict[str, Any]]:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("    %(message)s"))
     plog = logging.getLogger("prunelib")
@@ -171,12 +210,11 @@ def part_one(args: argparse.Namespace) -> str:
         print(f"[{i}/{len(runs)}] {label}: sparsity {row['sparsity']:.2%}  test {row['test_acc']:.2%}  "
               f"val {row['val_acc']:.2%}  {row['wall_s']:.1f}s  (elapsed {elapsed / 60:.1f} min, "
               f"~{left:.1f} min left)", flush=True)
-    table = markdown_table(rows)
-    print("\n" + table + f"\n\npart 1: {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
-    return table
+    print("\n" + markdown_table(rows) + f"\n\npart 1: {(time.perf_counter() - t_start) / 60:.1f} min", flush=True)
+    return rows
 
 
-def part_two(args: argparse.Namespace) -> str:
+def part_two(args: argparse.Namespace) -> list[dict[str, Any]]:
     import ray
 
     from search.pareto import hypervolume
@@ -185,12 +223,12 @@ def part_two(args: argparse.Namespace) -> str:
 
     shaped = ("distribution", "end_protection", "depth_slope")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    results: dict[str, list[float]] = {"distribution": [], "global only": []}
+    sweeps: list[dict[str, Any]] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         for seed in args.sweep_seeds:
-            for variant in results:
+            for variant in SPACE_LABELS:
                 t0 = time.perf_counter()
                 cfg = compose(["+method=magnitude", "search.sampler=mo_tpe", f"search.seed={seed}",
                                f"search.n_trials={args.sweep_trials}", "search.concurrency=2",
@@ -207,24 +245,17 @@ def part_two(args: argparse.Namespace) -> str:
                 dense = max(float(r["flops_dense"]) for r in done)
                 hv = hypervolume([[float(r["val_acc"]), float(r["flops_effective"])] for r in done],
                                  ["max", "min"], [0.0, dense]) / dense
-                results[variant].append(hv)
                 kinds = sorted({str(r.get("param.distribution")) for r in done})
+                sweeps.append({"variant": variant, "seed": seed, "hv": hv, "trials": len(done),
+                               "distributions": kinds, "wall_s": time.perf_counter() - t0})
                 print(f"== {variant} seed {seed}: HV {hv:.4f} over {len(done)} trials "
                       f"({time.perf_counter() - t0:.0f}s; distributions tried {kinds})", flush=True)
     ray.shutdown()
-    lines = [f"{args.dataset}/{args.model}, limit_train={args.sweep_data_limit}, "
-             f"{args.sweep_epochs}+{args.sweep_finetune_epochs} epochs, {args.sweep_trials} trials per sweep, "
-             f"seeds {args.sweep_seeds}; normalised hypervolume (val acc x effective FLOPs)",
-             "", "| search space | HV per seed | mean |", "|---|---|---|"]
-    for variant, values in results.items():
-        lines.append(f"| magnitude: sparsity + {variant} | {', '.join(f'{v:.4f}' for v in values)} "
-                     f"| {statistics.fmean(values):.4f} |")
-    ratio = statistics.fmean(results["distribution"]) / statistics.fmean(results["global only"])
-    lines.append(f"\ndistribution / global-only HV ratio: {ratio:.3f}; part 2: "
-                 f"{(time.perf_counter() - start) / 60:.1f} min")
-    text = "\n".join(lines)
-    print("\n" + text, flush=True)
-    return text
+    print(f"\n{args.dataset}/{args.model}, limit_train={args.sweep_data_limit}, "
+          f"{args.sweep_epochs}+{args.sweep_finetune_epochs} epochs, {args.sweep_trials} trials per sweep, "
+          f"seeds {args.sweep_seeds}; normalised hypervolume (val acc x effective FLOPs)\n\n"
+          f"{table_sweeps({'sweeps': sweeps})}\npart 2: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+    return sweeps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,9 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"prunelib {__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.machine()} {platform.processor() or ''}".rstrip(), flush=True)
     t0 = time.perf_counter()
-    part_one(args)
-    if args.sweep_trials > 0:
-        part_two(args)
+    doc: dict[str, Any] = {"rows": part_one(args), "sweeps": part_two(args) if args.sweep_trials > 0 else []}
+    if args.rows:
+        doc["meta"] = run_meta("gap_benchmark.py", argv, settings_of(args),
+                               machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                                       f"{torch.get_num_threads()} torch thread(s)",
+                               seconds=time.perf_counter() - t0)
+        print(f"raw rows written to {write_rows(args.rows, doc)}")
     print(f"total wall time: {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
     return 0
 

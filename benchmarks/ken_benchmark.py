@@ -23,6 +23,11 @@ Usage::
     python benchmarks/ken_benchmark.py                         # both parts
     python benchmarks/ken_benchmark.py --part quality --data-limit 20000 --epochs 3
     python benchmarks/ken_benchmark.py --part speed --k 64 --loop-rows 40
+    python benchmarks/ken_benchmark.py --part speed --k 64 256 --rows benchmarks/results/ken_speed_DATE.json.gz
+
+``--rows`` writes the raw figures (``quality``: one row per variant; ``speed``: one row per k,
+seconds per backend and per row width, unrounded) with the command, commit, machine and date;
+:func:`table_quality`, :func:`table_speed` and :func:`table_backends` render RESULTS.md's tables.
 
 The test split is only reported, never used for a decision.
 """
@@ -38,17 +43,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prunelib.data import build_datamodule  # noqa: E402
 from prunelib.ken_storage import save_ken_delta  # noqa: E402
 from prunelib.methods.ken import KEN, apply_ken, kde_select_rows, selected_parameter_names  # noqa: E402
 from prunelib.models import build_model  # noqa: E402
 from prunelib.training import evaluate  # noqa: E402
+from rows import run_meta, settings_of, write_rows  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -103,7 +111,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
             + (f"  select {select_s:.2f}s" if select_s is not None else ""))
 
     record("fine-tuned (full)", ft, 0.0, None, None)
-    record("pretrained (classes 0-4)", pre, 1.0, None, None)
+    record("pretrained (classes 0-4 only)", pre, 1.0, None, None)
     variants = [("per_row_fraction", f, "no_head") for f in args.fractions]
     variants += [("per_row_count", k, "no_head") for k in args.counts]
     variants += [("per_row_fraction", 0.5, "all")]
@@ -119,7 +127,7 @@ def quality(args: argparse.Namespace) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             delta = save_ken_delta(Path(tmp) / "d.safetensors", pre, ken_model, masks.masks, finetuned=ft)
         label = (f"KEN keep {value:.0%}/row" if mode == "per_row_fraction" else f"KEN k={value}/row") + \
-            (f" layers={layers}" if layers != "no_head" else "")
+            (f", layers={layers} (head reverted too)" if layers != "no_head" else "")
         record(label, ken_model, ken.report["reverted_fraction"], delta.ratio, select_s)
         if layers == "no_head" and value in (args.fractions[len(args.fractions) // 2], args.counts[0]):
             names = selected_parameter_names(ft, layers)
@@ -129,7 +137,8 @@ def quality(args: argparse.Namespace) -> list[dict]:
             rmasks = random_rows_masks(ft, names, counts, args.seed)
             apply_ken(control, pre, rmasks)
             reverted = sum(int((~m).sum()) for m in rmasks.values()) / sum(p.numel() for p in ft.parameters())
-            record("  control: random, same k/row", control, reverted, None, None)
+            same = f"same k/row as {value:.0%}" if mode == "per_row_fraction" else f"k={value}/row"
+            record(f"control: random positions, {same}", control, reverted, None, None)
     return rows
 
 
@@ -168,13 +177,15 @@ def loop_select_row(row: np.ndarray, k: int) -> np.ndarray:
     return keep
 
 
-def speed(args: argparse.Namespace) -> dict:
+def speed(args: argparse.Namespace, k: int) -> dict[str, Any]:
+    """Selection seconds of ``k`` per row on BERT-base shapes per backend, and the per-row loop's (extrapolated)."""
     from prunelib.methods.ken import native_available
 
     shapes = bert_base_shapes()
     total = sum(r * c for _, (r, c) in shapes)
-    say(f"(b) speed: {len(shapes)} matrices, {total / 1e6:.1f}M values, k={args.k} per row, "
-        f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
+    load = os.getloadavg()[0]
+    say(f"(b) speed: {len(shapes)} matrices, {total / 1e6:.1f}M values, k={k} per row, "
+        f"{torch.get_num_threads()} torch threads, load average {load:.1f}")
     g = torch.Generator().manual_seed(args.seed)
     tensors = {name: torch.randn(shape, generator=g) * 0.04 for name, shape in shapes}
     groups: dict[int, list[torch.Tensor]] = {}
@@ -188,17 +199,21 @@ def speed(args: argparse.Namespace) -> dict:
         say("    the C extension prunelib._ken_native is not built: new (native) not measured")
     masks: dict[str, dict[int, torch.Tensor]] = {}
     seconds: dict[str, float] = {}
+    width_seconds: dict[str, dict[str, float]] = {}  # backend -> row width (a JSON key) -> seconds
     for backend in backends:
         label = {"native": "new (C extension)", "torch": "old (torch path)"}.get(backend, backend)
         t0 = time.perf_counter()
         masks[backend] = {}
+        width_seconds[backend] = {}
         for width, rows in by_width.items():
             tw = time.perf_counter()
-            masks[backend][width] = kde_select_rows(rows, args.k, backend=backend)
-            say(f"    {label}: {rows.shape[0]} rows of {width}: {time.perf_counter() - tw:.1f}s")
+            masks[backend][width] = kde_select_rows(rows, k, backend=backend)
+            width_seconds[backend][str(width)] = time.perf_counter() - tw
+            say(f"    {label}: {rows.shape[0]} rows of {width}: {width_seconds[backend][str(width)]:.1f}s")
         seconds[backend] = time.perf_counter() - t0
         kept = sum(int(m.sum()) for m in masks[backend].values())
         say(f"    {label} total: {seconds[backend]:.1f}s ({kept / total:.2%} kept)")
+    same = differing = None
     if "native" in seconds and "torch" in seconds:
         same = all(torch.equal(masks["native"][w], masks["torch"][w]) for w in by_width)
         differing = sum(int((masks["native"][w] != masks["torch"][w]).any(dim=1).sum()) for w in by_width)
@@ -208,24 +223,89 @@ def speed(args: argparse.Namespace) -> dict:
     fastest = min(seconds, key=seconds.get) if seconds else None
     loop_total = 0.0
     sample_rows = sample_equal = 0
+    loop_ms: dict[str, float] = {}  # row width -> milliseconds per row of the per-row loop
     for width, rows in by_width.items():
         pick = torch.randperm(rows.shape[0], generator=g)[:args.loop_rows]
         sample = rows[pick].numpy()
         tl = time.perf_counter()
         for i, r in enumerate(sample):
-            keep = loop_select_row(r, args.k)
+            keep = loop_select_row(r, k)
             if fastest is not None:
                 sample_rows += 1
                 sample_equal += int(np.array_equal(keep, masks[fastest][width][pick[i]].numpy()))
         per_row = (time.perf_counter() - tl) / len(sample)
+        loop_ms[str(width)] = 1e3 * per_row
         loop_total += per_row * rows.shape[0]
         say(f"    per-row loop: {per_row * 1e3:.1f} ms/row of {width} ({len(sample)} rows timed) -> "
             f"{per_row * rows.shape[0]:.0f}s for {rows.shape[0]} rows")
     say(f"    per-row loop total (extrapolated): {loop_total:.0f}s = {loop_total / 3600:.2f} h"
         + (f"; speed-up of {fastest} {loop_total / seconds[fastest]:.1f}x; same positions as the "
            f"per-row loop on {sample_equal} of {sample_rows} sampled rows" if fastest else ""))
-    return {"values": total, "k": args.k, "seconds": seconds, "loop_s": loop_total,
-            "sample_equal": sample_equal, "sample_rows": sample_rows}
+    kept = {b: sum(int(m.sum()) for m in masks[b].values()) / total for b in masks}
+    return {"values": total, "k": k, "rows": sum(r.shape[0] for r in by_width.values()),
+            "row_counts": {str(w): r.shape[0] for w, r in by_width.items()}, "kept": kept.get(fastest),
+            "seconds": seconds, "width_seconds": width_seconds, "backends_identical": same,
+            "rows_differing": differing, "fastest": fastest, "loop_s": loop_total, "loop_ms_per_row": loop_ms,
+            "loop_rows_timed": args.loop_rows, "sample_equal": sample_equal, "sample_rows": sample_rows,
+            "load_average": load, "threads": torch.get_num_threads()}
+
+
+# ------------------------------------------------------------------------------------------------
+# tables (RESULTS.md's, rendered from the rows; benchmarks/results_md.py calls these)
+# ------------------------------------------------------------------------------------------------
+#: Issue 19's targets for the selection on BERT-base shapes, seconds, by k.
+TARGET_S = {64: 8.0, 256: 20.0}
+
+
+def _percent(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}%}"
+
+
+def table_quality(doc: dict[str, Any]) -> str:
+    """Table (a): accuracy, reverted fraction, delta file size and selection time per variant."""
+    lines = ["| variant | reverted | val acc | test acc | delta file / full | select s |", "|---|---|---|---|---|---|"]
+    for r in doc["quality"]:
+        lines.append(f"| {r['variant']} | {r['reverted']:.1%} | {r['val']:.2%} | {r['test']:.2%} | "
+                     + ("-" if r["file_ratio"] is None else f"{r['file_ratio']:.3f}") + " | "
+                     + ("-" if r["select_s"] is None else f"{r['select_s']:.2f}") + " |")
+    return "\n".join(lines)
+
+
+def _widths(seconds: dict[str, float]) -> str:
+    return ", ".join(f"{w}-wide {s:.1f} s" for w, s in seconds.items())
+
+
+def table_speed(doc: dict[str, Any]) -> str:
+    """Table (b): the fastest backend against the per-row loop (extrapolated), per k."""
+    lines = ["| k per row | kept | vectorised (measured) | per-row loop (extrapolated) | speed-up | load average at start |",
+             "|---|---|---|---|---|---|"]
+    for r in doc["speed"]:
+        fast = r["fastest"]
+        loop = f"{r['loop_s']:,.0f} s" + (f" = {r['loop_s'] / 3600:.2f} h" if r["loop_s"] >= 3600 else "")
+        per_row = " / ".join(f"{ms:.1f}" for ms in r["loop_ms_per_row"].values())
+        lines.append(f"| {r['k']} | {_percent(r['kept'], 1)} | {r['seconds'][fast]:.1f} s "
+                     f"({_widths(r['width_seconds'][fast])}) | {loop} ({per_row} ms per row) | "
+                     f"{r['loop_s'] / r['seconds'][fast]:.0f}x | {r['load_average']:.1f} |")
+    return "\n".join(lines)
+
+
+def table_backends(doc: dict[str, Any]) -> str:
+    """Issue 19's table: the C extension against the torch path in the same run, the target, the positions."""
+    lines = ["| k per row | kept | new (C extension) | torch path (same run) | target | positions |",
+             "|---|---|---|---|---|---|"]
+    for r in doc["speed"]:
+        new, old = r["seconds"].get("native"), r["seconds"].get("torch")
+        target = TARGET_S.get(r["k"])
+        new_cell = "not built" if new is None else f"**{new:.1f} s** ({_widths(r['width_seconds']['native'])})"
+        old_cell = "-" if old is None else f"{old:.1f} s" + (f" ({old / new:.1f}x)" if new else "")
+        target_cell = "-" if target is None or new is None else \
+            f"<= {target:g} s: {'met' if new <= target else 'NOT met'}"
+        same = ("" if r["backends_identical"] is None else
+                f"new {'=' if r['backends_identical'] else '!='} torch path on all {r['rows']:,} rows"
+                + ("" if r["backends_identical"] else f" ({r['rows_differing']} differ)") + "; ")
+        lines.append(f"| {r['k']} | {_percent(r['kept'])} | {new_cell} | {old_cell} | {target_cell} | "
+                     f"{same}= per-row reference on {r['sample_equal']} of {r['sample_rows']} sampled rows |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,23 +316,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the pretrain run and of the fine-tune run")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 0.5, 0.75, 0.9])
     parser.add_argument("--counts", type=int, nargs="+", default=[10, 50], help="per-row counts (<= 100, the shortest row)")
-    parser.add_argument("--k", type=int, default=64, help="per-row count of the speed part")
+    parser.add_argument("--k", type=int, nargs="+", default=[64], help="per-row counts of the speed part (one run each)")
     parser.add_argument("--loop-rows", type=int, default=30, help="rows per shape timed with the per-row loop")
     parser.add_argument("--backends", nargs="+", default=["native", "torch"], choices=["native", "torch"],
                         help="selection backends timed (native: the C extension, new; torch: the torch path, old)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", default=None, help="pair cache directory (default: a temporary one)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="also write the raw figures (.json.gz with command, commit, machine, date) here: what "
+                             "RESULTS.md's tables are generated from (benchmarks/results_md.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     say(f"KEN benchmark on {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} threads")
     start = time.perf_counter()
-    if args.part in ("quality", "both"):
-        quality(args)
-    if args.part in ("speed", "both"):
-        speed(args)
+    doc: dict[str, Any] = {"quality": quality(args) if args.part in ("quality", "both") else [],
+                           "speed": [speed(args, k) for k in args.k] if args.part in ("speed", "both") else []}
+    if doc["quality"]:
+        say("\n" + table_quality(doc))
+    if doc["speed"]:
+        say("\n" + table_speed(doc) + "\n\n" + table_backends(doc))
+    if args.rows:
+        meta = run_meta("ken_benchmark.py", argv, settings_of(args), seconds=time.perf_counter() - start)
+        say(f"raw rows written to {write_rows(args.rows, {'meta': meta, **doc})}")
     say(f"total {time.perf_counter() - start:.0f}s")
     return 0
 

@@ -15,7 +15,9 @@ stay fine-tuned), choosing the kept entries by
     flock /tmp/prunesearch-cpu.lock .venv/bin/python benchmarks/ken_text_benchmark.py
     .venv/bin/python benchmarks/ken_text_benchmark.py --seeds 0 --pretrain-epochs 0.1 --finetune-epochs 0.3  # smoke
 
-Prints a Markdown table (test accuracy mean ± std over seeds) and writes ``--out`` (JSON).
+Prints a Markdown table (test accuracy mean ± std over seeds) and writes ``--out`` (JSON);
+``--rows PATH.json.gz`` writes the same rows with the command, commit, machine and date, from
+which :func:`results_table` renders RESULTS.md's table (``benchmarks/results_md.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import argparse
 import copy
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +38,9 @@ from prunelib.data.text import build_text_datamodule
 from prunelib.llm import evaluate_text
 from prunelib.methods.ken import KEN, apply_ken, ken_report
 from prunelib.models.hf import build_small_model, load_hf_model, save_hf_model, train_text_model, train_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import run_meta, settings_of, write_rows  # noqa: E402
 
 CATEGORIES = ["computers", "definitions", "people", "songs-poems", "politics", "work"]
 FRACTIONS = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -60,6 +67,26 @@ def same_count_masks(ken_masks: dict[str, torch.Tensor], pre: dict[str, torch.Te
     return out
 
 
+def results_table(doc: dict[str, Any]) -> str:
+    """Test accuracy (mean ± std over seeds, %) per kept fraction for KEN, random and largest-delta positions."""
+    rows = doc["rows"]
+
+    def stat(rule: str, fraction: float) -> str:
+        values = [r["test_acc"] for r in rows if r["rule"] == rule and r["keep_fraction"] == fraction]
+        if not values:
+            return ""
+        mean = statistics.mean(values)
+        return f"{100 * mean:.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{100 * mean:.2f}"
+
+    lines = ["| kept per row | reverted (of all params) | KEN test acc % | random | largest delta |", "|---|---|---|---|---|",
+             f"| fine-tuned (none reverted) | 0 | {stat('finetuned', 1.0)} | | |"]
+    for fraction in sorted({r["keep_fraction"] for r in rows if r["rule"] == "ken"}):
+        reverted = statistics.mean(r["reverted_fraction"] for r in rows if r["rule"] == "ken" and r["keep_fraction"] == fraction)
+        lines.append(f"| {fraction:.2f} | {reverted:.3f} | {stat('ken', fraction)} | {stat('random', fraction)} | "
+                     f"{stat('delta', fraction)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -73,7 +100,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="/tmp/prunesearch-ken-text")
     parser.add_argument("--out", default="/tmp/prunesearch-ken-text/results.json")
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="also write the raw rows (.json.gz with command, commit, machine, date) here: what "
+                             "RESULTS.md's table is generated from (benchmarks/results_md.py)")
     args = parser.parse_args()
+    start = time.perf_counter()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     everything = write_fortunes_corpus(work / "all")
@@ -126,19 +157,13 @@ def main() -> None:
                 print(f"seed {seed}: keep {fraction:.2f} {rule:<6} reverted {report['reverted_fraction']:.3f} "
                       f"val {acc['val']:.4f} test {acc['test']:.4f}", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"args": settings_of(args, ()), "rows": rows}, indent=1))
 
-    def stat(rule: str, fraction: float, key: str) -> str:
-        values = [r[key] for r in rows if r["rule"] == rule and r["keep_fraction"] == fraction]
-        mean = statistics.mean(values)
-        return f"{100 * mean:.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{100 * mean:.2f}"
-
-    print("\n| keep per row | reverted (of all params) | KEN test acc % | random | largest delta |\n|---|---|---|---|---|")
-    print(f"| fine-tuned | 0 | {stat('finetuned', 1.0, 'test_acc')} | | |")
-    for fraction in FRACTIONS:
-        reverted = statistics.mean(r["reverted_fraction"] for r in rows if r["rule"] == "ken" and r["keep_fraction"] == fraction)
-        print(f"| {fraction:.2f} | {reverted:.3f} | {stat('ken', fraction, 'test_acc')} | "
-              f"{stat('random', fraction, 'test_acc')} | {stat('delta', fraction, 'test_acc')} |")
+    doc = {"meta": run_meta("ken_text_benchmark.py", settings=settings_of(args),
+                            seconds=time.perf_counter() - start), "rows": rows}
+    print("\n" + results_table(doc))
+    if args.rows:
+        print(f"raw rows written to {write_rows(args.rows, doc)}")
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ measured (non-overlapping windows of ``--seq-len`` tokens, like the papers' Wiki
     flock /tmp/prunesearch-cpu.lock .venv/bin/python benchmarks/llm_pruning_benchmark.py
     .venv/bin/python benchmarks/llm_pruning_benchmark.py --seeds 0 --epochs 0.3   # smoke run
 
-Writes ``--out`` (JSON of every number) and prints a Markdown table; the seed-0 model is kept in
-``--model-dir`` for ``llm_sweep_benchmark.py``.
+Writes ``--out`` (JSON of every number) and prints the Markdown tables; the seed-0 model is kept
+in ``--model-dir`` for ``llm_sweep_benchmark.py``. ``--rows PATH.json.gz`` writes the same rows
+with the command, commit, machine and date: :func:`table_perplexity`, :func:`table_paired` and
+:func:`table_owl` render RESULTS.md's tables from them (``benchmarks/results_md.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,8 +36,78 @@ from prunelib.methods import build_method
 from prunelib.models.hf import (build_small_model, load_hf_model, load_tokenizer, save_hf_model, train_text_model,
                                 train_tokenizer)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import run_meta, settings_of, write_rows  # noqa: E402
+
 METHODS = ("llm_magnitude", "wanda", "sparsegpt")
 PATTERNS = ("unstructured", "2:4", "4:8")
+#: How the tables name each method.
+LABELS = {"llm_magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+
+
+def _select(rows: list[dict[str, Any]], method: str, pattern: str, distribution: str = "uniform") -> list[dict]:
+    """The rows of one method, pattern and distribution, in seed order."""
+    return sorted((r for r in rows if r["method"] == method and r["pattern"] == pattern
+                   and r.get("distribution", "uniform") == distribution), key=lambda r: r["seed"])
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def _pattern_label(pattern: str, sparsity: float) -> str:
+    return f"{sparsity:.0%} unstructured".replace("%", " %") if pattern == "unstructured" else pattern
+
+
+def table_perplexity(doc: dict[str, Any]) -> str:
+    """Test perplexity, mean ± std over seeds, per method and pattern (uniform), with the mean ratio to dense."""
+    rows, st = doc["rows"], doc["meta"]["settings"]
+    dense = {r["seed"]: r["test_ppl"] for r in rows if r["method"] == "dense"}
+    patterns = [p for p in st["patterns"] if any(_select(rows, m, p) for m in METHODS)]
+    lines = [f"| test perplexity (mean ± std, {len(dense)} seeds) | "
+             + " | ".join(_pattern_label(p, st["sparsity"]) for p in patterns) + " |", "|---|" + "---|" * len(patterns),
+             f"| dense | {_mean_std(list(dense.values()))} |" + " |" * (len(patterns) - 1)]
+    for method in METHODS:
+        cells = []
+        for pattern in patterns:
+            sel = _select(rows, method, pattern)
+            ratio = statistics.mean(r["test_ppl"] / dense[r["seed"]] for r in sel) if sel else None
+            cells.append(f"{_mean_std([r['test_ppl'] for r in sel])} (x{ratio:.3f})" if sel else "")
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_paired(doc: dict[str, Any]) -> str:
+    """Paired differences of test perplexity between methods, per seed and pattern (uniform)."""
+    rows, st = doc["rows"], doc["meta"]["settings"]
+    seeds = sorted({r["seed"] for r in rows if r["method"] == "dense"})
+    patterns = [p for p in st["patterns"] if any(_select(rows, m, p) for m in METHODS)]
+    lines = ["| paired difference (ppl), seeds " + " / ".join(str(s) for s in seeds) + " | "
+             + " | ".join(patterns) + " |", "|---|" + "---|" * len(patterns)]
+    for a, b in (("wanda", "llm_magnitude"), ("sparsegpt", "llm_magnitude"), ("sparsegpt", "wanda")):
+        cells = []
+        for pattern in patterns:
+            x = {r["seed"]: r["test_ppl"] for r in _select(rows, a, pattern)}
+            y = {r["seed"]: r["test_ppl"] for r in _select(rows, b, pattern)}
+            cells.append(" / ".join(f"{x[s] - y[s]:+.2f}" for s in seeds if s in x and s in y))
+        lines.append(f"| {LABELS[a]} - {LABELS[b]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def table_owl(doc: dict[str, Any]) -> str:
+    """Test perplexity at the run's unstructured sparsity, uniform against OWL, per method (mean ± std)."""
+    rows, st = doc["rows"], doc["meta"]["settings"]
+    dense = [r["test_ppl"] for r in rows if r["method"] == "dense"]
+    sp = f"{st['sparsity']:.0%}".replace("%", " %")
+    names = {"uniform": f"{sp} uniform", "owl": f"{sp} OWL (M = 5, lambda = {st['owl_lambda']:g})"}
+    dists = [d for d in st["distributions"] if d in names]
+    lines = [f"| test perplexity (mean ± std, {len(dense)} seeds) | " + " | ".join(names[d] for d in dists) + " |",
+             "|---|" + "---|" * len(dists), f"| dense | {_mean_std(dense)} |" + " |" * (len(dists) - 1)]
+    for method in METHODS:
+        cells = [_mean_std([r["test_ppl"] for r in sel]) if (sel := _select(rows, method, "unstructured", d)) else ""
+                 for d in dists]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -56,7 +130,11 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/prunesearch-llm-bench")
     parser.add_argument("--model-dir", default="/tmp/prunesearch-llm-bench/model-seed0")
     parser.add_argument("--out", default="/tmp/prunesearch-llm-bench/results.json")
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="also write the raw rows (.json.gz with command, commit, machine, date) here: what "
+                             "RESULTS.md's tables are generated from (benchmarks/results_md.py)")
     args = parser.parse_args()
+    start = time.perf_counter()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     corpus = write_fortunes_corpus(work / "corpus")
@@ -108,22 +186,15 @@ def main() -> None:
             print(f"seed {seed}: {method:<13} {pattern:<12} {dist:<8} test ppl {test['ppl']:9.2f}  "
                   f"(sparsity {row['block_sparsity']:.3f}, {seconds:.1f}s)", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": results}, indent=1))
+        Path(args.out).write_text(json.dumps({"args": settings_of(args, ()), "rows": results}, indent=1))
 
-    def cell(method: str, column: str) -> str:
-        values = [r["test_ppl"] for r in results if r["method"] == method and
-                  (column == "-" and r["pattern"] == "-" or f"{r['pattern']} {r.get('distribution')}" == column)]
-        if not values:
-            return ""
-        if len(values) > 1:
-            return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
-        return f"{values[0]:.2f}"
-
-    columns = [f"{p} {d}" for p in args.patterns for d in args.distributions if d == "uniform" or p == "unstructured"]
-    print("\n| method | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns))
-    print(f"| dense | {cell('dense', '-')} |" + " |" * (len(columns) - 1))
-    for method in METHODS:
-        print(f"| {method} | " + " | ".join(cell(method, c) for c in columns) + " |")
+    doc = {"meta": run_meta("llm_pruning_benchmark.py", settings=settings_of(args),
+                            seconds=time.perf_counter() - start), "rows": results}
+    print("\n" + table_perplexity(doc) + "\n\n" + table_paired(doc))
+    if "owl" in args.distributions:
+        print("\n" + table_owl(doc))
+    if args.rows:
+        print(f"raw rows written to {write_rows(args.rows, doc)}")
 
 
 if __name__ == "__main__":

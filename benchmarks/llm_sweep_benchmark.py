@@ -15,15 +15,79 @@ The command line it runs is the same as::
 
     python -m search model=hf model.path=DIR data=text data.path=fortunes.txt \\
         "search.objectives=[{metric: val_ppl, mode: min}, {metric: flops_effective, mode: min}]"
+
+``--rows PATH.json.gz`` writes every finished trial's row (the columns below, unrounded) with the
+command, commit, machine and date; :func:`table_front` (and :func:`table_front_bytes`) render
+RESULTS.md's front table from them (``benchmarks/results_md.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import run_meta, settings_of, write_rows  # noqa: E402
+
+#: The columns kept per trial (the rows file and the printed tables).
+COLUMNS = ["method", "param.pattern", "param.sparsity", "param.distribution", "param.allocation", "param.owl_lambda", "val_ppl",
+           "test_ppl", "dense_val_ppl", "block_sparsity", "flops_effective", "flops_dense", "sparse_bytes",
+           "dense_bytes", "prune_s"]
+#: How the table names each method.
+LABELS = {"llm_magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready scalar (numpy scalars to Python ones)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def front_rows(rows: list[dict[str, Any]], axis: str) -> list[dict[str, Any]]:
+    """The trials on the front of (val_ppl min, ``axis`` min), by ``axis`` ascending."""
+    from search.pareto import non_dominated_mask
+
+    done = [r for r in rows if r.get("val_ppl") is not None and r.get(axis) is not None]
+    if not done:
+        return []
+    mask = non_dominated_mask(np.array([[r["val_ppl"], r[axis]] for r in done], dtype=float), ["min", "min"])
+    return sorted((r for r, keep in zip(done, mask) if keep), key=lambda r: r[axis])
+
+
+def _front_table(doc: dict[str, Any], axis: str) -> str:
+    lines = ["| method | pattern | sparsity | distribution | val ppl | test ppl | effective FLOPs | sparse bytes |",
+             "|---|---|---|---|---|---|---|---|"]
+    # The dense model's FLOPs: a structured trial's own flops_dense is its smaller model's.
+    dense = max((r["flops_dense"] for r in doc["rows"] if r.get("flops_dense")), default=None)
+    for r in front_rows(doc["rows"], axis):
+        sparsity = r.get("param.sparsity")
+        sparsity = r.get("block_sparsity") if sparsity is None or sparsity != sparsity else sparsity  # NaN: N:M
+        pattern = r.get("param.pattern") or ("structured" if r["method"] == "llm_structured" else "-")
+        dist = r.get("param.distribution") or r.get("param.allocation") or "uniform"
+        dist = f"OWL (lambda {r['param.owl_lambda']:.3f})" if dist == "owl" else dist
+        flops = f"{r['flops_effective'] / 1e6:.1f}M" + (f" ({r['flops_effective'] / dense:.0%})".replace("%", " %")
+                                                         if dense else "")
+        test = "-" if r.get("test_ppl") is None else f"{r['test_ppl']:.2f}"
+        lines.append(f"| {LABELS.get(r['method'], r['method'])} | {pattern} | "
+                     f"{'-' if sparsity is None else f'{sparsity:.3f}'} | {dist} | {r['val_ppl']:.2f} | {test} | "
+                     f"{flops} | {r['sparse_bytes'] / 1e6:.2f} MB |")
+    return "\n".join(lines)
+
+
+def table_front(doc: dict[str, Any]) -> str:
+    """RESULTS.md's table: the front of validation perplexity against effective FLOPs."""
+    return _front_table(doc, "flops_effective")
+
+
+def table_front_bytes(doc: dict[str, Any]) -> str:
+    """The front of validation perplexity against sparse bytes (same columns)."""
+    return _front_table(doc, "sparse_bytes")
 
 
 def main() -> None:
@@ -35,9 +99,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--limit-eval", type=int, default=256)
     parser.add_argument("--work", default="/tmp/prunesearch-llm-sweep")
+    parser.add_argument("--rows", type=Path, default=None,
+                        help="also write the raw rows (.json.gz with command, commit, machine, date) here: what "
+                             "RESULTS.md's table is generated from (benchmarks/results_md.py)")
     args = parser.parse_args()
     from prunelib.data.corpora import write_fortunes_corpus
-    from search import pareto
     from search.config import load_config
     from search.tuner import run_sweep
 
@@ -53,17 +119,17 @@ def main() -> None:
     result = run_sweep(load_config(overrides), work / f"out-{int(time.time())}")
     print(f"\nsweep wall time {time.perf_counter() - start:.0f}s", flush=True)
     rows = [r for r in result.rows if r.get("status") == "ok"]
-    cols = ["method", "param.pattern", "param.sparsity", "param.distribution", "param.owl_lambda", "val_ppl",
-            "test_ppl", "dense_val_ppl", "block_sparsity", "flops_effective", "flops_dense", "sparse_bytes",
-            "dense_bytes", "prune_s"]
     table = pd.DataFrame(rows)
-    table = table[[c for c in cols if c in table.columns]].sort_values("val_ppl")
+    table = table[[c for c in COLUMNS if c in table.columns]].sort_values("val_ppl")
     pd.set_option("display.width", 250)
     print("\nall trials:\n" + table.to_string(index=False), flush=True)
-    for axis in ("flops_effective", "sparse_bytes"):
-        front = pareto.pareto_front(rows, [("val_ppl", "min"), (axis, "min")])
-        shown = front[[c for c in cols if c in front.columns]]
-        print(f"\nfront of val_ppl against {axis} ({len(front)} points):\n" + shown.to_string(index=False), flush=True)
+    doc = {"meta": run_meta("llm_sweep_benchmark.py", settings=settings_of(args, ("rows",)),
+                            seconds=time.perf_counter() - start, search_command="python -m search " + " ".join(overrides)),
+           "rows": [{c: _plain(r[c]) for c in COLUMNS if c in r} for r in rows]}
+    print(f"\nfront of val_ppl against flops_effective:\n{table_front(doc)}", flush=True)
+    print(f"\nfront of val_ppl against sparse_bytes:\n{table_front_bytes(doc)}", flush=True)
+    if args.rows:
+        print(f"raw rows written to {write_rows(args.rows, doc)}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ Results are appended to ``--out`` (JSON) after every sweep; a rerun skips sweeps
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -49,6 +48,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from sampler_hypervolume import mean_sd, sweep_overrides  # noqa: E402
+from rows import read_rows, run_meta, write_rows  # noqa: E402
 
 METHODS = ["magnitude", "random", "snip", "gmp", "imp", "bingo", "polarization"]  # five baselines, two seed methods
 VARIANTS = ["none", "asha", "mo_asha"]
@@ -273,33 +273,9 @@ SETTINGS = ("seeds", "methods", "budget", "data", "model", "limit_train", "val_f
 
 def load_doc(path: Path) -> dict[str, Any]:
     """The run's document ``{"meta": {...}, "sweeps": {key: record}}`` (``.json`` or ``.json.gz``)."""
-    import gzip
-
     if not path.is_file():
         return {"meta": {}, "sweeps": {}}
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as handle:
-        return json.load(handle)
-
-
-def save_doc(path: Path, doc: dict[str, Any]) -> None:
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wt") as handle:
-        json.dump(doc, handle)
-
-
-def run_meta(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    """Provenance (command, commit, machine, date) and the settings the tables read."""
-    import platform
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    return {"command": "python benchmarks/mo_asha_benchmark.py " + " ".join(argv), "commit": commit,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-            "date": time.strftime("%Y-%m-%d"), "settings": {k: getattr(args, k) for k in SETTINGS}}
+    return read_rows(path)
 
 
 # -- driver -----------------------------------------------------------------------------------
@@ -333,7 +309,7 @@ def main() -> None:
         report(doc)
         return
     if not doc["meta"]:
-        doc["meta"] = run_meta(args, sys.argv[1:])
+        doc["meta"] = run_meta("mo_asha_benchmark.py", settings={k: getattr(args, k) for k in SETTINGS})
     results: dict[str, dict] = doc["sweeps"]
 
     import ray
@@ -370,7 +346,7 @@ def main() -> None:
                                                   args.finetune_epochs, args.concurrency, uri, name)]
             print(f"\n== [{i}/{len(todo)}] {key}", flush=True)
             results[key] = run_one(key, overrides, Path(tmp))
-            save_doc(args.out, doc)
+            write_rows(args.out, doc)
             st = summary(results[key])
             print(f"== [{i}/{len(todo)}] {key}: HV {st['hv']:.4f} (test {st['hv_test']:.4f}), {st['cpu']:.0f} cpu_s, "
                   f"{st['trials']} trials ({st['stopped']} stopped, {st['failed']} failed), "

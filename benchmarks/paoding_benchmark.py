@@ -23,6 +23,10 @@ Usage::
 
     python benchmarks/paoding_benchmark.py                       # about 10 min, 1 thread
     python benchmarks/paoding_benchmark.py --models lenet5 --epochs 1 --data-limit 2000   # smoke
+    python benchmarks/paoding_benchmark.py --rows benchmarks/results/paoding_benchmark_DATE.json.gz
+
+``--rows`` writes one row per model and method (raw counts, accuracies and latencies, unrounded)
+with the command, commit, machine and date; :func:`results_table` renders RESULTS.md's table.
 
 Only the test split is used (for the report); no decision reads any data.
 """
@@ -50,6 +54,9 @@ from prunelib.models import build_model
 from prunelib.robustness import fgsm_accuracy
 from prunelib.surgery import export_onnx, surgery
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rows import run_meta, settings_of, write_rows  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -66,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    p.add_argument("--rows", type=Path, default=None,
+                   help="also write the raw rows (.json.gz with command, commit, machine, date) here: what "
+                        "RESULTS.md's table is generated from (benchmarks/results_md.py)")
     return p.parse_args(argv)
 
 
@@ -154,8 +164,12 @@ def measure(model: nn.Module, shape: tuple[int, ...], test: tuple[torch.Tensor, 
             "torch_ms": torch_latency_ms(model, shape, args.latency_batch, args.latency_repeats)}
 
 
-def row(model_name: str, method: str, ratio: float, m: dict[str, float], dense: dict[str, float]) -> str:
-    return (f"| {model_name} | {method} | {ratio:.0%} | {1 - m['params'] / dense['params']:.1%} "
+def row(m: dict[str, Any], dense: dict[str, Any]) -> str:
+    """One line of the table: a pruned model's figures against its dense model's."""
+    if m["method"] == "dense":
+        return (f"| {m['model']} | dense | 0% | - | - | - | {m['acc']:.2%} | 1.000 | {m['fgsm']:.2%} "
+                f"| 1.000 | 1.00x ({m['onnx_ms']:.0f} ms) | 1.00x ({m['torch_ms']:.0f} ms) |")
+    return (f"| {m['model']} | {m['method']} | {m['ratio']:.0%} | {1 - m['params'] / dense['params']:.1%} "
             f"| {1 - m['flops'] / dense['flops']:.1%} | {1 - m['bytes'] / dense['bytes']:.1%} "
             f"| {m['acc']:.2%} | {m['acc'] / dense['acc']:.3f} | {m['fgsm']:.2%} "
             f"| {m['fgsm'] / dense['fgsm'] if dense['fgsm'] else float('nan'):.3f} "
@@ -165,6 +179,17 @@ def row(model_name: str, method: str, ratio: float, m: dict[str, float], dense: 
 HEADER = ("| model | method | channels removed | params cut | phys FLOPs cut | size cut | test acc "
           "| acc retained | FGSM acc | FGSM retained | ONNX speed-up | torch speed-up |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """RESULTS.md's table: every row against the dense row of its model."""
+    dense = {r["model"]: r for r in rows if r["method"] == "dense"}
+    return HEADER + "\n" + "\n".join(row(r, dense[r["model"]]) for r in rows)
+
+
+def results_table(doc: dict[str, Any]) -> str:
+    """RESULTS.md's table from a rows file written with ``--rows`` (``benchmarks/results_md.py``)."""
+    return markdown_table(doc["rows"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     test = (x_test[: args.eval_samples], y_test[: args.eval_samples])
     interval = normalized_interval(dm.mean, dm.std, (0.0, 255.0))
     print(f"fashion_mnist: {dm.sizes} (train limited to {args.data_limit}); input box {interval}", flush=True)
-    lines = []
+    rows: list[dict[str, Any]] = []
     for name in args.models:
         torch.manual_seed(args.seed)
         width = 1.0 if name == "lenet5" else args.width
@@ -188,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         dense = measure(dense_model, shape, test, args)
         print(f"[{name}] dense: acc {dense['acc']:.4f} fgsm {dense['fgsm']:.4f} params {dense['params']} "
               f"onnx {dense['onnx_ms']:.1f} ms torch {dense['torch_ms']:.1f} ms", flush=True)
-        lines.append(f"| {name} | dense | 0% | - | - | - | {dense['acc']:.2%} | 1.000 | {dense['fgsm']:.2%} "
-                     f"| 1.000 | 1.00x ({dense['onnx_ms']:.0f} ms) | 1.00x ({dense['torch_ms']:.0f} ms) |")
+        dense = {"model": name, "method": "dense", "ratio": 0.0, "width": width, **dense}
+        rows.append(dense)
         for ratio in args.ratios:
             variants = (("paoding (paper)", False, False), ("paoding +fold_bn", False, True),
                         ("paoding +fold_bn +comp", True, True))
@@ -203,22 +228,26 @@ def main(argv: list[str] | None = None) -> int:
                 masks = method.finalize(pruned)
                 result = surgery(pruned, masks, shape, round_to=None)
                 prune_s = time.perf_counter() - t0
-                m = measure(result.model, shape, test, args)
-                lines.append(row(name, label, ratio, m, dense))
+                rows.append({"model": name, "method": label, "ratio": ratio, "width": width,
+                             **measure(result.model, shape, test, args), "prune_s": prune_s,
+                             "surgery_max_abs_diff": result.max_abs_diff})
                 print(f"[{name}] {label} {ratio:.0%} ({prune_s:.1f}s to prune, surgery diff "
-                      f"{result.max_abs_diff:.1e}): {lines[-1]}", flush=True)
+                      f"{result.max_abs_diff:.1e}): {row(rows[-1], dense)}", flush=True)
             t0 = time.perf_counter()
             baseline = tp_l1_prune(dense_model, shape, ratio)
             prune_s = time.perf_counter() - t0
-            m = measure(baseline, shape, test, args)
-            lines.append(row(name, "tp-l1", ratio, m, dense))
-            print(f"[{name}] tp-l1 {ratio:.0%} ({prune_s:.1f}s to prune): {lines[-1]}", flush=True)
-    table = HEADER + "\n" + "\n".join(lines)
+            rows.append({"model": name, "method": "tp-l1", "ratio": ratio, "width": width,
+                         **measure(baseline, shape, test, args), "prune_s": prune_s})
+            print(f"[{name}] tp-l1 {ratio:.0%} ({prune_s:.1f}s to prune): {row(rows[-1], dense)}", flush=True)
+    table = markdown_table(rows)
     print("\n" + table)
     print(f"\ncommand: {' '.join(shlex.quote(a) for a in [sys.executable.split('/')[-1]] + sys.argv)}")
     print(f"total {time.perf_counter() - start:.0f}s")
     if args.out is not None:
         args.out.write_text(table + "\n")
+    if args.rows is not None:
+        meta = run_meta("paoding_benchmark.py", argv, settings_of(args), seconds=time.perf_counter() - start)
+        print(f"raw rows written to {write_rows(args.rows, {'meta': meta, 'rows': rows})}")
     return 0
 
 

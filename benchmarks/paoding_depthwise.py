@@ -33,13 +33,10 @@ prints the markdown table of RESULTS.md (mean ± std over seeds).
 from __future__ import annotations
 
 import argparse
-import datetime
-import gzip
 import json
 import math
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -52,6 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from rows import run_meta, write_rows  # noqa: E402
+
 #: The last commit before the fix (issue 29's branch point).
 BEFORE = "35f58f3"
 
@@ -260,17 +261,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"seed {seed} {version:6s} ratio {r['ratio']:.2f}: val_acc {r['val_acc']:.4f} "
                           f"top class {r['top_class_share']:.3f} classes {r['classes_predicted']} "
                           f"flops {r['flops'] / dense_flops:.3f}", flush=True)
-    command = "python benchmarks/paoding_depthwise.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    meta = {"command": command.strip(), "date": datetime.date.today().isoformat(),
-            "commit": after_commit[:7], "before_commit": before_commit,
-            "after_commit": after_commit + (" (+ uncommitted prunelib)" if dirty else ""),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU",
-            "threads": args.threads, "seeds": args.seeds, "epochs": args.epochs, "limit_train": args.limit_train,
-            "width": args.width, "ratios": args.ratios, "seconds": time.perf_counter() - start}
-    out = args.out or REPO / "benchmarks" / "results" / f"paoding_depthwise_{meta['date']}.json.gz"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(out, "wt") as handle:
-        json.dump({"meta": meta, "rows": rows}, handle, indent=1)
+    meta = run_meta("paoding_depthwise.py", argv,
+                    machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, no GPU",
+                    before_commit=before_commit,
+                    after_commit=after_commit + (" (+ uncommitted prunelib)" if dirty else ""),
+                    threads=args.threads, seeds=args.seeds, epochs=args.epochs, limit_train=args.limit_train,
+                    width=args.width, ratios=args.ratios, seconds=time.perf_counter() - start)
+    out = write_rows(args.out or REPO / "benchmarks" / "results" / f"paoding_depthwise_{meta['date']}.json.gz",
+                     {"meta": meta, "rows": rows})
     print(f"\n{json.dumps(meta, indent=1)}\n\n{table(rows, args.ratios)}\n\nraw rows: {out}", flush=True)
     return 0
 

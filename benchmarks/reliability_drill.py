@@ -45,8 +45,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from rows import run_meta, write_rows  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
 FAST = ["trial.epochs=3", "trial.finetune_epochs=1", "data.limit_train=600"]
@@ -678,21 +681,10 @@ def results_table(doc: dict) -> str:
     return markdown_table(doc["rows"])
 
 
-def _write_rows(path: Path, rows: list[dict], argv: list[str]) -> None:
-    """Raw rows beside the table they make: the command, commit, machine and date inside."""
-    import platform
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
-    meta = {"command": "python benchmarks/reliability_drill.py " + " ".join(argv),
-            "commit": commit + ("+uncommitted" if dirty else ""), "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt") as f:
-        json.dump({**meta, "rows": [{k: v for k, v in r.items() if k != "examples"} for r in rows]}, f,
-                  indent=1, default=str)
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """Raw rows beside the table they make: the command, commit, machine and date inside (top level)."""
+    write_rows(path, {**run_meta("reliability_drill.py"),
+                      "rows": [{k: v for k, v in r.items() if k != "examples"} for r in rows]})
 
 
 PARTS = ("bad_inputs", "faults", "killed", "all_fail", "race", "exports", "identity", "data", "storage")
@@ -735,7 +727,7 @@ def main() -> None:
         rows.append(row)
         by_part[name] = row
     if args.rows:
-        _write_rows(args.rows, rows, sys.argv[1:])
+        _write_rows(args.rows, rows)
     print("\n" + markdown_table(rows))
     if "faults" in by_part:
         print("\nInjected faults: " + "; ".join(f"{n}x {o}" for o, n in by_part["faults"]["outcomes"].items()))

@@ -8,6 +8,11 @@ fraction of the reference box (accuracy 0..1 x dense..0 FLOPs) the front dominat
 would be a perfect model at zero FLOPs.
 
     python benchmarks/sampler_hypervolume.py --trials 48 --checkpoints 16 48 --seeds 0 1 2
+    python benchmarks/sampler_hypervolume.py --rows benchmarks/results/sampler_hypervolume_DATE.json.gz
+
+``--rows`` writes one row per sweep (sampler, seed, the normalised hypervolume at each
+checkpoint, unrounded) with the command, commit, machine and date; :func:`results_table`
+renders RESULTS.md's table from them.
 """
 
 from __future__ import annotations
@@ -19,9 +24,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from rows import run_meta, settings_of, write_rows  # noqa: E402
 
 
 def sweep_overrides(data: str, model: str, limit_train: int, epochs: int, finetune_epochs: int,
@@ -39,6 +48,32 @@ def mean_sd(values: list[float], fmt: str = ".4f") -> str:
     return f"{mean:{fmt}} ± {sd:{fmt}}"
 
 
+def results_table(doc: dict[str, Any]) -> str:
+    """RESULTS.md's table: normalised hypervolume after each checkpoint, mean ± sd over seeds, per sampler."""
+    st = doc["meta"]["settings"]
+    samplers = list(dict.fromkeys(r["sampler"] for r in doc["rows"]))
+    checkpoints = st["checkpoints"]
+    lines = ["| sampler | " + " | ".join(f"HV after {n} trials" for n in checkpoints) + " |",
+             "|---|" + "---|" * len(checkpoints)]
+    means: dict[str, list[float]] = {}
+    for sampler in samplers:
+        sweeps = [r for r in doc["rows"] if r["sampler"] == sampler]
+        cells = []
+        for n in checkpoints:
+            values = [float(r["hv"][str(n)]) for r in sweeps]
+            means.setdefault(sampler, []).append(statistics.fmean(values))
+            cells.append(mean_sd(values))
+        lines.append(f"| {SAMPLER_LABELS.get(sampler, sampler)} | " + " | ".join(cells) + " |")
+    if len(samplers) == 2:
+        a, b = samplers
+        lines.append(f"| {a} / {b} | " + " | ".join(f"{x / y:.3f}" for x, y in zip(means[a], means[b])) + " |")
+    return "\n".join(lines)
+
+
+#: How RESULTS.md names a sampler in the table.
+SAMPLER_LABELS = {"mo_tpe": "mo_tpe (default: multivariate TPE, 4 random start-up trials, constant liar)"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samplers", nargs="+", default=["mo_tpe", "random"])
@@ -52,6 +87,9 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, default=1)
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--method", default=None, help="pin one method (default: the method is searched)")
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="also write the raw rows (.json.gz with command, commit, machine, date) here: what "
+                         "RESULTS.md's table is generated from (benchmarks/results_md.py)")
     args = ap.parse_args()
 
     import ray
@@ -62,6 +100,7 @@ def main() -> None:
 
     ray.init(num_cpus=args.concurrency, include_dashboard=False, log_to_driver=False)
     results: dict[tuple[str, int], dict[int, float]] = {}
+    rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
@@ -78,27 +117,22 @@ def main() -> None:
                                                                             "hypervolume_normalised")
                 by_step = {m.step: m.value for m in history}
                 results[(sampler, seed)] = {n: by_step.get(n, float("nan")) for n in args.checkpoints}
-                methods = sorted({r.get("method") for r in sweep.rows})
+                methods = sorted({str(r.get("method")) for r in sweep.rows})
+                # JSON keys are strings: the checkpoint N is written as "N".
+                rows.append({"sampler": sampler, "seed": seed, "hv": {str(n): v for n, v in results[(sampler, seed)].items()},
+                             "trials": len(sweep.rows), "methods": methods, "wall_s": time.perf_counter() - t0})
                 print(f"== {sampler} seed {seed}: " + ", ".join(
                     f"HV@{n} {v:.4f}" for n, v in results[(sampler, seed)].items())
                       + f"  ({time.perf_counter() - t0:.0f}s; methods tried {methods})", flush=True)
     ray.shutdown()
 
+    doc = {"meta": run_meta("sampler_hypervolume.py", settings=settings_of(args),
+                            seconds=time.perf_counter() - start), "rows": rows}
     print(f"\n{args.data}/{args.model}, limit_train={args.limit_train}, {args.epochs}+{args.finetune_epochs} epochs, "
           f"concurrency {args.concurrency}, seeds {args.seeds}; normalised hypervolume (mean ± sd)")
-    print("| sampler | " + " | ".join(f"HV after {n} trials" for n in args.checkpoints) + " |")
-    print("|---|" + "---|" * len(args.checkpoints))
-    means: dict[str, list[float]] = {}
-    for sampler in args.samplers:
-        cells = []
-        for n in args.checkpoints:
-            vals = [results[(sampler, s)][n] for s in args.seeds]
-            means.setdefault(sampler, []).append(statistics.fmean(vals))
-            cells.append(mean_sd(vals))
-        print(f"| {sampler} | " + " | ".join(cells) + " |")
-    if len(args.samplers) == 2:
-        a, b = args.samplers
-        print(f"| {a} / {b} | " + " | ".join(f"{x / y:.3f}" for x, y in zip(means[a], means[b])) + " |")
+    print(results_table(doc))
+    if args.rows:
+        print(f"raw rows written to {write_rows(args.rows, doc)}")
     print(f"total {time.perf_counter() - start:.0f}s")
 
 

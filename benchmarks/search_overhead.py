@@ -63,6 +63,7 @@ from prunelib.data import build_datamodule  # noqa: E402
 from prunelib.models import build_model  # noqa: E402
 from prunelib.selection import select_masks  # noqa: E402
 from prunelib.importance import magnitude_scores  # noqa: E402
+from rows import run_meta, write_rows  # noqa: E402
 
 
 def plain_trial(dm, model_name: str, epochs: int, finetune: int, sparsity: float, lr: float, seed: int) -> float:
@@ -337,14 +338,12 @@ def main() -> None:
                 c = sweep_costs(overrides + extra, args.trials, concurrency, reuse, code)
                 print(f"{label}, sweep concurrency {concurrency}, reuse {'on' if reuse else 'off'}: {c}", flush=True)
                 sweeps.append({"label": label, "concurrency": concurrency, "reuse": reuse, "costs": c})
-    doc = {"meta": run_meta(args), "plain": plain, "runner": runner, "ray_start": ray_start, "commands": commands,
-           "sweeps": sweeps}
+    settings = {"data": args.data, "model": args.model, "limit_train": args.limit_train, "epochs": args.epochs,
+                "finetune_epochs": args.finetune_epochs, "trials": args.trials, "baseline": args.baseline}
+    doc = {"meta": run_meta("search_overhead.py", settings=settings), "plain": plain, "runner": runner,
+           "ray_start": ray_start, "commands": commands, "sweeps": sweeps}
     if args.rows:
-        import gzip
-
-        args.rows.parent.mkdir(parents=True, exist_ok=True)
-        with gzip.open(args.rows, "wt") as handle:
-            json.dump(doc, handle, indent=1)
+        write_rows(args.rows, doc)
     print(f"\n{table_sweeps(doc)}\n\nThe first seconds (from the command's start; '-' = no such step in that code):\n"
           f"{table_first_seconds(doc)}")
     if commands:
@@ -353,20 +352,6 @@ def main() -> None:
         if sweep["costs"]["foreign_lines"]:
             print(f"\n{sweep['label']}, concurrency {sweep['concurrency']}: lines not the sweep's own:\n  "
                   + "\n  ".join(sweep["costs"]["foreign_lines"][:12]))
-
-
-def run_meta(args: argparse.Namespace) -> dict:
-    """Provenance (command, commit, machine, date) and the settings the tables read."""
-    import platform
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    return {"command": "python benchmarks/search_overhead.py " + " ".join(sys.argv[1:]), "commit": commit,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-            "date": time.strftime("%Y-%m-%d"),
-            "settings": {"data": args.data, "model": args.model, "limit_train": args.limit_train,
-                         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs, "trials": args.trials,
-                         "baseline": args.baseline}}
 
 
 def table_sweeps(doc: dict) -> str:

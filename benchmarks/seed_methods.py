@@ -464,23 +464,15 @@ def results_table(doc: dict[str, Any]) -> str:
 
 
 def write_rows(path: Path, rows: list[dict], command: str, args: argparse.Namespace, seconds: float) -> None:
-    """The run's raw rows with its provenance, gzipped JSON."""
-    import gzip
-    import subprocess
+    """The run's raw rows with its provenance, gzipped JSON (``benchmarks/rows.py``)."""
+    from rows import run_meta, settings_of
+    from rows import write_rows as write_doc
 
-    repo = Path(__file__).resolve().parent.parent
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "prunelib"], cwd=repo,
-                           capture_output=True, text=True).stdout.strip()
-    meta = {"command": command, "commit": commit + ("+uncommitted prunelib" if dirty else ""),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                       f"{args.jobs} worker(s) x {args.threads} thread(s)",
-            "date": time.strftime("%Y-%m-%d"), "seconds": round(seconds, 1),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "rows")}}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt") as handle:
-        json.dump({"meta": meta, "rows": rows}, handle, indent=1, default=str)
+    meta = run_meta("seed_methods.py", settings=settings_of(args),
+                    machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                            f"{args.jobs} worker(s) x {args.threads} thread(s)",
+                    seconds=round(seconds, 1))
+    write_doc(path, {"meta": {**meta, "command": command}, "rows": rows})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,10 @@ every call did before the trace was kept, and what a new model object still gets
 Prints seconds per call and the ratio, one run, for each model:
 
     python benchmarks/trace_reuse.py --models lenet5 vgg_small resnet20 --calls 5
+    python benchmarks/trace_reuse.py --rows benchmarks/results/trace_reuse_DATE.json.gz
+
+``--rows`` writes one row per model and call (median seconds, unrounded) with the command,
+commit, machine and date; :func:`results_table` renders the table from them.
 """
 
 from __future__ import annotations
@@ -15,15 +19,18 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from prunelib.flops import model_cost  # noqa: E402
 from prunelib.masks import MaskSet  # noqa: E402
 from prunelib.models import build_model  # noqa: E402
 from prunelib.surgery import surgery  # noqa: E402
+from rows import run_meta, settings_of, write_rows  # noqa: E402
 
 SHAPES = {"mlp": (1, 8, 8), "lenet5": (1, 28, 28)}
 
@@ -49,15 +56,31 @@ def seconds(fn, calls: int) -> float:
     return statistics.median(times)
 
 
+def row_line(r: dict[str, Any]) -> str:
+    """One line of the table: a model's call, fresh trace against the reused one."""
+    return (f"| {r['model']} {tuple(r['shape'])} | {r['call']} | {r['fresh_s']:.3f} | {r['reused_s']:.3f} | "
+            f"{r['fresh_s'] / r['reused_s']:.1f}x |")
+
+
+HEADER = "| model | call | fresh trace each call s | one trace reused s | ratio |\n|---|---|---|---|---|"
+
+
+def results_table(doc: dict[str, Any]) -> str:
+    """The table from a rows file written with ``--rows`` (``benchmarks/results_md.py``)."""
+    return HEADER + "\n" + "\n".join(row_line(r) for r in doc["rows"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["lenet5", "vgg_small", "resnet20"])
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", type=Path, default=None,
+                    help="also write the raw rows (.json.gz with command, commit, machine, date) here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print("| model | call | fresh trace each call s | one trace reused s | ratio |")
-    print("|---|---|---|---|---|")
+    print(HEADER)
+    rows: list[dict[str, Any]] = []
     for name in args.models:
         shape = SHAPES.get(name, (3, 32, 32))
         torch.manual_seed(0)
@@ -71,7 +94,12 @@ def main() -> None:
             copy_only = seconds(lambda i: copy.deepcopy(model), args.calls)
             reused = seconds(lambda i: call(model, i), args.calls)
             fresh -= copy_only  # the benchmark's own deepcopy is no part of the old path
-            print(f"| {name} {shape} | {label} | {fresh:.3f} | {reused:.3f} | {fresh / reused:.1f}x |", flush=True)
+            rows.append({"model": name, "shape": list(shape), "call": label, "fresh_s": fresh, "reused_s": reused,
+                         "deepcopy_s": copy_only})
+            print(row_line(rows[-1]), flush=True)
+    if args.rows:
+        doc = {"meta": run_meta("trace_reuse.py", settings=settings_of(args)), "rows": rows}
+        print(f"raw rows written to {write_rows(args.rows, doc)}")
 
 
 if __name__ == "__main__":
