@@ -616,7 +616,7 @@ class TrackingSettings(_Section):
     log_model: bool = setting(True, boolean)
     system_metrics_s: float = setting(1.0, number(low=0))
 
-    #: What a trial logs while it runs (search/mlflow_trial.py reads them from its tracking dict).
+    #: What a trial logs while it runs (search/trials/mlflow_run.py reads them from its tracking dict).
     TRIAL_LOGGING: ClassVar[tuple[str, ...]] = ("epoch_metrics", "log_model", "system_metrics_s")
 
     def trial_logging(self) -> dict[str, Any]:

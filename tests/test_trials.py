@@ -175,6 +175,29 @@ def test_a_training_trial_reports_what_its_kind_declares(tmp_path):
     assert declared - set(row) == set(), f"declared but not reported: {sorted(declared - set(row))}"
 
 
+def test_trainconfig_keys_given_as_trial_keys_reach_the_training(tmp_path, monkeypatch):
+    """trial.val_every_n_epochs / trial.accelerator (TrainConfig fields the trial otherwise sets
+    itself) are passed to the training, not accepted and dropped."""
+    import search.trials.training as training
+    from search.config import build_search_space
+    from search.trial import TrialContext, run_trial
+
+    seen = []
+
+    def capture(model, datamodule, method, config, **kwargs):
+        seen.append(config)
+        raise RuntimeError("stop after the config")
+
+    monkeypatch.setattr(training, "run_pruning", capture)
+    cfg = compose(["+method=magnitude", "trial.epochs=1", "trial.finetune_epochs=0", "data.limit_train=200",
+                   "+trial.val_every_n_epochs=1", "+trial.accelerator=cpu"])
+    ctx = TrialContext(data=cfg["data"], model=cfg["model"], trial=cfg["trial"], space=build_search_space(cfg),
+                       objectives=[("val_acc", "max")])
+    with pytest.raises(Exception):
+        run_trial({"method": "magnitude"}, ctx, trial_id="options", trial_dir=tmp_path / "t")
+    assert seen and seen[0].val_every_n_epochs == 1 and seen[0].accelerator == "cpu"
+
+
 # ------------------------------------------------------------------------------------------------
 # Adding a method touches only its module, its YAML and its test
 # ------------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from search.settings import TrackingSettings
+
 __all__ = ["TrialRun"]
 
 log = logging.getLogger("search")
@@ -58,13 +60,16 @@ class TrialRun:
         self.uri = uri
         self.run_id = run_id
         self.trial_id = trial_id
-        self.epoch_metrics = bool(options.get("epoch_metrics", True))
-        self.log_models = bool(options.get("log_model", True))
+        # Options a hand-built context leaves out take the tracking group's defaults (their one home).
+        wanted = {**TrackingSettings().trial_logging(), **{k: options[k] for k in TrackingSettings.TRIAL_LOGGING
+                                                            if k in options}}
+        self.epoch_metrics = bool(wanted["epoch_metrics"])
+        self.log_models = bool(wanted["log_model"])
         self.failed: str | None = None  # the first MLflow error: later calls are skipped
         self.pending: tuple[int, dict[str, float]] | None = None  # the last epoch, held back
         self._monitor: Any = None
         self._client_cache: Any = None
-        interval = float(options.get("system_metrics_s", 0) or 0)
+        interval = float(wanted["system_metrics_s"] or 0)
         if interval > 0:
             self._start_system_metrics(interval)
 

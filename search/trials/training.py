@@ -230,14 +230,18 @@ def run_training_trial(req: TrialRequest) -> dict[str, Any]:
                                                       inputs.model_args)
     input_shape = inputs.input_shape
     method = build_trial_method(ctx, method_name, settings)
+    # The TrainConfig fields the trial sets itself, unless the config gives them (trial.accelerator,
+    # trial.val_every_n_epochs, trial.progress: TrialSettings.train_options); per-epoch validation
+    # stays on whenever ASHA's rungs need the intermediate results.
+    derived = {"accelerator": "gpu" if device == "cuda" else "cpu", "progress": False, "val_every_n_epochs": 0,
+               **trial.train_options}
+    if report is not None and ctx.report_every_epoch:
+        derived["val_every_n_epochs"] = 1
     config = TrainConfig(
         epochs=int(trial.epochs), finetune_epochs=int(trial.finetune_epochs), optimizer=trial.optimizer,
         lr=float(trial.lr), finetune_lr=float(trial.finetune_lr) if trial.finetune_lr is not None else None,
-        momentum=float(trial.momentum), weight_decay=float(trial.weight_decay),
-        accelerator="gpu" if device == "cuda" else "cpu", precision=str(trial.precision), progress=False,
-        # Per-epoch validation only when ASHA needs the intermediate results.
-        val_every_n_epochs=1 if (report is not None and ctx.report_every_epoch) else 0,
-        **{key: getattr(trial, key) for key in SPEED_SETTINGS})
+        momentum=float(trial.momentum), weight_decay=float(trial.weight_decay), precision=str(trial.precision),
+        **derived, **{key: getattr(trial, key) for key in SPEED_SETTINGS})
     latency = latency_probe(ctx, trial, input_shape, device)
 
     callbacks = []
