@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from search.settings import SAMPLERS
+from search.settings import SAMPLERS, SearchSettings
 from search.errors import ConfigError
 
 __all__ = ["CONSTRAINTS_ATTR", "SamplerFactory", "constraints_func", "make_sampler", "open_optuna_storage",
@@ -42,8 +42,10 @@ def constraints_func(n_constraints: int) -> Callable[[Any], list[float]]:
     return read
 
 
-def make_sampler(search: Mapping[str, Any]) -> Any:
-    """The Optuna sampler named by ``search.sampler`` (seeded by ``search.seed``).
+def make_sampler(search: SearchSettings | Mapping[str, Any]) -> Any:
+    """The Optuna sampler named by ``search.sampler`` (seeded by ``search.seed``), from the typed
+    settings or the ``search`` section (parsed here: a searcher keeps the plain section, which
+    Ray Tune pickles, as its recipe).
 
     NSGA-II's population defaults to a quarter of the budget (at least 4): Optuna's default
     of 50 would make every trial of a small sweep random. With ``search.constraints`` the
@@ -55,16 +57,16 @@ def make_sampler(search: Mapping[str, Any]) -> Any:
     """
     import optuna
 
-    seed = int(search.get("seed", 0))
-    kind = search["sampler"]
-    n_constraints = len(search.get("constraints") or [])
+    settings = search if isinstance(search, SearchSettings) else SearchSettings.from_dict(search)
+    seed, kind = settings.seed, settings.sampler
+    n_constraints = len(settings.constraint_list)
     constrained = ({"constraints_func": constraints_func(n_constraints)}
                    if n_constraints and not trial_constraints_api() else {})
     if kind == "mo_tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(search.get("n_startup_trials", 4)),
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=settings.n_startup_trials,
                                           multivariate=True, group=True, constant_liar=True, **constrained)
     if kind == "nsga2":
-        pop = search.get("population_size") or max(4, int(search["n_trials"]) // 4)
+        pop = settings.population_size or max(4, settings.n_trials // 4)
         return optuna.samplers.NSGAIISampler(population_size=int(pop), seed=seed, **constrained)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
