@@ -112,11 +112,13 @@ def probe_gpu_fraction(data_cfg: dict[str, Any], model_cfg: dict[str, Any], tria
 
     if not torch.cuda.is_available():
         raise RuntimeError("probe_gpu_fraction needs a CUDA device")
-    seed = int(trial_cfg.get("seed", 0))
-    data = get_datamodule(data_cfg, "cuda", seed)
+    from search.settings import TrialSettings
+
+    data = get_datamodule(data_cfg, "cuda", TrialSettings.from_dict(trial_cfg).seed)
     model = model_from_config(model_cfg, tuple(data.input_shape), data.num_classes).cuda()
+    # The batch the trials train with: the data module's own (its door's default unless data.batch_size).
     step_seconds, peak = probe_step_seconds(model, tuple(data.input_shape), data.num_classes,
-                                            int(data_cfg.get("batch_size", 128)), steps)
+                                            int(getattr(data, "batch_size", 128)), steps)
     total = int(torch.cuda.get_device_properties(0).total_memory)
     fraction = choose_gpu_fraction(step_seconds, peak, total)
     return {"fraction": fraction, "trials_per_gpu": int(round(1 / fraction)), "step_seconds": step_seconds,
