@@ -340,6 +340,7 @@ def part_structured(args: argparse.Namespace, seed: int) -> list[dict]:
 def part_ken(args: argparse.Namespace, seed: int) -> list[dict]:
     from ken_benchmark import random_rows_masks
     from prunelib.methods.ken import KEN, PairPlan, apply_ken, selected_parameter_names
+    from search.settings import TrialSettings
     from search.trials.ken import get_pair
 
     dm = data(args)
@@ -351,7 +352,8 @@ def part_ken(args: argparse.Namespace, seed: int) -> list[dict]:
         warnings.simplefilter("ignore", UserWarning)
         pre, ft, _ = get_pair(model, dm, PairPlan(pretrain_classes=0.5, cache_dir=cache),
                               {"name": "fashion_mnist", "limit_train": args.data_limit}, {"name": "lenet5"},
-                              {"epochs": args.epochs, "lr": 0.05, "optimizer": "sgd", "seed": seed})
+                              TrialSettings.from_dict({"epochs": args.epochs, "lr": 0.05, "optimizer": "sgd",
+                                                       "seed": seed}))
     shape = tuple(dm.input_shape)
     total = sum(p.numel() for p in ft.parameters())
 
@@ -463,8 +465,11 @@ def results_table(doc: dict[str, Any]) -> str:
     return summarise(doc["rows"])
 
 
-def write_rows(path: Path, rows: list[dict], command: str, args: argparse.Namespace, seconds: float) -> None:
-    """The run's raw rows with its provenance, gzipped JSON (``benchmarks/rows.py``)."""
+def write_rows(path: Path, rows: list[dict], command: str, args: argparse.Namespace, seconds: float,
+               failed: list[str] | None = None) -> None:
+    """The run's raw rows with its provenance, gzipped JSON (``benchmarks/rows.py``); rewritten as
+    each task ends, so ``meta.failed`` names the tasks that failed and a partial run keeps what
+    it finished."""
     from rows import run_meta, settings_of
     from rows import write_rows as write_doc
 
@@ -472,7 +477,7 @@ def write_rows(path: Path, rows: list[dict], command: str, args: argparse.Namesp
                     machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                             f"{args.jobs} worker(s) x {args.threads} thread(s)",
                     seconds=round(seconds, 1))
-    write_doc(path, {"meta": {**meta, "command": command}, "rows": rows})
+    write_doc(path, {"meta": {**meta, "command": command, "failed": list(failed or [])}, "rows": rows})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,28 +507,48 @@ def main(argv: list[str] | None = None) -> int:
     say(f"plan: {len(tasks)} tasks ({', '.join(f'{p} seed {s}' for p, s in tasks)})")
     t0 = time.perf_counter()
     rows: list[dict] = []
+    failed: list[str] = []
+
+    def finished(part: str, seed: int, task_rows: list[dict] | None, error: BaseException | None) -> None:
+        # Each task's rows are kept as soon as it ends (written to --rows too): a task that fails
+        # later, or an interrupted run, loses only its own rows.
+        if error is not None:
+            failed.append(f"{part} seed {seed}: {type(error).__name__}: {error}")
+            say(f"FAILED: {part} seed {seed}: {type(error).__name__}: {error}")
+        else:
+            rows.extend(task_rows or [])
+            say(f"done: {part} seed {seed} ({(time.perf_counter() - t0) / 60:.1f} min elapsed)")
+        if args.rows:
+            write_rows(args.rows, rows, command, args, time.perf_counter() - t0, failed)
+
     if args.jobs <= 1:
         for part, seed in tasks:
-            rows += run_task(args, part, seed)
+            try:
+                finished(part, seed, run_task(args, part, seed), None)
+            except Exception as exc:  # noqa: BLE001 - reported, the other tasks go on
+                finished(part, seed, None, exc)
     else:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             futures = {pool.submit(run_task, args, part, seed): (part, seed) for part, seed in tasks}
             for fut in as_completed(futures):
                 part, seed = futures[fut]
-                rows += fut.result()
-                say(f"done: {part} seed {seed} ({(time.perf_counter() - t0) / 60:.1f} min elapsed)")
+                error = fut.exception()
+                finished(part, seed, None if error else fut.result(), error)
     rows.sort(key=lambda r: (PARTS.index(r["part"]), r["seed"]))
     text = summarise(rows)
     say(text)
     total = time.perf_counter() - t0
     say(f"\ntotal wall time: {total:.0f}s ({total / 60:.1f} min)")
     if args.rows:
-        write_rows(args.rows, rows, command, args, total)
+        write_rows(args.rows, rows, command, args, total, failed)
         say(f"raw rows written to {args.rows}")
     if args.out:
         Path(args.out).write_text(f"command: {command}\n\n{text}\n\ntotal wall time: {total / 60:.1f} min\n")
         Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
         say(f"tables written to {args.out} (rows: {Path(args.out).with_suffix('.json')})")
+    if failed:
+        say(f"{len(failed)} task(s) failed: " + "; ".join(failed))
+        return 1
     return 0
 
 
