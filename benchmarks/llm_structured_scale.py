@@ -106,5 +106,17 @@ def main() -> None:
     print(json.dumps(row))
 
 
+def results_table(doc: dict) -> str:
+    """RESULTS.md's table from the committed JSON lines of both methods' runs (``benchmarks/results_md.py``)."""
+    lines = ["| method | parameters before | parameters after (deployed) | prune s | export s | whole run s | peak RSS GiB "
+             "| export format |", "|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        label = ("structured: FFN 50 %, 1 of 4 KV groups, 6 of 22 blocks (FLAP, bias compensation)"
+                 if r["method"] == "structured" else f"SparseGPT, {r.get('pruned_sparsity', 0.5):.0%} unstructured (masks)")
+        lines.append(f"| {label} | {r['params_before'] / 1e9:.3f} B | {r['params_after'] / 1e9:.3f} B | {r['prune_s']:.1f} "
+                     f"| {r.get('export_s', '-')} | {r['total_s']:.1f} | {r['peak_rss_gib']:.2f} | {r.get('export_format', '-')} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     main()
