@@ -141,3 +141,16 @@ def test_polarization_paper_variant_reaches_the_target_through_its_losses_and_no
     _, dense = run(dm, off, epochs=16)
     assert dense.sparsity < 0.05, off.report  # the losses off: nothing moves it to the target
     assert abs(dense.sparsity - target) > 4 * TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["bingo", "polarization", "paoding"])
+def test_a_sweep_can_pin_the_paper_variant(method):
+    """The documented way to pin a variant in a sweep (README, docs/paper_modes.md) passes the
+    pre-flight, and the space then holds the paper variant as its only choice."""
+    from search.preflight import preflight
+    from tests.conftest import compose
+
+    result = preflight(compose([f"+method={method}", "method.space.variant.choices=[paper]"]), build=False,
+                       open_stores=False)
+    variant = next(d for d in result.space.spaces[method].dims if d.key == "variant")
+    assert list(variant.choices) == ["paper"]
