@@ -35,10 +35,10 @@ __all__ = ["LLMStructured", "LLMStructuredSettings", "STRUCTURED_METHODS"]
 
 
 @dataclass(frozen=True)
-class LLMStructuredSettings(MethodSettings):
+class LLMStructuredSettings(StructuredSettings, MethodSettings):
     """Settings of :class:`LLMStructured`: those of
-    :class:`~prunelib.llm.structured.StructuredSettings` (validated by building one) plus the
-    calibration draw.
+    :class:`~prunelib.llm.structured.StructuredSettings` (inherited, checked by its
+    ``__post_init__``) plus the calibration draw.
 
     Attributes:
         calib_samples: calibration sequences from the training split.
@@ -47,30 +47,13 @@ class LLMStructuredSettings(MethodSettings):
         calib_seed: which training samples calibrate.
     """
 
-    ffn_sparsity: float = 0.0
-    head_sparsity: float = 0.0
-    keep_heads: int | None = None
-    hidden_sparsity: float = 0.0
-    depth_sparsity: float = 0.0
-    importance: str = "activation"
-    bias_compensation: bool = False
-    allocation: str = "uniform"
-    ffn_fractions: tuple[float, ...] | None = None
-    head_fractions: tuple[float, ...] | None = None
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
-    max_fraction: float = 0.95
-    round_to: int = 1
-    blocks_path: str | None = None
-    distill_steps: int = 0
-    distill_lr: float = 1e-4
-    distill_temperature: float = 1.0
     calib_samples: int = 128
     calib_length: int | None = None
     calib_batch_size: int = 8
     calib_seed: int = 0
 
     def __post_init__(self) -> None:
+        StructuredSettings.__post_init__(self)  # every pruning setting checked here, at construction
         for key in ("calib_samples", "calib_batch_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -79,13 +62,10 @@ class LLMStructuredSettings(MethodSettings):
                                               or not isinstance(self.calib_length, int) or self.calib_length < 2):
             raise ValueError(f"calib_length: must be an integer >= 2 or null, got {self.calib_length!r}")
         set_field(self, "calib_seed", int(self.calib_seed))
-        structured = self.structured  # every pruning setting checked here, at construction
-        for f in fields(StructuredSettings):
-            set_field(self, f.name, getattr(structured, f.name))
 
     @property
     def structured(self) -> StructuredSettings:
-        """The pruning settings (:class:`~prunelib.llm.structured.StructuredSettings`)."""
+        """The pruning settings alone (:class:`~prunelib.llm.structured.StructuredSettings`)."""
         return StructuredSettings(**{f.name: getattr(self, f.name) for f in fields(StructuredSettings)})
 
 
