@@ -221,3 +221,16 @@ def adopt_finished(ctx: TrialContext, trial_id: str) -> dict[str, Any] | None:
             if str(run["trial_id"]) == str(trial_id) and run["status"] == "ok":
                 return {k: v for k, v in run.items() if k not in ("status", "mlflow_status", "error")}
     return None
+
+
+def note_kept_model(trial_id: str, model: nn.Module, input_shape: tuple[int, ...] | None, manifest: Path,
+                    out_dir: Path, kept: dict[str, Any], artifacts: dict[str, str]) -> None:
+    """Record a kept model in the trial's result (``kept``: its folder; ``artifacts``: its
+    manifest) and log it as the trial's MLflow model when the trial's run is open."""
+    from search.trials.mlflow_run import TrialRun  # Lightning: only in the worker
+
+    kept["artifact_dir"] = str(out_dir)
+    artifacts["pruned"] = str(manifest)
+    live = TrialRun.current(trial_id)
+    if live is not None:
+        kept["model_uri"] = live.log_model(model, input_shape, json.loads(manifest.read_text()))

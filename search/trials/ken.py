@@ -51,11 +51,10 @@ from prunelib.training import CollapseCheck, TrainConfig, evaluate, run_pruning
 from search.keep import model_spec
 from search.settings import TrialSettings
 from search.storage import atomic_write_text
-from search.trials.common import (TrialFailed, build_trial_method, collapse_metrics, latency_probe, record_trial,
-                                  trial_output_dir)
+from search.trials.common import (TrialFailed, build_trial_method, collapse_metrics, latency_probe,
+                                  note_kept_model, record_trial, trial_output_dir)
 from search.trials.context import resolve_launch_path
 from search.trials.kinds import TrialRequest
-from search.trials.mlflow_run import TrialRun
 from search.trials.training import prepare_torch_trial
 
 __all__ = ["PAIR_FORMAT_VERSION", "PairError", "class_subset", "default_cache_dir", "finish_ken_trial", "get_pair",
@@ -412,11 +411,7 @@ def finish_ken_trial(method: KEN, settings: dict[str, Any], overrides: dict[str,
                  "layers": str(out_dir / "layer_kept_fraction.json")}
     if keep != "none":  # the KEN model as measured (reverted entries hold pretrained values)
         manifest = save_pruned(out_dir, ft, spec, "masked", tokenizer=tokenizer)
-        kept["artifact_dir"] = str(out_dir)
-        artifacts["pruned"] = str(manifest)
-        live = TrialRun.current(trial_id)
-        if live is not None:
-            kept["model_uri"] = live.log_model(ft, input_shape, json.loads(manifest.read_text()))
+        note_kept_model(trial_id, ft, input_shape, manifest, out_dir, kept, artifacts)
     metrics["wall_s"] = time.perf_counter() - start
     return record_trial(ctx, trial_id, "ken", settings, overrides, metrics, out_dir,
                         extra={"masks_path": str(masks_path), "ken_delta_path": str(delta.path),

@@ -57,12 +57,11 @@ from prunelib.llm.sparsity import parse_pattern
 from prunelib.masks import sparsity_report
 from prunelib.models.hf import HFModelError, hf_task_of, load_hf_model, load_tokenizer
 from search.storage import atomic_write_text
-from search.trials.common import (TrialFailed, build_trial_method, record_trial, trial_device,
+from search.trials.common import (TrialFailed, build_trial_method, note_kept_model, record_trial, trial_device,
                                   trial_output_dir, wants_latency)
 from search.trials.context import resolve_launch_path
 from search.trials.kinds import TrialRequest, makes_smaller_model
 from search.trials.metrics import LATENCY_MS
-from search.trials.mlflow_run import TrialRun
 from search.trials.text_config import TEXT_DATA_ARGS, model_dir
 
 __all__ = ["run_hf_ken_trial", "run_text_trial", "text_datamodule", "text_latency_ms"]
@@ -201,19 +200,11 @@ def run_text_trial(req: TrialRequest) -> dict[str, Any]:
                 shutil.rmtree(export_dir, ignore_errors=True)
         metrics["export_format"] = export.format
         if keep != "none":
-            kept["artifact_dir"] = str(out_dir)
-            artifacts["pruned"] = str(manifest)
-            live = TrialRun.current(trial_id)
-            if live is not None:
-                kept["model_uri"] = live.log_model(model, None, json.loads(manifest.read_text()))
+            note_kept_model(trial_id, model, None, manifest, out_dir, kept, artifacts)
     elif keep != "none":  # the pruned model as measured, zeros in place, loadable by transformers too
         manifest = save_pruned(out_dir, model, ModelSpec("hf", {"path": HF_DIR, "hf_class": type(model).__name__}),
                                "masked", tokenizer=tokenizer)
-        kept["artifact_dir"] = str(out_dir)
-        artifacts["pruned"] = str(manifest)
-        live = TrialRun.current(trial_id)
-        if live is not None:
-            kept["model_uri"] = live.log_model(model, None, json.loads(manifest.read_text()))
+        note_kept_model(trial_id, model, None, manifest, out_dir, kept, artifacts)
     metrics["wall_s"] = time.perf_counter() - start
     return record_trial(ctx, trial_id, method_name, settings, overrides, metrics, out_dir,
                         extra={"masks_path": str(masks_path), "data_load_s": data_s,
