@@ -32,7 +32,6 @@ Prints the Markdown table for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import re
@@ -49,7 +48,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-from rows import run_meta, write_rows  # noqa: E402
+from rows import read_rows, run_meta, write_rows  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
 FAST = ["trial.epochs=3", "trial.finetune_epochs=1", "data.limit_train=600"]
@@ -702,8 +701,7 @@ def main() -> None:
                         help="print the Markdown table of rows written earlier with --rows, and run nothing")
     args = parser.parse_args()
     if args.table_from:
-        with gzip.open(args.table_from, "rt") as f:
-            print(markdown_table(json.load(f)["rows"]))
+        print(markdown_table(read_rows(args.table_from)["rows"]))
         return
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
