@@ -6,12 +6,15 @@ layers exercise PAODING's neuron merging) on a Fashion-MNIST subset:
 1. train the dense model briefly (Adam, ``--epochs``) on the training subset;
 2. at each ratio (fraction of channels removed per layer / coupled group, default 25 % and
    50 %), prune a copy **without any data** and without fine-tuning:
-   - ``paoding (paper)``: :class:`prunelib.methods.PAODING` with ``fold_bn=False,
-     compensate=False`` (conv: raw filter L1 per weight; dense: impact-ranked pair merging),
-     then :func:`prunelib.surgery.surgery`;
-   - ``paoding +fold_bn``: filters scored with their BatchNorm folded in;
-   - ``paoding +fold_bn +comp``: also the removed conv channels' expected activation folded into
-     their consumers (the library defaults);
+   - ``paoding (paper)``: :class:`prunelib.methods.PAODING` with ``variant="paper"`` (conv: raw
+     filter L1 per weight; dense: the paper's impact score and pair bound, pairs i < j merged j
+     into i, step 0.025), then :func:`prunelib.surgery.surgery`;
+   - ``paoding ext -fold_bn -comp``: ``variant="extended"`` (relative impact scale, bounded bias
+     term, tight pair bound, both merge orientations, step 0.05, interval boxes from the trunk
+     and BatchNorm) without its two conv extensions;
+   - ``paoding ext +fold_bn``: filters also scored with their BatchNorm folded in;
+   - ``paoding ext (defaults)``: also the removed conv channels' expected activation folded into
+     their consumers (the library's extended defaults);
    - ``tp-l1``: Torch-Pruning's ``MagnitudePruner`` with ``MagnitudeImportance(p=1)``, the same
      per-layer ratio, the classifier's outputs ignored;
 3. report parameter, physical-FLOPs and model-size reduction (bytes of the saved safetensors
@@ -56,6 +59,15 @@ from prunelib.surgery import export_onnx, surgery
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rows import run_meta, settings_of, write_rows  # noqa: E402
+
+#: (row label, PAODING settings): the paper variant, then the extended variant with its conv
+#: extensions switched on one at a time.
+PAODING_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("paoding (paper)", {"variant": "paper"}),
+    ("paoding ext -fold_bn -comp", {"variant": "extended", "compensate": False, "fold_bn": False}),
+    ("paoding ext +fold_bn", {"variant": "extended", "compensate": False, "fold_bn": True}),
+    ("paoding ext (defaults)", {"variant": "extended"}),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -216,14 +228,11 @@ def main(argv: list[str] | None = None) -> int:
         dense = {"model": name, "method": "dense", "ratio": 0.0, "width": width, **dense}
         rows.append(dense)
         for ratio in args.ratios:
-            variants = (("paoding (paper)", False, False), ("paoding +fold_bn", False, True),
-                        ("paoding +fold_bn +comp", True, True))
-            for label, compensate, fold_bn in variants:
+            for label, variant_settings in PAODING_VARIANTS:
                 t0 = time.perf_counter()
                 pruned = copy.deepcopy(dense_model)
-                method = PAODING(conv_ratio=ratio, dense_ratio=ratio, step=0.05, mode="impact",
-                                 input_interval=interval, input_shape=shape, pretrain=False,
-                                 compensate=compensate, fold_bn=fold_bn)
+                method = PAODING(conv_ratio=ratio, dense_ratio=ratio, mode="impact", input_interval=interval,
+                                 input_shape=shape, pretrain=False, **variant_settings)
                 method.setup(pruned, datamodule=None)  # data-free: no data module at all
                 masks = method.finalize(pruned)
                 result = surgery(pruned, masks, shape, round_to=None)
