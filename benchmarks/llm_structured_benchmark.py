@@ -490,8 +490,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=1500)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", default="/tmp/prunesearch-llm-bench",
-                        help="where the models are (WORK/model-seed{N}) and the corpus is written")
+    parser.add_argument("--work", default=None,
+                        help="where the models are (WORK/model-seed{N}) and the corpus is written (default: "
+                             "/tmp/prunesearch-llm-bench, llm_pruning_benchmark.py's; --smoke: its own)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, 1 seed, in its own --work (< 1 min)")
     parser.add_argument("--rows", type=Path, default=None,
                         help="write the raw rows (.json.gz with command, commit, machine, date) here: what "
@@ -499,7 +500,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         for key, value in SMOKE.items():
-            setattr(args, key, value)
+            if key != "work" or args.work is None:
+                setattr(args, key, value)
+    args.work = args.work or "/tmp/prunesearch-llm-bench"
     if args.latency_seed is None:
         args.latency_seed = args.seeds[0]
     return args
