@@ -60,3 +60,22 @@ def test_smoke_run_rows_and_tables(tmp_path: Path) -> None:
     lat_table = bench.table_latency(doc)
     assert lat_table.count("\n| ") == 1 + 1 + 5  # header, dense, five pruned models
     assert "x1.00" in lat_table
+
+
+def test_structured_sweep_front_table_from_rows() -> None:
+    """llm_sweep_benchmark --method llm_structured: the front of val_ppl against flops_deployed."""
+    import llm_sweep_benchmark as sweep
+
+    rows = [{"method": "llm_structured", "param.ffn_sparsity": 0.3, "param.head_sparsity": 0.25,
+             "param.depth_sparsity": 0.0, "param.importance": "fluctuation", "param.bias_compensation": True,
+             "param.allocation": "uniform", "val_ppl": 90.0, "test_ppl": 91.0, "flops_deployed": 5e6,
+             "params_deployed": 4e5},
+            {"method": "llm_structured", "param.ffn_sparsity": 0.6, "param.head_sparsity": 0.5,
+             "param.depth_sparsity": 0.25, "param.importance": "activation", "param.allocation": "owl",
+             "param.owl_lambda": 0.1, "val_ppl": 120.0, "flops_deployed": 3e6, "params_deployed": 2e5},
+            {"method": "llm_structured", "val_ppl": 130.0, "flops_deployed": 6e6}]  # dominated by the first
+    table = sweep.table_front_deployed({"rows": rows})
+    body = table.split("\n")[2:]
+    assert len(body) == 2  # the dominated trial is not on the front
+    assert body[0].startswith("| 0.600 | 0.500 | 0.250 | activation | OWL (lambda 0.100) | 120.00 | - | 3.0M")
+    assert "fluctuation + bias comp." in body[1] and "0.400M" in body[1]
