@@ -49,7 +49,7 @@ Full run (reuses the models ``llm_pruning_benchmark.py`` saved; trains the missi
     .venv/bin/python benchmarks/llm_sweep_benchmark.py --method llm_structured --trials 24 \\
         --rows benchmarks/results/llm_structured_sweep_<date>.json.gz            # part (c)
 
-Smoke run (a tiny model trained for a moment, 1 seed, < 1 min)::
+Smoke run (a tiny model trained for a moment, 1 seed; 90 s on the shared 2-core machine)::
 
     .venv/bin/python benchmarks/llm_structured_benchmark.py --smoke
 
@@ -205,7 +205,8 @@ def torch_pruning_ffn(model: nn.Module, ffn_ratio: float, tokens: int = 8) -> No
                                       global_pruning=False, pruning_ratio=ffn_ratio, ignored_layers=[mlp.down_proj])
         for group in pruner.step(interactive=True):
             group.prune()
-    model.config.intermediate_size = next(m for n, m in model.named_modules() if n.endswith("mlp")).gate_proj.out_features
+    first_mlp = next(m for n, m in model.named_modules() if n.endswith("mlp"))
+    model.config.intermediate_size = first_mlp.gate_proj.out_features
 
 
 def _search_tp_ffn(model: nn.Module, goal_params: int) -> tuple[float, int]:
@@ -318,7 +319,8 @@ def table_latency(doc: dict[str, Any]) -> str:
     configs = sorted({(r["family"], r["target"]) for r in rows if r["method"] != "dense"},
                      key=lambda c: (c[1], FAMILIES.index(c[0])))
     for family, target in configs:
-        sel = {r["batch"]: r for r in rows if r["family"] == family and r["target"] == target and r["method"] != "dense"}
+        sel = {r["batch"]: r for r in rows
+               if r["family"] == family and r["target"] == target and r["method"] != "dense"}
         first = next(iter(sel.values()))
         cells = [f"{sel[b]['median_ms']:.2f} (x{sel[b]['median_ms'] / dense[b]:.2f})" if b in sel else "-"
                  for b in batches]
@@ -472,7 +474,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fractions of the decoder blocks' parameters removed")
     parser.add_argument("--importance", default="activation", choices=["activation", "fluctuation"],
                         help="llm_structured's channel/head importance")
-    parser.add_argument("--distill-steps", type=int, default=64)
+    parser.add_argument("--distill-steps", type=int, default=32)
     parser.add_argument("--distill-lr", type=float, default=5e-4)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--calib-batch-size", type=int, default=8)

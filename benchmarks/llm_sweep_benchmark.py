@@ -159,7 +159,8 @@ def main() -> None:
     pd.set_option("display.width", 250)
     print("\nall trials:\n" + table.to_string(index=False), flush=True)
     doc = {"meta": run_meta("llm_sweep_benchmark.py", settings=settings_of(args, ("rows",)),
-                            seconds=time.perf_counter() - start, search_command="python -m search " + " ".join(overrides)),
+                            seconds=time.perf_counter() - start,
+                            search_command="python -m search " + " ".join(overrides)),
            "rows": [{c: _plain(r[c]) for c in COLUMNS if c in r} for r in rows]}
     if args.method:
         print(f"\nfront of val_ppl against flops_deployed:\n{table_front_deployed(doc)}", flush=True)
