@@ -45,6 +45,25 @@ PATTERNS = ("unstructured", "2:4", "4:8")
 LABELS = {"llm_magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
 
 
+def seed_model_dir(seed: int, work: str | Path, seed0_dir: str | Path | None = None) -> Path:
+    """Where the benchmark LM of ``seed`` is saved: ``seed0_dir`` (``--model-dir``) for seed 0 when
+    given, else ``WORK/model-seed{seed}`` (the default ``--model-dir`` is ``WORK/model-seed0``)."""
+    return Path(seed0_dir) if seed == 0 and seed0_dir is not None else Path(work) / f"model-seed{seed}"
+
+
+def train_seed_model(seed: int, tok: Any, dm: Any, model_dir: str | Path, *, layers: int, hidden: int, heads: int,
+                     intermediate: int, seq_len: int, epochs: float) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train the benchmark's Llama-style LM of ``seed`` on ``dm`` (AdamW 3e-3) and save it with
+    ``tok`` in ``model_dir``. Returns the model and ``train_text_model``'s record (``seconds``...)."""
+    model = build_small_model("llama", "causal_lm", tok, layers=layers, hidden=hidden, heads=heads,
+                              intermediate=intermediate, max_positions=seq_len, seed=seed)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"seed {seed}: training a {params / 1e6:.2f}M-parameter Llama-style LM for {epochs} epochs", flush=True)
+    train = train_text_model(model, dm, epochs=epochs, lr=3e-3, seed=seed, log_every=200)
+    save_hf_model(model, tok, model_dir)
+    return model, train
+
+
 def _select(rows: list[dict[str, Any]], method: str, pattern: str, distribution: str = "uniform") -> list[dict]:
     """The rows of one method, pattern and distribution, in seed order."""
     return sorted((r for r in rows if r["method"] == method and r["pattern"] == pattern
@@ -143,7 +162,7 @@ def main() -> None:
     tok = None if args.reuse else train_tokenizer(docs, "bpe", args.vocab)
     results: list[dict] = []
     for seed in args.seeds:
-        model_dir = Path(args.model_dir) if seed == 0 else work / f"model-seed{seed}"
+        model_dir = seed_model_dir(seed, work, args.model_dir)
         if args.reuse:
             tok = load_tokenizer(model_dir)  # the tokenizer the model was trained with
         dm = build_text_datamodule(corpus["txt"], tok, max_length=args.seq_len, batch_size=16, seed=seed)
@@ -154,14 +173,10 @@ def main() -> None:
             train = {"seconds": 0.0}
             params = sum(p.numel() for p in model.parameters())
         else:
-            model = build_small_model("llama", "causal_lm", tok, layers=args.layers, hidden=args.hidden,
-                                      heads=args.heads, intermediate=args.intermediate,
-                                      max_positions=args.seq_len, seed=seed)
+            model, train = train_seed_model(seed, tok, dm, model_dir, layers=args.layers, hidden=args.hidden,
+                                            heads=args.heads, intermediate=args.intermediate, seq_len=args.seq_len,
+                                            epochs=args.epochs)
             params = sum(p.numel() for p in model.parameters())
-            print(f"seed {seed}: training a {params / 1e6:.2f}M-parameter Llama-style LM for {args.epochs} epochs",
-                  flush=True)
-            train = train_text_model(model, dm, epochs=args.epochs, lr=3e-3, seed=seed, log_every=200)
-            save_hf_model(model, tok, model_dir)
         dense = evaluate_text(model, dm, "test")
         print(f"seed {seed}: dense test ppl {dense['ppl']:.2f} ({train['seconds']:.0f}s training)", flush=True)
         results.append({"seed": seed, "method": "dense", "pattern": "-", "test_ppl": dense["ppl"],

@@ -16,6 +16,14 @@ The command line it runs is the same as::
     python -m search model=hf model.path=DIR data=text data.path=fortunes.txt \\
         "search.objectives=[{metric: val_ppl, mode: min}, {metric: flops_effective, mode: min}]"
 
+With ``--method llm_structured`` the sweep is pinned to structured pruning (``+method=llm_structured``,
+its space: FFN, head and depth fractions, importance, allocation) and its objectives are
+validation perplexity against ``flops_deployed`` (physical FLOPs per sequence of the smaller
+model); :func:`table_front_deployed` renders that front (issue 27)::
+
+    .venv/bin/python benchmarks/llm_sweep_benchmark.py --method llm_structured --trials 24 \\
+        --rows benchmarks/results/llm_structured_sweep_<date>.json.gz
+
 ``--rows PATH.json.gz`` writes every finished trial's row (the columns below, unrounded) with the
 command, commit, machine and date; :func:`table_front` (and :func:`table_front_bytes`) render
 RESULTS.md's front table from them (``benchmarks/results_md.py``).
@@ -39,7 +47,8 @@ from rows import run_meta, settings_of, write_rows  # noqa: E402
 #: The columns kept per trial (the rows file and the printed tables).
 COLUMNS = ["method", "param.pattern", "param.sparsity", "param.distribution", "param.allocation", "param.owl_lambda", "val_ppl",
            "test_ppl", "dense_val_ppl", "block_sparsity", "flops_effective", "flops_dense", "sparse_bytes",
-           "dense_bytes", "prune_s"]
+           "dense_bytes", "prune_s", "param.ffn_sparsity", "param.head_sparsity", "param.depth_sparsity",
+           "param.importance", "param.bias_compensation", "flops_deployed", "params_deployed"]
 #: How the table names each method.
 LABELS = {"llm_magnitude": "magnitude", "wanda": "Wanda", "sparsegpt": "SparseGPT"}
 
@@ -90,6 +99,27 @@ def table_front_bytes(doc: dict[str, Any]) -> str:
     return _front_table(doc, "sparse_bytes")
 
 
+def table_front_deployed(doc: dict[str, Any]) -> str:
+    """A structured sweep's front: validation perplexity against ``flops_deployed`` (physical FLOPs
+    per sequence of the exported, smaller model), with the settings that reached each point."""
+    rows = doc["rows"]
+    # No share of dense: a structured trial's own flops_dense is its smaller model's.
+    lines = ["| FFN removed | heads removed | blocks removed | importance | allocation | val ppl | test ppl "
+             "| deployed FLOPs | deployed params |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in front_rows(rows, "flops_deployed"):
+        imp = r.get("param.importance") or "-"
+        imp += " + bias comp." if r.get("param.bias_compensation") is True else ""
+        alloc = r.get("param.allocation") or "uniform"
+        alloc = f"OWL (lambda {r['param.owl_lambda']:.3f})" if alloc == "owl" else alloc
+        test = "-" if r.get("test_ppl") is None else f"{r['test_ppl']:.2f}"
+        frac = [f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) else "-"
+                for k in ("param.ffn_sparsity", "param.head_sparsity", "param.depth_sparsity")]
+        params = f"{r['params_deployed'] / 1e6:.3f}M" if r.get("params_deployed") is not None else "-"
+        lines.append(f"| {' | '.join(frac)} | {imp} | {alloc} | {r['val_ppl']:.2f} | {test} | "
+                     f"{r['flops_deployed'] / 1e6:.1f}M | {params} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", default="/tmp/prunesearch-llm-bench/model-seed0")
@@ -98,6 +128,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--limit-eval", type=int, default=256)
+    parser.add_argument("--method", default=None, choices=["llm_structured"],
+                        help="pin the sweep to this method (objectives val_ppl and flops_deployed); "
+                             "default: unpinned, val_ppl and flops_effective")
     parser.add_argument("--work", default="/tmp/prunesearch-llm-sweep")
     parser.add_argument("--rows", type=Path, default=None,
                         help="also write the raw rows (.json.gz with command, commit, machine, date) here: what "
@@ -109,10 +142,12 @@ def main() -> None:
 
     work = Path(args.work)
     text = Path(args.text) if args.text else write_fortunes_corpus(work / "corpus")["txt"]
-    overrides = ["model=hf", f"model.path={args.model_dir}", "data=text", f"data.path={text}",
+    axis = "flops_deployed" if args.method else "flops_effective"
+    overrides = [*([f"+method={args.method}"] if args.method else []), "model=hf", f"model.path={args.model_dir}",
+                 "data=text", f"data.path={text}",
                  f"data.max_length={args.max_length}", f"data.limit_eval={args.limit_eval}",
                  f"search.n_trials={args.trials}", f"search.concurrency={args.concurrency}",
-                 "search.objectives=[{metric: val_ppl, mode: min}, {metric: flops_effective, mode: min}]",
+                 f"search.objectives=[{{metric: val_ppl, mode: min}}, {{metric: {axis}, mode: min}}]",
                  f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "trial.evaluate_test=true"]
     print("python -m search " + " ".join(overrides), flush=True)
     start = time.perf_counter()
@@ -124,10 +159,14 @@ def main() -> None:
     pd.set_option("display.width", 250)
     print("\nall trials:\n" + table.to_string(index=False), flush=True)
     doc = {"meta": run_meta("llm_sweep_benchmark.py", settings=settings_of(args, ("rows",)),
-                            seconds=time.perf_counter() - start, search_command="python -m search " + " ".join(overrides)),
+                            seconds=time.perf_counter() - start,
+                            search_command="python -m search " + " ".join(overrides)),
            "rows": [{c: _plain(r[c]) for c in COLUMNS if c in r} for r in rows]}
-    print(f"\nfront of val_ppl against flops_effective:\n{table_front(doc)}", flush=True)
-    print(f"\nfront of val_ppl against sparse_bytes:\n{table_front_bytes(doc)}", flush=True)
+    if args.method:
+        print(f"\nfront of val_ppl against flops_deployed:\n{table_front_deployed(doc)}", flush=True)
+    else:
+        print(f"\nfront of val_ppl against flops_effective:\n{table_front(doc)}", flush=True)
+        print(f"\nfront of val_ppl against sparse_bytes:\n{table_front_bytes(doc)}", flush=True)
     if args.rows:
         print(f"raw rows written to {write_rows(args.rows, doc)}")
 
