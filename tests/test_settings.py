@@ -139,7 +139,8 @@ def test_the_preflight_parses_once_and_its_settings_are_the_final_config(monkeyp
     from search.preflight import preflight
 
     calls = _count_parses(monkeypatch)
-    cfg = compose(["search.storage=rel/store", f"search.resume_dir={tmp_path}", "search.constraints=['latency_ms <= 20']"])
+    cfg = compose(["search.storage=rel/store", f"search.resume_dir={tmp_path}",
+                   "search.constraints=['latency_ms <= 20']"])
     pre = preflight(cfg, build=False, open_stores=False)
     assert calls == [1]
     settings = pre.settings
