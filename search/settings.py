@@ -150,7 +150,8 @@ def str_list(where: str, v: Any) -> None:
 
 def dotted_keys(where: str, v: Any) -> None:
     """A list of dotted config keys (``search.resume_accept``), none empty."""
-    if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(isinstance(k, str) and k for k in v):
+    str_list(where, v)
+    if not all(v):
         raise ConfigError(f"{where}: expected a list of dotted keys, got {v!r}")
 
 

@@ -35,6 +35,7 @@ def test_a_composed_config_parses_into_typed_groups():
     ("+tracking.nope=1", "tracking.nope: unknown key; tracking takes"),
     ("+cluster.nope=1", "cluster.nope: unknown key; cluster takes"),
     ("+module.nope=1", "module.nope: unknown key; module takes ['_target_']"),
+    ("search.resume_accept=['']", "search.resume_accept: expected a list of dotted keys, got ['']"),
 ])
 def test_a_bad_value_is_one_line_naming_its_key(override, message):
     with pytest.raises(ConfigError) as err:
