@@ -214,9 +214,9 @@ def is_store_outage(error: str) -> bool:
 
 def print_start(run: SweepRun) -> None:
     """The sweep's first lines: what it searches, where its files and its tracking are."""
-    cfg, search = run.cfg, run.settings.search
+    settings, search = run.settings, run.settings.search
     print(f"sweep {run.state['name']}: {search.n_trials} trials over {', '.join(run.space.method_names)} on "
-          f"{cfg['data']['name']}/{cfg['model']['name']}, {search.sampler} sampler, "
+          f"{settings.data.name}/{settings.model.name}, {search.sampler} sampler, "
           f"concurrency {search.concurrency}" + (" (resumed)" if run.resuming else ""), flush=True)
     print(f"files: {run.storage.root} (trials/<trial id>/, ray/)", flush=True)
     if run.tracking:

@@ -17,9 +17,12 @@ import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search.errors import ConfigError
+
+if TYPE_CHECKING:
+    from search.settings import SearchSettings, SweepSettings
 
 __all__ = ["RESUMABLE_KEYS", "accepted_keys", "check_resume_identity", "claim_study_name", "identity_diff",
            "sweep_identity"]
@@ -45,19 +48,25 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def sweep_identity(cfg: Mapping[str, Any], output_dir: Path) -> dict[str, Any]:
-    """The sweep's identity: every dotted key of the resolved ``cfg`` not in
+def sweep_identity(composed: Mapping[str, Any], output_dir: Path,
+                   settings: SweepSettings | None = None) -> dict[str, Any]:
+    """The sweep's identity: every dotted key of the resolved config ``composed`` not in
     :data:`RESUMABLE_KEYS`, JSON-normalised (as ``sweep.json`` holds it), with ``tracking.uri``
-    and ``search.optuna_storage`` resolved to the stores this run would use."""
-    from search.settings import tracking_uri
+    and ``search.optuna_storage`` resolved to the stores this run would use (read from
+    ``settings``, the sweep's parsed config; parsed from ``composed`` when a caller holds only
+    the dict: a notebook, a test)."""
+    from search.settings import SweepSettings, tracking_uri
     from search.sweep_stores import optuna_storage_url
 
+    settings = settings if settings is not None else SweepSettings.from_dict(composed)
+    # The composed dict, not the typed settings: the identity is every key as the user's config
+    # resolved it (a key a resume may not change, whatever group or method it belongs to).
     flat: dict[str, Any] = {}
-    _flatten(cfg, "", flat)
+    _flatten(composed, "", flat)
     identity = {k: v for k, v in flat.items() if not _matches(k, RESUMABLE_KEYS)}
-    uri = tracking_uri(cfg.get("tracking") or {})
+    uri = tracking_uri(settings.tracking)
     identity["tracking.uri"] = uri
-    identity["search.optuna_storage"] = optuna_storage_url(cfg.get("search") or {}, uri, output_dir)
+    identity["search.optuna_storage"] = optuna_storage_url(settings.search, uri, output_dir)
     # Through JSON, as it comes back from sweep.json: tuples are lists, keys sorted.
     return json.loads(json.dumps(identity, sort_keys=True, default=str))
 
@@ -68,13 +77,10 @@ def identity_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, t
             if not _matches(k, RESUMABLE_KEYS) and old.get(k) != new.get(k)}
 
 
-def accepted_keys(search: Mapping[str, Any]) -> list[str]:
-    """``search.resume_accept`` as a list of dotted keys (a key accepts its whole section)."""
-    accept = search.get("resume_accept") or []
-    if isinstance(accept, str) or not isinstance(accept, (list, tuple)) or \
-            not all(isinstance(k, str) and k for k in accept):
-        raise ConfigError(f"search.resume_accept: expected a list of dotted keys, got {accept!r}")
-    return list(accept)
+def accepted_keys(search: SearchSettings) -> list[str]:
+    """``search.resume_accept`` as a list of dotted keys (a key accepts its whole section;
+    checked as a list of names when the settings were parsed)."""
+    return list(search.resume_accept or [])
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -40,7 +40,7 @@ from typing import Any
 from search.errors import ConfigError
 from search.preflight_build import BuildProcess, absolute_paths, build_check
 from search.settings import (DATA_KEYS, MODEL_KEYS, SAMPLERS, ClusterSettings, SweepSettings, TrialSettings, check_objectives,
-                             dense_metric, mapping, objectives_and_key, parse_constraints, text)
+                             dense_metric, mapping, objectives_and_key, text)
 from search.space import MethodSpace, SearchSpace, load_method_configs, method_class, method_space
 from search.sweep_stores import open_sweep_stores, optuna_storage_url, state_copy_in_mlflow, tracking_uri
 from search.trials.kinds import TRIAL_KINDS, TrialKind, register_trial_kind, reported_metrics  # the trial kinds
@@ -221,22 +221,23 @@ def check_method(name: str, cfg: Mapping[str, Any], *, pinned: bool, search_sett
 
 
 
-def _check_objectives(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: set[str] | None) -> None:
+def _check_objectives(cfg: Mapping[str, Any], settings: SweepSettings, pool: Mapping[str, Any],
+                      logged: set[str] | None) -> None:
     """Every objective, and every constraint's metric (and the dense figure a relative bound
     reads), is reported by each chosen method's trials."""
     where, objectives = objectives_and_key(cfg)
     check_objectives(where, [{"metric": m, "mode": d} for m, d in objectives])
-    _check_reported(cfg, pool, logged, [(f"{where}[{i}].metric", m) for i, (m, _) in enumerate(objectives)])
-    constraints = parse_constraints("search.constraints", (cfg.get("search") or {}).get("constraints"))
-    for i, c in enumerate(constraints):
+    _check_reported(cfg, settings, pool, logged,
+                    [(f"{where}[{i}].metric", m) for i, (m, _) in enumerate(objectives)])
+    for i, c in enumerate(settings.search.constraint_list):
         needed = [(f"search.constraints[{i}]", c.metric)]
         if c.relative:
             needed.append((f"search.constraints[{i}] ({c.text!r}: 'dense' reads)", dense_metric(c.metric) or ""))
-        _check_reported(cfg, pool, logged, needed)
+        _check_reported(cfg, settings, pool, logged, needed)
 
 
-def _check_reported(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: set[str] | None,
-                    needed: list[tuple[str, str]]) -> None:
+def _check_reported(cfg: Mapping[str, Any], settings: SweepSettings, pool: Mapping[str, Any],
+                    logged: set[str] | None, needed: list[tuple[str, str]]) -> None:
     """Each ``(key, metric)`` of ``needed`` is reported by every method of ``pool``; else a
     ConfigError naming the key."""
     for where_metric, metric in needed:
@@ -253,7 +254,7 @@ def _check_reported(cfg: Mapping[str, Any], pool: Mapping[str, Any], logged: set
             elif metric == "val_fgsm_acc":
                 hint = "; it is measured only with trial.fgsm_epsilon set (e.g. trial.fgsm_epsilon=0.1)"
             elif logged is not None:
-                hint = (f"; module._target_={(cfg.get('module') or {}).get('_target_')} logged "
+                hint = (f"; module._target_={settings.module.target} logged "
                         f"{sorted(logged)} in validation")
             raise ConfigError(f"{where_metric}: {metric!r} is not reported by {name} trials with these "
                               f"settings{hint}; they report {sorted(reports)}")
@@ -297,7 +298,10 @@ class PreflightResult:
 
     Attributes:
         cfg: the config with relative paths made absolute (launch directory) and the method
-            pool resolved.
+            pool resolved: the composed dict, kept for what needs it whole (the sweep's
+            identity, the parent run's params, each trial's config through Ray).
+        settings: ``cfg`` parsed once (:class:`~search.settings.SweepSettings`), with the
+            same absolute paths, method pool and latency measurement; what the sweep reads.
         space: the sweep's search space.
         objectives: ``[(metric, "max"|"min"), ...]``.
         input_shape / num_classes: of the data, read from a batch.
@@ -309,6 +313,7 @@ class PreflightResult:
     """
 
     cfg: dict[str, Any]
+    settings: SweepSettings
     space: SearchSpace
     objectives: list[tuple[str, str]]
     input_shape: tuple[int, ...] = ()
@@ -333,13 +338,17 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
     Raises:
         ConfigError: the first problem, naming its key.
     """
-    settings = validate_schema(cfg)
+    mapping("config", cfg)
+    # Paths are made absolute before the one parse, so the typed settings hold the paths the
+    # sweep uses; what the pre-flight adds below (the method pool, a latency measurement) goes
+    # into both the dict and the settings, which are never parsed again.
     cfg = absolute_paths(dict(cfg))
+    settings = validate_schema(cfg)
     search = settings.search
     pool = method_pool(cfg)
     pinned = bool(cfg.get("method"))
     notes: list[str] = []
-    user_module = bool((cfg.get("module") or {}).get("_target_"))
+    user_module = bool(settings.module.target)
     if user_module:
         pair_methods = [m for m, c in pool.items() if _method_class(m, c).needs_pair]
         if pair_methods and (pinned or search.methods):
@@ -354,18 +363,20 @@ def preflight(cfg: Mapping[str, Any], output_dir: str | os.PathLike | None = Non
                                  n_trials=search.n_trials) for name, mcfg in pool.items()}
     if not pinned:
         cfg["method_pool"] = pool
+        settings = dataclasses.replace(settings, method_pool=dict(pool))
     space = SearchSpace(spaces, pinned=pinned, search_settings=search.search_settings)
     objectives = list(settings.objectives)
     if any(c.metric == "latency_ms" for c in search.constraint_list):
         # A latency budget needs every trial to measure it, as a latency objective does.
         cfg["trial"] = {**(cfg.get("trial") or {}), "measure_latency": True}
+        settings = dataclasses.replace(settings, trial=settings.trial.replace(measure_latency=True))
     if not user_module:  # a user's module reports what it logs: checked once it is built (apply_build)
-        _check_objectives(cfg, pool, None)
-    result = PreflightResult(cfg=cfg, space=space, objectives=objectives, notes=notes, pool=pool)
-    resume_dir = cfg["search"].get("resume_dir")  # made absolute above
+        _check_objectives(cfg, settings, pool, None)
+    result = PreflightResult(cfg=cfg, settings=settings, space=space, objectives=objectives, notes=notes, pool=pool)
+    resume_dir = search.resume_dir  # made absolute above
     if search.resume and resume_dir:
         state = Path(resume_dir) / "sweep.json"
-        if not state.is_file() and not state_copy_in_mlflow(cfg, Path(resume_dir)):
+        if not state.is_file() and not state_copy_in_mlflow(settings.tracking, Path(resume_dir)):
             raise ConfigError(f"search.resume_dir: {resume_dir} holds no sweep (no sweep.json); "
                               "pass the output directory of the sweep to continue")
     if settings.cluster.kind == "local":
@@ -388,6 +399,6 @@ def apply_build(result: PreflightResult, built: Mapping[str, Any]) -> None:
         result.input_shape, result.num_classes = tuple(built["input_shape"]), int(built["num_classes"])
         result.logged = set(built["logged"]) if built["logged"] is not None else None
         result.notes += list(built["notes"])
-    if (result.cfg.get("module") or {}).get("_target_"):
-        _check_objectives(result.cfg, result.pool, result.logged)
+    if result.settings.module.target:
+        _check_objectives(result.cfg, result.settings, result.pool, result.logged)
 

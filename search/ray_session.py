@@ -34,7 +34,12 @@ __all__ = ["auto_gpu_fraction", "init_ray", "runtime_env_for"]
 _AUTH_FAILURE_MARKS = ("InvalidAuthToken", "UNAUTHENTICATED", "authentication token", "auth token")
 
 
-def runtime_env_for(cluster: Mapping[str, Any], launch_dir: Path) -> dict[str, Any] | None:
+def _typed(cluster: Mapping[str, Any] | ClusterSettings) -> ClusterSettings:
+    """The ``cluster`` settings, typed (a caller holding the raw section: a notebook, a test)."""
+    return cluster if isinstance(cluster, ClusterSettings) else ClusterSettings.from_dict(cluster)
+
+
+def runtime_env_for(cluster: ClusterSettings | Mapping[str, Any], launch_dir: Path) -> dict[str, Any] | None:
     """The Ray ``runtime_env`` that brings the user's code to the workers.
 
     ``cluster.runtime_env`` when set (``{}`` = none). By default: a Ray cluster gets the launch
@@ -42,10 +47,10 @@ def runtime_env_for(cluster: Mapping[str, Any], launch_dir: Path) -> dict[str, A
     excluded); a local cluster none: its workers share this machine and get the driver's
     ``sys.path`` from Ray.
     """
-    env = cluster.get("runtime_env")
-    if env is not None:
-        return dict(env) or None
-    if cluster.get("kind") == "ray":
+    cluster = _typed(cluster)
+    if cluster.runtime_env is not None:
+        return dict(cluster.runtime_env) or None
+    if cluster.kind == "ray":
         return {"working_dir": str(launch_dir),
                 "excludes": ["outputs/", "multirun/", "mlruns/", "mlartifacts/", "*.db", "*.db.lock", ".git/",
                              ".venv/", "__pycache__/"]}
@@ -89,12 +94,12 @@ def _stderr_aside(keep: io.StringIO) -> Iterator[None]:
             keep.write(aside.read().decode(errors="replace"))
 
 
-def init_ray(cluster: Mapping[str, Any] | ClusterSettings, launch_dir: Path) -> None:
+def init_ray(cluster: ClusterSettings | Mapping[str, Any], launch_dir: Path) -> None:
     """Start this sweep's own Ray (``cluster=local``: never an existing one on the machine) or
     join the configured cluster; a Ray already initialised in this process is used as it is.
 
     Args:
-        cluster: the ``cluster`` config section.
+        cluster: the ``cluster`` settings (a raw section is parsed first).
         launch_dir: where the sweep was launched (a cluster's ``working_dir``).
 
     Raises:
@@ -105,24 +110,23 @@ def init_ray(cluster: Mapping[str, Any] | ClusterSettings, launch_dir: Path) -> 
 
     if ray.is_initialized():
         return
-    if isinstance(cluster, ClusterSettings):  # the Ray keyword arguments are read by name below
-        cluster = cluster.to_dict()
+    cluster = _typed(cluster)
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                              "log_to_driver": bool(cluster.get("log_to_driver", False))}
+                              "log_to_driver": cluster.log_to_driver}
     env = runtime_env_for(cluster, launch_dir)
     if env:
         kwargs["runtime_env"] = env
-    remote = cluster.get("kind") == "ray"
+    remote = cluster.kind == "ray"
     if not remote:
         for key in ("num_cpus", "num_gpus"):
-            if cluster.get(key) is not None:
-                kwargs[key] = cluster[key]
+            if getattr(cluster, key) is not None:
+                kwargs[key] = getattr(cluster, key)
     logs = io.StringIO()
     try:
         # Ray's own start lines (the token-authentication notice it logs on every local start)
         # are kept aside; on a cluster its C++ client's retries too (a refused token: one line).
         with _quiet_ray_logs(logs), (_stderr_aside(logs) if remote else contextlib.nullcontext()):
-            ray.init(address=(cluster.get("address") or "auto") if remote else "local", **kwargs)
+            ray.init(address=(cluster.address or "auto") if remote else "local", **kwargs)
     except Exception as exc:  # noqa: BLE001 (any failure to start is one line)
         raise ConfigError(_start_failure(cluster, exc, logs.getvalue())) from exc
     for line in logs.getvalue().splitlines():  # what Ray said on a successful start, minus its banner
@@ -130,12 +134,12 @@ def init_ray(cluster: Mapping[str, Any] | ClusterSettings, launch_dir: Path) -> 
             print(line, flush=True)
 
 
-def _start_failure(cluster: Mapping[str, Any], exc: BaseException, logged: str) -> str:
+def _start_failure(cluster: ClusterSettings, exc: BaseException, logged: str) -> str:
     """The one line for a Ray that did not start (its repeated log lines are not repeated here)."""
-    remote = cluster.get("kind") == "ray"
+    remote = cluster.kind == "ray"
     text = f"{exc}\n{logged}"
     if remote and any(mark in text for mark in _AUTH_FAILURE_MARKS):
-        return (f"cluster.address: the Ray cluster at {cluster.get('address') or 'auto'} refused this driver's "
+        return (f"cluster.address: the Ray cluster at {cluster.address or 'auto'} refused this driver's "
                 "authentication token; set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN, or "
                 "RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token copied from the head node) where the sweep runs")
     key = "cluster.address" if remote else "cluster"
@@ -144,8 +148,14 @@ def _start_failure(cluster: Mapping[str, Any], exc: BaseException, logged: str) 
     return f"{key}: Ray did not start ({exception_line(exc)})"
 
 
-def auto_gpu_fraction(cfg: dict[str, Any]) -> float:
-    """``trial.gpus=auto``: probe the model on one GPU of the cluster (see search.packing)."""
+def auto_gpu_fraction(composed: dict[str, Any], concurrency: int) -> float:
+    """``trial.gpus=auto``: probe the model on one GPU of the cluster (see search.packing).
+
+    Args:
+        composed: the resolved config; its ``data``, ``model`` and ``trial`` dicts go to the
+            probe in a Ray worker (Ray's wire format), as a trial's do.
+        concurrency: ``search.concurrency`` (a hint is printed when it leaves GPUs idle).
+    """
     import ray
 
     if ray.cluster_resources().get("GPU", 0) < 1:
@@ -154,14 +164,14 @@ def auto_gpu_fraction(cfg: dict[str, Any]) -> float:
     from search.packing import probe_gpu_fraction
 
     probe = ray.remote(num_gpus=1)(probe_gpu_fraction)
-    report = ray.get(probe.remote(cfg["data"], cfg["model"], cfg["trial"]))
+    report = ray.get(probe.remote(composed["data"], composed["model"], composed["trial"]))
     times = ", ".join(f"x{m}: {1000 * t:.2f} ms" for m, t in report["step_seconds"].items())
     print(f"trial.gpus=auto on {report['gpu']}: step time by batch multiple {times}; peak "
           f"{report['peak_bytes'] / 2**20:.0f} MiB of {report['total_bytes'] / 2**30:.0f} GiB -> "
           f"{report['trials_per_gpu']} trials per GPU (trial.gpus={report['fraction']:.4g})", flush=True)
     total_gpus = int(ray.cluster_resources().get("GPU", 0))
     wanted = report["trials_per_gpu"] * total_gpus
-    if int(cfg["search"].get("concurrency", 1)) < wanted:
+    if concurrency < wanted:
         print(f"hint: search.concurrency={wanted} would keep all {total_gpus} GPU(s) packed", flush=True)
     return float(report["fraction"])
 

@@ -148,6 +148,13 @@ def str_list(where: str, v: Any) -> None:
         raise ConfigError(f"{where}: expected a list of names, got {v!r}")
 
 
+def dotted_keys(where: str, v: Any) -> None:
+    """A list of dotted config keys (``search.resume_accept``), none empty."""
+    str_list(where, v)
+    if not all(v):
+        raise ConfigError(f"{where}: expected a list of dotted keys, got {v!r}")
+
+
 def anything(where: str, v: Any) -> None:
     """Any value (checked where it is used)."""
 
@@ -477,7 +484,7 @@ class SearchSettings(_Section):
     seed: int = setting(0, integer(0))
     resume: bool = setting(False, boolean)
     resume_dir: str | None = setting(None, optional(text))
-    resume_accept: list[str] | None = setting(None, optional(str_list), factory=list)
+    resume_accept: list[str] | None = setting(None, optional(dotted_keys), factory=list)
     n_startup_trials: int = setting(4, integer(0))
     population_size: int | None = setting(None, optional(integer(2)))
     #: None: the model's default (:func:`default_objectives`): val_acc (max) and flops_deployed
@@ -883,10 +890,9 @@ def _hydra_node(schema: type) -> dict[str, Any]:
     return out
 
 
-def tracking_uri(tracking: Mapping[str, Any]) -> str | None:
-    """The tracking URI a config's ``tracking`` section names (None when tracking is off;
-    ``mlflow.db`` in the working directory when it names none)."""
-    if tracking.get("kind", "sqlite") == "none":
+def tracking_uri(tracking: TrackingSettings) -> str | None:
+    """The tracking URI the ``tracking`` settings name (None when tracking is off;
+    ``mlflow.db`` in the working directory when they name none)."""
+    if tracking.kind == "none":
         return None
-    uri = tracking.get("uri")
-    return str(uri) if uri else f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+    return str(tracking.uri) if tracking.uri else f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"

@@ -85,10 +85,15 @@ class StudySearcher(OptunaSearch):
                     ot_trial.set_constraint(str(i), value)
         super().on_trial_complete(trial_id, result, error)
 
-    def _constraints(self) -> list[Any]:
-        from search.settings import parse_constraints
+    def _constraints(self) -> tuple[Any, ...]:
+        """``search.constraints`` parsed once per searcher (kept with its state; the recipe
+        holds them as written), not once per finished trial."""
+        if "_constraint_list" not in self.__dict__:  # a new searcher, or one saved before this was kept
+            from search.settings import parse_constraints
 
-        return parse_constraints("search.constraints", self._search_settings.get("constraints"))
+            self._constraint_list = tuple(parse_constraints("search.constraints",
+                                                            self._search_settings.get("constraints")))
+        return self._constraint_list
 
     @property
     def study(self) -> Any:

@@ -15,11 +15,14 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from search.formatting import _last_line
 from search.errors import ConfigError
 from search.storage import StorageError, SweepStorage, atomic_write_text
+
+if TYPE_CHECKING:
+    from search.settings import SweepSettings, TrackingSettings
 
 __all__ = ["ABORT_FILE", "STATE_FILE", "STATE_KEYS", "drop_truncated_tune_state", "find_resume_dir",
            "interrupt_tune", "read_abort", "read_state", "record_identity", "request_abort", "state_from_mlflow",
@@ -52,12 +55,13 @@ def write_state(path: Path, state: dict[str, Any], tracker: Any = None) -> None:
                   file=sys.stderr, flush=True)
 
 
-def state_from_mlflow(cfg: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-    """The state of the sweep in ``output_dir`` as its MLflow parent run holds it
-    (:data:`STATE_ARTIFACT`), written back to ``sweep.json``; {} when there is no such copy."""
+def state_from_mlflow(tracking: TrackingSettings, output_dir: Path) -> dict[str, Any]:
+    """The state of the sweep in ``output_dir`` as its MLflow parent run (in the store the
+    ``tracking`` settings name) holds it (:data:`~search.tracking.SWEEP_STATE_ARTIFACT`), written
+    back to ``sweep.json``; {} when there is no such copy."""
     from search.tracking import saved_sweep_state
 
-    found = saved_sweep_state(cfg, output_dir)
+    found = saved_sweep_state(tracking, output_dir)
     if found is None:
         return {}
     run_id, state = found
@@ -105,19 +109,26 @@ def find_resume_dir(output_root: Path) -> Path | None:
     return max(candidates)[1] if candidates else None
 
 
-def record_identity(cfg: dict[str, Any], output_dir: Path, state: dict[str, Any],
-                    resuming: bool) -> dict[str, Any]:
+def record_identity(composed: dict[str, Any], output_dir: Path, state: dict[str, Any], resuming: bool,
+                    settings: SweepSettings | None = None) -> dict[str, Any]:
     """``state`` with this run's identity (:mod:`search.identity`); a resume whose config differs
     from the recorded one is refused, unless ``search.resume_accept`` names every change (then
     the changes are recorded). A sweep recorded before identities were is adopted with a note.
+
+    Args:
+        composed: the resolved config as a dict (the identity is its keys: :func:`sweep_identity`).
+        settings: ``composed`` parsed (the sweep's :class:`~search.settings.SweepSettings`);
+            parsed here when a caller holds only the dict.
 
     Raises:
         ConfigError: ``search.resume``, naming every key that differs.
     """
     from search.identity import accepted_keys, check_resume_identity, sweep_identity
+    from search.settings import SweepSettings
 
-    accept = accepted_keys(cfg["search"])
-    identity = sweep_identity(cfg, output_dir)
+    settings = settings if settings is not None else SweepSettings.from_dict(composed)
+    accept = accepted_keys(settings.search)
+    identity = sweep_identity(composed, output_dir, settings)
     state = dict(state)
     if resuming and isinstance(state.get("identity"), dict):
         accepted = check_resume_identity(state, identity, accept, output_dir)

@@ -7,9 +7,8 @@ store, the Optuna study's RDB store and ``search.storage``. Each refusal is one
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from search.errors import ConfigError
 from search.preflight_build import one_line
@@ -17,15 +16,16 @@ from search.settings import tracking_uri
 
 if TYPE_CHECKING:
     from search.preflight import PreflightResult
+    from search.settings import SearchSettings, TrackingSettings
 
 __all__ = ["open_sweep_stores", "optuna_storage_url", "state_copy_in_mlflow", "tracking_uri"]
 
 
-def optuna_storage_url(search: Mapping[str, Any], tracking_uri_: str | None, output_dir: Path) -> str:
+def optuna_storage_url(search: SearchSettings, tracking_uri_: str | None, output_dir: Path) -> str:
     """Where the Optuna study lives: ``search.optuna_storage``, else ``optuna.db`` beside the
     MLflow SQLite store, else in the sweep's output directory."""
-    if search.get("optuna_storage"):
-        return str(search["optuna_storage"])
+    if search.optuna_storage:
+        return str(search.optuna_storage)
     from search.tracking import local_path
 
     if tracking_uri_ and tracking_uri_.startswith("sqlite:///"):
@@ -50,14 +50,14 @@ def _check_optuna_storage(url: str) -> None:
         raise ConfigError(f"search.optuna_storage: {exc}") from exc
 
 
-def state_copy_in_mlflow(cfg: Mapping[str, Any], resume_dir: Path) -> bool:
+def state_copy_in_mlflow(tracking: TrackingSettings, resume_dir: Path) -> bool:
     """Whether the sweep's MLflow parent run holds a copy of the missing ``sweep.json`` (the
     sweep then restores it: search.tuner)."""
     if not resume_dir.expanduser().is_dir():
         return False
     from search.tracking import saved_sweep_state
 
-    return saved_sweep_state(cfg, resume_dir.expanduser().resolve()) is not None
+    return saved_sweep_state(tracking, resume_dir.expanduser().resolve()) is not None
 
 
 def open_sweep_stores(result: PreflightResult, output_dir: str | os.PathLike | None) -> None:
@@ -70,20 +70,20 @@ def open_sweep_stores(result: PreflightResult, output_dir: str | os.PathLike | N
     from search.storage import SweepStorage
     from search.tracking import TrackingUnavailableError, check_tracking
 
-    cfg, search = result.cfg, result.cfg["search"]
-    result.tracking_uri = tracking_uri(cfg.get("tracking") or {})
+    settings = result.settings
+    result.tracking_uri = tracking_uri(settings.tracking)
     if result.tracking_uri is not None:
         try:
             check_tracking(result.tracking_uri)
         except TrackingUnavailableError as exc:
             raise ConfigError(f"tracking.uri: {one_line(exc) if 'Start one' not in str(exc) else exc}") from exc
     out = Path(output_dir).absolute() if output_dir is not None else Path.cwd()
-    result.optuna_storage = optuna_storage_url(search, result.tracking_uri, out)
+    result.optuna_storage = optuna_storage_url(settings.search, result.tracking_uri, out)
     _check_optuna_storage(result.optuna_storage)
-    if search.get("storage"):
+    storage = settings.search.storage
+    if storage:
         try:
-            SweepStorage(search["storage"]).check()
+            SweepStorage(storage).check()
         except Exception as exc:
-            raise ConfigError(f"search.storage: {search['storage']!r} cannot be written: "
+            raise ConfigError(f"search.storage: {storage!r} cannot be written: "
                               f"{type(exc).__name__}: {one_line(exc)}") from exc
-

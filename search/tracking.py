@@ -33,7 +33,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -42,6 +42,9 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 from search import pareto
+
+if TYPE_CHECKING:
+    from search.settings import TrackingSettings
 
 log = logging.getLogger(__name__)
 
@@ -753,20 +756,20 @@ _STATUS = {"FINISHED": "ok", "FAILED": "failed", "RUNNING": "running", "KILLED":
 SWEEP_STATE_ARTIFACT = "sweep_state.json"
 
 
-def saved_sweep_state(cfg: Mapping[str, Any], output_dir: str | os.PathLike) -> tuple[str, dict[str, Any]] | None:
+def saved_sweep_state(tracking: TrackingSettings,
+                      output_dir: str | os.PathLike) -> tuple[str, dict[str, Any]] | None:
     """``(parent run id, state)``: the newest copy of the ``sweep.json`` of the sweep whose output
-    directory is ``output_dir``, from the store ``cfg``'s tracking section names; None when
+    directory is ``output_dir``, from the store the ``tracking`` settings name; None when
     tracking is off, the store does not exist (a missing SQLite file is not created), or it
     holds no such copy (a sweep from before the copies, an unreachable server)."""
     from search.settings import tracking_uri
 
-    tracking = cfg.get("tracking") or {}
     uri = tracking_uri(tracking)
     if uri is None or (uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file()):
         return None
     try:
         client = MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(tracking.get("experiment", "prunesearch"))
+        experiment = client.get_experiment_by_name(tracking.experiment)
         if experiment is None:
             return None
         runs = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL,

@@ -122,8 +122,10 @@ class SweepRun:
     """One run of a sweep's tuner, as ``_run_locked`` sets it up for ``_tune``.
 
     Attributes:
-        cfg: the resolved config (after the pre-flight: absolute paths, the method pool).
-        settings: ``cfg`` parsed once (:class:`~search.settings.SweepSettings`).
+        composed: the resolved config as a dict (after the pre-flight: absolute paths, the
+            method pool), kept whole for what crosses into Ray (each trial's config, Tune's
+            wire format) and the sampler's recipe; everything else reads ``settings``.
+        settings: ``composed`` parsed once, by the pre-flight (:class:`~search.settings.SweepSettings`).
         space: the sweep's :class:`~search.space.SearchSpace`.
         objectives: ``[(metric, "max"|"min"), ...]``.
         output_dir: the sweep's directory (``sweep.json``, ``front/``).
@@ -135,7 +137,7 @@ class SweepRun:
         abort_file: where a trial's configuration or storage error asks the sweep to stop.
     """
 
-    cfg: dict[str, Any]
+    composed: dict[str, Any]
     settings: SweepSettings
     space: Any
     objectives: list[tuple[str, str]]
@@ -182,6 +184,8 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
         StorageError: a write to the sweep's files failed (full disk...); it can be resumed.
     """
     output_dir = Path(output_dir).resolve()
+    # Read from the dict, before the pre-flight parses it: the lock (taken first, see below)
+    # depends on it. A bad value is refused by the pre-flight's parse.
     resuming = bool((cfg.get("search") or {}).get("resume"))
     if not resuming:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +208,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
             builder = BuildProcess(cfg)
         # The checks that need nothing built (schema, methods, objectives): a refusal in seconds.
         pre = checked or preflight(cfg, output_dir, build=False, open_stores=False)
-        state = _sweep_state(pre.cfg, output_dir, resuming)
+        state = _sweep_state(pre, output_dir, resuming)
         return _run_locked(pre, output_dir, state, resuming, builder, built=checked is not None)
     finally:
         if builder is not None:
@@ -213,7 +217,7 @@ def run_sweep(cfg: dict[str, Any], output_dir: str | os.PathLike,
             lock.release()
 
 
-def _sweep_state(cfg: dict[str, Any], output_dir: Path, resuming: bool) -> dict[str, Any]:
+def _sweep_state(pre: PreflightResult, output_dir: Path, resuming: bool) -> dict[str, Any]:
     """``sweep.json`` of ``output_dir`` (restored from MLflow when a resume lost it) with this
     run's identity; a new sweep over an old one, or a resume of nothing, is refused.
 
@@ -222,7 +226,7 @@ def _sweep_state(cfg: dict[str, Any], output_dir: Path, resuming: bool) -> dict[
     """
     state = read_state(output_dir / STATE_FILE, "search.resume_dir" if resuming else "search.resume")
     if resuming and not state and output_dir.is_dir():
-        state = state_from_mlflow(cfg, output_dir)
+        state = state_from_mlflow(pre.settings.tracking, output_dir)
     if resuming and not state:
         raise ConfigError(f"search.resume_dir: {output_dir} holds no sweep (no {STATE_FILE}); pass the output "
                           "directory of the sweep to continue")
@@ -232,15 +236,14 @@ def _sweep_state(cfg: dict[str, Any], output_dir: Path, resuming: bool) -> dict[
     if state and not resuming:
         raise ConfigError(f"search.resume: {output_dir} already holds a sweep; pass search.resume=true "
                           "to continue it, or choose another output directory")
-    return record_identity(cfg, output_dir, state, resuming)
+    return record_identity(pre.cfg, output_dir, state, resuming, pre.settings)
 
 
 def _run_locked(pre: PreflightResult, output_dir: Path, state: dict[str, Any], resuming: bool,
                 builder: BuildProcess | None = None, built: bool = False) -> SweepResult:
     """Ray and the rest of the pre-flight, the parent run and the Optuna store; then the tuner.
     Holds the sweep's lock."""
-    cfg = pre.cfg
-    settings = SweepSettings.from_dict(cfg)
+    settings = pre.settings  # parsed once, by the pre-flight
     if resuming:
         print(f"resuming the sweep in {output_dir}", flush=True)
     abort_file = output_dir / ABORT_FILE
@@ -265,7 +268,7 @@ def _run_locked(pre: PreflightResult, output_dir: Path, state: dict[str, Any], r
 
         # Only now, with every check passed, is the store written to (created, migrated).
         tracker = SweepTracker(pre.tracking_uri, settings.tracking.experiment, settings.tracking.artifact_location)
-    name = state.get("name") or _claim_name(cfg, settings, pre.objectives, pre.optuna_storage, tracker)
+    name = state.get("name") or _claim_name(settings, pre.objectives, pre.optuna_storage, tracker)
     storage_root = state.get("sweep_root") or (
         f"{str(settings.search.storage).rstrip('/')}/{name}" if settings.search.storage else str(output_dir))
     storage = SweepStorage(storage_root)
@@ -278,9 +281,9 @@ def _run_locked(pre: PreflightResult, output_dir: Path, state: dict[str, Any], r
              **{k: state[k] for k in ("identity", "accepted_changes") if k in state},
              **({"storage_error": state["storage_error"]} if state.get("storage_error") else {})}
     write_state(output_dir / STATE_FILE, state, tracker)
-    run = SweepRun(cfg=cfg, settings=settings, space=pre.space, objectives=pre.objectives, output_dir=output_dir,
-                   state=state, resuming=resuming, storage=storage, tracker=tracker, tracking=tracking,
-                   abort_file=str(abort_file))
+    run = SweepRun(composed=pre.cfg, settings=settings, space=pre.space, objectives=pre.objectives,
+                   output_dir=output_dir, state=state, resuming=resuming, storage=storage, tracker=tracker,
+                   tracking=tracking, abort_file=str(abort_file))
     try:
         return _tune(run)
     except SweepInterrupted as exc:
@@ -304,10 +307,11 @@ def _start_parent(pre: PreflightResult, settings: SweepSettings, name: str, outp
                   storage: SweepStorage, tracker: Any, state: dict[str, Any]) -> dict[str, Any]:
     """Start (or re-open, on resume) the sweep's MLflow parent run; returns what the trials need
     to log under it."""
-    cfg = pre.cfg
     parent = tracker.start_parent(
-        name, params=cfg,
-        tags={"prunesearch.data": cfg["data"]["name"], "prunesearch.model": cfg["model"]["name"],
+        # The composed dict: the parent run's params are the config as the user's overrides
+        # resolved it, every key (methods' settings and spaces included).
+        name, params=pre.cfg,
+        tags={"prunesearch.data": settings.data.name, "prunesearch.model": settings.model.name,
               "prunesearch.methods": ",".join(pre.space.method_names),
               "prunesearch.objectives": json.dumps(pre.objectives),
               "prunesearch.output_dir": str(output_dir), "prunesearch.storage": storage.root,
@@ -319,8 +323,8 @@ def _start_parent(pre: PreflightResult, settings: SweepSettings, name: str, outp
             **settings.tracking.trial_logging()}
 
 
-def _claim_name(cfg: dict[str, Any], settings: SweepSettings, objectives: list[tuple[str, str]],
-                optuna_url: str | None, tracker: Any) -> str:
+def _claim_name(settings: SweepSettings, objectives: list[tuple[str, str]], optuna_url: str | None,
+                tracker: Any) -> str:
     """A new sweep's name, claimed as its Optuna study (:func:`search.identity.claim_study_name`):
     ``sweep_name`` or ``<method or all>-<data>-<timestamp>``, suffixed ``-2``, ``-3``, ... when a
     study or an MLflow parent run of the experiment already has it (a chosen name that is
@@ -328,8 +332,8 @@ def _claim_name(cfg: dict[str, Any], settings: SweepSettings, objectives: list[t
     from search.identity import claim_study_name
     from search.sampling import open_optuna_storage
 
-    method_label = cfg["method"]["name"] if cfg.get("method") else "all"
-    wanted = settings.sweep_name or f"{method_label}-{cfg['data']['name']}-{datetime.now():%Y%m%d-%H%M%S}"
+    method_label = settings.method["name"] if settings.method else "all"
+    wanted = settings.sweep_name or f"{method_label}-{settings.data.name}-{datetime.now():%Y%m%d-%H%M%S}"
     if not optuna_url:
         return str(wanted)
     taken = tracker.sweep_name_taken if tracker is not None else (lambda n: False)
@@ -385,16 +389,17 @@ def _tune(run: SweepRun) -> SweepResult:
     from search import pareto
     from search.budget import BudgetLedger
 
-    cfg, trial = run.cfg, run.settings.trial
+    # Each trial gets its config as plain dicts (Ray Tune's wire format; a worker parses them once).
+    composed, trial = run.composed, run.settings.trial
     if trial.gpus == "auto":
         from search.ray_session import auto_gpu_fraction
 
-        trial = trial.replace(gpus=auto_gpu_fraction(cfg))
-        cfg = {**cfg, "trial": {**cfg["trial"], "gpus": trial.gpus}}
-    ctx = TrialContext(data=dict(cfg["data"]), model=dict(cfg["model"]), trial=dict(cfg["trial"]),
+        trial = trial.replace(gpus=auto_gpu_fraction(composed, run.settings.search.concurrency))
+        composed = {**composed, "trial": {**composed["trial"], "gpus": trial.gpus}}
+    ctx = TrialContext(data=dict(composed["data"]), model=dict(composed["model"]), trial=dict(composed["trial"]),
                        space=run.space, objectives=run.objectives, tracking=run.tracking,
                        report_every_epoch=run.settings.search.scheduler_kind != "none",
-                       module=dict(cfg.get("module") or {}) or None, sweep_root=run.storage.root,
+                       module=dict(composed.get("module") or {}) or None, sweep_root=run.storage.root,
                        resumed=run.resuming, driver=_driver_identity())
     resources = {"cpu": float(trial.cpus), "gpu": float(trial.gpus or 0)}
     budget = run.settings.budget
@@ -488,7 +493,9 @@ def _make_tuner(run: SweepRun, ctx: TrialContext, resources: dict[str, float], b
                                    resume_errored=False, restart_errored=storage_stopped)
         return tuner, None
     # Saved by its recipe, never by pickling the sampler (search/sampling.py).
-    searcher = StudySearcher(run.space, run.objectives, run.cfg["search"], study_name=run.state["name"],
+    # The raw ``search`` section: the searcher's recipe for its sampler (a SamplerFactory takes a
+    # mapping; Ray Tune pickles the searcher with it).
+    searcher = StudySearcher(run.space, run.objectives, run.composed["search"], study_name=run.state["name"],
                              storage_url=run.state.get("optuna_storage") or None, sampler_factory=make_sampler)
     searcher = make_budget_limiter_class()(searcher, search.concurrency, search.n_trials, run.tracking,
                                            run.storage.root)

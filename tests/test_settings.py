@@ -35,6 +35,7 @@ def test_a_composed_config_parses_into_typed_groups():
     ("+tracking.nope=1", "tracking.nope: unknown key; tracking takes"),
     ("+cluster.nope=1", "cluster.nope: unknown key; cluster takes"),
     ("+module.nope=1", "module.nope: unknown key; module takes ['_target_']"),
+    ("search.resume_accept=['']", "search.resume_accept: expected a list of dotted keys, got ['']"),
 ])
 def test_a_bad_value_is_one_line_naming_its_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -119,3 +120,52 @@ def test_schemas_register_in_hydras_config_store():
     assert "base_search.yaml" in repo["search"] and "base_tracking.yaml" in repo["tracking"]
     node = repo["search"]["base_search.yaml"].node
     assert node["n_trials"] == 10 and node["asha"]["grace_period"] == 2
+
+
+def _count_parses(monkeypatch) -> list[int]:  # noqa: ANN001
+    """Count SweepSettings.from_dict calls in this process (a Ray worker's own are not counted)."""
+    calls = [0]
+    real = SweepSettings.from_dict.__func__
+
+    def counted(cls, cfg):  # noqa: ANN001, ANN202
+        calls[0] += 1
+        return real(cls, cfg)
+    monkeypatch.setattr(SweepSettings, "from_dict", classmethod(counted))
+    return calls
+
+
+def test_the_preflight_parses_once_and_its_settings_are_the_final_config(monkeypatch, tmp_path):
+    """The pre-flight's edits (absolute paths, the method pool, measure_latency for a latency
+    budget) reach the typed settings without a second parse: they equal a parse of its dict."""
+    from search.preflight import preflight
+
+    calls = _count_parses(monkeypatch)
+    cfg = compose(["search.storage=rel/store", f"search.resume_dir={tmp_path}",
+                   "search.constraints=['latency_ms <= 20']"])
+    pre = preflight(cfg, build=False, open_stores=False)
+    assert calls == [1]
+    settings = pre.settings
+    assert settings.search.storage == str(Path("rel/store").absolute()) == pre.cfg["search"]["storage"]
+    assert settings.method_pool and set(settings.method_pool) == set(pre.cfg["method_pool"])
+    assert settings.trial.measure_latency is True and pre.cfg["trial"]["measure_latency"] is True
+    assert settings == SweepSettings.from_dict(pre.cfg)
+
+
+@pytest.mark.slow
+def test_a_sweep_parses_its_config_once(monkeypatch, tmp_path):
+    """run_sweep parses the config once in the driver (the pre-flight's parse, handed on to the
+    tuner, the identity, the stores and the report)."""
+    import ray
+
+    from search.tuner import run_sweep
+
+    calls = _count_parses(monkeypatch)
+    cfg = compose(["+method=magnitude", "trial.epochs=1", "trial.finetune_epochs=0", "data.limit_train=200",
+                   "search.concurrency=1", "search.n_trials=1", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                   "tracking.log_model=false", "tracking.system_metrics_s=0"])
+    try:
+        result = run_sweep(cfg, tmp_path / "out")
+    finally:
+        ray.shutdown()
+    assert len(result.rows) == 1 and result.rows[0]["status"] == "ok"
+    assert calls == [1]
