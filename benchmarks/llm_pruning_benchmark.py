@@ -129,9 +129,8 @@ def table_owl(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The benchmark LM's shape and training options (one place for every script that trains it)."""
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=96)
@@ -139,6 +138,12 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=1500)
     parser.add_argument("--seq-len", type=int, default=128)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_model_args(parser)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS))

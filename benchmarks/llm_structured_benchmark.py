@@ -67,6 +67,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -80,7 +81,7 @@ from prunelib.llm.structured import StructuredResult, StructuredSettings, prune_
 from prunelib.models.hf import load_hf_model, load_tokenizer, train_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llm_pruning_benchmark import seed_model_dir, train_seed_model  # noqa: E402
+from llm_pruning_benchmark import add_model_args, seed_model_dir, train_seed_model  # noqa: E402
 from rows import run_meta, settings_of, write_rows  # noqa: E402
 
 TARGETS = (0.25, 0.5)
@@ -119,22 +120,32 @@ def dry_run_block_params(model: nn.Module, settings: StructuredSettings, probe: 
     return block_params(clone)
 
 
-def _bisect_ffn(model: nn.Module, base: StructuredSettings, target_params: float, dense_params: int,
-                probe: list[dict[str, torch.Tensor]], iterations: int = 14) -> tuple[float, int]:
-    """The FFN fraction (others fixed in ``base``) whose block parameter count is nearest
-    ``target_params``; returns (fraction, params reached)."""
+def bisect_nearest(params_at: Callable[[float], int], goal_params: float, start_params: int,
+                   iterations: int) -> tuple[float, int]:
+    """The fraction in [0, 0.95] whose block parameter count ``params_at(fraction)`` is nearest
+    ``goal_params`` (bisection: the count falls as the fraction grows); returns (fraction,
+    params reached). ``start_params``: the count at fraction 0."""
     lo, hi = 0.0, 0.95
-    best = (0.0, dry_run_block_params(model, base, probe))
+    best = (0.0, start_params)
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        params = dry_run_block_params(model, dataclasses.replace(base, ffn_sparsity=mid), probe)
-        if abs(params - target_params) < abs(best[1] - target_params):
+        params = params_at(mid)
+        if abs(params - goal_params) < abs(best[1] - goal_params):
             best = (mid, params)
-        if params > target_params:
+        if params > goal_params:
             lo = mid
         else:
             hi = mid
     return best
+
+
+def _bisect_ffn(model: nn.Module, base: StructuredSettings, target_params: float, dense_params: int,
+                probe: list[dict[str, torch.Tensor]], iterations: int = 14) -> tuple[float, int]:
+    """The FFN fraction (others fixed in ``base``) whose block parameter count is nearest
+    ``target_params``; returns (fraction, params reached)."""
+    return bisect_nearest(
+        lambda fraction: dry_run_block_params(model, dataclasses.replace(base, ffn_sparsity=fraction), probe),
+        target_params, dry_run_block_params(model, base, probe), iterations)
 
 
 def search_width(model: nn.Module, target: float, depth_sparsity: float, probe: list[dict[str, torch.Tensor]],
@@ -212,20 +223,12 @@ def torch_pruning_ffn(model: nn.Module, ffn_ratio: float, tokens: int = 8) -> No
 def _search_tp_ffn(model: nn.Module, goal_params: int) -> tuple[float, int]:
     """The FFN ratio at which :func:`torch_pruning_ffn` is nearest ``goal_params`` block
     parameters (a bisection over dry runs on copies)."""
-    lo, hi = 0.0, 0.95
-    best: tuple[float, int] = (0.0, block_params(model))
-    for _ in range(12):
-        mid = (lo + hi) / 2
+    def params_at(ratio: float) -> int:
         clone = copy.deepcopy(model)
-        torch_pruning_ffn(clone, mid)
-        params = block_params(clone)
-        if abs(params - goal_params) < abs(best[1] - goal_params):
-            best = (mid, params)
-        if params > goal_params:
-            lo = mid
-        else:
-            hi = mid
-    return best
+        torch_pruning_ffn(clone, ratio)
+        return block_params(clone)
+
+    return bisect_nearest(params_at, goal_params, block_params(model), iterations=12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -483,14 +486,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latency-batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--latency-seq", type=int, default=128)
     parser.add_argument("--latency-repeats", type=int, default=20)
-    # The benchmark LM (llm_pruning_benchmark.py's defaults; used only when a seed's model is missing)
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=96)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--intermediate", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=1500)
-    parser.add_argument("--seq-len", type=int, default=128)
+    add_model_args(parser)  # the benchmark LM's shape: used only when a seed's model is missing
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default=None,
                         help="where the models are (WORK/model-seed{N}) and the corpus is written (default: "
