@@ -465,6 +465,51 @@ def results_table(doc: dict[str, Any]) -> str:
     return summarise(doc["rows"])
 
 
+def table_paper_vs_extended(doc: dict[str, Any]) -> str:
+    """Each seed method's paper variant against its extended variant, paired by seed: test
+    accuracy (points, paper minus extended), physical/effective FLOPs and parameters (fractions of
+    dense) and extra forward passes of each, from a rows file (``benchmarks/results_md.py``).
+
+    A paper row is one whose method names ``(paper)``; its extended twin has
+    ``(extended: the default)`` in its place, in the same table without the word ``paper``.
+    """
+    rows = doc["rows"]
+
+    def pick(table: str, method: str) -> dict[int, dict]:
+        return {r["seed"]: r for r in rows if r["table"] == table and r["method"] == method}
+
+    def mean_std(values: list[float], sign: str = "") -> str:
+        return f"{statistics.mean(values):{sign}.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
+
+    head = ("| method | table | seeds | paper test acc | extended test acc | paper - extended (paired, points) "
+            "| FLOPs paper / extended | params paper / extended | extra fwd paper / extended |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    seen: set[tuple[str, str]] = set()
+    for r in rows:
+        if "(paper)" not in r["method"] or (r["table"], r["method"]) in seen:
+            continue
+        seen.add((r["table"], r["method"]))
+        paper = pick(r["table"], r["method"])
+        extended = pick(r["table"].replace(" paper", ""), r["method"].replace("(paper)", "(extended: the default)"))
+        seeds = sorted(set(paper) & set(extended))
+        if not seeds:
+            continue
+
+        def ratio(side: dict[int, dict], key: str) -> float:
+            return statistics.mean(side[s][key] / side[s][f"{key}_dense"] for s in seeds)
+
+        diffs = [100 * (paper[s]["test"] - extended[s]["test"]) for s in seeds]
+        out.append(
+            f"| {r['method'].replace(' (paper)', '')} | {r['table'].replace(' paper', '')} | {len(seeds)} "
+            f"| {mean_std([100 * paper[s]['test'] for s in seeds])} % "
+            f"| {mean_std([100 * extended[s]['test'] for s in seeds])} % | {mean_std(diffs, '+')} "
+            f"| {ratio(paper, 'flops'):.3f} / {ratio(extended, 'flops'):.3f} "
+            f"| {ratio(paper, 'params'):.3f} / {ratio(extended, 'params'):.3f} "
+            f"| {statistics.mean(paper[s]['extra_fwd'] for s in seeds):.0f} / "
+            f"{statistics.mean(extended[s]['extra_fwd'] for s in seeds):.0f} |")
+    return "\n".join(out)
+
+
 def write_rows(path: Path, rows: list[dict], command: str, args: argparse.Namespace, seconds: float,
                failed: list[str] | None = None) -> None:
     """The run's raw rows with its provenance, gzipped JSON (``benchmarks/rows.py``); rewritten as

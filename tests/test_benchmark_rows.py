@@ -219,3 +219,21 @@ def test_a_structured_trial_is_measured_against_the_dense_model():
                         "sparse_bytes": 1.5e6})  # its flops_dense is its own, smaller model's
     table = results_md.renderer("llm_sweep_benchmark", "table_front")(doc)
     assert "| llm_structured | structured | 0.350 | uniform | 80.00 | 81.00 | 110.0M (63 %) | 1.50 MB |" in table
+
+
+def test_seed_methods_paper_against_extended_pairs_each_paper_row_with_its_twin():
+    """table_paper_vs_extended: a paper row is paired by seed with the extended row of the same
+    method in the table of the same name without 'paper'; rows of other methods are ignored."""
+    import seed_methods
+
+    def row(table, method, seed, test, flops=50, params=40, fwd=0):
+        return {"table": table, "method": method, "seed": seed, "test": test, "flops": flops, "flops_dense": 100,
+                "params": params, "params_dense": 100, "extra_fwd": fwd}
+
+    rows = [row("paoding paper @ 25%", "PAODING (paper) (data-free)", s, 0.80 + 0.01 * s, fwd=2) for s in (0, 1)]
+    rows += [row("paoding @ 25%", "PAODING (extended: the default) (data-free)", s, 0.78, flops=60) for s in (0, 1, 2)]
+    rows += [row("paoding @ 25%", "channel L1 (data-free)", s, 0.5) for s in (0, 1)]
+    table = seed_methods.table_paper_vs_extended({"rows": rows}).split("\n")
+    assert len(table) == 3  # header, rule, the one pair
+    assert table[2] == ("| PAODING (data-free) | paoding @ 25% | 2 | 80.50 ± 0.71 % | 78.00 ± 0.00 % | +2.50 ± 0.71 "
+                        "| 0.500 / 0.600 | 0.400 / 0.400 | 2 / 0 |")

@@ -72,8 +72,6 @@ NOT_YET_REGENERATED = {
     "LLM one-shot pruning (magnitude, Wanda, SparseGPT), KEN on a BERT pair, and an LLM sweep (issue 17)",
     "Fast selection and bookkeeping: KEN compiled, hypervolume from moocore, front plots on change "
     "(issue 19, items 3, 5 and part of 4)",
-    "Seed methods, GaP and RL-Pruner against magnitude, random and IMP at the same distribution and epochs, "
-    "full Fashion-MNIST (issue 14)",
 }
 
 
