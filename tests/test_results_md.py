@@ -69,7 +69,6 @@ NOT_YET_REGENERATED = {
     "PAODING vs Torch-Pruning L1: data-free channel pruning with physical surgery (issue 6)",
     "GaP (grow-and-prune) against GMP at the same epochs, and searching per-layer distributions (issue 7)",
     "KEN: accuracy against reverted fraction (Fashion-MNIST) and selection speed (issue 5)",
-    "LLM one-shot pruning (magnitude, Wanda, SparseGPT), KEN on a BERT pair, and an LLM sweep (issue 17)",
     "Fast selection and bookkeeping: KEN compiled, hypervolume from moocore, front plots on change "
     "(issue 19, items 3, 5 and part of 4)",
 }
