@@ -39,7 +39,14 @@ def settings_text(row: dict[str, Any], limit: int = 3) -> str:
     first = ("sparsity", "target", "keep_fraction", "conv_ratio", "dense_ratio", "layers", "distribution",
              "rounds", "num_partitions", "rewind", "at")
     keep = sorted(items, key=lambda kv: first.index(kv[0]) if kv[0] in first else len(first))[:limit]
-    return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in keep)
+    return " ".join(f"{k}={_short(v)}" for k, v in keep)
+
+
+def _short(value: Any) -> str:
+    """A setting as the progress line writes it: floats to 3 decimals, a vector entry by entry."""
+    if isinstance(value, list):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def trial_rows(trials: list[Any], ended: Any = None, ended_status: str = "TERMINATED") -> list[dict[str, Any]]:
