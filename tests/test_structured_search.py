@@ -387,3 +387,34 @@ def test_a_wanda_text_sweep_logs_its_front_to_the_parent_run(gqa_llama, tmp_path
     assert parent.data.metrics["front_size"] >= 1 and "final_hypervolume" in parent.data.metrics
     front_files = {a.path for a in client.list_artifacts(parent.info.run_id, "front")}
     assert {"front/front.csv", "front/front.png", "front/layer_sparsity.png"} <= front_files
+
+
+@pytest.mark.slow
+def test_a_structured_sweep_searches_one_ffn_fraction_per_block(gqa_llama, tmp_path, ray_local, capsys):
+    """Issue 27 item 2: the per-layer vector searched by the orchestrator (``size:`` = the
+    model's 3 blocks), each trial pruned with its own list, recorded as a list."""
+    import mlflow
+
+    from search.tuner import run_sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = compose(_text(gqa_llama, *STRUCTURED, *PER_LAYER_SEARCH, "method.settings.head_sparsity=0.0",
+                        "~method.space.head_sparsity", "~method.space.depth_sparsity", "search.n_trials=2",
+                        "search.concurrency=1", f"tracking.uri={uri}"))
+    result = run_sweep(cfg, tmp_path / "out")
+    out = capsys.readouterr().out
+    assert len(result.rows) == 2 and all(r["status"] == "ok" for r in result.rows), out[-3000:]
+    vectors = [r["param.ffn_fractions"] for r in result.rows]
+    assert all(isinstance(v, list) and len(v) == 3 and all(0.0 <= f <= 0.7 for f in v) for v in vectors)
+    assert vectors[0] != vectors[1]
+    assert all(r["param.allocation"] == "per_layer" for r in result.rows)
+    client = mlflow.tracking.MlflowClient(uri)
+    for r, v in zip(result.rows, vectors):
+        # Each trial pruned each block by its own entry (64 FFN channels a block: rounding 1/64).
+        layers = json.loads((Path(r["masks_path"]).parent / "layer_sparsity.json").read_text())
+        assert [layers[f"block{i}.ffn"] for i in range(3)] == pytest.approx(v, abs=1.01 / 64)
+        assert client.get_run(r["mlflow_run_id"]).data.params["ffn_fractions"] == str(v)
+    from search.tracking import find_trial_runs
+
+    back = {row["trial_id"]: row["param.ffn_fractions"] for row in find_trial_runs(uri, result.parent_run_id)}
+    assert back == {r["trial_id"]: r["param.ffn_fractions"] for r in result.rows}  # MLflow gives lists back
