@@ -42,10 +42,12 @@ def format_metric(name: str, value: Any) -> str:
     ``flops*`` / ``params*`` (and the parent run's ``dense_flops`` / ``dense_params``) go
     through :func:`format_count`; ``*hypervolume`` gets four significant digits; other floats
     four decimals (whole floats of 2 or more, such as epochs, as integers); None is ``""``;
-    anything else its ``str``.
+    a list (a per-layer vector setting) each entry so, in brackets; anything else its ``str``.
     """
     if value is None:
         return ""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(format_metric(name, v) for v in value) + "]"
     key = name.split(".")[-1] if name.startswith("param.") else name
     if isinstance(value, bool):
         return str(value)

@@ -158,7 +158,7 @@ def print_front(front: pd.DataFrame, objectives: list[tuple[str, str]]) -> None:
         c for c in ("sparsity", "test_acc", "epochs", "wall_s", FEASIBLE) if c in front.columns]
     # Settings that differ across the front say what the points are; constant ones are noise.
     cols += [c for c in front.columns if c.startswith("param.") and c != "param.sparsity"
-             and front[c].nunique(dropna=False) > 1][:4]
+             and front[c].map(_hashable).nunique(dropna=False) > 1][:4]
     table = front[[c for c in dict.fromkeys(cols) if c in front.columns]].copy()
     if "collapsed" in front.columns and front["collapsed"].fillna(False).astype(bool).any():  # issue 29
         table["collapsed"] = ["yes" if v is True or v == 1 else "" for v in front["collapsed"]]
@@ -171,6 +171,11 @@ def print_front(front: pd.DataFrame, objectives: list[tuple[str, str]]) -> None:
 
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _hashable(value: Any) -> Any:
+    # A vector setting (``size:`` in a space) is a list: compared as a tuple.
+    return tuple(value) if isinstance(value, list) else value
 
 
 

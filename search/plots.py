@@ -244,6 +244,8 @@ def plot_front_png(
 
 
 def _fmt(v: object) -> str:
+    if isinstance(v, list):  # a vector setting
+        return "[" + ", ".join(_fmt(x) for x in v) + "]"
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.6g}"
     return str(v)

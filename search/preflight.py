@@ -203,16 +203,11 @@ def check_method(name: str, cfg: Mapping[str, Any], *, pinned: bool, search_sett
             continue
         if dim.key not in accepted:
             raise ConfigError(f"{where}: not a setting of {name}; it takes {sorted(accepted)}")
-    _construct(cls, space.settings, f"method[{name}].settings")
-    # Every value the space can give must be one the method accepts (with the conditions that
-    # make the entry live): a typo in a choice fails here, not in a trial.
-    for dim in space.dims:
-        if dim.key.startswith("trial."):
-            continue
-        values = list(dim.choices) if dim.type == "categorical" else [dim.low, dim.high]
-        for value in values:
-            _construct(cls, {**space.settings, **dim.when, dim.key: value},
-                       f"method[{name}].space.{dim.key}: value {value!r}")
+    # The fixed settings, then every value the space can give (with the conditions that make the
+    # entry live, and the entries it switches on) must be ones the method accepts: a typo in a
+    # choice fails here, not in a trial.
+    for where, settings in space.probes():
+        _construct(cls, settings, where)
     if pinned and search_settings and not space.dims and n_trials > 1:
         raise ConfigError(f"method[{name}].space: empty, so all {n_trials} trials would run the same settings; "
                           f"give the method a space: or set search.n_trials=1")

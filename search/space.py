@@ -9,8 +9,11 @@ A method config looks like::
       rewind: {type: categorical, choices: [weights, lr]}
       rewind_epoch: {type: int, low: 0, high: 2, when: {rewind: weights}}
 
-Entry types: ``float`` and ``int`` (``low``, ``high``, optional ``log`` and ``step``) and
-``categorical`` (``choices``). ``when`` makes an entry conditional on values sampled earlier
+Entry types: ``float`` and ``int`` (``low``, ``high``, optional ``log``, ``step`` and ``size``)
+and ``categorical`` (``choices``). ``size: N`` makes a numeric entry a vector: N Optuna
+parameters ``METHOD.KEY.0`` .. ``METHOD.KEY.<N-1>`` (each modelled on its own by the sampler, as
+RL-Pruner's per-layer distributions are), handed to the method as one list of N values, e.g.
+``llm_structured``'s per-block ``ffn_fractions``. ``when`` makes an entry conditional on values sampled earlier
 for the same method. A key ``trial.NAME`` varies a trial setting (``trial.finetune_epochs``).
 
 Optuna parameter names are ``METHOD.KEY`` so two methods never share a distribution; when the
@@ -69,6 +72,8 @@ class Dimension:
         step: grid step for numeric types (None = continuous / 1 for int).
         choices: the options of a categorical.
         when: conditions ``{key: value}`` on earlier entries of the same method.
+        size: None = a scalar; N = a vector of N values, each its own Optuna parameter
+            ``NAME.i`` with this dimension's distribution (numeric types only).
     """
 
     key: str
@@ -79,9 +84,11 @@ class Dimension:
     step: float | None = None
     choices: tuple[Any, ...] = ()
     when: Mapping[str, Any] = field(default_factory=dict)
+    size: int | None = None
 
     def distribution(self) -> optuna.distributions.BaseDistribution:
-        """The Optuna distribution of this dimension."""
+        """The Optuna distribution of this dimension (of each entry, for a vector: see
+        :meth:`distributions` for the parameters it is sampled as)."""
         if self.type == "float":
             return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log, step=self.step)
         if self.type == "int":
@@ -89,8 +96,41 @@ class Dimension:
                                                         step=int(self.step or 1))
         return optuna.distributions.CategoricalDistribution(list(self.choices))
 
+    def param_names(self, name: str) -> list[str]:
+        """The Optuna parameter names this dimension is sampled as, when it is called ``name``:
+        ``[name]`` for a scalar, ``[name.0, ..., name.<size-1>]`` for a vector."""
+        return [name] if self.size is None else [f"{name}.{i}" for i in range(self.size)]
+
+    def distributions(self, name: str) -> dict[str, optuna.distributions.BaseDistribution]:
+        """The Optuna distributions of this dimension by parameter name (one per vector entry)."""
+        dist = self.distribution()
+        return {param: dist for param in self.param_names(name)}
+
+    def value(self, params: Mapping[str, Any], name: str) -> Any:
+        """This dimension's setting from sampled ``params``: the scalar under ``name``, or the
+        vector's entries ``name.i`` gathered into a list (None when a parameter is missing)."""
+        if self.size is None:
+            return params.get(name)
+        if name in params:  # already a list (a configuration given whole, e.g. to enqueue)
+            return list(params[name])
+        if not all(param in params for param in self.param_names(name)):
+            return None
+        return [params[param] for param in self.param_names(name)]
+
+    def probe_values(self) -> list[Any]:
+        """The values a pre-flight builds the method with: each choice, or both ends of the range
+        (for a vector: every entry at the low end, then every entry at the high end)."""
+        if self.type == "categorical":
+            return list(self.choices)
+        ends = [self.low, self.high]
+        return ends if self.size is None else [[end] * self.size for end in ends]
+
     def suggest(self, trial: Any, name: str) -> Any:
-        """Sample this dimension from an Optuna trial (or Ray's wrapper of one) as ``name``."""
+        """Sample this dimension from an Optuna trial (or Ray's wrapper of one) as ``name``; a
+        vector as its ``size`` parameters ``name.i``, returned as a list."""
+        if self.size is not None:
+            scalar = Dimension(self.key, self.type, self.low, self.high, self.log, self.step, self.choices)
+            return [scalar.suggest(trial, param) for param in self.param_names(name)]
         if self.type == "float":
             return trial.suggest_float(name, self.low, self.high, log=self.log, step=self.step)
         if self.type == "int":
@@ -123,7 +163,7 @@ def parse_space(method: str, space: Mapping[str, Any] | None) -> list[Dimension]
         kind = spec.get("type")
         if kind not in _TYPES:
             raise ConfigError(f"{where}.type: {kind!r} is not one of {list(_TYPES)}")
-        unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "when"}
+        unknown = set(spec) - {"type", "low", "high", "log", "step", "choices", "when", "size"}
         if unknown:
             raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}")
         raw_when = spec.get("when")
@@ -133,6 +173,15 @@ def parse_space(method: str, space: Mapping[str, Any] | None) -> list[Dimension]
         for cond in when:
             if cond not in seen:
                 raise ConfigError(f"{where}.when: {cond!r} must be an earlier entry of this space")
+        size = spec.get("size")
+        if size is not None:
+            if kind == "categorical":
+                raise ConfigError(f"{where}.size: only a float or int entry can be a vector (size), not a categorical")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ConfigError(f"{where}.size: {size!r} must be an integer >= 1 (the vector's length, e.g. the "
+                                  "model's number of blocks)")
+            if key.startswith("trial."):
+                raise ConfigError(f"{where}.size: trial settings are scalars; only a method setting can be a vector")
         if kind == "categorical":
             raw = spec.get("choices")
             if raw is not None and (isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple))):
@@ -184,7 +233,7 @@ def parse_space(method: str, space: Mapping[str, Any] | None) -> list[Dimension]
                 raise ConfigError(f"{where}: int bounds must be integers, got {low}, {high}")
             dims.append(Dimension(key, kind, float(low) if kind == "float" else int(low),
                                   float(high) if kind == "float" else int(high), log,
-                                  step, when=when))
+                                  step, when=when, size=size))
         seen.add(key)
     return dims
 
@@ -224,8 +273,36 @@ class MethodSpace:
                 inactive.add(dim.key)
         return {k: v for k, v in settings.items() if k not in inactive}
 
+    def probes(self) -> list[tuple[str, dict[str, Any]]]:
+        """The settings a pre-flight builds the method with, each with the key it names on error:
+        the fixed settings, then each searched method setting at each of its
+        :meth:`Dimension.probe_values` with the conditions that make it live. The entries a
+        value switches on come with it at their first probe value (``allocation: per_layer`` is
+        probed with its ``ffn_fractions``), so a choice is not refused for lacking settings the
+        space always samples with it. Entries are probed last first: a fault in an entry that a
+        choice switches on names that entry, not the choice. ``trial.*`` entries are skipped.
+        """
+        out = [(f"method[{self.name}].settings", dict(self.settings))]
+        for dim in reversed(self.dims):
+            if dim.key.startswith("trial."):
+                continue
+            for value in dim.probe_values():
+                settings = {**self.settings, **dim.when, dim.key: value}
+                switched = {dim.key}
+                for other in self.dims:  # in order, so a chain of conditions follows its head
+                    if other.key.startswith("trial.") or other.key in switched:
+                        continue
+                    if any(k in switched for k in other.when) and \
+                            all(settings.get(k) == v for k, v in other.when.items()):
+                        settings[other.key] = other.probe_values()[0]
+                        switched.add(other.key)
+                shown = f"[{value[0]!r}] x {len(value)}" if isinstance(value, list) else repr(value)
+                out.append((f"method[{self.name}].space.{dim.key}: value {shown}", settings))
+        return out
+
     def suggest(self, trial: Any) -> dict[str, Any]:
-        """Sample this method's dimensions; returns ``{KEY: value}`` (unprefixed)."""
+        """Sample this method's dimensions; returns ``{KEY: value}`` (unprefixed; a vector's
+        value is a list)."""
         values: dict[str, Any] = {}
         for dim in self.dims:
             if all(values.get(k) == v for k, v in dim.when.items()):
@@ -361,15 +438,20 @@ class SearchSpace:
         return None
 
     def distributions(self, method: str) -> dict[str, optuna.distributions.BaseDistribution]:
-        """The Optuna distributions of one method, by Optuna parameter name."""
-        return {f"{method}.{d.key}": d.distribution() for d in self.spaces[method].dims}
+        """The Optuna distributions of one method, by Optuna parameter name (a vector's entries
+        ``METHOD.KEY.i`` one by one, as they are sampled)."""
+        out: dict[str, optuna.distributions.BaseDistribution] = {}
+        for d in self.spaces[method].dims:
+            out.update(d.distributions(f"{method}.{d.key}"))
+        return out
 
 
 def settings_from_params(space: SearchSpace, params: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """Split a sampled config into ``(method, method settings, trial overrides)``.
 
-    ``params`` is what the searcher gave the trial: ``{"method": ..., "METHOD.KEY": value}``.
-    Fixed settings from the config come first; sampled values override them.
+    ``params`` is what the searcher gave the trial: ``{"method": ..., "METHOD.KEY": value}``;
+    a vector entry's parameters ``METHOD.KEY.i`` become one list under ``KEY``. Fixed settings
+    from the config come first; sampled values override them.
     """
     method = str(params["method"])
     if method not in space.spaces:
@@ -377,9 +459,20 @@ def settings_from_params(space: SearchSpace, params: Mapping[str, Any]) -> tuple
     settings = dict(space.spaces[method].settings)
     trial_overrides: dict[str, Any] = {}
     prefix = f"{method}."
+    vectors: dict[str, Dimension] = {}  # Optuna parameter name -> the vector it is an entry of
+    for dim in space.spaces[method].dims:
+        if dim.size is not None:
+            vectors.update({param: dim for param in dim.param_names(prefix + dim.key)})
     for key, value in params.items():
         if not key.startswith(prefix):
             continue
+        if key in vectors:
+            dim = vectors[key]
+            value = dim.value(params, prefix + dim.key)
+            if value is None:  # not every entry was sampled: a searcher that did not use this space
+                raise ConfigError(f"method[{method}].space.{dim.key}: the trial's parameters hold only some of "
+                                  f"its {dim.size} entries {dim.param_names(prefix + dim.key)}")
+            key = prefix + dim.key
         sub = key[len(prefix):]
         if sub.startswith("trial."):
             trial_overrides[sub[len("trial."):]] = value

@@ -732,7 +732,15 @@ def ui_url(uri: str, experiment_id: str, run_id: str | None = None,
 
 
 def _parse_param(text: str) -> Any:
-    """MLflow stores params as strings; recover ints, floats, bools and None."""
+    """MLflow stores params as strings; recover ints, floats, bools, None and lists of numbers
+    (a vector setting, ``size:`` in a space, is logged as ``str(list)``)."""
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            return text
+        numbers_only = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items)
+        return items if numbers_only else text
     if text in ("True", "False"):
         return text == "True"
     if text == "None":

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from search import pareto
 
 __all__ = ["FrontReport", "end_unfinished_runs", "logged_trials", "make_abort_stopper_class", "make_budget_limiter_class",
-           "make_front_callback_class", "orphan_rows", "quiet_tune", "result_trial_id", "settings_text",
+           "make_front_callback_class", "orphan_rows", "quiet_tune", "result_trial_id", "result_values", "settings_text",
            "stopped_by_storage", "stored_rows", "trial_error_line", "trial_rows", "trial_storage_error",
            "tune_file_loggers"]
 
@@ -39,7 +39,22 @@ def settings_text(row: dict[str, Any], limit: int = 3) -> str:
     first = ("sparsity", "target", "keep_fraction", "conv_ratio", "dense_ratio", "layers", "distribution",
              "rounds", "num_partitions", "rewind", "at")
     keep = sorted(items, key=lambda kv: first.index(kv[0]) if kv[0] in first else len(first))[:limit]
-    return " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in keep)
+    return " ".join(f"{k}={_short(v)}" for k, v in keep)
+
+
+def _short(value: Any) -> str:
+    """A setting as the progress line writes it: floats to 3 decimals, a vector entry by entry."""
+    if isinstance(value, list):
+        return "[" + ",".join(_short(v) for v in value) + "]"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def result_values(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat values of a trial's reported result that go into its row: nested mappings and
+    lists left out (Ray's own ``config``, histories), except a list-valued setting
+    ``param.KEY`` (a vector searched with ``size:``, or a list given in the settings)."""
+    return {k: v for k, v in result.items()
+            if not isinstance(v, (dict, list)) or (isinstance(v, list) and str(k).startswith("param."))}
 
 
 def trial_rows(trials: list[Any], ended: Any = None, ended_status: str = "TERMINATED") -> list[dict[str, Any]]:
@@ -54,7 +69,7 @@ def trial_rows(trials: list[Any], ended: Any = None, ended_status: str = "TERMIN
         if status not in ("TERMINATED", "ERROR"):
             continue
         result = dict(t.last_result or {})
-        row = {k: v for k, v in result.items() if not isinstance(v, (dict, list))}
+        row = result_values(result)
         row.setdefault("method", (t.config or {}).get("method"))
         row["trial_id"] = t.trial_id
         if status == "ERROR":

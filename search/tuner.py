@@ -69,7 +69,7 @@ from search.trials.context import TrialContext
 from search.trials.trainable import ray_trainable
 from search.tune_callbacks import (end_unfinished_runs, logged_trials, make_abort_stopper_class,
                                    make_budget_limiter_class, make_front_callback_class, orphan_rows, quiet_tune,
-                                   result_trial_id, stopped_by_storage, tune_file_loggers)
+                                   result_trial_id, result_values, stopped_by_storage, tune_file_loggers)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -564,7 +564,7 @@ def _collect_rows(run: SweepRun, results: Any,
     rows = []
     configs: dict[str, dict[str, Any]] = {}  # trial id -> sampled params (for seed reruns)
     for result in results:
-        metrics = {k: v for k, v in (result.metrics or {}).items() if not isinstance(v, (dict, list))}
+        metrics = result_values(result.metrics or {})
         row = {**metrics, "trial_id": result_trial_id(result)}
         configs[str(row["trial_id"])] = dict(result.config or {})
         ledger.record(str(row["trial_id"]), metrics)

@@ -32,3 +32,28 @@ def test_the_console_uses_the_same_formatter():
 ])
 def test_metrics_and_settings(name, value, text):
     assert format_metric(name, value) == text
+
+
+def test_a_vector_setting_is_written_entry_by_entry_and_survives_mlflow_and_the_front_table(capsys):
+    """A per-layer vector (``size:`` in a space) is a list in a trial's row: the console, the
+    front table, the hover text and MLflow's string params all handle it."""
+    import pandas as pd
+
+    from search.front_report import print_front
+    from search.plots import _fmt
+    from search.tracking import _param_value, _parse_param
+    from search.tune_callbacks import settings_text
+
+    fr = [0.125, 0.5, 0.33333]
+    assert format_metric("param.ffn_fractions", fr) == "[0.1250, 0.5000, 0.3333]"
+    assert settings_text({"param.ffn_fractions": fr}) == "ffn_fractions=[0.125,0.500,0.333]"
+    assert _fmt(fr) == "[0.125, 0.5, 0.33333]"
+    assert _parse_param(_param_value(fr)) == fr and _parse_param(_param_value([1, 2])) == [1, 2]
+    assert _parse_param("[a, b]") == "[a, b]" and _parse_param('["x"]') == '["x"]'
+    front = pd.DataFrame([
+        {"trial_id": "a", "method": "llm_structured", "val_ppl": 30.0, "flops_deployed": 1e6, "param.ffn_fractions": fr},
+        {"trial_id": "b", "method": "llm_structured", "val_ppl": 40.0, "flops_deployed": 5e5,
+         "param.ffn_fractions": [0.6, 0.6, 0.6]}])
+    print_front(front, [("val_ppl", "min"), ("flops_deployed", "min")])
+    out = capsys.readouterr().out
+    assert "param.ffn_fractions" in out and "[0.1250, 0.5000, 0.3333]" in out and "[0.6000, 0.6000, 0.6000]" in out

@@ -96,3 +96,86 @@ def test_a_pinned_method_can_bring_its_own_objectives():
     bad = compose(["+method=ken", "method.objectives.1.metric=nonsense"])
     with pytest.raises(ConfigError, match=r"method.objectives\[1\].metric: 'nonsense'"):
         validate_config(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Vector entries (``size: N``): a per-layer vector searched entry by entry (issue 27 item 2)
+# ------------------------------------------------------------------------------------------------
+PER_LAYER = {"name": "llm_structured", "settings": {"ffn_sparsity": 0.5, "allocation": "uniform", "ffn_fractions": None},
+             "space": {"allocation": {"type": "categorical", "choices": ["uniform", "per_layer"]},
+                       "ffn_fractions": {"type": "float", "low": 0.1, "high": 0.6, "size": 4,
+                                         "when": {"allocation": "per_layer"}},
+                       "rounds": {"type": "int", "low": 1, "high": 3, "size": 2}}}
+
+
+def test_a_sized_entry_parses_into_a_vector_of_named_optuna_parameters():
+    dims = {d.key: d for d in parse_space("llm_structured", PER_LAYER["space"])}
+    assert dims["ffn_fractions"].size == 4 and dims["allocation"].size is None
+    assert dims["ffn_fractions"].when == {"allocation": "per_layer"}
+    dists = SearchSpace({"llm_structured": PER_LAYER}, pinned=True).distributions("llm_structured")
+    assert list(dists) == ["llm_structured.allocation", *[f"llm_structured.ffn_fractions.{i}" for i in range(4)],
+                           "llm_structured.rounds.0", "llm_structured.rounds.1"]
+    assert dists["llm_structured.ffn_fractions.3"] == optuna.distributions.FloatDistribution(0.1, 0.6)
+    assert dists["llm_structured.rounds.1"] == optuna.distributions.IntDistribution(1, 3)
+    # The probes a pre-flight builds the method with: each end of the vector at its length, and a
+    # choice comes with the vector it switches on.
+    probes = dict(SearchSpace({"llm_structured": PER_LAYER}, pinned=True).spaces["llm_structured"].probes())
+    assert probes["method[llm_structured].space.ffn_fractions: value [0.6] x 4"]["ffn_fractions"] == [0.6] * 4
+    assert probes["method[llm_structured].space.allocation: value 'per_layer'"]["ffn_fractions"] == [0.1] * 4
+    assert probes["method[llm_structured].space.allocation: value 'uniform'"]["ffn_fractions"] is None
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ({"type": "float", "low": 0, "high": 1, "size": 0}, "space.v.size: 0 must be an integer >= 1"),
+    ({"type": "float", "low": 0, "high": 1, "size": 2.5}, "space.v.size: 2.5 must be an integer >= 1"),
+    ({"type": "int", "low": 0, "high": 1, "size": True}, "space.v.size: True must be an integer >= 1"),
+    ({"type": "float", "low": 0, "high": 1, "size": "4"}, "space.v.size: '4' must be an integer >= 1"),
+    ({"type": "categorical", "choices": ["a", "b"], "size": 3}, "space.v.size: only a float or int entry"),
+])
+def test_bad_vector_sizes_name_the_key(entry, fragment):
+    with pytest.raises(ConfigError) as err:
+        parse_space("m", {"v": entry})
+    assert fragment in str(err.value) and str(err.value).startswith("method[m].space.v")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"^method\[m\]\.space\.trial\.finetune_epochs\.size: trial settings"):
+        parse_space("m", {"trial.finetune_epochs": {"type": "int", "low": 0, "high": 2, "size": 2}})
+
+
+@pytest.mark.parametrize("sampler", [optuna.samplers.RandomSampler(3), optuna.samplers.TPESampler(seed=3, n_startup_trials=4)])
+def test_a_vector_is_suggested_entry_by_entry_and_reaches_the_settings_as_a_list(sampler):
+    space = SearchSpace({"llm_structured": PER_LAYER}, pinned=True)
+    study = optuna.create_study(directions=["minimize"], sampler=sampler)
+    vectors = []
+    for _ in range(12):
+        trial = study.ask()
+        assert space(trial) == {"method": "llm_structured"}
+        params = {"method": "llm_structured", **trial.params}
+        method, settings, overrides = settings_from_params(space, params)
+        assert method == "llm_structured" and not overrides
+        assert isinstance(settings["rounds"], list) and len(settings["rounds"]) == 2
+        assert all(isinstance(r, int) and 1 <= r <= 3 for r in settings["rounds"])
+        per_layer = trial.params["llm_structured.allocation"] == "per_layer"
+        # `when:` gates the vector as a whole: all its entries or none of them.
+        assert sum(k.startswith("llm_structured.ffn_fractions.") for k in trial.params) == (4 if per_layer else 0)
+        if per_layer:
+            fr = settings["ffn_fractions"]
+            assert isinstance(fr, list) and len(fr) == 4 and all(0.1 <= f <= 0.6 for f in fr)
+            assert fr == [trial.params[f"llm_structured.ffn_fractions.{i}"] for i in range(4)]
+            vectors.append(fr)
+            assert space.spaces["llm_structured"].active_settings(settings)["ffn_fractions"] == fr
+        else:
+            assert settings["ffn_fractions"] is None  # the fixed setting, and inactive
+            assert "ffn_fractions" not in space.spaces["llm_structured"].active_settings(settings)
+        study.tell(trial, sum(settings["ffn_fractions"] or [0.5]))
+    assert len(vectors) >= 2 and len({tuple(v) for v in vectors}) == len(vectors)
+    assert any(len(set(v)) > 1 for v in vectors)  # entries sampled independently, not one value repeated
+
+
+def test_a_vector_given_whole_or_with_an_entry_missing():
+    space = SearchSpace({"llm_structured": PER_LAYER}, pinned=True)
+    _, settings, _ = settings_from_params(space, {"method": "llm_structured", "llm_structured.allocation": "per_layer",
+                                                  "llm_structured.ffn_fractions": [0.2, 0.3, 0.4, 0.5]})
+    assert settings["ffn_fractions"] == [0.2, 0.3, 0.4, 0.5]
+    with pytest.raises(ConfigError, match=r"^method\[llm_structured\]\.space\.ffn_fractions: the trial's parameters "
+                                          r"hold only some of its 4 entries"):
+        settings_from_params(space, {"method": "llm_structured", "llm_structured.ffn_fractions.0": 0.2})

@@ -159,6 +159,9 @@ def _text(gqa_llama, *extra: str) -> list[str]:
 
 
 STRUCTURED = ["+method=llm_structured", "method.settings.calib_samples=8", "method.settings.calib_batch_size=4"]
+# Search one FFN fraction per block (the tiny Llama has 3) instead of one for all blocks.
+PER_LAYER_SEARCH = ["method.space.allocation.choices=[per_layer]", "~method.space.ffn_sparsity",
+                    "+method.space.ffn_fractions={type: float, low: 0.0, high: 0.7, size: 3, when: {allocation: per_layer}}"]
 
 
 def test_default_objectives_are_perplexity_for_a_causal_lm_and_accuracy_elsewhere(gqa_llama):
@@ -187,7 +190,11 @@ def test_default_objectives_are_perplexity_for_a_causal_lm_and_accuracy_elsewher
     (["method.settings.blocks_path=model.blocks"], r"^method\[llm_structured\]\.settings: blocks_path: "),
     (["method.settings.allocation=per_layer", "method.settings.ffn_fractions=[0.1,0.2]", "~method.space.allocation",
       "~method.space.owl_lambda"], r"^method\[llm_structured\]\.settings: ffn_fractions: 2 fractions given, the "
-                                   r"model has 3 blocks"),
+                                   r"model has 3 blocks"),    # A searched per-block vector whose size is not the model's block count (3).
+    (["method.space.allocation.choices=[uniform,per_layer]",
+      "+method.space.ffn_fractions={type: float, low: 0.0, high: 0.5, size: 2, when: {allocation: per_layer}}"],
+     r"^method\[llm_structured\]\.space\.ffn_fractions: value \[0\.0\] x 2: ffn_fractions: 2 fractions given, the "
+     r"model has 3 blocks"),
 ])
 def test_bad_structured_inputs_are_refused_before_ray_starts(gqa_llama, extra, match):
     from search.preflight import build_check, preflight
@@ -197,6 +204,17 @@ def test_bad_structured_inputs_are_refused_before_ray_starts(gqa_llama, extra, m
         pre = preflight(cfg, build=False, open_stores=False)
         build_check(pre.cfg)
     assert "\n" not in str(info.value)
+
+
+def test_a_per_block_vector_of_the_model_s_length_passes_the_pre_flight(gqa_llama):
+    """The override that conf/method/llm_structured.yaml documents, at this model's 3 blocks."""
+    from search.preflight import build_check, preflight
+
+    cfg = compose(_text(gqa_llama, *STRUCTURED, *PER_LAYER_SEARCH))
+    pre = preflight(cfg, build=False, open_stores=False)
+    build_check(pre.cfg)
+    dims = {d.key: d for d in pre.space.spaces["llm_structured"].dims}
+    assert dims["ffn_fractions"].size == 3 and "ffn_sparsity" not in dims
 
 
 def test_a_model_that_is_not_a_known_transformer_is_refused_naming_model_path(gqa_llama, tmp_path):
@@ -369,3 +387,34 @@ def test_a_wanda_text_sweep_logs_its_front_to_the_parent_run(gqa_llama, tmp_path
     assert parent.data.metrics["front_size"] >= 1 and "final_hypervolume" in parent.data.metrics
     front_files = {a.path for a in client.list_artifacts(parent.info.run_id, "front")}
     assert {"front/front.csv", "front/front.png", "front/layer_sparsity.png"} <= front_files
+
+
+@pytest.mark.slow
+def test_a_structured_sweep_searches_one_ffn_fraction_per_block(gqa_llama, tmp_path, ray_local, capsys):
+    """Issue 27 item 2: the per-layer vector searched by the orchestrator (``size:`` = the
+    model's 3 blocks), each trial pruned with its own list, recorded as a list."""
+    import mlflow
+
+    from search.tuner import run_sweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = compose(_text(gqa_llama, *STRUCTURED, *PER_LAYER_SEARCH, "method.settings.head_sparsity=0.0",
+                        "~method.space.head_sparsity", "~method.space.depth_sparsity", "search.n_trials=2",
+                        "search.concurrency=1", f"tracking.uri={uri}"))
+    result = run_sweep(cfg, tmp_path / "out")
+    out = capsys.readouterr().out
+    assert len(result.rows) == 2 and all(r["status"] == "ok" for r in result.rows), out[-3000:]
+    vectors = [r["param.ffn_fractions"] for r in result.rows]
+    assert all(isinstance(v, list) and len(v) == 3 and all(0.0 <= f <= 0.7 for f in v) for v in vectors)
+    assert vectors[0] != vectors[1]
+    assert all(r["param.allocation"] == "per_layer" for r in result.rows)
+    client = mlflow.tracking.MlflowClient(uri)
+    for r, v in zip(result.rows, vectors):
+        # Each trial pruned each block by its own entry (64 FFN channels a block: rounding 1/64).
+        layers = json.loads((Path(r["masks_path"]).parent / "layer_sparsity.json").read_text())
+        assert [layers[f"block{i}.ffn"] for i in range(3)] == pytest.approx(v, abs=1.01 / 64)
+        assert client.get_run(r["mlflow_run_id"]).data.params["ffn_fractions"] == str(v)
+    from search.tracking import find_trial_runs
+
+    back = {row["trial_id"]: row["param.ffn_fractions"] for row in find_trial_runs(uri, result.parent_run_id)}
+    assert back == {r["trial_id"]: r["param.ffn_fractions"] for r in result.rows}  # MLflow gives lists back

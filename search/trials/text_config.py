@@ -145,14 +145,9 @@ def check_text_methods(cfg: Mapping[str, Any]) -> None:
     for name, mcfg in pool.items():
         cls = method_class(name, mcfg.get("_target_"))
         space = method_space(mcfg)
-        trials = [(f"method[{name}].settings", dict(space.settings))]
-        for dim in space.dims:
-            if dim.key.startswith("trial."):
-                continue
-            values = list(dim.choices) if dim.type == "categorical" else [dim.low, dim.high]
-            trials += [(f"method[{name}].space.{dim.key}: value {v!r}", {**space.settings, **dim.when, dim.key: v})
-                       for v in values]
-        for where, settings in trials:
+        # A vector entry (``size:``) is built at its length, so a size that is not the model's
+        # block count fails here naming the entry.
+        for where, settings in space.probes():
             try:
                 cls(**settings).check_model(model)
             except (ValueError, TypeError) as exc:
