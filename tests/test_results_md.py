@@ -66,7 +66,6 @@ def test_a_rows_file_without_provenance_is_refused(tmp_path):
 NOT_YET_REGENERATED = {
     "Foundation baselines: lenet5 on Fashion-MNIST (issue 2)",
     "Search: default sampler against random search, hypervolume after N trials (issue 3b)",
-    "PAODING vs Torch-Pruning L1: data-free channel pruning with physical surgery (issue 6)",
     "GaP (grow-and-prune) against GMP at the same epochs, and searching per-layer distributions (issue 7)",
     "KEN: accuracy against reverted fraction (Fashion-MNIST) and selection speed (issue 5)",
     "Fast selection and bookkeeping: KEN compiled, hypervolume from moocore, front plots on change "
