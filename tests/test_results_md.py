@@ -64,7 +64,6 @@ def test_a_rows_file_without_provenance_is_refused(tmp_path):
 #: each with its script writing rows under benchmarks/results/; a section leaves this list when
 #: its tables become generated blocks, and no new hand-typed table may appear.
 NOT_YET_REGENERATED = {
-    "Foundation baselines: lenet5 on Fashion-MNIST (issue 2)",
     "Search: default sampler against random search, hypervolume after N trials (issue 3b)",
     "GaP (grow-and-prune) against GMP at the same epochs, and searching per-layer distributions (issue 7)",
     "KEN: accuracy against reverted fraction (Fashion-MNIST) and selection speed (issue 5)",
