@@ -64,7 +64,6 @@ def test_a_rows_file_without_provenance_is_refused(tmp_path):
 #: each with its script writing rows under benchmarks/results/; a section leaves this list when
 #: its tables become generated blocks, and no new hand-typed table may appear.
 NOT_YET_REGENERATED = {
-    "Search: default sampler against random search, hypervolume after N trials (issue 3b)",
     "KEN: accuracy against reverted fraction (Fashion-MNIST) and selection speed (issue 5)",
     "Fast selection and bookkeeping: KEN compiled, hypervolume from moocore, front plots on change "
     "(issue 19, items 3, 5 and part of 4)",
