@@ -3,11 +3,13 @@
 A local Ray's workers get the driver's ``sys.path`` (with the launch directory, where a user's
 ``mycode.py`` lives) from Ray itself; a cluster gets the launch directory as ``working_dir``.
 
-Not done, and why: a local Ray prestarts one worker per CPU, and can have its workers import
-modules as they start (``preload_python_modules``), but Tune gives every trainable actor a
-``runtime_env`` of its own (``PL_DISABLE_FORK``), so its trials never land on those prestarted
-workers: preloading only spent the CPUs on workers nobody used (measured: the first trial
-came later, not sooner).
+Trials on the workers a local Ray prestarts: Ray starts one idle worker per CPU with the
+cluster, but gives an actor only a worker of the same ``runtime_env``, and Tune gives every
+trainable actor one of its own (``PL_DISABLE_FORK=1``): its trials never landed on those workers,
+each sweep waited for fresh ones. A sweep that starts its own local Ray puts that variable in the
+environment Ray's processes inherit, and runs Tune with its actor ``runtime_env`` left empty
+(:func:`trials_on_prestarted_workers`): the same variable, set for every worker, and the first
+trial starts on a worker that is already up.
 
 Token authentication: Ray 2.60 turns it on for a new local cluster and says so on every start;
 a sweep that starts its own Ray keeps it on and keeps the notice off the console. Joining a
@@ -29,7 +31,15 @@ from search.formatting import exception_line
 from search.errors import ConfigError
 from search.settings import ClusterSettings
 
-__all__ = ["auto_gpu_fraction", "init_ray", "runtime_env_for"]
+__all__ = ["auto_gpu_fraction", "init_ray", "runtime_env_for", "trials_on_prestarted_workers"]
+
+#: What Tune sets in each trainable actor's ``runtime_env`` (ray.tune.execution.class_cache);
+#: a local Ray this module starts has it in every worker's environment instead.
+_TUNE_ACTOR_ENV = {"PL_DISABLE_FORK": "1"}
+
+#: The node id of the local Ray this process started with ``_TUNE_ACTOR_ENV`` in its workers'
+#: environment (None: no such Ray, or one started by someone else).
+_node_with_tune_env: str | None = None
 
 _AUTH_FAILURE_MARKS = ("InvalidAuthToken", "UNAUTHENTICATED", "authentication token", "auth token")
 
@@ -121,6 +131,9 @@ def init_ray(cluster: ClusterSettings | Mapping[str, Any], launch_dir: Path) -> 
         for key in ("num_cpus", "num_gpus"):
             if getattr(cluster, key) is not None:
                 kwargs[key] = getattr(cluster, key)
+    if not remote:
+        # Inherited by the raylet and so by every worker it starts, the prestarted ones too.
+        os.environ.update(_TUNE_ACTOR_ENV)
     logs = io.StringIO()
     try:
         # Ray's own start lines (the token-authentication notice it logs on every local start)
@@ -129,9 +142,40 @@ def init_ray(cluster: ClusterSettings | Mapping[str, Any], launch_dir: Path) -> 
             ray.init(address=(cluster.address or "auto") if remote else "local", **kwargs)
     except Exception as exc:  # noqa: BLE001 (any failure to start is one line)
         raise ConfigError(_start_failure(cluster, exc, logs.getvalue())) from exc
+    global _node_with_tune_env
+    _node_with_tune_env = None if remote else ray.get_runtime_context().get_node_id()
     for line in logs.getvalue().splitlines():  # what Ray said on a successful start, minus its banner
         if " WARNING " in line and "authentication" not in line:
             print(line, flush=True)
+
+
+@contextlib.contextmanager
+def trials_on_prestarted_workers() -> Iterator[bool]:
+    """While Tune runs (around ``Tuner.fit``): its trainable actors get no ``runtime_env`` of
+    their own when this process started the local Ray they run on (:func:`init_ray` put Tune's
+    variables in its workers' environment), so Ray places them on the workers it prestarted.
+    Anywhere else (a cluster, a Ray started by someone else, an environment variable Tune
+    forwards, a Ray without the class Tune keeps them in) Tune's own ``runtime_env`` is kept.
+    Yields whether the actors go without one."""
+    import ray
+
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:  # another Ray: Tune's behaviour, unchanged
+        yield False
+        return
+    defaults = getattr(class_cache, "DEFAULT_ENV_VARS", None)
+    forwarded = [k for k in getattr(class_cache, "ENV_VARS_TO_PROPAGATE", ()) if k in os.environ]
+    ours = (ray.is_initialized() and _node_with_tune_env is not None
+            and ray.get_runtime_context().get_node_id() == _node_with_tune_env)
+    if not ours or defaults != _TUNE_ACTOR_ENV or forwarded:
+        yield False
+        return
+    defaults.clear()
+    try:
+        yield True
+    finally:
+        defaults.update(_TUNE_ACTOR_ENV)
 
 
 def _start_failure(cluster: ClusterSettings, exc: BaseException, logged: str) -> str:

@@ -622,6 +622,7 @@ class TrackingSettings(_Section):
     epoch_metrics: bool = setting(True, boolean)
     log_model: bool = setting(True, boolean)
     system_metrics_s: float = setting(1.0, number(low=0))
+    front_plots_s: float = setting(30.0, number(low=0))
 
     #: What a trial logs while it runs (search/trials/mlflow_run.py reads them from its tracking dict).
     TRIAL_LOGGING: ClassVar[tuple[str, ...]] = ("epoch_metrics", "log_model", "system_metrics_s")

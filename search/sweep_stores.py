@@ -26,7 +26,7 @@ def optuna_storage_url(search: SearchSettings, tracking_uri_: str | None, output
     MLflow SQLite store, else in the sweep's output directory."""
     if search.optuna_storage:
         return str(search.optuna_storage)
-    from search.tracking import local_path
+    from search.paths import local_path
 
     if tracking_uri_ and tracking_uri_.startswith("sqlite:///"):
         path = local_path(tracking_uri_)

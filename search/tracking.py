@@ -42,6 +42,7 @@ from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 
 from search import pareto
+from search.paths import local_path
 
 if TYPE_CHECKING:
     from search.settings import TrackingSettings
@@ -111,19 +112,6 @@ class TrackingUnavailableError(RuntimeError):
 def now_ms() -> int:
     """Now, in milliseconds since the epoch (MLflow's timestamps)."""
     return int(time.time() * 1000)
-
-
-def local_path(uri: str) -> Path | None:
-    """Filesystem path of a ``sqlite:///`` / ``file:`` / plain-path URI, else None."""
-    if uri.startswith("sqlite:///"):
-        # sqlite:///rel/path (relative) and sqlite:////abs/path (absolute), SQLAlchemy style.
-        return Path(uri[len("sqlite:///"):].split("?", 1)[0])
-    if uri.startswith("file:"):
-        parsed = urllib.parse.urlparse(uri)
-        return Path(urllib.request.url2pathname(parsed.path))
-    if "://" not in uri and not uri.startswith(("databricks", "uc:")):
-        return Path(uri)
-    return None
 
 
 def _check_writable_dir(directory: Path, uri: str) -> None:
@@ -479,7 +467,7 @@ class SweepTracker:
 
     def log_front(self, rows: list[dict], objectives: pareto.Objectives | None, step: int,
                   reference: Sequence[float] | None = None, final: bool = False,
-                  summary: pareto.FrontSummary | None = None) -> dict:
+                  summary: pareto.FrontSummary | None = None, plot_interval_s: float = 0.0) -> dict:
         """Log the Pareto front of ``rows`` on the parent run.
 
         Logs the metrics ``hypervolume`` (raw: the objectives' units multiplied),
@@ -496,7 +484,10 @@ class SweepTracker:
         overwriting the previous ones, are written only when the front differs from the one
         last written (other trial ids, or other objective values), and with ``final=True`` when
         any row changed since: the plotly pages are megabytes, so a sweep of hundreds of trials
-        does not upload them after every trial.
+        does not upload them after every trial. With ``plot_interval_s`` (``tracking.front_plots_s``)
+        a changed front is drawn at most that often (seconds since the last drawing); the final
+        call draws whatever changed since: drawing takes a CPU for a few tenths of a second,
+        which on a small machine the trials would otherwise wait for.
 
         ``summary`` is :func:`search.pareto.front_summary` of the same rows, when the caller
         has it already.
@@ -518,8 +509,10 @@ class SweepTracker:
         # What this tracker last wrote: the front (trial ids, objective values), the rows, the step.
         last = getattr(self, "_front_state", None)
         if last is None:
-            last = self._front_state = {"front": None, "rows": None, "step": None}
-        plotted = front_key != last["front"] or (final and rows_key != last["rows"])
+            last = self._front_state = {"front": None, "rows": None, "step": None, "plotted_at": None}
+        due = last["plotted_at"] is None or time.monotonic() - last["plotted_at"] >= plot_interval_s
+        plotted = (final and (front_key != last["front"] or rows_key != last["rows"])) or (
+            due and front_key != last["front"])
         if plotted:
             title = f"Pareto front: {', '.join(f'{n} ({d})' for n, d in objs)}"
             with tempfile.TemporaryDirectory(prefix="prunesearch_front_") as tmp:
@@ -532,7 +525,7 @@ class SweepTracker:
                     _retry(lambda: self.client.get_run(run_id), "get run").data.metrics)
                 plots.write_sweep_plots(df, front, objs, out, title, dense=dense)
                 _retry(lambda: self.client.log_artifacts(run_id, str(out), artifact_path="front"), "log artifacts")
-            last["front"], last["rows"] = front_key, rows_key
+            last["front"], last["rows"], last["plotted_at"] = front_key, rows_key, time.monotonic()
         ref = list(summary.box.worst)
         if int(step) != last["step"]:
             ts = now_ms()

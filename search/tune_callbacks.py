@@ -88,8 +88,8 @@ class FrontReport:
     On Tune's event loop it only snapshots the ended trials' results; the front, the
     hypervolume (raw and normalised by the reference box), the console line and the MLflow
     writes run on one background thread, in the order the trials ended. The front's plots
-    are uploaded when the front changes and once more at the end (see
-    search.tracking.SweepTracker.log_front).
+    are uploaded when the front changes (at most every ``tracking.front_plots_s``) and once more
+    at the end (see search.tracking.SweepTracker.log_front).
 
     Holds only strings and numbers, so Ray can pickle it into the experiment state and
     restore it on resume; the rows are rebuilt from Tune's trial list each time.
@@ -146,7 +146,8 @@ class FrontReport:
                 self._tracker = SweepTracker(self.tracking["uri"], self.tracking["experiment"])
                 self._tracker.run_id = self.tracking["parent_run_id"]
             self._tracker.log_front(rows, self.objectives, step=len(rows), reference=self.reference,
-                                    final=final, summary=summary)
+                                    final=final, summary=summary,
+                                    plot_interval_s=float(self.tracking.get("front_plots_s", 0.0)))
         except Exception as exc:  # a tracking outage (or a logging bug) must not stop the sweep
             self.unlogged.append(f"front after {len(rows)} trials: {type(exc).__name__}: {exc}")
             log.warning("could not log the front to MLflow: %s: %s", type(exc).__name__, exc)

@@ -59,6 +59,7 @@ from search.formatting import format_count as _fmt_flops  # noqa: F401  (the nam
 from search.front_report import export_front, finish_tracking, mark_feasible, print_front, print_problems, print_start
 from search.preflight import PreflightResult, check_cluster_resources, preflight
 from search.progress import board_name, live_progress, make_progress_callback
+from search.ray_session import trials_on_prestarted_workers
 from search.sampling import make_sampler
 from search.settings import SweepSettings, objectives_of
 from search.errors import ConfigError
@@ -319,6 +320,7 @@ def _start_parent(pre: PreflightResult, settings: SweepSettings, name: str, outp
         resume_run_id=state.get("parent_run_id"))
     return {"uri": pre.tracking_uri, "experiment": settings.tracking.experiment,
             "experiment_id": tracker.experiment_id, "parent_run_id": parent,
+            "front_plots_s": settings.tracking.front_plots_s,  # the front callback's plots
             # What a trial logs while it runs (search.trials.mlflow_run).
             **settings.tracking.trial_logging()}
 
@@ -521,7 +523,8 @@ def _fit(run: SweepRun, tuner: Any) -> Any:
     when a storage error stopped the sweep before Tune returned them)."""
     results: Any = None
     try:
-        with live_progress(run.settings.search.n_trials), quiet_tune(), storage_errors(run.experiment_path):
+        with live_progress(run.settings.search.n_trials), quiet_tune(), storage_errors(run.experiment_path), \
+                trials_on_prestarted_workers():
             results = tuner.fit()
     except Exception:
         # On a full disk Tune's own files (a trial's error.pkl) may be empty, and reading them

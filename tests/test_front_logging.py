@@ -133,3 +133,18 @@ def test_a_stopped_trial_line_shows_what_the_rung_judged_and_the_seconds_it_ran(
     assert "stopped at epoch 2 (projected)" in lines[1]
     assert "val_acc 0.6100" in lines[1] and "(20% of dense)" in lines[1] and "3.7s" in lines[1]
     assert "0.8200" not in lines[1]
+
+
+def test_a_changed_front_is_drawn_at_most_every_plot_interval_and_at_the_end(store, uploads):
+    tracker = SweepTracker(store["uri"], "front-logging")
+    tracker.start_parent("throttled", {}, {})
+    rows = [_row("a", 0.9, 600.0)]
+    assert tracker.log_front(rows, OBJ, step=1, plot_interval_s=3600.0)["plotted"]  # the first front
+    rows.append(_row("b", 0.8, 300.0))  # a new front point, within the interval: metrics only
+    second = tracker.log_front(rows, OBJ, step=2, plot_interval_s=3600.0)
+    assert not second["plotted"] and second["front_size"] == 2
+    assert len(uploads) == 1
+    final = tracker.log_front(rows, OBJ, step=2, final=True, plot_interval_s=3600.0)
+    assert final["plotted"] and len(uploads) == 2  # the end draws what the interval held back
+    rows.append(_row("c", 0.95, 200.0))
+    assert tracker.log_front(rows, OBJ, step=3, plot_interval_s=0.0)["plotted"]  # 0: every change

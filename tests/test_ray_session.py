@@ -83,3 +83,61 @@ def test_a_cluster_that_refuses_the_token_is_one_line_and_exit_2(tmp_path):
     assert out[0].startswith("config error: cluster.address: the Ray cluster at 127.0.0.1:")
     assert "refused this driver's authentication token" in out[0] and "RAY_AUTH_MODE=token" in out[0]
     assert not (tmp_path / "mlflow.db").exists()  # nothing tracked
+
+
+def _idle_ray_workers(expected: int, timeout_s: float = 60.0) -> set[int]:
+    """The pids of this process's Ray workers that wait for work (``ray::IDLE``), once there are
+    ``expected`` of them."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        idle = set()
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if proc.cmdline()[:1] == ["ray::IDLE"]:
+                    idle.add(proc.pid)
+            except psutil.Error:
+                continue
+        if len(idle) >= expected or time.monotonic() > deadline:
+            return idle
+        time.sleep(0.2)
+
+
+def _one_trial_pid(storage: Path) -> tuple[int, str | None]:
+    """Tune runs one trial; returns its worker's pid and its ``PL_DISABLE_FORK``."""
+    from ray import tune
+
+    def trainable(config):
+        tune.report({"pid": os.getpid(), "fork": os.environ.get("PL_DISABLE_FORK")})
+
+    result = tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=str(storage), verbose=0)).fit()[0]
+    return int(result.metrics["pid"]), result.metrics["fork"]
+
+
+@pytest.mark.slow
+def test_a_local_sweeps_trials_start_on_the_workers_ray_prestarted(tmp_path):
+    import ray
+
+    from search.ray_session import init_ray, trials_on_prestarted_workers
+    from search.settings import ClusterSettings
+
+    init_ray(ClusterSettings(num_cpus=2), tmp_path)
+    try:
+        prestarted = _idle_ray_workers(2)
+        assert prestarted
+        with trials_on_prestarted_workers() as without_runtime_env:
+            assert without_runtime_env
+            pid, fork = _one_trial_pid(tmp_path / "a")
+        assert pid in prestarted and fork == "1"  # Tune's variable, from the environment Ray inherited
+        # Tune's own runtime_env (what a sweep did before): a worker started for the trial.
+        pid, fork = _one_trial_pid(tmp_path / "b")
+        assert pid not in prestarted and fork == "1"
+    finally:
+        ray.shutdown()
+    ray.init(num_cpus=1, include_dashboard=False)  # a Ray this module did not start: Tune's way
+    try:
+        with trials_on_prestarted_workers() as without_runtime_env:
+            assert not without_runtime_env
+    finally:
+        ray.shutdown()
