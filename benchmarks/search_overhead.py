@@ -184,6 +184,38 @@ def ray_start_seconds(repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+#: What a trial's worker imports before its first trial can train (Tune, the sweep's trial code
+#: and, through it, Lightning, torchmetrics, torch._dynamo and MLflow): the module a local Ray's
+#: workers import as they start.
+WORKER_IMPORTS = ("search.trials.preload",)
+
+
+def import_seconds(modules: tuple[str, ...], repeats: int = 3) -> float:
+    """Median wall seconds of a fresh Python process that imports ``modules`` (this checkout)."""
+    code = f"import time; t = time.time(); import {', '.join(modules)}; print(time.time() - t)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    times = []
+    for _ in range(repeats):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        times.append(float(proc.stdout.strip().splitlines()[-1]))
+    return statistics.median(times)
+
+
+def floor_seconds() -> dict[str, float]:
+    """What bounds a sweep's first result from below, measured in fresh processes on this
+    machine (median of 3): a trial's worker exists only once Ray is up, and imports
+    :data:`WORKER_IMPORTS` before its first trial trains."""
+    return {"lightning": import_seconds(("lightning",)), "mlflow": import_seconds(("mlflow",)),
+            "worker imports": import_seconds(WORKER_IMPORTS)}
+
+
+def _busy_cpu_seconds() -> float:
+    """CPU seconds this machine has spent busy since boot, all cores (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def command_seconds(code: Path, demo: bool) -> dict[str, float]:
     """Wall seconds of ``python -m search --help``, of a pre-flight refusal (exit 2 expected) and,
     with ``demo``, of the README's demo (``./setup.sh``'s last line: ten digits trials), run with
@@ -196,10 +228,12 @@ def command_seconds(code: Path, demo: bool) -> dict[str, float]:
     out = {}
     for label, (args, expected) in commands.items():
         with tempfile.TemporaryDirectory(prefix="prunesearch-cli-") as tmp:
-            t0 = time.time()
+            t0, busy0 = time.time(), _busy_cpu_seconds()
             proc = subprocess.run([sys.executable, "-m", "search", *args], cwd=tmp, env=env, capture_output=True,
                                   text=True)
             out[label] = time.time() - t0
+            if label == "README demo":  # every process's CPU (Ray's, the workers'), the machine otherwise idle
+                out["README demo CPU s"] = _busy_cpu_seconds() - busy0
         if proc.returncode != expected:
             raise RuntimeError(f"{label}: exit {proc.returncode}, expected {expected}:\n{proc.stderr[-2000:]}")
     return out
@@ -298,6 +332,8 @@ def main() -> None:
     ap.add_argument("--ray-start", action="store_true", help="time ray.init of a local Ray alone (3 runs)")
     ap.add_argument("--commands", action="store_true",
                     help="time --help, a pre-flight refusal and the README's digits demo (each code)")
+    ap.add_argument("--floor", action="store_true",
+                    help="time a fresh process importing Lightning, MLflow and a trial worker's modules (3 runs each)")
     ap.add_argument("--checkout-overrides", nargs="*", default=[],
                     help="overrides for this checkout's sweeps only (e.g. tracking.log_model=false "
                          "trial.keep_weights=none: without the take-home artifacts the baseline does not write)")
@@ -324,6 +360,10 @@ def main() -> None:
     ray_start = ray_start_seconds() if args.ray_start else None
     if ray_start is not None:
         print(f"ray.init of a local Ray alone: {ray_start:.2f} s (median of 3)", flush=True)
+    floor = floor_seconds() if args.floor else None
+    if floor is not None:
+        print("fresh-process imports (median of 3): " + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items()),
+              flush=True)
     codes = [("this checkout", REPO)] + ([(args.baseline, worktree(args.baseline))] if args.baseline else [])
     commands = {label: command_seconds(code, demo=True) for label, code in codes} if args.commands else {}
     for label, times in commands.items():
@@ -340,14 +380,17 @@ def main() -> None:
                 sweeps.append({"label": label, "concurrency": concurrency, "reuse": reuse, "costs": c})
     settings = {"data": args.data, "model": args.model, "limit_train": args.limit_train, "epochs": args.epochs,
                 "finetune_epochs": args.finetune_epochs, "trials": args.trials, "baseline": args.baseline}
-    doc = {"meta": run_meta("search_overhead.py", settings=settings), "plain": plain, "runner": runner,
-           "ray_start": ray_start, "commands": commands, "sweeps": sweeps}
+    doc = {"meta": run_meta("search_overhead.py", settings=settings, cpus=os.cpu_count()), "plain": plain,
+           "runner": runner,
+           "ray_start": ray_start, "floor": floor, "commands": commands, "sweeps": sweeps}
     if args.rows:
         write_rows(args.rows, doc)
     print(f"\n{table_sweeps(doc)}\n\nThe first seconds (from the command's start; '-' = no such step in that code):\n"
           f"{table_first_seconds(doc)}")
     if commands:
         print(f"\nWhole commands, wall seconds:\n{table_commands(doc)}")
+    if floor:
+        print(f"\nThe floor of the first result:\n{table_floor(doc)}")
     for sweep in sweeps:
         if sweep["costs"]["foreign_lines"]:
             print(f"\n{sweep['label']}, concurrency {sweep['concurrency']}: lines not the sweep's own:\n  "
@@ -392,14 +435,43 @@ def table_commands(doc: dict) -> str:
     commands = doc["commands"]
     if not commands:
         return "(not measured: run with --commands)"
-    names = list(next(iter(commands.values())))
+    names = [n for n in next(iter(commands.values())) if not n.endswith("CPU s")]
     lines = [f"`ray.init` of a local Ray alone: **{doc['ray_start']:.2f} s** (median of 3)." if doc.get("ray_start")
              else "", "", "| code | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {label} | " + " | ".join(f"{times[n]:.2f}" for n in names) + " |" for label, times in commands.items()]
     if len(commands) == 2 and all("README demo" in t for t in commands.values()):
         (new_label, new), (old_label, old) = commands.items()
         lines += ["", f"README demo, {new_label} / {old_label}: {new['README demo'] / old['README demo']:.2f}"]
+    cpu = [(label, times) for label, times in commands.items() if "README demo CPU s" in times]
+    if cpu:
+        cores = doc["meta"].get("cpus") or os.cpu_count() or 1
+        lines += ["", "README demo, CPU seconds of the whole machine while it ran (every process: the driver, "
+                  f"Ray's, the workers'), and that work spread over its {cores} cores with none idle:", "",
+                  "| code | wall s | CPU s | CPU s / cores |", "|---|---|---|---|"]
+        lines += [f"| {label} | {t['README demo']:.1f} | {t['README demo CPU s']:.1f} | "
+                  f"{t['README demo CPU s'] / cores:.1f} |" for label, t in cpu]
     return "\n".join(lines).strip("\n")
+
+
+def table_floor(doc: dict) -> str:
+    """The first result's floor on this machine: Ray's start, then a worker's imports (Markdown)."""
+    floor, ray_start = doc.get("floor"), doc.get("ray_start")
+    if not floor or ray_start is None:
+        return "(not measured: run with --floor --ray-start)"
+    firsts = [s["costs"] for s in doc["sweeps"] if s["label"] == "this checkout" and s["reuse"]]
+    first_trial = min((c["in_trial_first"] for c in firsts), default=None)
+    lines = ["| seconds, fresh processes, median of 3 | |", "|---|---|",
+             f"| `ray.init` of a local Ray alone | {ray_start:.2f} |",
+             f"| `import lightning` | {floor['lightning']:.2f} |",
+             f"| `import mlflow` | {floor['mlflow']:.2f} |",
+             f"| a trial worker's imports (`import {', '.join(WORKER_IMPORTS)}`) | {floor['worker imports']:.2f} |",
+             f"| Ray's start + the worker's imports: no trial can report sooner | "
+             f"**{ray_start + floor['worker imports']:.2f}** |"]
+    if first_trial is not None:
+        lines.append(f"| ... + a worker's first trial (in-trial seconds, this run's sweeps) | "
+                     f"{ray_start + floor['worker imports'] + first_trial:.2f} |")
+    lines.append(f"| the issue's target: Ray's start + 3 s | {ray_start + 3:.2f} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()

@@ -368,7 +368,7 @@ def _start_ray_and_check(pre: PreflightResult, settings: SweepSettings, output_d
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stores") as pool:
         stores = pool.submit(open_sweep_stores, pre, output_dir) if not built else None
         try:
-            init_ray(cluster, Path.cwd())
+            init_ray(cluster, Path.cwd(), settings.search.concurrency)
         finally:
             if stores is not None:
                 stores.result()  # its ConfigError first: the store is what the user must fix

@@ -104,15 +104,31 @@ def _idle_ray_workers(expected: int, timeout_s: float = 60.0) -> set[int]:
         time.sleep(0.2)
 
 
-def _one_trial_pid(storage: Path) -> tuple[int, str | None]:
-    """Tune runs one trial; returns its worker's pid and its ``PL_DISABLE_FORK``."""
+def _one_trial_pid(storage: Path) -> tuple[int, str | None, bool]:
+    """Tune runs one trial; returns its worker's pid, its ``PL_DISABLE_FORK``, and whether the
+    worker had imported a training trial's modules before the trial started."""
     from ray import tune
 
     def trainable(config):
-        tune.report({"pid": os.getpid(), "fork": os.environ.get("PL_DISABLE_FORK")})
+        import sys
+
+        tune.report({"pid": os.getpid(), "fork": os.environ.get("PL_DISABLE_FORK"),
+                     "preloaded": "search.trials.training" in sys.modules})
 
     result = tune.Tuner(trainable, run_config=tune.RunConfig(storage_path=str(storage), verbose=0)).fit()[0]
-    return int(result.metrics["pid"]), result.metrics["fork"]
+    return int(result.metrics["pid"]), result.metrics["fork"], bool(result.metrics["preloaded"])
+
+
+def test_a_local_rays_workers_import_a_trials_modules_when_at_least_half_will_run_trials():
+    from search.ray_session import preload_trial_imports
+    from search.settings import ClusterSettings
+
+    assert preload_trial_imports(ClusterSettings(num_cpus=2), 2)
+    assert preload_trial_imports(ClusterSettings(num_cpus=2), 1)  # one of two idle
+    assert preload_trial_imports(ClusterSettings(num_cpus=8), 4)
+    assert not preload_trial_imports(ClusterSettings(num_cpus=8), 3)  # five of eight would hold it unused
+    assert not preload_trial_imports(ClusterSettings(num_cpus=2), None)  # not a sweep
+    assert not preload_trial_imports(ClusterSettings(kind="ray", address="10.0.0.1:6379"), 64)
 
 
 @pytest.mark.slow
@@ -122,16 +138,17 @@ def test_a_local_sweeps_trials_start_on_the_workers_ray_prestarted(tmp_path):
     from search.ray_session import init_ray, trials_on_prestarted_workers
     from search.settings import ClusterSettings
 
-    init_ray(ClusterSettings(num_cpus=2), tmp_path)
+    init_ray(ClusterSettings(num_cpus=2), tmp_path, concurrency=2)
     try:
         prestarted = _idle_ray_workers(2)
         assert prestarted
         with trials_on_prestarted_workers() as without_runtime_env:
             assert without_runtime_env
-            pid, fork = _one_trial_pid(tmp_path / "a")
+            pid, fork, preloaded = _one_trial_pid(tmp_path / "a")
         assert pid in prestarted and fork == "1"  # Tune's variable, from the environment Ray inherited
+        assert preloaded  # Lightning and the trial's modules came in while the worker waited
         # Tune's own runtime_env (what a sweep did before): a worker started for the trial.
-        pid, fork = _one_trial_pid(tmp_path / "b")
+        pid, fork, _ = _one_trial_pid(tmp_path / "b")
         assert pid not in prestarted and fork == "1"
     finally:
         ray.shutdown()
@@ -139,5 +156,7 @@ def test_a_local_sweeps_trials_start_on_the_workers_ray_prestarted(tmp_path):
     try:
         with trials_on_prestarted_workers() as without_runtime_env:
             assert not without_runtime_env
+            _, _, preloaded = _one_trial_pid(tmp_path / "c")
+        assert not preloaded  # its workers import nothing ahead: the trial imports what it uses
     finally:
         ray.shutdown()
