@@ -16,6 +16,8 @@ Modules (the first four import no training stack: the driver and the pre-flight 
   (``ken_pair``), :mod:`~search.trials.text` (``text``, ``text_ken_pair``).
 * :mod:`~search.trials.mlflow_run` (a trial's live MLflow run) and :mod:`~search.trials.progress`
   (its progress records).
+* :mod:`~search.trials.preload`: what a training trial imports, imported ahead by the workers of
+  a local Ray as they start (never by the driver).
 
 This package's ``__init__`` imports nothing, so importing a light module of it never loads the
 heavy ones.
