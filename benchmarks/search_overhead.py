@@ -337,9 +337,14 @@ def main() -> None:
     ap.add_argument("--checkout-overrides", nargs="*", default=[],
                     help="overrides for this checkout's sweeps only (e.g. tracking.log_model=false "
                          "trial.keep_weights=none: without the take-home artifacts the baseline does not write)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every sweep and command this many times, the codes alternating; tables show "
+                         "the median and each round's first result (this machine's speed drifts between runs)")
     ap.add_argument("--rows", type=Path, default=None,
                     help="also write the run's raw rows (.json.gz, with command, commit, machine, date) here")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds: at least 1")
     if args.trials < 2:
         ap.error("--trials: at least 2 (the marginal cost is the slope between the first and last result)")
     concurrencies = args.concurrency or sorted({1, default_concurrency()})
@@ -365,24 +370,33 @@ def main() -> None:
         print("fresh-process imports (median of 3): " + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items()),
               flush=True)
     codes = [("this checkout", REPO)] + ([(args.baseline, worktree(args.baseline))] if args.baseline else [])
-    commands = {label: command_seconds(code, demo=True) for label, code in codes} if args.commands else {}
-    for label, times in commands.items():
-        print(f"{label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()), flush=True)
+    command_rounds: dict[str, list[dict[str, float]]] = {label: [] for label, _ in codes} if args.commands else {}
     sweeps = []
-    for concurrency in concurrencies:
-        for label, code in codes:
-            for reuse in {"on": [True], "off": [False], "both": [True, False]}[args.reuse]:
-                if code != REPO and not reuse:
-                    continue
-                extra = args.checkout_overrides if code == REPO else []
-                c = sweep_costs(overrides + extra, args.trials, concurrency, reuse, code)
-                print(f"{label}, sweep concurrency {concurrency}, reuse {'on' if reuse else 'off'}: {c}", flush=True)
-                sweeps.append({"label": label, "concurrency": concurrency, "reuse": reuse, "costs": c})
+    for round_no in range(args.rounds):  # each round runs every code once: a slow spell hits both
+        for label, code in codes if args.commands else []:
+            times = command_seconds(code, demo=True)
+            command_rounds[label].append(times)
+            print(f"round {round_no}, {label}: " + ", ".join(f"{k} {v:.2f} s" for k, v in times.items()), flush=True)
+        for concurrency in concurrencies:
+            for label, code in codes:
+                for reuse in {"on": [True], "off": [False], "both": [True, False]}[args.reuse]:
+                    if code != REPO and not reuse:
+                        continue
+                    extra = args.checkout_overrides if code == REPO else []
+                    c = sweep_costs(overrides + extra, args.trials, concurrency, reuse, code)
+                    print(f"round {round_no}, {label}, sweep concurrency {concurrency}, reuse "
+                          f"{'on' if reuse else 'off'}: {c}", flush=True)
+                    sweeps.append({"label": label, "concurrency": concurrency, "reuse": reuse, "round": round_no,
+                                   "costs": c})
+    commands = {label: {name: statistics.median(t[name] for t in rounds) for name in rounds[0]}
+                for label, rounds in command_rounds.items()}
     settings = {"data": args.data, "model": args.model, "limit_train": args.limit_train, "epochs": args.epochs,
-                "finetune_epochs": args.finetune_epochs, "trials": args.trials, "baseline": args.baseline}
+                "finetune_epochs": args.finetune_epochs, "trials": args.trials, "baseline": args.baseline,
+                "rounds": args.rounds}
     doc = {"meta": run_meta("search_overhead.py", settings=settings, cpus=os.cpu_count()), "plain": plain,
            "runner": runner,
-           "ray_start": ray_start, "floor": floor, "commands": commands, "sweeps": sweeps}
+           "ray_start": ray_start, "floor": floor, "commands": commands, "command_rounds": command_rounds,
+           "sweeps": sweeps}
     if args.rows:
         write_rows(args.rows, doc)
     print(f"\n{table_sweeps(doc)}\n\nThe first seconds (from the command's start; '-' = no such step in that code):\n"
@@ -397,36 +411,63 @@ def main() -> None:
                   + "\n  ".join(sweep["costs"]["foreign_lines"][:12]))
 
 
+def median_sweeps(doc: dict) -> list[dict]:
+    """One row per code, concurrency and reuse: the median over its rounds of every number
+    (each step too), with ``fixed_rounds`` (each round's first result, in order)."""
+    groups: dict[tuple, list[dict]] = {}
+    for sweep in doc["sweeps"]:
+        groups.setdefault((sweep["label"], sweep["concurrency"], sweep["reuse"]), []).append(sweep["costs"])
+    rows = []
+    for (label, concurrency, reuse), costs in groups.items():
+        merged = {k: statistics.median(c[k] for c in costs) for k, v in costs[0].items()
+                  if isinstance(v, (int, float))}
+        merged["steps"] = {k: statistics.median(c["steps"][k] for c in costs if k in c["steps"])
+                           for k in costs[0]["steps"]}
+        merged["foreign_lines"] = max((c["foreign_lines"] for c in costs), key=len)
+        merged["fixed_rounds"] = [c["fixed"] for c in costs]
+        rows.append({"label": label, "concurrency": concurrency, "reuse": reuse, "costs": merged})
+    return rows
+
+
+def _rounds_note(doc: dict) -> str:
+    rounds = doc["meta"]["settings"].get("rounds", 1)
+    return f" Median of {rounds} rounds, the codes alternating." if rounds > 1 else ""
+
+
 def table_sweeps(doc: dict) -> str:
     """Fixed and marginal seconds of each sweep, against the plain loop and the runner (Markdown)."""
     st, plain, runner = doc["meta"]["settings"], doc["plain"], doc["runner"]
     lines = [f"{st['data']}/{st['model']}, {st['epochs']}+{st['finetune_epochs']} epochs"
              + (f", {st['limit_train']} train images" if st["limit_train"] else "")
-             + f"; plain loop {plain:.3f} s/trial, prunelib runner {runner:.3f} s/trial (1 thread)", "",
+             + f"; plain loop {plain:.3f} s/trial, prunelib runner {runner:.3f} s/trial (1 thread).{_rounds_note(doc)}",
+             "",
              "| code | concurrency | actor reuse | trials | command -> first result s | marginal s/trial | marginal/plain "
              "| marginal/runner | last result -> exit s | total s | worker processes | in-trial s: first on a worker "
              "/ reused | console lines not the sweep's |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for sweep in doc["sweeps"]:
+    for sweep in median_sweeps(doc):
         c = sweep["costs"]
         lines.append(f"| {sweep['label']} | {sweep['concurrency']} | {'on' if sweep['reuse'] else 'off'} | "
                      f"{st['trials']} | {c['fixed']:.1f} | {c['marginal']:.3f} | {c['marginal'] / plain:.2f} | "
-                     f"{c['marginal'] / runner:.2f} | {c['tail']:.1f} | {c['total']:.1f} | {c['workers']} | "
+                     f"{c['marginal'] / runner:.2f} | {c['tail']:.1f} | {c['total']:.1f} | {c['workers']:.0f} | "
                      f"{c['in_trial_first']:.2f} / {c['in_trial_reused']:.2f} | {len(c['foreign_lines'])} |")
     return "\n".join(lines)
 
 
 def table_first_seconds(doc: dict) -> str:
     """When each sweep's driver reached each step, seconds from the command's start (Markdown)."""
-    lines = ["| code | concurrency | " + " | ".join(STEPS) + " | exit | first result - Ray's start alone |",
-             "|---|---|" + "---|" * (len(STEPS) + 2)]
-    for sweep in doc["sweeps"]:
+    rounds = doc["meta"]["settings"].get("rounds", 1) > 1
+    lines = ["| code | concurrency | " + " | ".join(STEPS) + " | exit | first result - Ray's start alone |"
+             + (" first result, each round |" if rounds else ""),
+             "|---|---|" + "---|" * (len(STEPS) + 2 + rounds)]
+    for sweep in median_sweeps(doc):
         c = sweep["costs"]
         if not sweep["reuse"]:
             continue
         cells = [f"{c['steps'][k]:.1f}" if k in c["steps"] else "-" for k in STEPS]
         over = f"{c['fixed'] - doc['ray_start']:.1f}" if doc.get("ray_start") is not None else "-"
+        each = (" " + " / ".join(f"{v:.1f}" for v in c["fixed_rounds"]) + " |") if rounds else ""
         lines.append(f"| {sweep['label']} | {sweep['concurrency']} | " + " | ".join(cells)
-                     + f" | {c['total']:.1f} | {over} |")
+                     + f" | {c['total']:.1f} | {over} |" + each)
     return "\n".join(lines)
 
 
@@ -442,6 +483,11 @@ def table_commands(doc: dict) -> str:
     if len(commands) == 2 and all("README demo" in t for t in commands.values()):
         (new_label, new), (old_label, old) = commands.items()
         lines += ["", f"README demo, {new_label} / {old_label}: {new['README demo'] / old['README demo']:.2f}"]
+    each = {label: rounds for label, rounds in doc.get("command_rounds", {}).items() if len(rounds) > 1}
+    if each:
+        lines += ["", f"Medians of {len(next(iter(each.values())))} rounds, the codes alternating; the README "
+                  "demo in each round: " + "; ".join(f"{label} " + " / ".join(f"{t['README demo']:.1f}" for t in r)
+                                                     for label, r in each.items()) + " s."]
     cpu = [(label, times) for label, times in commands.items() if "README demo CPU s" in times]
     if cpu:
         cores = doc["meta"].get("cpus") or os.cpu_count() or 1
@@ -458,7 +504,7 @@ def table_floor(doc: dict) -> str:
     floor, ray_start = doc.get("floor"), doc.get("ray_start")
     if not floor or ray_start is None:
         return "(not measured: run with --floor --ray-start)"
-    firsts = [s["costs"] for s in doc["sweeps"] if s["label"] == "this checkout" and s["reuse"]]
+    firsts = [s["costs"] for s in median_sweeps(doc) if s["label"] == "this checkout" and s["reuse"]]
     first_trial = min((c["in_trial_first"] for c in firsts), default=None)
     lines = ["| seconds, fresh processes, median of 3 | |", "|---|---|",
              f"| `ray.init` of a local Ray alone | {ray_start:.2f} |",
