@@ -117,8 +117,20 @@ def preload_trial_imports(cluster: ClusterSettings, concurrency: int | None) -> 
     (``2 * concurrency >= CPUs``). Never on a Ray cluster (its workers are not this sweep's)."""
     if cluster.kind != "local" or concurrency is None:
         return False
-    cpus = cluster.num_cpus if cluster.num_cpus is not None else len(os.sched_getaffinity(0))
+    cpus = cluster.num_cpus if cluster.num_cpus is not None else _cpus_ray_detects()
     return 2 * concurrency >= cpus
+
+
+def _cpus_ray_detects() -> float:
+    """The CPUs a local Ray counts (and prestarts a worker for): the container's quota, else the
+    machine's count; the machine's count where Ray's helper is missing (never fewer than Ray's:
+    an undercount would preload every one of many workers)."""
+    try:
+        from ray._private.utils import get_num_cpus
+
+        return get_num_cpus(override_docker_cpu_warning=True)
+    except Exception:  # noqa: BLE001 (another Ray: the upper bound)
+        return os.cpu_count() or 1
 
 
 def init_ray(cluster: ClusterSettings | Mapping[str, Any], launch_dir: Path,

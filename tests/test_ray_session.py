@@ -119,9 +119,14 @@ def _one_trial_pid(storage: Path) -> tuple[int, str | None, bool]:
     return int(result.metrics["pid"]), result.metrics["fork"], bool(result.metrics["preloaded"])
 
 
-def test_a_local_rays_workers_import_a_trials_modules_when_at_least_half_will_run_trials():
+def test_a_local_rays_workers_import_a_trials_modules_when_at_least_half_will_run_trials(monkeypatch):
+    import search.ray_session as ray_session
     from search.ray_session import preload_trial_imports
     from search.settings import ClusterSettings
+
+    monkeypatch.setattr(ray_session, "_cpus_ray_detects", lambda: 64)  # no cluster.num_cpus: Ray's own count
+    assert not preload_trial_imports(ClusterSettings(), 4)
+    assert preload_trial_imports(ClusterSettings(), 32)
 
     assert preload_trial_imports(ClusterSettings(num_cpus=2), 2)
     assert preload_trial_imports(ClusterSettings(num_cpus=2), 1)  # one of two idle
