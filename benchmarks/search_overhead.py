@@ -171,17 +171,21 @@ runpy.run_module("search", run_name="__main__", alter_sys=True)
 STEPS = ("sweep called", "config checked", "Ray up", "data, model built", "parent run", "fit", "first result")
 
 
+def _fresh_process_seconds(code: str, repeats: int, env: dict[str, str] | None = None) -> float:
+    """Median of the seconds ``code`` prints last, each run in a fresh Python process."""
+    times = []
+    for _ in range(repeats):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+        times.append(float(proc.stdout.strip().splitlines()[-1]))
+    return statistics.median(times)
+
+
 def ray_start_seconds(repeats: int = 3) -> float:
     """Median seconds of ``ray.init`` of a local Ray as a sweep starts it (2 CPUs, no dashboard),
     each in a fresh process: the floor of a sweep's first result."""
-    code = ("import time, logging, ray; t = time.time(); "
-            "ray.init(address='local', include_dashboard=False, logging_level=logging.WARNING); "
-            "print(time.time() - t); ray.shutdown()")
-    times = []
-    for _ in range(repeats):
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        times.append(float(proc.stdout.strip().splitlines()[-1]))
-    return statistics.median(times)
+    return _fresh_process_seconds("import time, logging, ray; t = time.time(); "
+                                  "ray.init(address='local', include_dashboard=False, logging_level=logging.WARNING); "
+                                  "print(time.time() - t); ray.shutdown()", repeats)
 
 
 #: What a trial's worker imports before its first trial can train (Tune, the sweep's trial code
@@ -192,13 +196,9 @@ WORKER_IMPORTS = ("search.trials.preload",)
 
 def import_seconds(modules: tuple[str, ...], repeats: int = 3) -> float:
     """Median wall seconds of a fresh Python process that imports ``modules`` (this checkout)."""
-    code = f"import time; t = time.time(); import {', '.join(modules)}; print(time.time() - t)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    times = []
-    for _ in range(repeats):
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-        times.append(float(proc.stdout.strip().splitlines()[-1]))
-    return statistics.median(times)
+    return _fresh_process_seconds(f"import time; t = time.time(); import {', '.join(modules)}; print(time.time() - t)",
+                                  repeats, env)
 
 
 def floor_seconds() -> dict[str, float]:
@@ -518,6 +518,7 @@ def table_floor(doc: dict) -> str:
                      f"{ray_start + floor['worker imports'] + first_trial:.2f} |")
     lines.append(f"| the issue's target: Ray's start + 3 s | {ray_start + 3:.2f} |")
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()

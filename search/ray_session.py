@@ -12,7 +12,7 @@ environment Ray's processes inherit, and runs Tune with its actor ``runtime_env`
 trial starts on a worker that is already up. When at least half of those workers will run
 trials (the sweep's concurrency against the local Ray's CPUs), they also import what a trial
 imports as they start (:mod:`search.trials.preload`), while the pre-flight runs: about 0.5 GB
-and 6 s of CPU each, at the low priority Ray gives its workers, that a first trial no longer waits
+and 6-8 s of CPU each, at the low priority Ray gives its workers, that a first trial no longer waits
 for. With more idle CPUs than trials they are left bare (each would hold that memory unused).
 
 Token authentication: Ray 2.60 turns it on for a new local cluster and says so on every start;
@@ -163,9 +163,8 @@ def init_ray(cluster: ClusterSettings | Mapping[str, Any], launch_dir: Path,
         for key in ("num_cpus", "num_gpus"):
             if getattr(cluster, key) is not None:
                 kwargs[key] = getattr(cluster, key)
-    if preload_trial_imports(cluster, concurrency):
-        kwargs["_system_config"] = {"preload_python_modules": [_PRELOAD_MODULE]}
-    if not remote:
+        if preload_trial_imports(cluster, concurrency):
+            kwargs["_system_config"] = {"preload_python_modules": [_PRELOAD_MODULE]}
         # Inherited by the raylet and so by every worker it starts, the prestarted ones too.
         os.environ.update(_TUNE_ACTOR_ENV)
     logs = io.StringIO()

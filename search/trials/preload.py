@@ -2,7 +2,7 @@
 a sweep starts (Ray's ``preload_python_modules``, see :func:`search.ray_session.init_ray`).
 
 Ray prestarts one worker per CPU while the pre-flight runs; a trial that lands on one of them
-finds Lightning, prunelib and MLflow (about 6 s of CPU on a 2-core machine) already imported.
+finds Lightning, prunelib and MLflow (6-8 s in a fresh process on this 2-core machine) already imported.
 Ray runs workers at a lower priority (niceness 15), so this takes only what the driver leaves.
 """
 
